@@ -1,0 +1,45 @@
+"""bnvit: Vision Transformers with BatchNorm.
+
+The article "Vision Transformer with BatchNorm" puts a BatchNorm inside the transformer's
+feed-forward network (`Linear -> BatchNorm -> GELU -> Linear`, no LayerNorm before the FFN)
+and finds that the resulting ViTBNFFN trains faster and tolerates higher learning rates
+than a standard ViT. This package provides those models, timm builders for them, the
+article's data pipeline, a small training helper and the experiments that reproduce it.
+
+Example:
+    >>> import torch
+    >>> from bnvit import ViTBNFFN
+    >>> model = ViTBNFFN(depth=6)
+    >>> model(torch.rand(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import registry as _registry  # noqa: F401  (registers the timm builders)
+from .fuse import fold_batchnorm
+from .layers import Attention, BatchNormFFN, EncoderBlock, FeedForward, TokenBatchNorm
+from .registry import checkpoint_filter_fn, load_model
+from .vit import ViT, ViTBN, ViTBNFFN
+
+try:
+    __version__ = version("bnvit")
+except PackageNotFoundError:  # running from a source tree without installing
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "Attention",
+    "BatchNormFFN",
+    "EncoderBlock",
+    "FeedForward",
+    "TokenBatchNorm",
+    "ViT",
+    "ViTBN",
+    "ViTBNFFN",
+    "__version__",
+    "checkpoint_filter_fn",
+    "fold_batchnorm",
+    "load_model",
+]

@@ -1,0 +1,153 @@
+"""Fold BatchNorm into neighbouring Linear layers for inference.
+
+In eval mode a BatchNorm is a fixed per-feature affine map `y = s * x + t` with
+`s = gamma / sqrt(running_var + eps)` and `t = beta - running_mean * s`. Next to a Linear
+layer it can be merged into that layer's weight and bias, and disappears from the graph.
+A LayerNorm cannot: its statistics depend on each token. This is what makes a BatchNorm
+model cheaper than its LayerNorm twin at inference.
+
+- A BatchNorm *after* a Linear (`BN(W x + b)`) folds into it: `W' = s W`, `b' = s b + t`.
+  This covers the BatchNorm of every `BatchNormFFN` and, for `norm="bn"`, the norm after the
+  patch projection.
+- A BatchNorm *before* a Linear (`W BN(x) + b`) folds into it: `W' = W s`, `b' = b + W t`.
+  For `norm="bn"` this removes the attention pre-norms (into the qkv projections), the norm
+  in front of the patch projection, and the final norm (into the head: pooling commutes with
+  a per-feature affine map).
+
+A folded `ViTBN` therefore has no normalization left; a folded `ViTBNFFN` keeps the
+attention LayerNorms, which cannot be folded.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .layers import Attention, BatchNormFFN, TokenBatchNorm
+from .vit import PatchEmbed, ViT
+
+__all__ = ["fold_batchnorm", "fold_bn_after_linear", "fold_bn_before_linear"]
+
+
+def _bn_affine(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode map of `bn` as float64 `(scale, shift)`."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"cannot fold {bn}: it has no running statistics (track_running_stats=False)")
+    mean = bn.running_mean.double()
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return scale, shift
+
+
+def _new_linear(like: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    out = nn.Linear(like.in_features, like.out_features, bias=True, device=like.weight.device, dtype=like.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        out.bias.copy_(bias)
+    return out
+
+
+def fold_bn_after_linear(linear: nn.Linear, bn: _BatchNorm) -> nn.Linear:
+    """A new Linear equal to `bn(linear(x))` in eval mode.
+
+    Example:
+        >>> lin, bn = nn.Linear(4, 3), nn.BatchNorm1d(3).eval()
+        >>> x = torch.randn(5, 4)
+        >>> torch.allclose(fold_bn_after_linear(lin, bn)(x), bn(lin(x)), atol=1e-6)
+        True
+    """
+    scale, shift = _bn_affine(bn)
+    weight = linear.weight.double() * scale[:, None]
+    bias = shift if linear.bias is None else linear.bias.double() * scale + shift
+    return _new_linear(linear, weight, bias)
+
+
+def fold_bn_before_linear(bn: _BatchNorm, linear: nn.Linear) -> nn.Linear:
+    """A new Linear equal to `linear(bn(x))` in eval mode.
+
+    Example:
+        >>> bn, lin = nn.BatchNorm1d(4).eval(), nn.Linear(4, 3)
+        >>> x = torch.randn(5, 4)
+        >>> torch.allclose(fold_bn_before_linear(bn, lin)(x), lin(bn(x)), atol=1e-6)
+        True
+    """
+    scale, shift = _bn_affine(bn)
+    weight = linear.weight.double()
+    bias = weight @ shift
+    if linear.bias is not None:
+        bias = bias + linear.bias.double()
+    return _new_linear(linear, weight * scale[None, :], bias)
+
+
+def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Fold every BatchNorm that sits next to a Linear into it, for inference.
+
+    The folded model gives the same outputs as `model` in eval mode (up to float rounding)
+    and has no BatchNorm left in its feed-forward networks; for `norm="bn"` it has no
+    normalization left at all. Works on `ViT` models, the MLPs of `bnvit.mlp`, and any
+    `nn.Sequential` with `Linear -> BatchNorm1d` pairs.
+
+    Args:
+        model: A model in eval mode.
+        inplace: Modify `model` itself instead of returning a folded copy.
+
+    Returns:
+        The folded model (a copy unless `inplace`), in eval mode.
+
+    Raises:
+        ValueError: If `model` or one of its BatchNorms is in training mode.
+
+    Example:
+        >>> from bnvit import ViTBNFFN
+        >>> model = ViTBNFFN(depth=2).eval()
+        >>> folded = fold_batchnorm(model)
+        >>> x = torch.rand(4, 1, 28, 28)
+        >>> bool((folded(x) - model(x)).abs().max() < 1e-5)
+        True
+    """
+    in_training = [name or "<model>" for name, m in model.named_modules() if m.training]
+    if in_training:
+        raise ValueError(
+            "fold_batchnorm needs a model in eval mode: in training mode BatchNorm normalizes with "
+            f"batch statistics, which cannot be folded. Call model.eval() first (in training mode: {in_training[0]})"
+        )
+    if not inplace:
+        model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        if isinstance(module, BatchNormFFN) and isinstance(module.norm, TokenBatchNorm):
+            module.fc1 = fold_bn_after_linear(module.fc1, module.norm.bn)
+            module.norm = nn.Identity()
+        elif isinstance(module, PatchEmbed):
+            if isinstance(module.norm, TokenBatchNorm):
+                module.proj = fold_bn_after_linear(module.proj, module.norm.bn)
+                module.norm = nn.Identity()
+            if isinstance(module.pre_norm, TokenBatchNorm):
+                module.proj = fold_bn_before_linear(module.pre_norm.bn, module.proj)
+                module.pre_norm = nn.Identity()
+        elif isinstance(module, Attention) and isinstance(module.norm, TokenBatchNorm):
+            module.qkv = fold_bn_before_linear(module.norm.bn, module.qkv)
+            module.norm = nn.Identity()
+        elif isinstance(module, ViT) and isinstance(module.norm, TokenBatchNorm) and isinstance(module.head, nn.Linear):
+            module.head = fold_bn_before_linear(module.norm.bn, module.head)
+            module.norm = nn.Identity()
+        elif isinstance(module, nn.Sequential):
+            _fold_sequential(module)
+    return model.eval()
+
+
+def _fold_sequential(seq: nn.Sequential) -> None:
+    """Fold `Linear -> BatchNorm1d` pairs inside an `nn.Sequential`, in place."""
+    names = list(seq._modules)
+    for first, second in itertools.pairwise(names):
+        linear, bn = seq._modules[first], seq._modules[second]
+        if isinstance(linear, nn.Linear) and isinstance(bn, nn.BatchNorm1d):
+            seq._modules[first] = fold_bn_after_linear(linear, bn)
+            seq._modules[second] = nn.Identity()

@@ -1,0 +1,293 @@
+"""Transformer building blocks with a choice of normalization.
+
+The one idea of this library lives here: `BatchNormFFN`, a feed-forward network with a
+BatchNorm between its two Linear layers and no LayerNorm in front of it. `EncoderBlock`
+takes the normalization as one argument:
+
+| `norm`     | attention pre-norm | feed-forward                      |
+|------------|--------------------|-----------------------------------|
+| `"ln"`     | LayerNorm          | `FeedForward` (LayerNorm first)   |
+| `"bn_ffn"` | LayerNorm          | `BatchNormFFN`                    |
+| `"bn"`     | `TokenBatchNorm`   | `BatchNormFFN`                    |
+
+BatchNorm on tokens normalizes each feature over the batch *and* the token axis: a
+``(B, N, C)`` tensor is normalized as its ``(B * N, C)`` view, with no copy to a
+channels-first layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import nn
+
+from . import _checks
+
+__all__ = [
+    "NORMS",
+    "Attention",
+    "BatchNormFFN",
+    "EncoderBlock",
+    "FeedForward",
+    "TokenBatchNorm",
+    "bn_safe_context_fn",
+    "token_norm",
+]
+
+NORMS = ("ln", "bn_ffn", "bn")
+"""The valid values of ``norm`` for :class:`EncoderBlock` and :class:`~bnvit.ViT`."""
+
+_recompute = threading.local()
+
+
+@contextlib.contextmanager
+def _recomputing() -> Iterator[None]:
+    """Mark the recomputation pass of activation checkpointing (see ``bn_safe_checkpoint``)."""
+    previous = getattr(_recompute, "active", False)
+    _recompute.active = True
+    try:
+        yield
+    finally:
+        _recompute.active = previous
+
+
+def bn_safe_context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``context_fn`` for :func:`torch.utils.checkpoint.checkpoint` that keeps BatchNorm exact.
+
+    Activation checkpointing runs a block's forward twice. A BatchNorm in training mode would
+    then update its running statistics twice per step; during the recomputation this context
+    makes every :class:`TokenBatchNorm` restore its statistics after the pass, so a model
+    trained with checkpointing ends with the same running statistics as one trained without.
+    """
+    return contextlib.nullcontext(), _recomputing()
+
+
+class TokenBatchNorm(nn.Module):
+    """BatchNorm of the last (feature) axis, with statistics over every other axis.
+
+    A ``(B, N, C)`` token tensor is normalized as its ``(B * N, C)`` view: each feature gets one
+    mean and variance computed over the batch and the tokens. The wrapped
+    :class:`torch.nn.BatchNorm1d` is kept as ``self.bn`` so that
+    :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm` converts it correctly.
+
+    Args:
+        num_features: Size ``C`` of the last axis.
+        eps: Added to the variance for numerical stability.
+        momentum: Momentum of the running statistics.
+
+    Example:
+        >>> norm = TokenBatchNorm(64)
+        >>> norm(torch.randn(8, 17, 64)).shape
+        torch.Size([8, 17, 64])
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(num_features, eps=eps, momentum=momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if self.training and getattr(_recompute, "active", False):
+            with _frozen_running_stats(self.bn):
+                out = self.bn(flat)
+        else:
+            out = self.bn(flat)
+        return out.view(x.shape)
+
+
+@contextlib.contextmanager
+def _frozen_running_stats(bn: nn.modules.batchnorm._BatchNorm) -> Iterator[None]:
+    buffers = [b for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)
+
+
+def token_norm(kind: str, dim: int) -> nn.Module:
+    """A normalization of the last axis of a token tensor: ``"ln"`` (LayerNorm) or ``"bn"``.
+
+    Example:
+        >>> type(token_norm("bn", 64)).__name__, type(token_norm("ln", 64)).__name__
+        ('TokenBatchNorm', 'LayerNorm')
+    """
+    _checks.choice("token norm", kind, ("ln", "bn"))
+    return nn.LayerNorm(dim) if kind == "ln" else TokenBatchNorm(dim)
+
+
+class Attention(nn.Module):
+    """Pre-norm multi-head self-attention with torch's fused ``scaled_dot_product_attention``.
+
+    ``norm(x) -> Linear(dim, 3 * heads * dim_head) -> q, k, v -> softmax(q k^T / sqrt(dim_head)) v
+    -> Linear(heads * dim_head, dim) -> Dropout``. The qkv projection is laid out ``q | k | v``,
+    each heads-major ``(heads, dim_head)``, as in the article's reference implementation.
+
+    Args:
+        dim: Token width.
+        heads: Number of attention heads.
+        dim_head: Width of each head; independent of ``dim``.
+        norm: Pre-norm kind, ``"ln"`` or ``"bn"``.
+        qkv_bias: Give the qkv projection a bias.
+        dropout: Dropout after the output projection.
+        attn_dropout: Dropout on the attention weights.
+
+    Example:
+        >>> attn = Attention(64, heads=8, dim_head=64)
+        >>> attn(torch.randn(2, 17, 64)).shape
+        torch.Size([2, 17, 64])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        dim_head: int = 64,
+        *,
+        norm: str = "ln",
+        qkv_bias: bool = False,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        self.attn_dropout = attn_dropout
+        inner = heads * dim_head
+        self.norm = token_norm(norm, dim)
+        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.proj = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(self.norm(x)).view(B, N, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        x = x.transpose(1, 2).reshape(B, N, self.heads * self.dim_head)
+        return self.proj_drop(self.proj(x))
+
+
+class FeedForward(nn.Module):
+    """The standard ViT feed-forward network, pre-normed with LayerNorm.
+
+    ``LayerNorm(dim) -> Linear(dim, mlp_dim) -> GELU -> Dropout -> Linear(mlp_dim, dim) -> Dropout``.
+
+    Example:
+        >>> ffn = FeedForward(64, 128)
+        >>> ffn(torch.randn(2, 17, 64)).shape
+        torch.Size([2, 17, 64])
+    """
+
+    def __init__(self, dim: int, mlp_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(mlp_dim, dim)
+        self.drop2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop1(self.act(self.fc1(self.norm(x))))
+        return self.drop2(self.fc2(x))
+
+
+class BatchNormFFN(nn.Module):
+    """Feed-forward network with BatchNorm inside and no LayerNorm in front (ViTBNFFN).
+
+    ``Linear(dim, mlp_dim) -> BatchNorm(mlp_dim) -> GELU -> Dropout -> Linear(mlp_dim, dim) -> Dropout``.
+    The BatchNorm normalizes each of the ``mlp_dim`` features over batch x tokens. In eval mode
+    it is a fixed affine map that :func:`bnvit.fold_batchnorm` folds into ``fc1``.
+
+    Args:
+        dim: Token width.
+        mlp_dim: Hidden width.
+        dropout: Dropout after the activation and after ``fc2``.
+
+    Example:
+        >>> ffn = BatchNormFFN(64, 128)
+        >>> ffn(torch.randn(2, 17, 64)).shape
+        torch.Size([2, 17, 64])
+    """
+
+    def __init__(self, dim: int, mlp_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, mlp_dim)
+        self.norm = TokenBatchNorm(mlp_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(mlp_dim, dim)
+        self.drop2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop1(self.act(self.norm(self.fc1(x))))
+        return self.drop2(self.fc2(x))
+
+
+class EncoderBlock(nn.Module):
+    """One transformer encoder block: ``x = x + attn(x)``, then ``x = x + ffn(x)``.
+
+    Args:
+        dim: Token width.
+        heads: Number of attention heads.
+        dim_head: Width of each head.
+        mlp_dim: Hidden width of the feed-forward network.
+        norm: ``"ln"`` (standard ViT), ``"bn_ffn"`` (BatchNorm inside the FFN, LayerNorm before
+            attention; the article's ViTBNFFN) or ``"bn"`` (BatchNorm everywhere; ViTBN).
+        dropout: Dropout after the attention projection and inside the FFN.
+        attn_dropout: Dropout on the attention weights.
+        qkv_bias: Give the qkv projection a bias.
+        drop_path: Stochastic-depth rate of both residual branches.
+
+    Example:
+        >>> block = EncoderBlock(64, heads=8, dim_head=64, mlp_dim=128, norm="bn_ffn")
+        >>> block(torch.randn(2, 17, 64)).shape
+        torch.Size([2, 17, 64])
+        >>> type(block.ffn).__name__
+        'BatchNormFFN'
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        mlp_dim: int,
+        norm: str = "ln",
+        dropout: float = 0.0,
+        *,
+        attn_dropout: float = 0.0,
+        qkv_bias: bool = False,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _checks.choice("norm", norm, NORMS)
+        for name, value in (("dim", dim), ("heads", heads), ("dim_head", dim_head), ("mlp_dim", mlp_dim)):
+            _checks.positive_int(name, value)
+        for name, value in (("dropout", dropout), ("attn_dropout", attn_dropout), ("drop_path", drop_path)):
+            _checks.rate(name, value)
+        self.attn = Attention(
+            dim,
+            heads,
+            dim_head,
+            norm="bn" if norm == "bn" else "ln",
+            qkv_bias=qkv_bias,
+            dropout=dropout,
+            attn_dropout=attn_dropout,
+        )
+        ffn = FeedForward if norm == "ln" else BatchNormFFN
+        self.ffn = ffn(dim, mlp_dim, dropout)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(x))
+        return x + self.drop_path(self.ffn(x))
