@@ -18,10 +18,15 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from . import mlp as _mlp  # noqa: F401  (registers dnn_mnist, dnnbn_mnist)
 from . import registry as _registry  # noqa: F401  (registers the timm builders)
+from .callbacks import Callback, CSVLogger, JSONLLogger
 from .fuse import fold_batchnorm
+from .history import EpochRecord, History
 from .layers import Attention, BatchNormFFN, EncoderBlock, FeedForward, TokenBatchNorm
+from .mlp import MLP
 from .registry import checkpoint_filter_fn, load_model
+from .train import evaluate, fit, recalibrate_bn
 from .vit import ViT, ViTBN, ViTBNFFN
 
 try:
@@ -30,16 +35,25 @@ except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0+unknown"
 
 __all__ = [
+    "MLP",
     "Attention",
     "BatchNormFFN",
+    "CSVLogger",
+    "Callback",
     "EncoderBlock",
+    "EpochRecord",
     "FeedForward",
+    "History",
+    "JSONLLogger",
     "TokenBatchNorm",
     "ViT",
     "ViTBN",
     "ViTBNFFN",
     "__version__",
     "checkpoint_filter_fn",
+    "evaluate",
+    "fit",
     "fold_batchnorm",
     "load_model",
+    "recalibrate_bn",
 ]

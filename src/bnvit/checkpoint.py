@@ -1,0 +1,69 @@
+"""Training checkpoints that survive a crash at any instant.
+
+`fit(checkpoint_dir=...)` writes the complete training state after every epoch. A save
+never overwrites the only good copy: the new file is written completely under a temporary
+name, the previous checkpoint is kept as `previous.pt`, and only then is the new one renamed
+to `last.pt`. Loading picks the newest readable file, warning about any that is damaged.
+Files are read with `weights_only=True`: a checkpoint can hold tensors and plain Python
+values, never code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._io import atomic_torch_save
+
+__all__ = ["load_checkpoint", "save_checkpoint"]
+
+LAST = "last.pt"
+PREVIOUS = "previous.pt"
+INCOMING = "last.pt.new"
+FORMAT = "bnvit.fit/1"
+
+
+def save_checkpoint(folder: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write `payload` as the newest checkpoint in `folder`, keeping the previous one.
+
+    Returns:
+        The path of the new checkpoint (`folder/last.pt`).
+    """
+    folder = Path(folder)
+    incoming, last = folder / INCOMING, folder / LAST
+    atomic_torch_save({"format": FORMAT, **payload}, incoming)
+    if last.exists():
+        os.replace(last, folder / PREVIOUS)
+    os.replace(incoming, last)
+    return last
+
+
+def load_checkpoint(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    """The newest readable checkpoint in `folder`, or `None` if there is none.
+
+    A damaged file (truncated, not a checkpoint) is skipped with a warning and an older good
+    one is used instead.
+    """
+    folder = Path(folder)
+    found: list[dict[str, Any]] = []
+    for name in (LAST, INCOMING, PREVIOUS):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+            warnings.warn(f"ignoring damaged checkpoint {path}: {err}", RuntimeWarning, stacklevel=2)
+            continue
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            warnings.warn(f"ignoring {path}: not a bnvit training checkpoint", RuntimeWarning, stacklevel=2)
+            continue
+        found.append(payload)
+    if not found:
+        return None
+    return max(found, key=lambda p: p["epoch"])
