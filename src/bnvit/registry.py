@@ -23,7 +23,6 @@ or with `load_model(PATH)`.
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -240,7 +239,7 @@ def _describe_model(model: ViT) -> dict[str, Any]:
     )
 
 
-def _check_compatible(state_dict: Mapping[str, torch.Tensor], model: ViT) -> None:
+def _check_compatible(state_dict: Mapping[str, torch.Tensor], model: ViT, source: str = "checkpoint") -> None:
     found, wanted = describe_state_dict(state_dict), _describe_model(model)
     diffs = [
         f"{key}: checkpoint {found[key]!r}, model {wanted[key]!r}"
@@ -248,7 +247,7 @@ def _check_compatible(state_dict: Mapping[str, torch.Tensor], model: ViT) -> Non
         if key != "num_classes" and found[key] != wanted[key]
     ]
     if diffs:
-        raise ValueError("checkpoint does not match the model:\n  " + "\n  ".join(diffs))
+        raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(diffs))
 
 
 def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -266,7 +265,7 @@ def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+    except Exception as err:  # the unpickler raises many kinds on foreign bytes
         raise ValueError(f"cannot read {path} as a PyTorch checkpoint (weights only): {err}") from err
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict", "model_state_dict"):
@@ -303,7 +302,7 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
     found = describe_state_dict(state_dict)
     config = _config_from(found, kwargs, source=os.fspath(path))
     model = ViT(**config)
-    _check_compatible(state_dict, model)
+    _check_compatible(state_dict, model, source=os.fspath(path))
     if found["num_classes"] != config["num_classes"]:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
     model.load_state_dict(state_dict, strict=found["num_classes"] == config["num_classes"])
@@ -319,7 +318,6 @@ def _config_from(found: dict[str, Any], asked: Mapping[str, Any], source: str) -
         raise ValueError(f"{source}: a patch of {found['patch_dim']} values does not fit in_chans={in_chans}")
     if found["attn_width"] % heads:
         raise ValueError(f"{source}: attention width {found['attn_width']} is not divisible by heads={heads}")
-    side = round((found["num_tokens"] - 1) ** 0.5) if found["num_tokens"] else None
     inferred = dict(
         norm=found["norm"],
         depth=found["depth"],
@@ -333,7 +331,11 @@ def _config_from(found: dict[str, Any], asked: Mapping[str, Any], source: str) -
         patch_size=patch,
         in_chans=in_chans,
     )
-    if side is not None:
+    num_patches = found["num_tokens"] - 1 if found["num_tokens"] else None
+    if num_patches is not None and "img_size" not in asked:
+        side = round(num_patches**0.5)
+        if side * side != num_patches:
+            raise ValueError(f"{source}: {num_patches} patches do not form a square image; pass img_size=(h, w)")
         inferred["img_size"] = side * patch
     _raise_on_contradictions(inferred, asked, source, ignore=("num_classes",))
     return {**inferred, **asked}
