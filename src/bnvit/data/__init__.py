@@ -1,0 +1,50 @@
+"""MNIST for the article's experiments: the faithful torchvision pipeline and a fast batched one.
+
+* Files: :func:`find_mnist_root` (``root`` argument > ``$BNVIT_DATA`` > user cache folder) and
+  :func:`load_mnist` (uint8 tensors from our own IDX reader, cached in memory; torchvision's
+  download on request; clear errors for missing, truncated or corrupt files).
+* The reference: :func:`article_transform` (the article's torchvision augmentation) and
+  :class:`MNISTDataset`.
+* The fast path: :func:`augment_batch` augments a whole batch on its device with one
+  ``grid_sample``, equal in distribution (and, for the same parameters, nearly pixel for pixel)
+  to the reference; :class:`DeviceLoader` shuffles, shards and batches on the device.
+* :func:`augmented_test_set` freezes one augmented draw of the test set; :func:`mnist_loaders`
+  builds the article's train and test loaders in one call.
+
+Example:
+    >>> from bnvit.data import DeviceLoader, augment_batch
+    >>> images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
+    >>> augment_batch(images).shape
+    torch.Size([64, 1, 28, 28])
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (used by the module example)
+
+from .article import MNISTDataset, article_transform
+from .augment import AugmentParams, apply_augment, augment_batch, augment_matrices, sample_augment_params
+from .loader import DeviceLoader
+from .mnist import ENV_VAR, MNIST_FILES, cache_dir, find_mnist_root, load_mnist, mnist_files, read_idx
+from .sets import TEST_METHODS, augmented_test_set, mnist_loaders
+
+__all__ = [
+    "ENV_VAR",
+    "MNIST_FILES",
+    "TEST_METHODS",
+    "AugmentParams",
+    "DeviceLoader",
+    "MNISTDataset",
+    "apply_augment",
+    "article_transform",
+    "augment_batch",
+    "augment_matrices",
+    "augmented_test_set",
+    "cache_dir",
+    "find_mnist_root",
+    "load_mnist",
+    "mnist_files",
+    "mnist_loaders",
+    "read_idx",
+    "sample_augment_params",
+]
