@@ -1,0 +1,418 @@
+"""fit(), History, checkpoints and resume, callbacks, recalibrate_bn."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bnvit import MLP, JSONLLogger, ViT, fit, recalibrate_bn
+from bnvit.callbacks import Callback
+from bnvit.checkpoint import LAST, PREVIOUS, load_checkpoint
+from bnvit.data import DeviceLoader
+from bnvit.history import EpochRecord, History
+
+TINY = dict(dim=16, depth=1, heads=2, dim_head=8, mlp_dim=32)
+
+
+def tiny_model(norm: str = "bn_ffn", seed: int = 0) -> ViT:
+    torch.manual_seed(seed)
+    return ViT(norm=norm, **TINY)
+
+
+def toy_data(n: int = 96, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose brightest quadrant tells the class: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    images = torch.rand(n, 1, 28, 28, generator=g) * 0.2
+    for i, label in enumerate(labels.tolist()):
+        r, c = divmod(label, 2)
+        images[i, 0, r * 14 : (r + 1) * 14, c * 14 : (c + 1) * 14] += 0.8
+    return images, labels
+
+
+def metrics(history: History) -> list[dict]:
+    """Records without the wall-clock fields."""
+    return [{k: v for k, v in asdict(r).items() if k not in ("seconds", "images_per_sec")} for r in history.records]
+
+
+FIT = dict(epochs=3, lr=3e-3, batch_size=32, device="cpu", seed=0, progress=False)
+
+
+# ----------------------------------------------------------------------------- basics
+
+
+def test_fit_learns_and_records_every_epoch():
+    data = toy_data()
+    torch.manual_seed(0)
+    history = fit(MLP(depth=1, hidden=32, norm="bn", num_classes=4), data, data, **FIT)
+    assert len(history) == 3 and not history.diverged
+    assert [r.epoch for r in history.records] == [1, 2, 3]
+    assert history.train_loss[-1] < history.train_loss[0]
+    assert history.val_acc[-1] > 0.5  # 4 classes, chance is 0.25
+    assert all(r.lr == pytest.approx(3e-3) for r in history.records)
+    assert all(r.seconds > 0 and r.images_per_sec > 0 for r in history.records)
+    assert history.meta["lr"] == 3e-3 and history.meta["batch_size"] == 32
+
+
+@pytest.mark.parametrize("kind", ["tensors", "dataset", "dataloader", "deviceloader"])
+def test_fit_accepts_every_data_kind(kind):
+    images, labels = toy_data(64)
+    data = {
+        "tensors": (images, labels),
+        "dataset": TensorDataset(images, labels),
+        "dataloader": DataLoader(TensorDataset(images, labels), batch_size=16, shuffle=True),
+        "deviceloader": DeviceLoader(images, labels, batch_size=16),
+    }[kind]
+    history = fit(tiny_model(), data, data, epochs=1, lr=1e-3, batch_size=16, device="cpu", progress=False)
+    assert len(history) == 1
+    assert 0.0 <= history.val_acc[0] <= 1.0
+
+
+def test_same_seed_gives_the_same_history():
+    data = toy_data()
+    first = fit(tiny_model(seed=3), data, data, **FIT)
+    second = fit(tiny_model(seed=3), data, data, **FIT)
+    assert metrics(first) == metrics(second)
+    other = fit(tiny_model(seed=3), data, data, **{**FIT, "seed": 1})
+    assert metrics(other) != metrics(first)
+
+
+def test_progress_false_is_silent_and_true_reports(capsys):
+    data = toy_data(32)
+    fit(tiny_model(), data, epochs=1, lr=1e-3, device="cpu", progress=False)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    fit(tiny_model(), data, epochs=1, lr=1e-3, device="cpu", progress=True)
+    captured = capsys.readouterr()
+    assert "epoch 1/1" in captured.out + captured.err
+
+
+def test_scheduler_and_optimizer_choices():
+    data = toy_data(64)
+    history = fit(tiny_model(), data, scheduler="cosine", optimizer="adamw", weight_decay=0.05, **FIT)
+    assert history.lr[0] == pytest.approx(3e-3) and history.lr[1] < history.lr[0]
+    history = fit(tiny_model(), data, optimizer=lambda p: torch.optim.SGD(p, lr=0.1), **{**FIT, "epochs": 1})
+    assert len(history) == 1
+
+
+def test_max_grad_norm_clips(monkeypatch):
+    seen = []
+    original = nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        seen.append(max_norm)
+        return original(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(nn.utils, "clip_grad_norm_", spy)
+    fit(tiny_model(), toy_data(32), epochs=1, lr=1e-3, device="cpu", progress=False, max_grad_norm=0.5)
+    assert seen and set(seen) == {0.5}
+
+
+def test_callbacks_see_each_epoch_and_can_stop():
+    class StopAfterTwo(Callback):
+        def __init__(self):
+            self.events = []
+
+        def on_fit_start(self, state):
+            self.events.append("start")
+
+        def on_epoch_end(self, state, record):
+            self.events.append(record.epoch)
+            state.stop = record.epoch == 2
+
+        def on_fit_end(self, state):
+            self.events.append("end")
+
+    callback = StopAfterTwo()
+    history = fit(tiny_model(), toy_data(32), callbacks=[callback], **{**FIT, "epochs": 5})
+    assert callback.events == ["start", 1, 2, "end"]
+    assert len(history) == 2
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+class NaNAfter:
+    """Cross-entropy that turns NaN from the `after`-th call on."""
+
+    def __init__(self, after: int):
+        self.after, self.calls = after, 0
+
+    def __call__(self, logits, labels):
+        self.calls += 1
+        loss = nn.functional.cross_entropy(logits, labels)
+        return loss * float("nan") if self.calls >= self.after else loss
+
+
+def test_divergence_ends_the_run_cleanly_and_keeps_the_past():
+    images, labels = toy_data(64)  # 2 steps per epoch at batch 32
+    loss_fn = NaNAfter(after=4)  # training step 2 of epoch 2 (validation also calls the loss)
+    history = fit(tiny_model(), (images, labels), loss_fn=loss_fn, **{**FIT, "epochs": 5})
+    assert history.diverged
+    assert history.diverged_at == 2
+    assert len(history) == 1 and history.records[0].epoch == 1
+    assert history.diverged_step in (1, 2)
+    assert "diverged in epoch 2" in repr(history)
+
+
+def test_nan_inputs_are_recorded_as_divergence():
+    images, labels = toy_data(32)
+    images[3, 0, 5, 5] = float("nan")
+    history = fit(tiny_model(), (images, labels), **{**FIT, "epochs": 2})
+    assert history.diverged and history.diverged_at == 1 and len(history) == 0
+
+
+def test_huge_learning_rate_is_recorded_not_raised():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 4))
+    images, labels = toy_data(64)
+    history = fit(model, (images * 1e30, labels), epochs=3, lr=1e30, device="cpu", progress=False, seed=0)
+    assert history.diverged
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def assert_untouched(model, before):
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(epochs=0), "epochs must be an int >= 1, got 0"),
+        (dict(epochs=2.5), "epochs must be an int"),
+        (dict(lr=0.0), "lr must be a finite number > 0, got 0.0"),
+        (dict(lr=-1e-3), "lr must be a finite number > 0"),
+        (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+        (dict(precision="fp8"), "unknown precision 'fp8'; valid choices"),
+        (dict(optimizer="adamx"), "unknown optimizer 'adamx'"),
+        (dict(scheduler="linear"), "unknown scheduler 'linear'"),
+    ],
+)
+def test_bad_arguments_fail_before_training(kwargs, match):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = {**FIT, **kwargs}
+    with pytest.raises((ValueError, TypeError), match=match):
+        fit(model, toy_data(32), **args)
+    assert_untouched(model, before)
+
+
+def test_empty_data_fails():
+    with pytest.raises(ValueError, match="empty"):
+        fit(tiny_model(), TensorDataset(torch.zeros(0, 1, 28, 28), torch.zeros(0, dtype=torch.long)), **FIT)
+
+
+def test_labels_out_of_range_fail_before_training():
+    images, labels = toy_data(32)
+    labels[7] = 12
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\).*from 0 to 12"):
+        fit(model, (images, labels), **FIT)
+    assert_untouched(model, before)
+    with pytest.raises(ValueError, match="val labels"):
+        fit(model, toy_data(32), (images, labels), **FIT)
+    with pytest.raises((ValueError, TypeError), match="integer class"):
+        fit(model, (images, labels.float()), **FIT)
+    with pytest.raises(ValueError, match="integer class indices"):
+        fit(model, TensorDataset(images, labels.float()), **FIT)
+
+
+def test_model_output_must_match_labels():
+    images, labels = toy_data(32)
+    with pytest.raises(ValueError, match="for a model with 3 outputs"):
+        fit(nn.Sequential(nn.Flatten(), nn.Linear(784, 3)), (images, labels), **FIT)
+    with pytest.raises(ValueError, match=r"\(batch, num_classes\) logits"):
+        fit(nn.Sequential(nn.Flatten(), nn.Linear(784, 10), nn.Flatten(0)), (images, labels), **FIT)
+
+
+def test_unwritable_checkpoint_dir_fails_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(OSError, match="cannot write to the checkpoint_dir"):
+        fit(tiny_model(), toy_data(32), checkpoint_dir=blocker / "sub", **FIT)
+
+
+# ----------------------------------------------------------------------------- checkpoints and resume
+
+
+def test_resume_gives_the_same_history_as_an_uninterrupted_run(tmp_path):
+    data = toy_data()
+    full = fit(tiny_model(), data, data, **{**FIT, "epochs": 4})
+    first = fit(tiny_model(), data, data, checkpoint_dir=tmp_path, **{**FIT, "epochs": 2})
+    assert len(first) == 2
+    resumed = fit(tiny_model(seed=99), data, data, checkpoint_dir=tmp_path, **{**FIT, "epochs": 4})
+    assert metrics(resumed) == metrics(full)
+    # a third call finds the run complete and trains nothing
+    again = fit(tiny_model(seed=5), data, data, checkpoint_dir=tmp_path, **{**FIT, "epochs": 4})
+    assert metrics(again) == metrics(full)
+
+
+def test_checkpoint_holds_the_full_state(tmp_path):
+    fit(tiny_model(), toy_data(32), checkpoint_dir=tmp_path, scheduler="cosine", **FIT)
+    saved = torch.load(tmp_path / LAST, weights_only=True)
+    assert saved["epoch"] == 3
+    assert {"model", "optimizer", "scheduler", "rng", "history", "run", "config"} <= set(saved)
+    assert saved["scheduler"] is not None and len(saved["history"]["records"]) == 3
+    previous = torch.load(tmp_path / PREVIOUS, weights_only=True)
+    assert previous["epoch"] == 2
+
+
+def test_a_different_run_in_the_same_folder_is_refused(tmp_path):
+    fit(tiny_model(), toy_data(32), checkpoint_dir=tmp_path, **{**FIT, "epochs": 1})
+    with pytest.raises(ValueError, match=r"(?s)different run.*lr: checkpoint 0.003, this call 0.01"):
+        fit(tiny_model(), toy_data(32), checkpoint_dir=tmp_path, **{**FIT, "epochs": 2, "lr": 0.01})
+    with pytest.raises(ValueError, match="different model"):
+        fit(tiny_model(norm="ln"), toy_data(32), checkpoint_dir=tmp_path, **{**FIT, "epochs": 2})
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    fit(tiny_model(), toy_data(32), checkpoint_dir=tmp_path, **{**FIT, "epochs": 2})
+    (tmp_path / LAST).write_bytes((tmp_path / LAST).read_bytes()[:1000])  # truncate
+    with pytest.warns(RuntimeWarning, match="ignoring damaged checkpoint"):
+        saved = load_checkpoint(tmp_path)
+    assert saved["epoch"] == 1
+
+
+def test_a_diverged_run_is_not_retrained_on_resume(tmp_path):
+    images, labels = toy_data(32)
+    images[0, 0, 0, 0] = float("inf")
+    first = fit(tiny_model(), (images, labels), checkpoint_dir=tmp_path, **FIT)
+    again = fit(tiny_model(), (images, labels), checkpoint_dir=tmp_path, **FIT)
+    assert first.diverged and again.diverged and again.diverged_at == first.diverged_at
+
+
+KILLED_RUN = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_train import FIT, tiny_model, toy_data
+    from bnvit import fit
+
+    kill_at = int(sys.argv[2])
+    calls = 0
+    def loss_fn(logits, labels):
+        global calls
+        calls += 1
+        if calls == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    data = toy_data()
+    fit(tiny_model(), data, data, loss_fn=loss_fn, checkpoint_dir=sys.argv[1], **{{**FIT, "epochs": 4}})
+    """
+)
+
+
+def test_resume_after_sigkill_mid_epoch(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_RUN.format(tests=str(Path(__file__).parent)))
+    folder = tmp_path / "ckpt"
+    # 96 samples / batch 32 = 3 training steps + 1 validation call per epoch: call 10 is step 2 of epoch 3
+    proc = subprocess.run([sys.executable, str(script), str(folder), "10"], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert load_checkpoint(folder)["epoch"] == 2
+    data = toy_data()
+    resumed = fit(tiny_model(), data, data, checkpoint_dir=folder, **{**FIT, "epochs": 4})
+    full = fit(tiny_model(), data, data, **{**FIT, "epochs": 4})
+    assert metrics(resumed) == metrics(full)
+
+
+# ----------------------------------------------------------------------------- History and loggers
+
+
+def test_history_round_trips_through_json_and_csv(tmp_path):
+    history = History(meta={"lr": 0.003})
+    history.append(EpochRecord(1, 0.5, 0.8, 0.4, 0.85, 0.003, 10.0, 6000.0))
+    history.append(EpochRecord(2, 0.3, 0.9, None, None, 0.003, 9.0, 6500.0))
+    history.diverged_at, history.diverged_step = 3, 17
+    assert History.from_json(history.to_json()) == history
+    history.to_json(tmp_path / "h.json")
+    assert History.from_json(tmp_path / "h.json") == history
+    rows = history.to_csv(tmp_path / "h.csv").splitlines()
+    assert rows[0].startswith("epoch,train_loss,train_acc") and rows[2].startswith("2,0.3,0.9,,")
+    assert (tmp_path / "h.csv").read_text().splitlines() == rows
+    text = repr(history)
+    assert "2 epochs" in text and "diverged in epoch 3 at step 17" in text and "85.00%" in text
+    with pytest.raises(ValueError, match="unknown History column 'acc'"):
+        history.column("acc")
+
+
+def test_history_json_is_strict_even_with_nan():
+    history = History()
+    history.append(EpochRecord(1, float("nan"), 0.1, float("inf"), 0.1, 0.003, 1.0, 1.0))
+    data = json.loads(history.to_json())
+    assert data["records"][0]["train_loss"] is None and data["records"][0]["val_loss"] is None
+
+
+def test_jsonl_logger_logs_each_epoch_once_across_a_resume(tmp_path):
+    data = toy_data(32)
+    log = tmp_path / "log.jsonl"
+    fit(tiny_model(), data, data, checkpoint_dir=tmp_path / "c", callbacks=[JSONLLogger(log)], **{**FIT, "epochs": 2})
+    fit(tiny_model(), data, data, checkpoint_dir=tmp_path / "c", callbacks=[JSONLLogger(log)], **FIT)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line.get("epoch") for line in lines[:-1]] == [1, 2, 3]
+    assert lines[-1] == {"end": True, "diverged_at": None, "diverged_step": None}
+
+
+# ----------------------------------------------------------------------------- recalibrate_bn
+
+
+def test_recalibrate_bn_computes_exact_statistics_with_weights_frozen():
+    model = tiny_model().eval()
+    bn = model.blocks[0].ffn.norm.bn
+    with torch.no_grad():
+        bn.running_mean.fill_(5.0)
+        bn.running_var.fill_(9.0)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    images, labels = toy_data(64)
+    recalibrate_bn(model, (images, labels), batch_size=32, device="cpu")
+    # expected: the mean over the two batches of the per-batch statistics of the fc1 output
+    captured = []
+    handle = model.blocks[0].ffn.fc1.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
+    with torch.no_grad():
+        model(images[:32])
+        model(images[32:])
+    handle.remove()
+    flat = [c.reshape(-1, c.shape[-1]) for c in captured]
+    mean = torch.stack([f.mean(0) for f in flat]).mean(0)
+    var = torch.stack([f.var(0, unbiased=True) for f in flat]).mean(0)
+    torch.testing.assert_close(bn.running_mean, mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bn.running_var, var, atol=1e-5, rtol=1e-5)
+    assert bn.momentum == 0.1 and not model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+
+
+def test_recalibrate_bn_needs_a_batchnorm():
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        recalibrate_bn(tiny_model(norm="ln"), toy_data(32), device="cpu")
+
+
+def test_checkpoint_files_are_never_half_written(tmp_path, monkeypatch):
+    """A crash inside torch.save leaves the previous checkpoint intact and loadable."""
+    fit(tiny_model(), toy_data(32), checkpoint_dir=tmp_path, **{**FIT, "epochs": 1})
+    good = (tmp_path / LAST).read_bytes()
+
+    def crash(obj, handle, *args, **kwargs):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        fit(tiny_model(), toy_data(32), checkpoint_dir=tmp_path, **{**FIT, "epochs": 2})
+    assert (tmp_path / LAST).read_bytes() == good
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
