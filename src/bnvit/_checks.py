@@ -1,8 +1,8 @@
 """Argument checks shared by the public API.
 
-Every check raises ``ValueError`` (or ``TypeError`` for a value of the wrong kind) with a
+Every check raises `ValueError` (or `TypeError` for a value of the wrong kind) with a
 message that names the argument, the value received and what would be valid. Nothing here
-uses ``assert``: user input is validated even under ``python -O``.
+uses `assert`: user input is validated even under `python -O`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 
 def positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
-    """Return ``value`` if it is an int >= ``minimum``; raise otherwise."""
+    """Return `value` if it is an int >= `minimum`; raise otherwise."""
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
     if value < minimum:
@@ -22,7 +22,7 @@ def positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
 
 
 def positive_float(name: str, value: Any) -> float:
-    """Return ``value`` as a float if it is a finite number > 0; raise otherwise."""
+    """Return `value` as a float if it is a finite number > 0; raise otherwise."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a number > 0, got {value!r} ({type(value).__name__})")
     if not value > 0 or value == float("inf"):
@@ -31,7 +31,7 @@ def positive_float(name: str, value: Any) -> float:
 
 
 def rate(name: str, value: Any) -> float:
-    """Return ``value`` if it is a probability in [0, 1); raise otherwise."""
+    """Return `value` if it is a probability in [0, 1); raise otherwise."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a number in [0, 1), got {value!r} ({type(value).__name__})")
     if not 0.0 <= value < 1.0:
@@ -40,7 +40,7 @@ def rate(name: str, value: Any) -> float:
 
 
 def choice(name: str, value: Any, choices: Iterable[str]) -> str:
-    """Return ``value`` if it is one of ``choices``; raise otherwise."""
+    """Return `value` if it is one of `choices`; raise otherwise."""
     choices = tuple(choices)
     if value not in choices:
         valid = ", ".join(repr(c) for c in choices)

@@ -11,7 +11,7 @@ takes the normalization as one argument:
 | `"bn"`     | `TokenBatchNorm`   | `BatchNormFFN`                    |
 
 BatchNorm on tokens normalizes each feature over the batch *and* the token axis: a
-``(B, N, C)`` tensor is normalized as its ``(B * N, C)`` view, with no copy to a
+`(B, N, C)` tensor is normalized as its `(B * N, C)` view, with no copy to a
 channels-first layout.
 """
 
@@ -40,14 +40,14 @@ __all__ = [
 ]
 
 NORMS = ("ln", "bn_ffn", "bn")
-"""The valid values of ``norm`` for :class:`EncoderBlock` and :class:`~bnvit.ViT`."""
+"""The valid values of `norm` for `EncoderBlock` and `ViT`."""
 
 _recompute = threading.local()
 
 
 @contextlib.contextmanager
 def _recomputing() -> Iterator[None]:
-    """Mark the recomputation pass of activation checkpointing (see ``bn_safe_checkpoint``)."""
+    """Mark the recomputation pass of activation checkpointing (see `bn_safe_checkpoint`)."""
     previous = getattr(_recompute, "active", False)
     _recompute.active = True
     try:
@@ -57,11 +57,11 @@ def _recomputing() -> Iterator[None]:
 
 
 def bn_safe_context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """``context_fn`` for :func:`torch.utils.checkpoint.checkpoint` that keeps BatchNorm exact.
+    """`context_fn` for `torch.utils.checkpoint.checkpoint` that keeps BatchNorm exact.
 
     Activation checkpointing runs a block's forward twice. A BatchNorm in training mode would
     then update its running statistics twice per step; during the recomputation this context
-    makes every :class:`TokenBatchNorm` restore its statistics after the pass, so a model
+    makes every `TokenBatchNorm` restore its statistics after the pass, so a model
     trained with checkpointing ends with the same running statistics as one trained without.
     """
     return contextlib.nullcontext(), _recomputing()
@@ -70,13 +70,13 @@ def bn_safe_context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.
 class TokenBatchNorm(nn.Module):
     """BatchNorm of the last (feature) axis, with statistics over every other axis.
 
-    A ``(B, N, C)`` token tensor is normalized as its ``(B * N, C)`` view: each feature gets one
+    A `(B, N, C)` token tensor is normalized as its `(B * N, C)` view: each feature gets one
     mean and variance computed over the batch and the tokens. The wrapped
-    :class:`torch.nn.BatchNorm1d` is kept as ``self.bn`` so that
-    :meth:`torch.nn.SyncBatchNorm.convert_sync_batchnorm` converts it correctly.
+    `torch.nn.BatchNorm1d` is kept as `self.bn` so that
+    `torch.nn.SyncBatchNorm.convert_sync_batchnorm` converts it correctly.
 
     Args:
-        num_features: Size ``C`` of the last axis.
+        num_features: Size `C` of the last axis.
         eps: Added to the variance for numerical stability.
         momentum: Momentum of the running statistics.
 
@@ -113,7 +113,7 @@ def _frozen_running_stats(bn: nn.modules.batchnorm._BatchNorm) -> Iterator[None]
 
 
 def token_norm(kind: str, dim: int) -> nn.Module:
-    """A normalization of the last axis of a token tensor: ``"ln"`` (LayerNorm) or ``"bn"``.
+    """A normalization of the last axis of a token tensor: `"ln"` (LayerNorm) or `"bn"`.
 
     Example:
         >>> type(token_norm("bn", 64)).__name__, type(token_norm("ln", 64)).__name__
@@ -124,17 +124,17 @@ def token_norm(kind: str, dim: int) -> nn.Module:
 
 
 class Attention(nn.Module):
-    """Pre-norm multi-head self-attention with torch's fused ``scaled_dot_product_attention``.
+    """Pre-norm multi-head self-attention with torch's fused `scaled_dot_product_attention`.
 
-    ``norm(x) -> Linear(dim, 3 * heads * dim_head) -> q, k, v -> softmax(q k^T / sqrt(dim_head)) v
-    -> Linear(heads * dim_head, dim) -> Dropout``. The qkv projection is laid out ``q | k | v``,
-    each heads-major ``(heads, dim_head)``, as in the article's reference implementation.
+    `norm(x) -> Linear(dim, 3 * heads * dim_head) -> q, k, v -> softmax(q k^T / sqrt(dim_head)) v
+    -> Linear(heads * dim_head, dim) -> Dropout`. The qkv projection is laid out `q | k | v`,
+    each heads-major `(heads, dim_head)`, as in the article's reference implementation.
 
     Args:
         dim: Token width.
         heads: Number of attention heads.
-        dim_head: Width of each head; independent of ``dim``.
-        norm: Pre-norm kind, ``"ln"`` or ``"bn"``.
+        dim_head: Width of each head; independent of `dim`.
+        norm: Pre-norm kind, `"ln"` or `"bn"`.
         qkv_bias: Give the qkv projection a bias.
         dropout: Dropout after the output projection.
         attn_dropout: Dropout on the attention weights.
@@ -179,7 +179,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """The standard ViT feed-forward network, pre-normed with LayerNorm.
 
-    ``LayerNorm(dim) -> Linear(dim, mlp_dim) -> GELU -> Dropout -> Linear(mlp_dim, dim) -> Dropout``.
+    `LayerNorm(dim) -> Linear(dim, mlp_dim) -> GELU -> Dropout -> Linear(mlp_dim, dim) -> Dropout`.
 
     Example:
         >>> ffn = FeedForward(64, 128)
@@ -204,14 +204,14 @@ class FeedForward(nn.Module):
 class BatchNormFFN(nn.Module):
     """Feed-forward network with BatchNorm inside and no LayerNorm in front (ViTBNFFN).
 
-    ``Linear(dim, mlp_dim) -> BatchNorm(mlp_dim) -> GELU -> Dropout -> Linear(mlp_dim, dim) -> Dropout``.
-    The BatchNorm normalizes each of the ``mlp_dim`` features over batch x tokens. In eval mode
-    it is a fixed affine map that :func:`bnvit.fold_batchnorm` folds into ``fc1``.
+    `Linear(dim, mlp_dim) -> BatchNorm(mlp_dim) -> GELU -> Dropout -> Linear(mlp_dim, dim) -> Dropout`.
+    The BatchNorm normalizes each of the `mlp_dim` features over batch x tokens. In eval mode
+    it is a fixed affine map that `bnvit.fold_batchnorm` folds into `fc1`.
 
     Args:
         dim: Token width.
         mlp_dim: Hidden width.
-        dropout: Dropout after the activation and after ``fc2``.
+        dropout: Dropout after the activation and after `fc2`.
 
     Example:
         >>> ffn = BatchNormFFN(64, 128)
@@ -234,15 +234,15 @@ class BatchNormFFN(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """One transformer encoder block: ``x = x + attn(x)``, then ``x = x + ffn(x)``.
+    """One transformer encoder block: `x = x + attn(x)`, then `x = x + ffn(x)`.
 
     Args:
         dim: Token width.
         heads: Number of attention heads.
         dim_head: Width of each head.
         mlp_dim: Hidden width of the feed-forward network.
-        norm: ``"ln"`` (standard ViT), ``"bn_ffn"`` (BatchNorm inside the FFN, LayerNorm before
-            attention; the article's ViTBNFFN) or ``"bn"`` (BatchNorm everywhere; ViTBN).
+        norm: `"ln"` (standard ViT), `"bn_ffn"` (BatchNorm inside the FFN, LayerNorm before
+            attention; the article's ViTBNFFN) or `"bn"` (BatchNorm everywhere; ViTBN).
         dropout: Dropout after the attention projection and inside the FFN.
         attn_dropout: Dropout on the attention weights.
         qkv_bias: Give the qkv projection a bias.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 from . import _checks
@@ -28,7 +28,8 @@ class MLP(nn.Module):
         hidden: Width of each hidden layer.
         norm: `None` (the article's DNN) or `"bn"` (DNNBN: BatchNorm before each activation).
         activation: `"sigmoid"` (the article's), `"relu"`, `"gelu"` or `"tanh"`.
-        in_features: Input size after flattening (28 * 28 for MNIST).
+        img_size: Input side, or `(height, width)`.
+        in_chans: Input channels; the input is flattened to `in_chans * height * width` values.
         num_classes: Output classes.
 
     Example:
@@ -45,13 +46,15 @@ class MLP(nn.Module):
         hidden: int = 100,
         norm: str | None = None,
         activation: str = "sigmoid",
-        in_features: int = 28 * 28,
+        img_size: int | tuple[int, int] = 28,
+        in_chans: int = 1,
         num_classes: int = 10,
     ) -> None:
         super().__init__()
         depth = _checks.positive_int("depth", depth)
         hidden = _checks.positive_int("hidden", hidden)
-        in_features = _checks.positive_int("in_features", in_features)
+        height, width = _checks.pair("img_size", img_size)
+        in_features = _checks.positive_int("in_chans", in_chans) * height * width
         num_classes = _checks.positive_int("num_classes", num_classes)
         if norm is not None:
             _checks.choice("norm", norm, ("bn",))
@@ -61,7 +64,8 @@ class MLP(nn.Module):
             hidden=hidden,
             norm=norm,
             activation=activation,
-            in_features=in_features,
+            img_size=(height, width),
+            in_chans=in_chans,
             num_classes=num_classes,
         )
         self.num_classes = num_classes
@@ -84,15 +88,28 @@ class MLP(nn.Module):
         return self.layers(x)
 
 
-def _create_mlp(
-    variant: str, pretrained: bool, norm: str | None, *, in_chans: int = 1, img_size: int = 28, **kwargs: Any
-) -> MLP:
+default_cfgs = generate_default_cfgs(
+    {
+        name: dict(
+            input_size=(1, 28, 28),
+            mean=(0.0,),
+            std=(1.0,),
+            num_classes=10,
+            fixed_input_size=True,
+            interpolation="bilinear",
+            crop_pct=1.0,
+            classifier="layers.{}".format(6 if name == "dnnbn_mnist" else 3),  # the last Linear at depth 3
+            paper_name="Vision Transformer with BatchNorm",
+        )
+        for name in ("dnn_mnist", "dnnbn_mnist")
+    }
+)
+
+
+def _create_mlp(variant: str, pretrained: bool, norm: str | None, **kwargs: Any) -> MLP:
     if pretrained:
         raise ValueError(f"no pretrained weights exist for {variant}")
-    kwargs.pop("pretrained_cfg", None)
-    kwargs.pop("pretrained_cfg_overlay", None)
-    side = _checks.positive_int("img_size", img_size)
-    return MLP(norm=norm, in_features=_checks.positive_int("in_chans", in_chans) * side * side, **kwargs)
+    return build_model_with_cfg(MLP, variant, pretrained, norm=norm, **kwargs)
 
 
 @register_model

@@ -1,14 +1,14 @@
 """MNIST for the article's experiments: the faithful torchvision pipeline and a fast batched one.
 
-* Files: :func:`find_mnist_root` (``root`` argument > ``$BNVIT_DATA`` > user cache folder) and
-  :func:`load_mnist` (uint8 tensors from our own IDX reader, cached in memory; torchvision's
+* Files: `find_mnist_root` (`root` argument > `$BNVIT_DATA` > user cache folder) and
+  `load_mnist` (uint8 tensors from our own IDX reader, cached in memory; torchvision's
   download on request; clear errors for missing, truncated or corrupt files).
-* The reference: :func:`article_transform` (the article's torchvision augmentation) and
-  :class:`MNISTDataset`.
-* The fast path: :func:`augment_batch` augments a whole batch on its device with one
-  ``grid_sample``, equal in distribution (and, for the same parameters, nearly pixel for pixel)
-  to the reference; :class:`DeviceLoader` shuffles, shards and batches on the device.
-* :func:`augmented_test_set` freezes one augmented draw of the test set; :func:`mnist_loaders`
+* The reference: `article_transform` (the article's torchvision augmentation) and
+  `MNISTDataset`.
+* The fast path: `augment_batch` augments a whole batch on its device with one
+  `grid_sample`, equal in distribution (and, for the same parameters, nearly pixel for pixel)
+  to the reference; `DeviceLoader` shuffles, shards and batches on the device.
+* `augmented_test_set` freezes one augmented draw of the test set; `mnist_loaders`
   builds the article's train and test loaders in one call.
 
 Example:

@@ -20,9 +20,9 @@ __all__ = ["MNISTDataset", "article_transform"]
 def article_transform() -> transforms.Compose:
     """The article's training augmentation, exactly as its code builds it.
 
-    ``RandomRotation(20) -> RandomAffine(degrees=0, translate=(0.2, 0.2)) ->
-    v2.RandomZoomOut(fill=0, side_range=(2.0, 3.0), p=0.2) -> Resize(28) -> ToTensor()``: a PIL
-    image in, a ``(1, 28, 28)`` float tensor in [0, 1] out (no normalization). Rotation and
+    `RandomRotation(20) -> RandomAffine(degrees=0, translate=(0.2, 0.2)) ->
+    v2.RandomZoomOut(fill=0, side_range=(2.0, 3.0), p=0.2) -> Resize(28) -> ToTensor()`: a PIL
+    image in, a `(1, 28, 28)` float tensor in [0, 1] out (no normalization). Rotation and
     translation use nearest-neighbour sampling, the resize PIL's antialiased bilinear filter. The
     random draws come from torch's global generator.
 
@@ -43,15 +43,15 @@ def article_transform() -> transforms.Compose:
 
 
 class MNISTDataset(Dataset):
-    """MNIST as a map-style dataset over the uint8 tensors of :func:`~bnvit.data.load_mnist`.
+    """MNIST as a map-style dataset over the uint8 tensors of `load_mnist`.
 
-    Item ``i`` is ``(transform(PIL image), label)`` with a transform, else ``(image, label)`` with
-    the image a float32 ``(1, 28, 28)`` tensor in [0, 1]; the label is an int.
+    Item `i` is `(transform(PIL image), label)` with a transform, else `(image, label)` with
+    the image a float32 `(1, 28, 28)` tensor in [0, 1]; the label is an int.
 
     Args:
-        root: Folder holding ``MNIST/raw/``; ``None`` uses ``$BNVIT_DATA``, else the user cache.
-        train: The 60,000 training images (``True``) or the 10,000 test images (``False``).
-        transform: Called on each PIL image, e.g. :func:`article_transform` ``()``.
+        root: Folder holding `MNIST/raw/`; `None` uses `$BNVIT_DATA`, else the user cache.
+        train: The 60,000 training images (`True`) or the 10,000 test images (`False`).
+        transform: Called on each PIL image, e.g. `article_transform` `()`.
         download: Fetch MNIST with torchvision if it is missing.
 
     Example:

@@ -1,30 +1,30 @@
 """The article's augmentation for a whole batch at once, on the batch's device.
 
 The article augments every image with torchvision, one PIL image at a time:
-``RandomRotation(20) -> RandomAffine(translate=(0.2, 0.2)) -> v2.RandomZoomOut(side_range=(2, 3),
-p=0.2) -> Resize(28) -> ToTensor()``. This module does the same for a ``(B, H, W)`` uint8 tensor
+`RandomRotation(20) -> RandomAffine(translate=(0.2, 0.2)) -> v2.RandomZoomOut(side_range=(2, 3),
+p=0.2) -> Resize(28) -> ToTensor()`. This module does the same for a `(B, H, W)` uint8 tensor
 in a handful of tensor operations, in the spirit of airbench: the random parameters of every
-image are drawn with one ``torch.rand`` call, there is no per-image Python and no worker process,
+image are drawn with one `torch.rand` call, there is no per-image Python and no worker process,
 and it runs wherever the batch lives (CPU or CUDA).
 
 How each step is reproduced:
 
-* **Rotation, then translation** (torchvision: PIL ``NEAREST``). Both are composed into one
-  affine matrix per image (:func:`augment_matrices`, in :func:`torch.nn.functional.affine_grid`'s
-  convention) and applied with one nearest-neighbour :func:`~torch.nn.functional.grid_sample`
+* **Rotation, then translation** (torchvision: PIL `NEAREST`). Both are composed into one
+  affine matrix per image (`augment_matrices`, in `torch.nn.functional.affine_grid`'s
+  convention) and applied with one nearest-neighbour `grid_sample`
   per batch, zeros outside. The rotation centre, angle sign and integer translation are PIL's,
   so for the same parameters the output equals torchvision's pixel for pixel except at exact
   rounding ties (measured on MNIST: 99.997% of pixels equal).
-* **Zoom-out, then resize back** (torchvision: pad to a canvas ``r`` times larger, then PIL's
-  antialiased bilinear ``Resize``): *not* folded into the affine matrix. A zoomed-out image is
+* **Zoom-out, then resize back** (torchvision: pad to a canvas `r` times larger, then PIL's
+  antialiased bilinear `Resize`): *not* folded into the affine matrix. A zoomed-out image is
   a weighted average of 2-3 source pixels per output pixel per axis; point-sampling it (the zoom
-  in the matrix, ``grid_sample`` at 1/2-1/3 scale) aliases: strokes stay as dark as in the
+  in the matrix, `grid_sample` at 1/2-1/3 scale) aliases: strokes stay as dark as in the
   original instead of being averaged down, and the zoomed digits' bounding boxes of pixels > 0.5
-  come out 10% too large (``tests/test_augment_distribution.py`` shows the test catching it).
+  come out 10% too large (`tests/test_augment_distribution.py` shows the test catching it).
   Supersampling the grid would cost 4-9x more samples. Instead the zoomed-out images (20% of a
-  batch) are resized with PIL's own separable filter weights, ``Wy @ image @ Wx.T``, one batched
+  batch) are resized with PIL's own separable filter weights, `Wy @ image @ Wx.T`, one batched
   matmul per axis, rounded to 8 bits after each pass as PIL does. The weight bands (at most
-  ``16 x 28`` per axis for 28 px) come from a table of every (canvas, offset) a zoom-out can draw,
+  `16 x 28` per axis for 28 px) come from a table of every (canvas, offset) a zoom-out can draw,
   built once per image side and device (2.2 MB for 28 px). Same parameters, same output as
   torchvision on 99.9% of the pixels of zoomed-out images.
 
@@ -32,9 +32,9 @@ On CPU the batch is processed in cache-sized chunks (a loop over chunks of 128 i
 images); on a GPU it is one pass without host synchronization.
 
 Random parameters follow torchvision's draws: angle uniform in [-20, 20] degrees; translation
-``round(uniform(-0.2 W, 0.2 W))`` integer pixels (likewise for y); zoom-out with probability 0.2,
-canvas side ``int(W * r)`` with ``r`` uniform in [2, 3), the image placed at
-``int((canvas - W) * uniform(0, 1))``.
+`round(uniform(-0.2 W, 0.2 W))` integer pixels (likewise for y); zoom-out with probability 0.2,
+canvas side `int(W * r)` with `r` uniform in [2, 3), the image placed at
+`int((canvas - W) * uniform(0, 1))`.
 """
 
 from __future__ import annotations
@@ -49,15 +49,15 @@ import torch.nn.functional as F
 __all__ = ["AugmentParams", "apply_augment", "augment_batch", "augment_matrices", "sample_augment_params"]
 
 DEGREES = 20.0
-"""Rotation range of the article's ``RandomRotation(20)``: uniform in ``[-DEGREES, DEGREES]``."""
+"""Rotation range of the article's `RandomRotation(20)`: uniform in `[-DEGREES, DEGREES]`."""
 TRANSLATE = 0.2
-"""Translation range of ``RandomAffine(translate=(0.2, 0.2))``, as a fraction of the image side."""
+"""Translation range of `RandomAffine(translate=(0.2, 0.2))`, as a fraction of the image side."""
 ZOOM_P = 0.2
-"""Probability of ``v2.RandomZoomOut(p=0.2)``."""
+"""Probability of `v2.RandomZoomOut(p=0.2)`."""
 SIDE_RANGE = (2.0, 3.0)
-"""Canvas side range of ``v2.RandomZoomOut(side_range=(2.0, 3.0))``, as a multiple of the image side."""
+"""Canvas side range of `v2.RandomZoomOut(side_range=(2.0, 3.0))`, as a multiple of the image side."""
 MAX_SIDE = 32
-"""Largest image side :func:`augment_batch` accepts; its zoom weight table grows as ``side ** 4``."""
+"""Largest image side `augment_batch` accepts; its zoom weight table grows as `side ** 4`."""
 
 # On CPU a batch is sampled in chunks of 128 images and zoomed out in blocks of 512, sizes whose
 # data stays in cache: 5,000 images in one pass are memory-bound and run at half the speed per
@@ -67,18 +67,18 @@ _CPU_BLOCK = 512
 
 
 class AugmentParams(NamedTuple):
-    """Per-image random parameters of the article's augmentation, for a batch of ``B`` images.
+    """Per-image random parameters of the article's augmentation, for a batch of `B` images.
 
-    Coordinates are ``(x, y)`` = (column, row), as in torchvision and PIL.
+    Coordinates are `(x, y)` = (column, row), as in torchvision and PIL.
 
     Attributes:
-        angle: ``(B,)`` float32, rotation in degrees, counter-clockwise on screen.
-        translate: ``(B, 2)`` float32 holding whole pixels ``(tx, ty)``; positive moves the
+        angle: `(B,)` float32, rotation in degrees, counter-clockwise on screen.
+        translate: `(B, 2)` float32 holding whole pixels `(tx, ty)`; positive moves the
             image right and down.
-        zoom: ``(B,)`` bool, whether the image is zoomed out.
-        canvas: ``(B, 2)`` int64 canvas ``(width, height)`` of the zoom-out, drawn for every image
-            (used only where ``zoom``).
-        offset: ``(B, 2)`` int64 ``(left, top)`` position of the image on its canvas.
+        zoom: `(B,)` bool, whether the image is zoomed out.
+        canvas: `(B, 2)` int64 canvas `(width, height)` of the zoom-out, drawn for every image
+            (used only where `zoom`).
+        offset: `(B, 2)` int64 `(left, top)` position of the image on its canvas.
     """
 
     angle: torch.Tensor
@@ -120,18 +120,18 @@ def sample_augment_params(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> AugmentParams:
-    """Draw the article's augmentation parameters for ``batch_size`` images with one ``torch.rand``.
+    """Draw the article's augmentation parameters for `batch_size` images with one `torch.rand`.
 
     Args:
-        batch_size: Number of images ``B`` (0 is allowed).
-        height: Image height ``H``.
-        width: Image width ``W``.
-        generator: Random generator; its device is where the parameters are drawn. ``None`` uses
-            the global generator of ``device``.
+        batch_size: Number of images `B` (0 is allowed).
+        height: Image height `H`.
+        width: Image width `W`.
+        generator: Random generator; its device is where the parameters are drawn. `None` uses
+            the global generator of `device`.
         device: Where to draw the parameters; defaults to the generator's device, else CPU.
 
     Returns:
-        The parameters, on ``device``.
+        The parameters, on `device`.
 
     Example:
         >>> params = sample_augment_params(4, generator=torch.Generator().manual_seed(0))
@@ -169,7 +169,7 @@ def _param_constants(height: int, width: int, device: torch.device) -> tuple[tor
 
 
 def _rotation_features(params: AugmentParams) -> torch.Tensor:
-    """``(B, 6)`` products ``[c, s, c tx, s tx, c ty, s ty]`` that the affine matrix is linear in."""
+    """`(B, 6)` products `[c, s, c tx, s tx, c ty, s ty]` that the affine matrix is linear in."""
     # [cos, sin] as sin(angle + [pi / 2, 0]): one op, and exactly [1, 0] at angle 0
     cos_sin = torch.sin(torch.add(_phase(params.angle.device), params.angle.unsqueeze(1), alpha=_DEG))  # (B, 2)
     one_t = F.pad(params.translate, (1, 0), value=1.0)  # (B, 3): 1, tx, ty
@@ -187,11 +187,11 @@ def _phase(device: torch.device) -> torch.Tensor:
 
 
 def _feature_map(height: int, width: int, device: torch.device) -> torch.Tensor:
-    """``(6, 6)`` linear map from the rotation features to ``affine_grid``'s theta (flattened).
+    """`(6, 6)` linear map from the rotation features to `affine_grid`'s theta (flattened).
 
-    In pixel coordinates centred on PIL's rotation centre ``(W / 2, H / 2)`` (pixel corners), an
-    output pixel ``(x, y)`` shows the source pixel ``R(-angle) ((x, y) - t)``: torchvision first
-    rotates, then translates. ``affine_grid`` normalizes x by ``W / 2`` and y by ``H / 2``, so::
+    In pixel coordinates centred on PIL's rotation centre `(W / 2, H / 2)` (pixel corners), an
+    output pixel `(x, y)` shows the source pixel `R(-angle) ((x, y) - t)`: torchvision first
+    rotates, then translates. `affine_grid` normalizes x by `W / 2` and y by `H / 2`, so::
 
         theta = [[c, -s H / W, (s ty - c tx) 2 / W],
                  [s W / H, c, -(s tx + c ty) 2 / H]]
@@ -209,19 +209,19 @@ def _feature_map(height: int, width: int, device: torch.device) -> torch.Tensor:
 def augment_matrices(params: AugmentParams, height: int = 28, width: int = 28) -> torch.Tensor:
     """The per-image affine matrices of the rotation followed by the translation.
 
-    Each ``2 x 3`` matrix maps normalized output coordinates to normalized input coordinates, as
-    :func:`torch.nn.functional.affine_grid` expects (``align_corners=False``): with ``c, s`` the
-    cosine and sine of the angle and ``(tx, ty)`` the translation in pixels,
-    ``[[c, -s H / W, (s ty - c tx) 2 / W], [s W / H, c, -(s tx + c ty) 2 / H]]``. The zoom-out is
+    Each `2 x 3` matrix maps normalized output coordinates to normalized input coordinates, as
+    `torch.nn.functional.affine_grid` expects (`align_corners=False`): with `c, s` the
+    cosine and sine of the angle and `(tx, ty)` the translation in pixels,
+    `[[c, -s H / W, (s ty - c tx) 2 / W], [s W / H, c, -(s tx + c ty) 2 / H]]`. The zoom-out is
     not part of it: see the module docstring.
 
     Args:
-        params: Parameters from :func:`sample_augment_params`.
+        params: Parameters from `sample_augment_params`.
         height: Image height.
         width: Image width.
 
     Returns:
-        ``(B, 2, 3)`` float32 matrices on the parameters' device.
+        `(B, 2, 3)` float32 matrices on the parameters' device.
 
     Example:
         >>> ids = AugmentParams(
@@ -236,7 +236,7 @@ def augment_matrices(params: AugmentParams, height: int = 28, width: int = 28) -
 
 
 def _base_grid(height: int, width: int, device: torch.device) -> torch.Tensor:
-    """``(3, H * W)`` homogeneous normalized coordinates ``(x, y, 1)`` of the output pixel centres."""
+    """`(3, H * W)` homogeneous normalized coordinates `(x, y, 1)` of the output pixel centres."""
     key = ("base", height, width, device)
     if key not in _CONSTANTS:
         xs = (2 * np.arange(width) + 1) / width - 1
@@ -247,7 +247,7 @@ def _base_grid(height: int, width: int, device: torch.device) -> torch.Tensor:
 
 
 def _pil_bilinear_weights(n_out: int, n_in: int) -> np.ndarray:
-    """PIL's antialiased bilinear resampling weights (``ImagingResample``), ``(n_out, n_in)``."""
+    """PIL's antialiased bilinear resampling weights (`ImagingResample`), `(n_out, n_in)`."""
     scale = n_in / n_out
     support = max(scale, 1.0)  # the triangle filter's support (1) times the filter scale
     weights = np.zeros((n_out, n_in))
@@ -263,11 +263,11 @@ def _pil_bilinear_weights(n_out: int, n_in: int) -> np.ndarray:
 def _zoom_table(side: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Resize weights of one axis for every (canvas, offset) a zoom-out can draw.
 
-    For ``k = starts[canvas - int(2 * side)] + offset``, ``table[k]`` is a ``(K, side)`` band of
-    the ``(side, side)`` matrix whose entry ``[o, j]`` weighs source pixel ``j`` (at canvas position
-    ``offset + j``) in output pixel ``o`` when the canvas is resized back to ``side``. The band
-    starts at output pixel ``first[k]``; every output pixel outside it is zero (the image shrinks
-    to at most ``side / 2 + 2`` pixels, so ``K`` is 16 for 28 px).
+    For `k = starts[canvas - int(2 * side)] + offset`, `table[k]` is a `(K, side)` band of
+    the `(side, side)` matrix whose entry `[o, j]` weighs source pixel `j` (at canvas position
+    `offset + j`) in output pixel `o` when the canvas is resized back to `side`. The band
+    starts at output pixel `first[k]`; every output pixel outside it is zero (the image shrinks
+    to at most `side / 2 + 2` pixels, so `K` is 16 for 28 px).
     """
     key = ("zoom", side, device)
     if key not in _CONSTANTS:
@@ -291,7 +291,7 @@ def _zoom_table(side: int, device: torch.device) -> tuple[torch.Tensor, torch.Te
 
 
 def _resize_zoomed(images: torch.Tensor, canvas: torch.Tensor, offset: torch.Tensor, quantized: bool) -> torch.Tensor:
-    """Place each ``(H, W)`` image on its canvas and resize the canvas back; returns ``(n, H * W)``."""
+    """Place each `(H, W)` image on its canvas and resize the canvas back; returns `(n, H * W)`."""
     n, height, width = images.shape
     if height == width:  # one table for both axes: gather x and y weights together
         table, starts, first = _zoom_table(width, images.device)
@@ -319,7 +319,7 @@ def _resize_zoomed(images: torch.Tensor, canvas: torch.Tensor, offset: torch.Ten
 
 
 def _band_positions(rows: int, cols: int, width: int, device: torch.device) -> torch.Tensor:
-    """``(1, rows * cols)`` flat offsets of a ``rows x cols`` band in an image ``width`` wide."""
+    """`(1, rows * cols)` flat offsets of a `rows x cols` band in an image `width` wide."""
     key = ("band", rows, cols, width, device)
     if key not in _CONSTANTS:
         offsets = torch.arange(rows).view(rows, 1) * width + torch.arange(cols)
@@ -328,10 +328,10 @@ def _band_positions(rows: int, cols: int, width: int, device: torch.device) -> t
 
 
 def _zoom_out(out: torch.Tensor, params: AugmentParams, quantized: bool, *, subset: bool) -> None:
-    """Replace the zoomed-out images of ``out``, in place, by their resized canvases.
+    """Replace the zoomed-out images of `out`, in place, by their resized canvases.
 
-    With ``subset`` only the zoomed images are gathered and resized (cheapest on CPU, one host
-    sync); otherwise every image is and the result is selected with ``torch.where`` (no sync, the
+    With `subset` only the zoomed images are gathered and resized (cheapest on CPU, one host
+    sync); otherwise every image is and the result is selected with `torch.where` (no sync, the
     better trade on a GPU). Both give the same result.
     """
     batch, _, height, width = out.shape
@@ -360,14 +360,14 @@ def _as_batch(images: torch.Tensor) -> torch.Tensor:
 
 
 def apply_augment(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-    """Augment a batch with given parameters (the deterministic half of :func:`augment_batch`).
+    """Augment a batch with given parameters (the deterministic half of `augment_batch`).
 
     Args:
-        images: ``(B, H, W)`` or ``(B, 1, H, W)``; uint8 in 0-255 or float in [0, 1].
+        images: `(B, H, W)` or `(B, 1, H, W)`; uint8 in 0-255 or float in [0, 1].
         params: One set of parameters per image, on the images' device.
 
     Returns:
-        ``(B, 1, H, W)`` float32 in [0, 1] on the images' device.
+        `(B, 1, H, W)` float32 in [0, 1] on the images' device.
 
     Example:
         >>> images = torch.zeros(2, 28, 28, dtype=torch.uint8)
@@ -402,7 +402,7 @@ def apply_augment(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
 
 
 def _sample(x: torch.Tensor, theta: torch.Tensor, base: torch.Tensor, quantized: bool) -> torch.Tensor:
-    """Rotate and translate ``x`` ``(n, 1, H, W)``: one nearest-neighbour ``grid_sample``, zeros outside."""
+    """Rotate and translate `x` `(n, 1, H, W)`: one nearest-neighbour `grid_sample`, zeros outside."""
     n, _, height, width = x.shape
     src = x / 255 if quantized else x.float()  # ToTensor: byte / 255 in float32
     # affine_grid(theta), computed as one (2n, 3) @ (3, HW) matmul: several times faster on CPU
@@ -413,17 +413,17 @@ def _sample(x: torch.Tensor, theta: torch.Tensor, base: torch.Tensor, quantized:
 def augment_batch(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Apply the article's random augmentation to every image of a batch, on the batch's device.
 
-    Equivalent in distribution to ``article_transform()`` applied image by image (see the module
+    Equivalent in distribution to `article_transform()` applied image by image (see the module
     docstring for how each step is reproduced), and tens of times faster.
 
     Args:
-        images: ``(B, H, W)`` or ``(B, 1, H, W)``; uint8 in 0-255 (MNIST) or float in [0, 1].
-            Sides up to :data:`MAX_SIDE`.
-        generator: A :class:`torch.Generator` on the images' device, for reproducible draws;
-            ``None`` uses the device's global generator.
+        images: `(B, H, W)` or `(B, 1, H, W)`; uint8 in 0-255 (MNIST) or float in [0, 1].
+            Sides up to `MAX_SIDE`.
+        generator: A `torch.Generator` on the images' device, for reproducible draws;
+            `None` uses the device's global generator.
 
     Returns:
-        ``(B, 1, H, W)`` float32 in [0, 1] on the images' device.
+        `(B, 1, H, W)` float32 in [0, 1] on the images' device.
 
     Example:
         >>> images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)

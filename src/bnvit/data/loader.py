@@ -20,46 +20,46 @@ _AUGMENT_BLOCK_OTHER = 8192
 
 
 def _stream_seed(*entropy: int) -> int:
-    """A 63-bit seed mixed from ``entropy`` (numpy's SeedSequence: nearby inputs give unrelated seeds)."""
+    """A 63-bit seed mixed from `entropy` (numpy's SeedSequence: nearby inputs give unrelated seeds)."""
     return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 def _to_float(images: torch.Tensor) -> torch.Tensor:
-    """``(B, 1, H, W)`` float32: uint8 divided by 255, float passed through."""
+    """`(B, 1, H, W)` float32: uint8 divided by 255, float passed through."""
     images = images if images.dim() == 4 else images.unsqueeze(1)
     return images / 255 if images.dtype == torch.uint8 else images.float()
 
 
 class DeviceLoader:
-    """Iterate ``(images, labels)`` batches of tensors that live on the training device.
+    """Iterate `(images, labels)` batches of tensors that live on the training device.
 
-    The airbench way: the whole dataset sits on ``device`` (MNIST as uint8 is 47 MB), each epoch
-    is one ``torch.randperm`` there, batches are index gathers, and augmentation (if any) is
-    :func:`~bnvit.data.augment_batch` on the same device. No worker processes, no per-image Python.
+    The airbench way: the whole dataset sits on `device` (MNIST as uint8 is 47 MB), each epoch
+    is one `torch.randperm` there, batches are index gathers, and augmentation (if any) is
+    `augment_batch` on the same device. No worker processes, no per-image Python.
 
-    Every epoch's order and augmentation are a pure function of ``(seed, epoch)`` (for a given
-    batch size and kind of device): call :meth:`set_epoch` before iterating to choose the epoch, as with
-    :class:`~torch.utils.data.distributed.DistributedSampler`; this is what makes training
-    resumable and reproducible. Unlike that sampler, each ``iter()`` then advances the epoch by
+    Every epoch's order and augmentation are a pure function of `(seed, epoch)` (for a given
+    batch size and kind of device): call `set_epoch` before iterating to choose the epoch, as with
+    `DistributedSampler`; this is what makes training
+    resumable and reproducible. Unlike that sampler, each `iter()` then advances the epoch by
     one, so a plain loop over epochs never repeats an order by accident.
 
-    With ``world_size > 1`` each epoch's permutation is dealt out to the ranks (rank ``r`` takes
-    positions ``r, r + world_size, ...``): the ranks see disjoint shares of ``N // world_size``
-    samples each (the last ``N % world_size`` of the permutation are left out that epoch) and the
+    With `world_size > 1` each epoch's permutation is dealt out to the ranks (rank `r` takes
+    positions `r, r + world_size, ...`): the ranks see disjoint shares of `N // world_size`
+    samples each (the last `N % world_size` of the permutation are left out that epoch) and the
     same number of batches.
 
     Args:
-        images: ``(N, H, W)`` or ``(N, 1, H, W)``; uint8 in 0-255 (divided by 255 per batch) or
+        images: `(N, H, W)` or `(N, 1, H, W)`; uint8 in 0-255 (divided by 255 per batch) or
             float in [0, 1] (passed through).
-        labels: ``(N,)`` integer class labels.
+        labels: `(N,)` integer class labels.
         batch_size: Samples per batch.
         shuffle: Shuffle every epoch; otherwise the stored order.
-        augment: Apply the article's augmentation (:func:`~bnvit.data.augment_batch`) to every
+        augment: Apply the article's augmentation (`augment_batch`) to every
             batch. The random draws differ per epoch and per rank.
         device: Where the data is held and the batches are produced.
         seed: Seed of the shuffling and augmentation streams (an int >= 0).
         drop_last: Drop the last incomplete batch.
-        rank: This process's rank in ``[0, world_size)``.
+        rank: This process's rank in `[0, world_size)`.
         world_size: Number of processes that share the data.
 
     Example:
@@ -126,7 +126,7 @@ class DeviceLoader:
 
     @property
     def num_samples(self) -> int:
-        """Samples this rank yields per epoch (after sharding, before ``drop_last``)."""
+        """Samples this rank yields per epoch (after sharding, before `drop_last`)."""
         return len(self.labels) // self.world_size
 
     def __len__(self) -> int:
@@ -144,13 +144,13 @@ class DeviceLoader:
         return {"epoch": self.epoch, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the seed must match, or the data would differ silently."""
+        """Restore `state_dict`; the seed must match, or the data would differ silently."""
         if state.get("seed") != self.seed:
             raise ValueError(f"checkpoint was made with seed={state.get('seed')}, this loader has seed={self.seed}")
         self.set_epoch(state["epoch"])
 
     def _order(self, epoch: int) -> torch.Tensor:
-        """This rank's sample indices for ``epoch``."""
+        """This rank's sample indices for `epoch`."""
         n = len(self.labels)
         if self.shuffle:
             generator = torch.Generator(device=self.device).manual_seed(_stream_seed(self.seed, epoch, 0))

@@ -1,15 +1,15 @@
 """Where MNIST lives and how it is read: a small IDX reader, no torchvision dataset object.
 
-The data folder (the *root*) holds ``MNIST/raw/`` with the four original files, the layout that
-``torchvision.datasets.MNIST`` downloads::
+The data folder (the *root*) holds `MNIST/raw/` with the four original files, the layout that
+`torchvision.datasets.MNIST` downloads::
 
     <root>/MNIST/raw/train-images-idx3-ubyte   (or .gz)
     <root>/MNIST/raw/train-labels-idx1-ubyte
     <root>/MNIST/raw/t10k-images-idx3-ubyte
     <root>/MNIST/raw/t10k-labels-idx1-ubyte
 
-The root is, in order: the ``root`` argument, the ``BNVIT_DATA`` environment variable, the user
-cache folder ``$XDG_CACHE_HOME/bnvit`` (default ``~/.cache/bnvit``).
+The root is, in order: the `root` argument, the `BNVIT_DATA` environment variable, the user
+cache folder `$XDG_CACHE_HOME/bnvit` (default `~/.cache/bnvit`).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import torch
 __all__ = ["ENV_VAR", "MNIST_FILES", "cache_dir", "find_mnist_root", "load_mnist", "mnist_files", "read_idx"]
 
 ENV_VAR = "BNVIT_DATA"
-"""Environment variable naming the data root when no ``root`` argument is given."""
+"""Environment variable naming the data root when no `root` argument is given."""
 
 MNIST_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-"""``{train: (images file, labels file)}`` inside ``<root>/MNIST/raw``."""
+"""`{train: (images file, labels file)}` inside `<root>/MNIST/raw`."""
 
 _IDX_UINT8 = 0x08
 _IMAGES_MAGIC = 0x00000803  # uint8, 3 dimensions
@@ -42,7 +42,7 @@ _cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def cache_dir() -> Path:
-    """The user cache folder of bnvit: ``$XDG_CACHE_HOME/bnvit``, by default ``~/.cache/bnvit``.
+    """The user cache folder of bnvit: `$XDG_CACHE_HOME/bnvit`, by default `~/.cache/bnvit`.
 
     Example:
         >>> cache_dir().name
@@ -59,13 +59,13 @@ def _as_path(name: str, value: object) -> Path:
 
 
 def find_mnist_root(root: str | os.PathLike | None = None) -> Path:
-    """The data root to use: ``root``, else ``$BNVIT_DATA``, else :func:`cache_dir`.
+    """The data root to use: `root`, else `$BNVIT_DATA`, else `cache_dir`.
 
-    The folder is not checked here (a download may still create it); :func:`load_mnist` says what
+    The folder is not checked here (a download may still create it); `load_mnist` says what
     is missing.
 
     Args:
-        root: A folder holding ``MNIST/raw/``; ``None`` to look it up.
+        root: A folder holding `MNIST/raw/`; `None` to look it up.
 
     Returns:
         The root folder.
@@ -83,7 +83,7 @@ def find_mnist_root(root: str | os.PathLike | None = None) -> Path:
 
 
 def mnist_files(root: str | os.PathLike | None = None, *, train: bool) -> tuple[Path, Path]:
-    """The images and labels files of one split under ``root`` (uncompressed, else ``.gz``).
+    """The images and labels files of one split under `root` (uncompressed, else `.gz`).
 
     Example:
         >>> [p.name for p in mnist_files("/data", train=False)]
@@ -118,21 +118,21 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def read_idx(path: str | os.PathLike, *, ndim: int | None = None) -> np.ndarray:
-    """Read a uint8 IDX file (the MNIST format), optionally ``.gz``-compressed.
+    """Read a uint8 IDX file (the MNIST format), optionally `.gz`-compressed.
 
-    The format: two zero bytes, the type code ``0x08`` (unsigned byte), the number of dimensions,
+    The format: two zero bytes, the type code `0x08` (unsigned byte), the number of dimensions,
     one big-endian uint32 per dimension, then the data in C order.
 
     Args:
         path: The file.
-        ndim: The number of dimensions it must have, or ``None`` for any.
+        ndim: The number of dimensions it must have, or `None` for any.
 
     Returns:
-        The array, ``uint8``, with the stored shape (a read-only view of the file's bytes).
+        The array, `uint8`, with the stored shape (a read-only view of the file's bytes).
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: The header is not a uint8 IDX header, the dimensions are not ``ndim``, or the
+        FileNotFoundError: `path` does not exist.
+        ValueError: The header is not a uint8 IDX header, the dimensions are not `ndim`, or the
             data is shorter or longer than the header says (a truncated or corrupt file).
 
     Example:
@@ -173,7 +173,7 @@ def read_idx(path: str | os.PathLike, *, ndim: int | None = None) -> np.ndarray:
 
 
 def _layout_hint(root: Path, train: bool) -> str:
-    """A hint when the files sit one level off the expected ``<root>/MNIST/raw`` layout."""
+    """A hint when the files sit one level off the expected `<root>/MNIST/raw` layout."""
     name = MNIST_FILES[train][0]
 
     def has(folder: Path) -> bool:
@@ -219,13 +219,13 @@ def load_mnist(
     free; the returned tensors are shared with the cache: clone them before changing them in place.
 
     Args:
-        root: Folder holding ``MNIST/raw/``; ``None`` uses ``$BNVIT_DATA``, else the user cache
-            folder (see :func:`find_mnist_root`).
-        train: ``True`` for the 60,000 training images, ``False`` for the 10,000 test images.
+        root: Folder holding `MNIST/raw/`; `None` uses `$BNVIT_DATA`, else the user cache
+            folder (see `find_mnist_root`).
+        train: `True` for the 60,000 training images, `False` for the 10,000 test images.
         download: Fetch the files with torchvision into the root if they are missing.
 
     Returns:
-        ``(images, labels)``: uint8 ``(N, 28, 28)`` and int64 ``(N,)`` in 0-9.
+        `(images, labels)`: uint8 `(N, 28, 28)` and int64 `(N,)` in 0-9.
 
     Raises:
         FileNotFoundError: The files are missing (and not downloaded); the message names the

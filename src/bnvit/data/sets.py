@@ -23,7 +23,7 @@ from .mnist import cache_dir, load_mnist
 __all__ = ["TEST_METHODS", "augmented_test_set", "mnist_loaders"]
 
 TEST_METHODS = ("torchvision", "fast")
-"""How :func:`augmented_test_set` augments: the article's torchvision pipeline or :func:`augment_batch`."""
+"""How `augmented_test_set` augments: the article's torchvision pipeline or `augment_batch`."""
 
 _FORMAT = 1  # bump when the cached file's content or layout changes
 _memory: dict[str, torch.Tensor] = {}
@@ -39,7 +39,7 @@ def _cache_key(images: torch.Tensor, labels: torch.Tensor, seed: int) -> str:
 
 
 def _torchvision_augment(images: torch.Tensor, seed: int) -> torch.Tensor:
-    """``article_transform()`` on every image under a seeded CPU generator; returns uint8 ``(N, 1, 28, 28)``.
+    """`article_transform()` on every image under a seeded CPU generator; returns uint8 `(N, 1, 28, 28)`.
 
     The global CPU random state is restored afterwards (CUDA generators are not touched).
     """
@@ -67,7 +67,7 @@ def _load_cached(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
 
 
 def _save_atomic(path: Path, images: torch.Tensor, meta: dict) -> None:
-    """Write ``path`` via a temporary file in the same folder and ``os.replace``: readers never see half a file."""
+    """Write `path` via a temporary file in the same folder and `os.replace`: readers never see half a file."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,23 +99,23 @@ def augmented_test_set(
     The article evaluates on augmented test images; drawing them anew per evaluation adds noise to
     every comparison. This freezes one draw.
 
-    * ``method="torchvision"`` (the reference): ``article_transform()`` image by image, with
-      torch's CPU generator seeded by ``seed`` (its previous state is restored afterwards). The
+    * `method="torchvision"` (the reference): `article_transform()` image by image, with
+      torch's CPU generator seeded by `seed` (its previous state is restored afterwards). The
       10,000 PIL transforms take about a second; the result is cached in the user cache folder
-      (``$XDG_CACHE_HOME/bnvit/augmented/``, written atomically, never next to the data), keyed by
+      (`$XDG_CACHE_HOME/bnvit/augmented/`, written atomically, never next to the data), keyed by
       the data, the seed and the torch/torchvision/Pillow versions.
-    * ``method="fast"``: :func:`~bnvit.data.augment_batch` with a CPU generator seeded by ``seed``;
-      computed on CPU so that the images do not depend on ``device``.
+    * `method="fast"`: `augment_batch` with a CPU generator seeded by `seed`;
+      computed on CPU so that the images do not depend on `device`.
 
     Args:
-        root: Folder holding ``MNIST/raw/`` (see :func:`~bnvit.data.find_mnist_root`).
+        root: Folder holding `MNIST/raw/` (see `find_mnist_root`).
         seed: The draw (an int >= 0).
         device: Where to return the tensors.
-        method: ``"torchvision"`` or ``"fast"``.
+        method: `"torchvision"` or `"fast"`.
         download: Fetch MNIST with torchvision if it is missing.
 
     Returns:
-        ``(images, labels)``: float32 ``(10000, 1, 28, 28)`` in [0, 1] and int64 ``(10000,)``.
+        `(images, labels)`: float32 `(10000, 1, 28, 28)` in [0, 1] and int64 `(10000,)`.
 
     Example:
         >>> images, labels = augmented_test_set(seed=0)  # doctest: +SKIP
@@ -166,29 +166,29 @@ def mnist_loaders(
     """The article's MNIST data in one call: an augmented training loader and a test loader.
 
     Args:
-        root: Folder holding ``MNIST/raw/`` (see :func:`~bnvit.data.find_mnist_root`).
+        root: Folder holding `MNIST/raw/` (see `find_mnist_root`).
         batch_size: Training batch size (the article: 100).
         eval_batch_size: Test batch size.
         device: Where the data lives and batches are made (the torchvision loader yields CPU
             batches; the caller moves them).
-        augment: Training augmentation: ``"fast"`` (:class:`DeviceLoader` with
-            :func:`~bnvit.data.augment_batch`), ``"torchvision"`` (a :class:`~torch.utils.data.DataLoader`
-            over :class:`MNISTDataset` with :func:`article_transform`, ``num_workers=0``; its order and
-            random draws come from torch's global generator, which ``fit(seed=...)`` seeds per
+        augment: Training augmentation: `"fast"` (`DeviceLoader` with
+            `augment_batch`), `"torchvision"` (a `DataLoader`
+            over `MNISTDataset` with `article_transform`, `num_workers=0`; its order and
+            random draws come from torch's global generator, which `fit(seed=...)` seeds per
             epoch, so such runs are reproducible and resumable), or
-            ``None`` (no augmentation, a :class:`DeviceLoader`).
-        test: ``"augmented"``: the frozen torchvision-augmented test set of
-            :func:`augmented_test_set` (what the article scores); ``"clean"``: the plain test images.
-        seed: Seed of the training order and augmentation, and of ``train_subset``.
-        test_seed: Seed of the frozen augmented test set; kept apart from ``seed`` so that runs
+            `None` (no augmentation, a `DeviceLoader`).
+        test: `"augmented"`: the frozen torchvision-augmented test set of
+            `augmented_test_set` (what the article scores); `"clean"`: the plain test images.
+        seed: Seed of the training order and augmentation, and of `train_subset`.
+        test_seed: Seed of the frozen augmented test set; kept apart from `seed` so that runs
             with different training seeds are scored on the same images.
-        train_subset: Train on this many images: a fixed random subset drawn from ``seed`` (not the
+        train_subset: Train on this many images: a fixed random subset drawn from `seed` (not the
             first ones, whose class balance is not guaranteed).
         test_subset: Score on the first this many test images.
         download: Fetch MNIST with torchvision if it is missing.
 
     Returns:
-        ``(train_loader, test_loader)``; the test loader is a :class:`DeviceLoader` without
+        `(train_loader, test_loader)`; the test loader is a `DeviceLoader` without
         shuffling or augmentation.
 
     Example:

@@ -1,0 +1,283 @@
+"""Sweeps, reports and the three examples, end to end on real MNIST at a tiny size."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bnvit import experiments as ex
+from bnvit.experiments import Cell, Settings, load_results, run_sweep, verdicts
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY = ["--train-subset", "200", "--test-subset", "100", "--no-progress", "--no-download", "--device", "cpu"]
+VERDICTS = {"reproduced", "not reproduced", "inconclusive"}
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Keep the frozen augmented test set out of the user's cache folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.EXPERIMENT
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
+
+
+def metrics(result: dict) -> list[dict]:
+    skip = ("seconds", "images_per_sec")
+    return [{k: v for k, v in r.items() if k not in skip} for r in result["history"]["records"]]
+
+
+# ----------------------------------------------------------------------------- the examples, --quick
+
+
+@pytest.mark.parametrize(
+    ("name", "figures", "cells", "claims"),
+    [
+        ("compare_depths", ["depths_lr0.003.png", "depths_lr0.005.png"], 4, ["| 1 |", "| 2 |"]),
+        ("compare_lr", ["lr_comparison.png"], 4, ["| 3 |"]),
+        ("dnn_batchnorm", ["mlp.png"], 4, ["| 4 |"]),
+    ],
+)
+def test_example_quick_mode_writes_every_output(mnist_root, tmp_path, capsys, name, figures, cells, claims):
+    out = tmp_path / name
+    code = ex.run_cli(load_example(name), ["--quick", "--epochs", "1", "--out", str(out), *TINY])
+    assert code == 0
+    results = load_results(out)
+    assert len(results) == cells
+    assert all(r["settings"]["train_subset"] == 200 and len(r["history"]["records"]) == 1 for r in results)
+    assert all(0.0 <= r["clean_test_acc"] <= 1.0 for r in results)
+    for figure in figures:
+        assert is_png(out / figure), figure
+    report = (out / "report.md").read_text()
+    assert report.count("\n| ") >= cells + 1  # header + one row per (model, depth, lr)
+    for claim in claims:
+        row = next(line for line in report.splitlines() if line.startswith(claim))
+        assert any(f"**{v}**" in row for v in VERDICTS), row
+    printed = capsys.readouterr().out
+    assert "estimated time" in printed and "report:" in printed
+
+
+def test_quick_mode_uses_fewer_depths_and_epochs():
+    experiment = load_example("compare_depths")
+    args = ex.build_parser(experiment).parse_args(["--quick"])
+    grid = ex._grid_from_args(experiment, args)
+    settings = ex._settings_from_args(experiment, args)
+    assert sum(len(d) for d in grid.values()) < sum(len(d) for d in experiment.grid.values())
+    assert settings.epochs < experiment.settings.epochs and settings.train_subset
+    full = ex._settings_from_args(experiment, ex.build_parser(experiment).parse_args([]))
+    assert full == Settings() and full.epochs == 10 and full.batch_size == 100 and full.eval_batch_size == 5000
+    assert experiment.grid == {0.003: (4, 5, 6, 7), 0.005: (1, 2, 3, 4)}
+
+
+def test_cli_overrides_and_bad_flags(capsys):
+    experiment = load_example("compare_lr")
+    args = ex.build_parser(experiment).parse_args(["--depths", "2,3", "--lrs", "0.001", "--epochs", "2"])
+    assert ex._grid_from_args(experiment, args) == {0.001: (2, 3)}
+    with pytest.raises(SystemExit):
+        ex.build_parser(experiment).parse_args(["--depths", "two"])
+    assert "expected comma-separated integers, got 'two'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ex.run_cli(experiment, ["--epochs", "0"])
+    assert "--epochs must be an int >= 1, got 0" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the sweep machinery
+
+SETTINGS = Settings(epochs=2, train_subset=200, test_subset=100)
+CELLS = [Cell("vit_mnist", 1, 0.003, 0), Cell("vitbnffn_mnist", 1, 0.003, 0), Cell("vit_mnist", 1, 1e6, 0)]
+
+
+def sweep(out: Path, mnist_root: Path, cells=CELLS, settings=SETTINGS):
+    return run_sweep(cells, settings, out, data_dir=mnist_root, device="cpu", progress=False, log=lambda *a: None)
+
+
+def test_a_diverging_cell_is_recorded_and_the_sweep_goes_on(mnist_root, tmp_path):
+    results = {r["key"]: r for r in sweep(tmp_path, mnist_root)}
+    assert set(results) == {c.key for c in CELLS}
+    diverged = results["vit_mnist-d1-lr1e+06-s0"]
+    assert diverged["history"]["diverged_at"] == 1 and diverged["clean_test_acc"] is None
+    assert all(len(results[c.key]["history"]["records"]) == 2 for c in CELLS[:2])
+    for line in (tmp_path / "results.jsonl").read_text().splitlines():
+        json.loads(line)  # every line is strict JSON (no NaN)
+
+
+def test_rerun_skips_finished_cells(mnist_root, tmp_path):
+    first = sweep(tmp_path, mnist_root, CELLS[:2])
+    calls = []
+    original = ex._build_model
+    try:
+        ex._build_model = lambda cell: calls.append(cell) or original(cell)
+        second = sweep(tmp_path, mnist_root, CELLS[:2])
+    finally:
+        ex._build_model = original
+    assert calls == [] and second == first
+
+
+def test_other_settings_in_the_same_folder_are_refused(mnist_root, tmp_path):
+    sweep(tmp_path, mnist_root, CELLS[:1])
+    with pytest.raises(ValueError, match="train_subset: 200 in the folder, 300 now"):
+        sweep(tmp_path, mnist_root, CELLS[:1], Settings(epochs=2, train_subset=300, test_subset=100))
+
+
+def test_unwritable_output_folder_fails_before_training(mnist_root, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match="cannot write to the output folder"):
+        sweep(blocker / "out", mnist_root)
+
+
+KILLED_SWEEP = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from bnvit import experiments as ex
+    sys.path.insert(0, {tests!r})
+    from test_experiments import CELLS, SETTINGS
+
+    calls = 0
+    original = ex._build_model
+    def build(cell):
+        model = original(cell)
+        def count(module, args):
+            global calls
+            calls += 1
+            if calls == int(sys.argv[3]):
+                os.kill(os.getpid(), signal.SIGKILL)
+        model.register_forward_pre_hook(count)
+        return model
+    ex._build_model = build
+    ex.run_sweep(CELLS[:2], SETTINGS, Path(sys.argv[1]), data_dir=sys.argv[2], device="cpu", progress=False)
+    """
+)
+
+
+def test_a_sweep_killed_mid_cell_resumes_and_matches_an_uninterrupted_one(mnist_root, tmp_path):
+    script = tmp_path / "sweep.py"
+    script.write_text(KILLED_SWEEP.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / "killed"
+    # Forward calls per cell: 2 preflight, then per epoch 2 training batches and 1 validation batch,
+    # then 2 batches of clean test evaluation: 10 in all. Call 16 is the first training step of the
+    # second epoch of the second cell.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.run([sys.executable, str(script), str(out), str(mnist_root), "16"], capture_output=True, env=env)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    finished = load_results(out)
+    assert [r["key"] for r in finished] == [CELLS[0].key]
+    checkpoint = out / "checkpoints" / CELLS[1].key / "last.pt"
+    assert checkpoint.exists()  # the second cell's first epoch was saved
+
+    forward_calls = []
+    original = ex._build_model
+
+    def counting(cell):
+        model = original(cell)
+        model.register_forward_pre_hook(lambda m, a: forward_calls.append(cell.key))
+        return model
+
+    ex._build_model = counting
+    try:
+        resumed = sweep(out, mnist_root, CELLS[:2])
+    finally:
+        ex._build_model = original
+    assert [r["key"] for r in resumed] == [c.key for c in CELLS[:2]]
+    assert resumed[0] == finished[0]  # the finished cell was not redone
+    assert CELLS[0].key not in forward_calls
+    assert 0 < len(forward_calls) < 10  # the second cell continued from its checkpoint, not from scratch
+
+    uninterrupted = sweep(tmp_path / "clean", mnist_root, CELLS[:2])
+    assert [metrics(r) for r in resumed] == [metrics(r) for r in uninterrupted]
+    assert [r["clean_test_acc"] for r in resumed] == [r["clean_test_acc"] for r in uninterrupted]
+
+
+# ----------------------------------------------------------------------------- verdicts from data
+
+
+def fake_result(model: str, depth: int, lr: float, seed: int, accs: list[float], diverged_at=None) -> dict:
+    records = [
+        dict(epoch=i + 1, train_loss=1.0, train_acc=a, val_loss=1.0, val_acc=a, lr=lr, seconds=1.0, images_per_sec=1.0)
+        for i, a in enumerate(accs)
+    ]
+    cell = Cell(model, depth, lr, seed)
+    return dict(
+        key=cell.key,
+        cell=dict(model=model, depth=depth, lr=lr, seed=seed),
+        settings=dict(epochs=10, augment="fast"),
+        history=dict(records=records, diverged_at=diverged_at, diverged_step=None, meta={}),
+        test_acc=accs[-1] if accs else None,
+        clean_test_acc=None if diverged_at else 0.95,
+        device="cpu",
+    )
+
+
+def depth_results(gaps: dict[int, float], lr: float, seeds=(0,), noise=0.0) -> list[dict]:
+    """ViT at 85% every epoch; ViTBNFFN at 85% + gap (+/- noise alternating by seed)."""
+    out = []
+    for depth, gap in gaps.items():
+        for seed in seeds:
+            jitter = noise if seed % 2 else -noise
+            out.append(fake_result("vit_mnist", depth, lr, seed, [0.85] * 10))
+            out.append(fake_result("vitbnffn_mnist", depth, lr, seed, [0.85 + gap + jitter] * 10))
+    return out
+
+
+def test_claim_1_reproduced_when_the_data_shows_it():
+    results = depth_results({4: 0.002, 5: -0.004, 6: 0.05, 7: 0.08}, 0.003)
+    (v,) = verdicts(results, [1])
+    assert v.verdict == "reproduced"
+    assert "depth 6: +5.0 pts" in v.measured
+
+
+def test_claim_1_not_reproduced_when_bn_is_not_ahead_at_depth_7():
+    results = depth_results({4: 0.0, 5: 0.0, 6: 0.05, 7: -0.03}, 0.003)
+    assert verdicts(results, [1])[0].verdict == "not reproduced"
+
+
+def test_claim_2_inconclusive_when_the_seeds_spread_covers_the_gap():
+    results = depth_results({1: 0.0, 2: 0.0, 3: 0.01, 4: 0.01}, 0.005, seeds=(0, 1, 2, 3), noise=0.03)
+    (v,) = verdicts(results, [2])
+    assert v.verdict == "inconclusive", v.measured
+
+
+def test_claims_are_inconclusive_without_data():
+    assert {v.verdict for v in verdicts([], [1, 2, 3, 4])} == {"inconclusive"}
+
+
+def test_claim_3_compares_the_drops():
+    results = [
+        fake_result("vit_mnist", 3, 0.003, 0, [0.91] * 10),
+        fake_result("vit_mnist", 3, 0.005, 0, [0.78] * 10),
+        fake_result("vitbnffn_mnist", 3, 0.003, 0, [0.92] * 10),
+        fake_result("vitbnffn_mnist", 3, 0.005, 0, [0.90] * 10),
+    ]
+    (v,) = verdicts(results, [3])
+    assert v.verdict == "reproduced" and "ViT 91.0% -> 78.0%" in v.measured
+    results[1] = fake_result("vit_mnist", 3, 0.005, 0, [0.90] * 10)
+    assert verdicts(results, [3])[0].verdict == "not reproduced"
+
+
+def test_claim_4_counts_a_diverged_mlp_as_broken_down():
+    results = [
+        fake_result("dnn_mnist", 3, 0.01, 0, [0.5, 0.7, 0.8, 0.9, 0.93] * 3),
+        fake_result("dnnbn_mnist", 3, 0.01, 0, [0.9, 0.93, 0.95, 0.96, 0.97] * 3),
+        fake_result("dnn_mnist", 3, 0.1, 0, [0.3, 0.2], diverged_at=3),
+        fake_result("dnnbn_mnist", 3, 0.1, 0, [0.9, 0.93, 0.95, 0.96, 0.97] * 3),
+    ]
+    assert verdicts(results, [4])[0].verdict == "reproduced"
+    results[3] = fake_result("dnnbn_mnist", 3, 0.1, 0, [0.3] * 15)
+    assert verdicts(results, [4])[0].verdict == "not reproduced"
