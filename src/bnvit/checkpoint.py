@@ -5,12 +5,16 @@ never overwrites the only good copy: the new file is written completely under a 
 name, the previous checkpoint is kept as `previous.pt`, and only then is the new one renamed
 to `last.pt`. Loading picks the newest readable file, warning about any that is damaged.
 Files are read with `weights_only=True`: a checkpoint can hold tensors and plain Python
-values, never code.
+values, never code. A file that asks the unpickler to import a Python object (which `fit`
+never writes, and a crash cannot produce) is refused with a `ValueError` rather than skipped:
+nothing from it is executed, and training does not silently start over on top of it.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,10 @@ def load_checkpoint(folder: str | os.PathLike, map_location: str | torch.device 
 
     A damaged file (truncated, not a checkpoint) is skipped with a warning and an older good
     one is used instead.
+
+    Raises:
+        ValueError: If a file would import Python objects when unpickled (a crafted file;
+            `weights_only=True` refuses it before anything runs).
     """
     folder = Path(folder)
     found: list[dict[str, Any]] = []
@@ -56,6 +64,10 @@ def load_checkpoint(folder: str | os.PathLike, map_location: str | torch.device 
             continue
         try:
             payload = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            _refuse_code(path, err)
+            warnings.warn(f"ignoring damaged checkpoint {path}: {err}", RuntimeWarning, stacklevel=2)
+            continue
         except Exception as err:  # the unpickler raises many kinds on foreign bytes
             warnings.warn(f"ignoring damaged checkpoint {path}: {err}", RuntimeWarning, stacklevel=2)
             continue
@@ -66,3 +78,13 @@ def load_checkpoint(folder: str | os.PathLike, map_location: str | torch.device 
     if not found:
         return None
     return max(found, key=lambda p: p["epoch"])
+
+
+def _refuse_code(path: Path, err: pickle.UnpicklingError) -> None:
+    """Raise if the weights-only unpickler stopped `path` because it names a Python object to import."""
+    found = re.search(r"GLOBAL (\S+)", str(err))
+    if found:
+        raise ValueError(
+            f"refusing {path}: it asks to import the Python object {found.group(1)}, which a bnvit checkpoint "
+            "never holds (nothing from it was run); remove the file or use another checkpoint_dir"
+        ) from err

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import _checks
+from . import distributed as _ddp
 from ._io import check_writable
 from .callbacks import Callback, TrainState
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -50,7 +51,7 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """`"auto"` -> CUDA if available, else CPU; anything else as `torch.device`.
 
-    Example:
+    Examples:
         >>> resolve_device("cpu")
         device(type='cpu')
     """
@@ -66,21 +67,34 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`"auto"` -> the fastest precision that does not change results on `device`.
+    """`"auto"` -> the fastest precision that does not change what training reaches on `device`.
 
-    On CUDA that is bf16 autocast (matrix products in bf16, BatchNorm, softmax and the loss in
-    fp32); on the CPU it is fp32.
+    That is bf16 autocast (matrix products in bf16; BatchNorm statistics, softmax and the loss
+    in fp32) on CUDA and on CPUs with native bf16 instructions (AVX512-BF16 or AMX), where it
+    makes a training step about twice as fast; fp32 on other CPUs, where bf16 is emulated and
+    slower. `tests/test_precision.py` shows the accuracies of bf16 and fp32 runs agree within
+    seed noise; `docs/benchmarks.md` has the measurements.
 
-    Example:
-        >>> resolve_precision("auto", torch.device("cpu"))
+    Examples:
+        >>> resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+        True
+        >>> resolve_precision("fp32", torch.device("cpu"))
         'fp32'
     """
     _checks.choice("precision", precision, PRECISIONS)
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()) else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError(f"precision='fp16' needs CUDA, the device is {device}; use 'bf16' or 'fp32'")
     return precision
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), as oneDNN reports."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -162,8 +176,9 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch) % 2**63
+def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch; each process of a distributed run gets its own (dropout, augmentation)."""
+    return (seed * 1_000_003 + epoch + rank * 0x9E3779B97F4A7C15) % 2**63
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -192,7 +207,7 @@ def evaluate(
     Returns:
         `{"loss": ..., "acc": ..., "n": ...}`.
 
-    Example:
+    Examples:
         >>> from bnvit import ViTBNFFN
         >>> images, labels = torch.rand(20, 1, 28, 28), torch.randint(0, 10, (20,))
         >>> sorted(evaluate(ViTBNFFN(depth=1), (images, labels), device="cpu"))
@@ -204,7 +219,14 @@ def evaluate(
     return _evaluate(model.to(device), loader, device, precision, loss_fn or F.cross_entropy)
 
 
-def _evaluate(model: nn.Module, loader: Any, device: torch.device, precision: str, loss_fn: Callable) -> dict:
+def _evaluate(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    precision: str,
+    loss_fn: Callable,
+    ddp: _ddp.Distributed | None = None,
+) -> dict:
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -221,6 +243,9 @@ def _evaluate(model: nn.Module, loader: Any, device: torch.device, precision: st
                 n += len(labels)
     finally:
         model.train(was_training)
+    if ddp is not None:  # every process evaluated its share
+        loss, hits, n = ddp.sum(loss_sum, correct, n)
+        return {"loss": loss / n, "acc": hits / n, "n": int(n)}
     return {"loss": float(loss_sum) / n, "acc": int(correct) / n, "n": n}
 
 
@@ -249,8 +274,23 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     max_grad_norm: float | None = None,
     meta: dict[str, Any] | None = None,
+    distributed: bool | str = "auto",
+    sync_bn: bool = True,
 ) -> History:
     """Train `model` on `train` for `epochs` epochs, evaluating on `val` after each.
+
+    **Several processes.** Started by `torchrun` (or inside an initialized process group),
+    `fit` trains with `DistributedDataParallel`: each process takes its share of every batch,
+    gradients are averaged, and the metrics are reduced over all processes, so every process
+    returns the same `History`. `batch_size` is the *global* batch (each of `W` processes
+    takes `batch_size / W`), so `batch_size=100` means the same training at any world size.
+    With `sync_bn=True` the model's BatchNorms compute their statistics over the global batch
+    too (torch's `SyncBatchNorm` on CUDA, `bnvit.distributed.CPUSyncBatchNorm` on the CPU); they are swapped in
+    the model you pass for the duration of `fit` and swapped back at the end, so the trained
+    weights are in your model, as plain BatchNorms, and the checkpoints load into a plain
+    model. Only rank 0 writes checkpoints, shows progress and runs the callbacks;
+    `checkpoint_dir` must be a folder every process can read (a shared filesystem), as every
+    process resumes from it. See `bnvit.distributed` for how loaders are sharded.
 
     Args:
         model: A classifier returning `(batch, num_classes)` logits; moved to `device`.
@@ -259,8 +299,10 @@ def fit(
         val: Validation data, same kinds; evaluated after every epoch in eval mode.
         epochs: Number of epochs (an int >= 1).
         lr: Learning rate (> 0).
-        batch_size: Batch size for datasets and tensors (loaders keep their own).
-        eval_batch_size: Batch size for validation datasets and tensors.
+        batch_size: Batch size for datasets and tensors (loaders keep their own); the global
+            batch of all processes together in a distributed run.
+        eval_batch_size: Batch size for validation datasets and tensors (per process: it
+            does not change the results).
         optimizer: `"adam"` (the article's), `"adamw"`, `"sgd"`, any name
             `timm.optim.create_optimizer_v2` knows, or a factory `params -> Optimizer`.
             Named optimizers exclude biases, norms, the CLS token and the positional
@@ -269,33 +311,44 @@ def fit(
         scheduler: `None`, `"cosine"` (cosine decay to 0 over `epochs`), or a factory
             `optimizer -> scheduler`; stepped once per epoch.
         loss_fn: `(logits, labels) -> loss`; cross-entropy by default.
-        device: `"auto"` (CUDA when present), `"cpu"`, `"cuda"`, ...
+        device: `"auto"` (CUDA when present), `"cpu"`, `"cuda"`, ... In a distributed run
+            `"auto"` and `"cuda"` mean `cuda:LOCAL_RANK`.
         precision: `"auto"` (bf16 autocast on CUDA, fp32 on CPU), `"fp32"`, `"bf16"`, `"fp16"`.
         compile: Train through `torch.compile(model)`.
-        seed: Makes the run reproducible: each epoch's randomness is seeded from `(seed, epoch)`.
-        callbacks: `bnvit.callbacks.Callback` objects (loggers, early stopping...).
-        progress: Show a progress bar per epoch and a summary line after it.
+        seed: Makes the run reproducible: each epoch's randomness is seeded from `(seed, epoch)`
+            (and the rank, in a distributed run).
+        callbacks: `bnvit.callbacks.Callback` objects (loggers, early stopping...); run by
+            rank 0 only. A stop requested there stops every process.
+        progress: Show a progress bar per epoch and a summary line after it (rank 0 only).
         checkpoint_dir: Save the full training state there after every epoch, and resume
             from it if it already holds a checkpoint of this run.
         max_grad_norm: Clip the gradient norm to this value.
         meta: Extra information stored in `History.meta`.
+        distributed: `"auto"`: train with several processes when started by torchrun with
+            `WORLD_SIZE > 1` (or inside an initialized process group of several processes);
+            `True` to require it, `False` to train this process alone.
+        sync_bn: In a distributed run, synchronize the BatchNorm statistics across processes.
 
     Returns:
-        The `History` of the run. A run whose loss becomes non-finite stops at once and is
-        returned with `history.diverged_at` set; nothing is raised.
+        The `History` of the run. A run whose loss becomes non-finite (on any process) stops
+        at once and is returned with `history.diverged_at` set; nothing is raised.
 
     Raises:
         ValueError: For invalid arguments, empty data, labels outside `[0, num_classes)`, a
-            model whose output does not fit the labels, or a checkpoint of another run; all
-            checked before any training step.
+            model whose output does not fit the labels, a checkpoint of another run, or a
+            global batch size not divisible by the number of processes; all checked before any
+            training step (in a distributed run, on every process: if one fails, all raise).
 
-    Example:
+    Examples:
         >>> from bnvit import ViTBNFFN
         >>> images, labels = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
         >>> history = fit(ViTBNFFN(depth=1), (images, labels), epochs=2, lr=1e-3, batch_size=32,
         ...               device="cpu", seed=0, progress=False)
         >>> len(history), history.diverged
         (2, False)
+
+        Under torchrun, the same call trains with every process:
+        `torchrun --standalone --nproc_per_node=2 examples/train_ddp.py --epochs 1 --quick`.
     """
     # -- arguments, before anything expensive
     epochs = _checks.positive_int("epochs", epochs)
@@ -310,100 +363,149 @@ def fit(
         seed = _checks.positive_int("seed", seed, minimum=0)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    device = resolve_device(device)
+    if not isinstance(sync_bn, bool):
+        raise TypeError(f"sync_bn must be a bool, got {sync_bn!r}")
+    ddp = _ddp.setup(distributed, device)  # None: this process trains alone
+    device = resolve_device(device) if ddp is None else ddp.device
     precision = resolve_precision(precision, device)
-    if checkpoint_dir is not None:
-        checkpoint_dir = check_writable(checkpoint_dir, "checkpoint_dir")
+    main = ddp is None or ddp.is_main  # the process that writes and reports
+    progress = progress and main
     loss_fn = loss_fn or F.cross_entropy
 
-    # -- data and model
     model.to(device)
-    data_seed = 0 if seed is None else seed
-    train_loader = _as_loader(train, name="train", batch_size=batch_size, shuffle=True, device=device, seed=data_seed)
-    val_loader = None
-    if val is not None:
-        val_loader = _as_loader(val, name="val", batch_size=eval_batch_size, shuffle=False, device=device, seed=0)
-    _preflight(model, train_loader, "train", device)
-    if val_loader is not None:
-        _preflight(model, val_loader, "val", device)
-
-    opt = _make_optimizer(model, optimizer, lr, weight_decay)
-    sched = _make_scheduler(scheduler, opt, epochs)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    step_model = torch.compile(model) if compile else model
-
-    run = dict(
-        lr=lr,
-        batch_size=batch_size,
-        optimizer=optimizer if isinstance(optimizer, str) else _qualname(optimizer),
-        weight_decay=weight_decay,
-        scheduler=scheduler if scheduler is None or isinstance(scheduler, str) else _qualname(scheduler),
-        seed=seed,
-        max_grad_norm=max_grad_norm,
-        precision=precision,
-    )
-    history = History(meta={**run, "epochs": epochs, "device": str(device), **(meta or {})})
-
-    # -- resume
-    if checkpoint_dir is not None:
-        saved = load_checkpoint(checkpoint_dir, map_location=device)
-        if saved is not None:
-            history = _restore(saved, run, epochs, model, opt, sched, scaler, checkpoint_dir)
-            history.meta.update(epochs=epochs)
-
-    state = TrainState(model, opt, history, epochs)
-    for callback in callbacks:
-        callback.on_fit_start(state)
-
-    start = history.epochs_done + 1
-    if history.diverged:
-        start = epochs + 1  # a diverged run is finished
-    for epoch in range(start, epochs + 1):
-        if seed is not None:
-            _seed_everything(_epoch_seed(seed, epoch))
-        _set_epoch(train_loader, epoch)
-        current_lr = opt.param_groups[0]["lr"]
-        began = time.perf_counter()
-        result = _train_epoch(
-            step_model, train_loader, opt, scaler, loss_fn, device, precision, max_grad_norm, epoch, epochs, progress
-        )
-        train_seconds = time.perf_counter() - began
-        if result["diverged_step"] is not None:
-            history.diverged_at, history.diverged_step = epoch, result["diverged_step"]
-            if progress:
-                tqdm.write(
-                    f"epoch {epoch}/{epochs}: loss became non-finite at step {result['diverged_step']}; stopping"
-                )
+    with _ddp.synced_batchnorm(model, enabled=ddp is not None and sync_bn, device=device):
+        # -- data, model, optimizer, resume: anything that can fail, before any collective
+        with _ddp.fail_together(ddp):
             if checkpoint_dir is not None:
-                _save(checkpoint_dir, epoch - 1, model, opt, sched, scaler, history, run)
-            break
-        val_metrics = {"loss": None, "acc": None}
-        if val_loader is not None:
-            val_metrics = _evaluate(step_model, val_loader, device, precision, loss_fn)
-        if sched is not None:
-            sched.step()
-        record = EpochRecord(
-            epoch=epoch,
-            train_loss=result["loss"],
-            train_acc=result["acc"],
-            val_loss=val_metrics["loss"],
-            val_acc=val_metrics["acc"],
-            lr=current_lr,
-            seconds=time.perf_counter() - began,
-            images_per_sec=result["n"] / train_seconds,
-        )
-        history.append(record)
-        if checkpoint_dir is not None:
-            _save(checkpoint_dir, epoch, model, opt, sched, scaler, history, run)
-        if progress:
-            tqdm.write(_summary(record, epochs))
-        for callback in callbacks:
-            callback.on_epoch_end(state, record)
-        if state.stop:
-            break
+                checkpoint_dir = check_writable(checkpoint_dir, "checkpoint_dir") if main else Path(checkpoint_dir)
+            data_seed = 0 if seed is None else seed
+            train_loader = _as_loader(
+                train, name="train", batch_size=batch_size, shuffle=True, device=device, seed=data_seed
+            )
+            val_loader = None
+            if val is not None:
+                val_loader = _as_loader(
+                    val, name="val", batch_size=eval_batch_size, shuffle=False, device=device, seed=0
+                )
+            if ddp is not None:
+                train_loader = _ddp.shard(train_loader, ddp, name="train", train=True, seed=data_seed)
+                if val_loader is not None:
+                    val_loader = _ddp.shard(val_loader, ddp, name="val", train=False, seed=0)
+            _preflight(model, train_loader, "train", device)
+            if val_loader is not None:
+                _preflight(model, val_loader, "val", device)
 
-    for callback in callbacks:
-        callback.on_fit_end(state)
+            opt = _make_optimizer(model, optimizer, lr, weight_decay)
+            sched = _make_scheduler(scheduler, opt, epochs)
+            scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+            run = dict(
+                lr=lr,
+                batch_size=batch_size,
+                optimizer=optimizer if isinstance(optimizer, str) else _qualname(optimizer),
+                weight_decay=weight_decay,
+                scheduler=scheduler if scheduler is None or isinstance(scheduler, str) else _qualname(scheduler),
+                seed=seed,
+                max_grad_norm=max_grad_norm,
+                precision=precision,
+            )
+            where: dict[str, Any] = {"device": str(device)}
+            if ddp is not None:  # the same on every process
+                where = {"device": device.type, "world_size": ddp.world_size, "sync_bn": sync_bn}
+            history = History(meta={**run, "epochs": epochs, **where, **(meta or {})})
+
+            if checkpoint_dir is not None:
+                saved = load_checkpoint(checkpoint_dir, map_location=device)
+                if saved is not None:
+                    history = _restore(saved, run, epochs, model, opt, sched, scaler, checkpoint_dir)
+                    history.meta.update(epochs=epochs)
+
+        eval_model = model
+        step_model = model
+        if ddp is not None:
+            ddp.check_same("the number of training batches per epoch", len(train_loader))
+            if checkpoint_dir is not None:
+                hint = f"; checkpoint_dir {checkpoint_dir} must be a folder every process sees (a shared filesystem)"
+                ddp.check_same("the epoch to resume from", history.epochs_done, hint)
+            step_model = _ddp.wrap(model, ddp)  # evaluation bypasses it: no collective per batch there
+        if compile:
+            step_model = torch.compile(step_model)
+            eval_model = step_model if ddp is None else torch.compile(model)
+
+        state = TrainState(model, opt, history, epochs)
+        if main:
+            for callback in callbacks:
+                callback.on_fit_start(state)
+
+        start = history.epochs_done + 1
+        if history.diverged:
+            start = epochs + 1  # a diverged run is finished
+        for epoch in range(start, epochs + 1):
+            if seed is not None:
+                _seed_everything(_epoch_seed(seed, epoch, 0 if ddp is None else ddp.rank))
+            _set_epoch(train_loader, epoch)
+            current_lr = opt.param_groups[0]["lr"]
+            began = time.perf_counter()
+            result = _train_epoch(
+                step_model,
+                train_loader,
+                opt,
+                scaler,
+                loss_fn,
+                device,
+                precision,
+                max_grad_norm,
+                epoch,
+                epochs,
+                progress,
+                ddp,
+            )
+            train_seconds = time.perf_counter() - began
+            if result["diverged_step"] is not None:
+                history.diverged_at, history.diverged_step = epoch, result["diverged_step"]
+                if progress:
+                    tqdm.write(
+                        f"epoch {epoch}/{epochs}: loss became non-finite at step {result['diverged_step']}; stopping"
+                    )
+                if checkpoint_dir is not None:
+                    _save_on_main(ddp, checkpoint_dir, epoch - 1, model, opt, sched, scaler, history, run)
+                break
+            if ddp is not None:
+                ddp.sync_buffers(model)  # rank 0's BatchNorm statistics everywhere: what it evaluates and saves
+            val_metrics = {"loss": None, "acc": None}
+            if val_loader is not None:
+                val_metrics = _evaluate(eval_model, val_loader, device, precision, loss_fn, ddp)
+            if sched is not None:
+                sched.step()
+            seconds = time.perf_counter() - began
+            if ddp is not None:  # the slowest process sets the pace; every History gets the same numbers
+                train_seconds, seconds = ddp.max(train_seconds, seconds)
+            record = EpochRecord(
+                epoch=epoch,
+                train_loss=result["loss"],
+                train_acc=result["acc"],
+                val_loss=val_metrics["loss"],
+                val_acc=val_metrics["acc"],
+                lr=current_lr,
+                seconds=seconds,
+                images_per_sec=result["n"] / train_seconds,
+            )
+            history.append(record)
+            if checkpoint_dir is not None:
+                _save_on_main(ddp, checkpoint_dir, epoch, model, opt, sched, scaler, history, run)
+            if progress:
+                tqdm.write(_summary(record, epochs))
+            if main:
+                for callback in callbacks:
+                    callback.on_epoch_end(state, record)
+            if ddp is not None:
+                state.stop = ddp.from_main(state.stop)
+            if state.stop:
+                break
+
+        if main:
+            for callback in callbacks:
+                callback.on_fit_end(state)
     return history
 
 
@@ -419,8 +521,13 @@ def _train_epoch(
     epoch: int,
     epochs: int,
     progress: bool,
+    ddp: _ddp.Distributed | None = None,
 ) -> dict[str, Any]:
-    """One pass over `loader`. Checks the loss for non-finite values every `check_every` steps."""
+    """One pass over `loader`. Checks the loss for non-finite values every `check_every` steps.
+
+    In a distributed run the processes agree at every check (a non-finite loss on one stops
+    all of them at the same step) and the returned metrics are those of all processes.
+    """
     model.train()
     check_every = 1 if device.type == "cpu" else 25  # on GPUs, avoid a host sync every step
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -453,13 +560,17 @@ def _train_epoch(
             correct += (logits.detach().argmax(1) == labels).sum()
             n += len(labels)
             if step % check_every == 0 or step == len(loader):
-                if not bool(finite):
+                all_finite = bool(finite) if ddp is None else ddp.all_true(finite)
+                if not all_finite:
                     return {"diverged_step": step, "loss": float("nan"), "acc": float("nan"), "n": n}
                 if progress:
                     bar.update(step - bar.n)
                     bar.set_postfix(loss=f"{float(loss_sum) / n:.4f}", acc=f"{int(correct) / n:.2%}", refresh=False)
     finally:
         bar.close()
+    if ddp is not None:
+        loss_total, hits, n = ddp.sum(loss_sum, correct, n)
+        return {"diverged_step": None, "loss": loss_total / n, "acc": hits / n, "n": int(n)}
     return {"diverged_step": None, "loss": float(loss_sum) / n, "acc": int(correct) / n, "n": n}
 
 
@@ -523,6 +634,14 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(rest[0]), rest[1]))
     kind, keys, *others = state["numpy"]
     np.random.set_state((kind, keys.numpy(), *others))
+
+
+def _save_on_main(ddp: _ddp.Distributed | None, folder: Path, epoch: int, *state: Any) -> None:
+    """Rank 0 saves; the others wait until the file is complete, so any of them may read it next."""
+    if ddp is None or ddp.is_main:
+        _save(folder, epoch, *state)
+    if ddp is not None:
+        ddp.barrier()
 
 
 def _save(folder: Path, epoch: int, model, opt, sched, scaler, history: History, run: dict[str, Any]) -> None:
@@ -597,7 +716,7 @@ def recalibrate_bn(
     Returns:
         `model`, in the mode it was in.
 
-    Example:
+    Examples:
         >>> from bnvit import ViTBNFFN
         >>> model = recalibrate_bn(ViTBNFFN(depth=1), (torch.rand(50, 1, 28, 28), torch.zeros(50, dtype=torch.long)),
         ...                        device="cpu")

@@ -33,7 +33,7 @@ def sincos_pos_embed(num_tokens: int, dim: int) -> torch.Tensor:
     For token position `t` and `i = 1 .. dim/2`, `w_i = 10000 ** (-i / (dim/2))` and the
     embedding is `[sin(t w_1), ..., sin(t w_{dim/2}), cos(t w_1), ..., cos(t w_{dim/2})]`.
 
-    Example:
+    Examples:
         >>> sincos_pos_embed(17, 64).shape
         torch.Size([1, 17, 64])
     """
@@ -58,7 +58,7 @@ class PatchEmbed(nn.Module):
         dim: Embedding width.
         norm: `"ln"` or `"bn"` for both norms.
 
-    Example:
+    Examples:
         >>> embed = PatchEmbed((28, 28), 7, 1, 64)
         >>> embed(torch.rand(2, 1, 28, 28)).shape
         torch.Size([2, 16, 64])
@@ -117,7 +117,7 @@ class ViT(nn.Module):
             weights and the positional embedding, zero biases, a near-zero CLS token; what
             large ViTs are usually trained with).
 
-    Example:
+    Examples:
         >>> model = ViT(norm="bn_ffn", depth=4)
         >>> model(torch.rand(8, 1, 28, 28)).shape
         torch.Size([8, 10])
@@ -245,11 +245,15 @@ class ViT(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected images as a torch.Tensor, got {type(x).__name__}")
         expected = (self.in_chans, *self.patch_embed.img_size)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
                 f"expected images of shape (batch, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(x.shape)}"
             )
+        if not x.is_floating_point():
+            raise TypeError(f"expected floating-point images (uint8 ones divided by 255), got dtype {x.dtype}")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images `(B, C, H, W)` -> normalized tokens `(B, num_patches + 1, dim)`."""
@@ -335,7 +339,7 @@ class ViTBNFFN(ViT):
     LayerNorm before the FFN, the attention keeping its LayerNorm. Takes every argument of
     `ViT` but `norm`.
 
-    Example:
+    Examples:
         >>> model = ViTBNFFN(depth=6)
         >>> sum(p.numel() for p in model.parameters())
         893932
@@ -351,7 +355,7 @@ class ViTBN(ViT):
 
     Takes every argument of `ViT` but `norm`.
 
-    Example:
+    Examples:
         >>> model = ViTBN(depth=2).eval()
         >>> model(torch.rand(1, 1, 28, 28)).shape
         torch.Size([1, 10])
