@@ -6,7 +6,7 @@ and finds that the resulting ViTBNFFN trains faster and tolerates higher learnin
 than a standard ViT. This package provides those models, timm builders for them, the
 article's data pipeline, a small training helper and the experiments that reproduce it.
 
-Example:
+Examples:
     >>> import torch
     >>> from bnvit import ViTBNFFN
     >>> model = ViTBNFFN(depth=6)
@@ -21,6 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from . import mlp as _mlp  # noqa: F401  (registers dnn_mnist, dnnbn_mnist)
 from . import registry as _registry  # noqa: F401  (registers the timm builders)
 from .callbacks import Callback, CSVLogger, JSONLLogger
+from .deploy import export_onnx, for_inference
 from .fuse import fold_batchnorm
 from .history import EpochRecord, History
 from .layers import Attention, BatchNormFFN, EncoderBlock, FeedForward, TokenBatchNorm
@@ -52,8 +53,10 @@ __all__ = [
     "__version__",
     "checkpoint_filter_fn",
     "evaluate",
+    "export_onnx",
     "fit",
     "fold_batchnorm",
+    "for_inference",
     "load_model",
     "recalibrate_bn",
 ]

@@ -10,8 +10,10 @@
   to the reference; `DeviceLoader` shuffles, shards and batches on the device.
 * `augmented_test_set` freezes one augmented draw of the test set; `mnist_loaders`
   builds the article's train and test loaders in one call.
+* `prepare_digit` turns a picture of a handwritten digit (a photo, a scan, dark on light)
+  into an MNIST-style 28x28 image, the way MNIST digits were prepared.
 
-Example:
+Examples:
     >>> from bnvit.data import DeviceLoader, augment_batch
     >>> images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
     >>> augment_batch(images).shape
@@ -24,6 +26,7 @@ import torch  # noqa: F401  (used by the module example)
 
 from .article import MNISTDataset, article_transform
 from .augment import AugmentParams, apply_augment, augment_batch, augment_matrices, sample_augment_params
+from .digits import load_image, prepare_digit
 from .loader import DeviceLoader
 from .mnist import ENV_VAR, MNIST_FILES, cache_dir, find_mnist_root, load_mnist, mnist_files, read_idx
 from .sets import TEST_METHODS, augmented_test_set, mnist_loaders
@@ -42,9 +45,11 @@ __all__ = [
     "augmented_test_set",
     "cache_dir",
     "find_mnist_root",
+    "load_image",
     "load_mnist",
     "mnist_files",
     "mnist_loaders",
+    "prepare_digit",
     "read_idx",
     "sample_augment_params",
 ]

@@ -1,0 +1,208 @@
+"""The `bnvit` command line.
+
+Commands:
+    predict: classify pictures of handwritten digits with a bnvit or reference checkpoint.
+
+Usage:
+
+```bash
+bnvit predict IMAGE... --checkpoint PATH [--device cpu] [--top-k 3] [--json]
+python -m bnvit predict IMAGE... --checkpoint PATH
+```
+
+Each picture is prepared the way MNIST digits were (`bnvit.data.prepare_digit`: inverted if
+the digit is dark on light, cropped, scaled to a 20-pixel box and centred by its centre of
+mass in 28x28), and the model's prediction and probabilities are printed per file. Errors
+(an unreadable image, a file that is not a suitable checkpoint, a bad option) are printed
+with the file they concern and end the command with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .data.digits import MNIST_SIZE, prepare_digit
+from .deploy import for_inference
+from .registry import load_model
+from .train import resolve_device
+from .vit import ViT
+
+__all__ = ["build_parser", "main", "predict"]
+
+USAGE_ERROR = 2
+"""Exit status for bad input: unreadable images, wrong checkpoints, invalid options."""
+
+
+class CommandError(Exception):
+    """A user error to report in one message (exit status 2), without a traceback."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `bnvit` command (all subcommands).
+
+    Examples:
+        >>> args = build_parser().parse_args(["predict", "digit.png", "--checkpoint", "model.pth", "--top-k", "2"])
+        >>> args.command, args.images, args.checkpoint, args.top_k, args.device, args.json
+        ('predict', ['digit.png'], 'model.pth', 2, 'cpu', False)
+    """
+    parser = argparse.ArgumentParser(prog="bnvit", description="Vision Transformers with BatchNorm: command line.")
+    parser.add_argument("--version", action="version", version=f"bnvit {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    predict_parser = commands.add_parser(
+        "predict",
+        help="classify pictures of handwritten digits",
+        description=(
+            "Classify pictures of handwritten digits (any format PIL reads; dark on light or light on dark) with "
+            "a bnvit checkpoint or one of the article's reference checkpoints. Each picture is prepared like an "
+            "MNIST digit: inverted if needed, cropped, scaled to 20 pixels and centred in 28x28."
+        ),
+    )
+    predict_parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    predict_parser.add_argument(
+        "--checkpoint", required=True, metavar="PATH", help="a bnvit or reference ViT checkpoint (.pth/.pt)"
+    )
+    predict_parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    predict_parser.add_argument(
+        "--top-k", type=_positive_int, default=3, metavar="K", help="how many classes to list per image (default 3)"
+    )
+    predict_parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    return parser
+
+
+def _load_classifier(path: str, device: torch.device) -> ViT:
+    try:
+        model = load_model(path, map_location=device)
+    except FileNotFoundError as err:
+        raise CommandError(f"checkpoint {path}: file not found") from err
+    except IsADirectoryError as err:
+        raise CommandError(f"checkpoint {path}: is a folder, not a checkpoint file") from err
+    except (ValueError, RuntimeError, OSError) as err:
+        if "as a PyTorch checkpoint" in str(err):  # torch.load itself failed: not a checkpoint at all
+            raise CommandError(
+                f"checkpoint {path}: not a PyTorch checkpoint file (torch.load with weights_only=True cannot read it)"
+            ) from err
+        raise CommandError(f"checkpoint {path}: not a bnvit or reference ViT checkpoint: {err}") from err
+    c = model.config
+    if c["in_chans"] != 1 or tuple(c["img_size"]) != (MNIST_SIZE, MNIST_SIZE) or c["num_classes"] != 10:
+        h, w = c["img_size"]
+        raise CommandError(
+            f"checkpoint {path}: holds a model for {h}x{w}x{c['in_chans']} images with {c['num_classes']} classes; "
+            f"bnvit predict classifies digits and needs a {MNIST_SIZE}x{MNIST_SIZE}x1 model with 10 classes"
+        )
+    return model
+
+
+def _prepare_all(paths: Sequence[str]) -> torch.Tensor:
+    images, errors = [], []
+    for path in paths:
+        try:
+            images.append(prepare_digit(Path(path)))
+        except (OSError, ValueError) as err:
+            errors.append(f"image {path}: {err}")
+    if errors:
+        raise CommandError("\n".join(errors))
+    return torch.stack(images)
+
+
+def predict(
+    images: Sequence[str],
+    checkpoint: str,
+    *,
+    device: str = "cpu",
+    top_k: int = 3,
+) -> list[dict]:
+    """Classify digit pictures with a checkpoint: the work of `bnvit predict`.
+
+    Args:
+        images: Image files.
+        checkpoint: A bnvit or reference ViT checkpoint for 28x28x1 images with 10 classes.
+        device: Where to run the model (`"cpu"`, `"cuda"`, `"auto"`, ...).
+        top_k: How many classes to list per image (at most 10).
+
+    Returns:
+        One dict per image, in order: `file`, `digit` (the prediction), `probability`,
+        `top_k` (a list of `{"digit", "probability"}`, most likely first) and
+        `probabilities` (all 10).
+
+    Raises:
+        CommandError: For an unreadable image, an unsuitable checkpoint or an invalid
+            option; the message names the file or value.
+
+    Examples:
+        >>> predict(["seven.png"], "FinOptAug1_ViT_30.pth")[0]["digit"]  # doctest: +SKIP
+        7
+    """
+    try:
+        target = resolve_device(device)
+    except ValueError as err:
+        raise CommandError(f"--device: {err}") from err
+    if top_k > 10:
+        raise CommandError(f"--top-k {top_k}: there are only 10 digits; use 1 to 10")
+    model = for_inference(_load_classifier(checkpoint, target))
+    batch = _prepare_all(images).to(target)
+    with torch.inference_mode():
+        probabilities = model(batch).float().softmax(dim=1).cpu()
+    results = []
+    for path, p in zip(images, probabilities, strict=True):
+        values, digits = p.topk(top_k)
+        results.append(
+            dict(
+                file=str(path),
+                digit=int(digits[0]),
+                probability=float(values[0]),
+                top_k=[dict(digit=int(d), probability=float(v)) for d, v in zip(digits, values, strict=True)],
+                probabilities=[float(v) for v in p],
+            )
+        )
+    return results
+
+
+def _print_text(results: list[dict]) -> None:
+    for r in results:
+        ranked = ", ".join(f"{t['digit']} {100 * t['probability']:.1f}%" for t in r["top_k"])
+        print(f"{r['file']}: {r['digit']}  (top {len(r['top_k'])}: {ranked})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `bnvit` command; returns the exit status (0, or 2 for bad input).
+
+    Examples:
+        >>> main(["predict", "digit.png", "--checkpoint", "FinOptAug1_ViT_30.pth"])  # doctest: +SKIP
+        digit.png: 7  (top 3: 7 99.9%, 2 0.0%, 3 0.0%)
+        0
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "predict":
+            results = predict(args.images, args.checkpoint, device=args.device, top_k=args.top_k)
+            if args.json:
+                print(json.dumps(results, indent=2))
+            else:
+                _print_text(results)
+    except CommandError as err:
+        for line in str(err).splitlines():
+            print(f"bnvit {args.command}: error: {line}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

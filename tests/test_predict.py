@@ -1,0 +1,339 @@
+"""Digit pictures to MNIST images (`bnvit.data.prepare_digit`) and the `bnvit predict` command."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+import bnvit
+from bnvit.cli import build_parser, main
+from bnvit.data import load_image, load_mnist, prepare_digit
+
+N_PHOTOS = 20
+VIT_CHECKPOINT = "FinOptAug1_ViT_30.pth"
+
+
+def photo(digit: torch.Tensor, rng: np.random.Generator, size: tuple[int, int] = (200, 150)) -> Image.Image:
+    """An MNIST digit as a photo of dark ink on light paper: enlarged, off-centre, tinted, lit unevenly, noisy.
+
+    The 28x28 digit is inverted (ink dark, paper light grey, levels drawn at random), upscaled to
+    100-139 pixels, placed at a random offset in a `size` (width, height) RGB picture with a
+    left-to-right brightness gradient, a warm tint and Gaussian noise (sigma 8 of 255).
+    """
+    width, height = size
+    side = int(rng.integers(100, 140))
+    ink = np.asarray(Image.fromarray(digit.numpy()).resize((side, side), Image.BILINEAR), dtype=np.float32) / 255
+    coverage = np.zeros((height, width), np.float32)
+    top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
+    coverage[top : top + side, left : left + side] = ink
+    paper, pen = rng.uniform(190, 225), rng.uniform(25, 70)
+    gray = paper + np.linspace(-12, 12, width)[None, :] - coverage * (paper - pen)
+    rgb = np.stack([gray, gray * 0.98, gray * 0.93], axis=-1) + rng.normal(0, 8, (height, width, 3))
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+
+
+@pytest.fixture(scope="module")
+def mnist_test(mnist_root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    return load_mnist(mnist_root, train=False)
+
+
+@pytest.fixture(scope="module")
+def vit(reference_checkpoints: Path) -> bnvit.ViT:
+    return bnvit.load_model(reference_checkpoints / VIT_CHECKPOINT)
+
+
+def _predict(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(images).argmax(1)
+
+
+def _longer_side(image: torch.Tensor) -> int:
+    rows, cols = (image[0] > 0).any(1).nonzero(), (image[0] > 0).any(0).nonzero()
+    return max(int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1))
+
+
+def _centre_of_mass(image: torch.Tensor) -> tuple[float, float]:
+    image = image[0]
+    index = torch.arange(28, dtype=torch.float32)
+    mass = image.sum()
+    return float((image.sum(1) * index).sum() / mass), float((image.sum(0) * index).sum() / mass)
+
+
+# ---------------------------------------------------------------------- prepare_digit on real digits
+
+
+def test_photos_of_mnist_digits_are_recognized(mnist_test, vit):
+    """20 real test digits as photos: the ViT reads them after prepare_digit, not without it.
+
+    On the same 20 digits as they are in MNIST, the reference ViT is right 18 times out of 20
+    (it reads test images 8 and 18, a 5 and a 3, as a 6 and a 9, with probabilities 0.77 and
+    0.84); after the photo treatment and prepare_digit it must be right at least 18 times, while
+    the photos merely resized to 28x28 (no inversion, no centring) are mostly misread.
+    """
+    images, labels = mnist_test
+    digits, truth = images[:N_PHOTOS], labels[:N_PHOTOS]
+    rng = np.random.default_rng(0)
+    photos = [photo(d, rng) for d in digits]
+    assert photos[0].size == (200, 150) and photos[0].mode == "RGB"
+
+    raw_correct = int((_predict(vit, digits.float().div(255).unsqueeze(1)) == truth).sum())
+    prepared = torch.stack([prepare_digit(p) for p in photos])
+    assert prepared.shape == (N_PHOTOS, 1, 28, 28) and prepared.dtype == torch.float32
+    prepared_correct = int((_predict(vit, prepared) == truth).sum())
+    naive = torch.stack(
+        [torch.from_numpy(np.asarray(p.convert("L").resize((28, 28)), np.float32) / 255) for p in photos]
+    )
+    naive_correct = int((_predict(vit, naive.unsqueeze(1)) == truth).sum())
+
+    summary = f"as in MNIST {raw_correct}/20, photos prepared {prepared_correct}/20, photos resized {naive_correct}/20"
+    assert raw_correct == 18, summary
+    assert prepared_correct >= 18, summary
+    assert naive_correct <= 10, summary
+
+
+def test_an_mnist_digit_comes_out_nearly_unchanged(mnist_test, vit):
+    images, _ = mnist_test
+    digits = images[:200]
+    prepared = torch.stack([prepare_digit(d) for d in digits])
+    original = digits.float().div(255).unsqueeze(1)
+    assert (prepared - original).abs().mean() < 0.01
+    assert torch.equal(_predict(vit, prepared), _predict(vit, original))
+
+
+def test_the_mnist_geometry(mnist_test):
+    """Longer side 20 pixels, centre of mass at (14, 14), wherever and however large the digit was."""
+    images, _ = mnist_test
+    rng = np.random.default_rng(1)
+    for digit in images[:5]:
+        x = prepare_digit(photo(digit, rng, size=(320, 240)))
+        assert _longer_side(x) == 20
+        com_y, com_x = _centre_of_mass(x)
+        assert abs(com_y - 14) <= 0.5 and abs(com_x - 14) <= 0.5
+        assert float(x.max()) == 1.0 and float(x.min()) == 0.0
+
+
+def test_dark_on_light_equals_light_on_dark(mnist_test):
+    digit = Image.fromarray(mnist_test[0][7].numpy()).resize((84, 84), Image.BILINEAR)
+    light_on_dark = prepare_digit(digit)
+    dark_on_light = prepare_digit(ImageOps.invert(digit))
+    assert (light_on_dark - dark_on_light).abs().max() < 0.02
+    assert float(light_on_dark[0, 0, 0]) == 0.0  # the background is dark in both
+
+
+def test_aspect_ratio_is_kept():
+    tall = Image.new("L", (200, 200), 255)
+    ImageDraw.Draw(tall).rectangle([90, 20, 110, 180], fill=0)  # 21 x 161: a "1"
+    x = prepare_digit(tall)[0] > 0.5
+    rows, cols = x.any(1).nonzero(), x.any(0).nonzero()
+    assert int(rows.max() - rows.min() + 1) == 20
+    assert 2 <= int(cols.max() - cols.min() + 1) <= 4  # 20 * 21 / 161 = 2.6
+    wide = Image.new("L", (300, 100), 0)
+    ImageDraw.Draw(wide).rectangle([10, 40, 290, 60], fill=255)
+    x = prepare_digit(wide)[0] > 0.5
+    cols = x.any(0).nonzero()
+    assert int(cols.max() - cols.min() + 1) == 20
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA", "P", "1", "I;16", "I", "F", "CMYK"])
+def test_any_image_mode(mode, mnist_test):
+    base = Image.fromarray(255 - mnist_test[0][0].numpy()).resize((112, 112), Image.BILINEAR)  # dark on white
+    expected = prepare_digit(base)
+    if mode == "I;16":
+        image = Image.fromarray((np.asarray(base, np.uint16) * 257).astype(np.uint16))
+        assert image.mode.startswith("I;16")
+    elif mode == "RGBA":  # dark ink on a transparent background, as drawing programs save it
+        image = Image.new("RGBA", base.size, (0, 0, 0, 0))
+        image.putalpha(ImageOps.invert(base))
+    elif mode == "LA":
+        image = base.convert("LA")
+    else:
+        image = base.convert(mode)
+    x = prepare_digit(image)
+    tolerance = 0.35 if mode == "1" else 0.05  # a binary image loses the grey levels
+    assert (x - expected).abs().mean() < tolerance / 5 and (x - expected).abs().max() <= max(tolerance, 0.2)
+
+
+def test_arrays_and_paths(tmp_path, mnist_test):
+    digit = mnist_test[0][3]
+    expected = prepare_digit(Image.fromarray(digit.numpy()))
+    torch.testing.assert_close(prepare_digit(digit), expected)
+    torch.testing.assert_close(prepare_digit(digit.numpy()), expected)
+    torch.testing.assert_close(prepare_digit(digit.float().div(255)[None]), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(prepare_digit(digit.numpy()[..., None]), expected)
+    Image.fromarray(digit.numpy()).save(tmp_path / "digit.png")
+    torch.testing.assert_close(prepare_digit(tmp_path / "digit.png"), expected)
+    torch.testing.assert_close(prepare_digit(str(tmp_path / "digit.png")), expected)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("L", (60, 30), 255)
+    ImageDraw.Draw(image).rectangle([5, 12, 55, 18], fill=0)  # a horizontal bar
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    image.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    assert load_image(tmp_path / "rotated.jpg").size == (30, 60)
+    x = prepare_digit(tmp_path / "rotated.jpg")[0] > 0
+    rows, cols = x.any(1).nonzero(), x.any(0).nonzero()
+    assert int(rows.max() - rows.min() + 1) == 20 and int(cols.max() - cols.min() + 1) < 10  # now vertical
+
+
+def test_bad_images(tmp_path):
+    with pytest.raises(ValueError, match="blank"):
+        prepare_digit(Image.new("L", (50, 50), 200))
+    with pytest.raises(ValueError, match=r"\(28, 28, 3\)"):
+        prepare_digit(np.zeros((28, 28, 3), np.uint8))
+    with pytest.raises(ValueError, match="NaN"):
+        prepare_digit(torch.full((28, 28), float("nan")))
+    with pytest.raises(TypeError, match="list"):
+        prepare_digit([[0, 1], [1, 0]])
+    with pytest.raises(FileNotFoundError, match=r"missing\.png"):
+        prepare_digit(tmp_path / "missing.png")
+    with pytest.raises(IsADirectoryError, match=str(tmp_path)):
+        prepare_digit(tmp_path)
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match=r"notes\.png"):
+        prepare_digit(tmp_path / "notes.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "full.png")
+    (tmp_path / "truncated.png").write_bytes((tmp_path / "full.png").read_bytes()[:60])
+    with pytest.raises(ValueError, match=r"truncated\.png"):
+        prepare_digit(tmp_path / "truncated.png")
+
+
+# ---------------------------------------------------------------------- bnvit predict
+
+
+@pytest.fixture(scope="module")
+def digit_files(tmp_path_factory, mnist_test) -> list[tuple[Path, int]]:
+    """Two photo-like PNGs (a 7 and a 2 of the test set) and a grayscale PNG (a 1), with their labels."""
+    folder = tmp_path_factory.mktemp("digits")
+    images, labels = mnist_test
+    rng = np.random.default_rng(2)
+    files = []
+    for i in (0, 1):
+        path = folder / f"photo_{i}.png"
+        photo(images[i], rng).save(path)
+        files.append((path, int(labels[i])))
+    path = folder / "scan.png"
+    Image.fromarray(255 - images[2].numpy()).resize((90, 90)).save(path)
+    files.append((path, int(labels[2])))
+    return files
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "bnvit", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_bnvit_predict_end_to_end(digit_files, reference_checkpoints):
+    checkpoint = str(reference_checkpoints / VIT_CHECKPOINT)
+    paths = [str(p) for p, _ in digit_files]
+    done = _run("predict", *paths, "--checkpoint", checkpoint)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == len(digit_files)
+    for line, (path, label) in zip(lines, digit_files, strict=True):
+        assert line.startswith(f"{path}: {label}  (top 3: {label} ")
+
+
+def test_predict_json(digit_files, reference_checkpoints, capsys):
+    path, label = str(digit_files[0][0]), digit_files[0][1]
+    checkpoint = str(reference_checkpoints / VIT_CHECKPOINT)
+    assert main(["predict", path, "--checkpoint", checkpoint, "--json", "--top-k", "2", "--device", "cpu"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["file"] == path and result["digit"] == label
+    assert result["top_k"][0] == {"digit": label, "probability": result["probability"]} and len(result["top_k"]) == 2
+    assert result["top_k"][1]["probability"] <= result["probability"]
+    assert len(result["probabilities"]) == 10 and abs(sum(result["probabilities"]) - 1) < 1e-5
+    assert result["probability"] == max(result["probabilities"])
+
+
+def test_the_console_script_is_declared():
+    (script,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "bnvit"]
+    assert script.value == "bnvit.cli:main"
+    assert script.load() is main
+
+
+def test_bnvit_predict_error_exit_code(tmp_path, digit_files, reference_checkpoints):
+    (tmp_path / "notes.png").write_text("not an image")
+    done = _run(
+        "predict",
+        str(digit_files[0][0]),
+        str(tmp_path / "notes.png"),
+        "--checkpoint",
+        str(reference_checkpoints / VIT_CHECKPOINT),
+    )
+    assert done.returncode == 2
+    assert "notes.png" in done.stderr and "not an image file" in done.stderr
+    assert done.stdout == ""
+
+
+def test_predict_in_process_with_every_reference_checkpoint(digit_files, reference_checkpoints, capsys):
+    paths = [str(p) for p, _ in digit_files]
+    for name in ("FinOptAug1_ViT_30.pth", "VITBNFFN_d5_15.pth", "FinOptAug1_ViTBNFFN_30.pth"):
+        assert main(["predict", *paths, "--checkpoint", str(reference_checkpoints / name), "--top-k", "1"]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        predicted = [int(line.split(": ")[1].split()[0]) for line in lines]
+        assert sum(p == label for p, (_, label) in zip(predicted, digit_files, strict=True)) >= 2, (name, lines)
+
+
+def test_predict_errors_name_the_file(tmp_path, digit_files, reference_checkpoints, capsys):
+    image = str(digit_files[0][0])
+    good = str(reference_checkpoints / VIT_CHECKPOINT)
+    (tmp_path / "notes.png").write_text("not an image")
+    torch.save(bnvit.MLP(norm="bn").state_dict(), tmp_path / "mlp.pth")
+    torch.save(bnvit.ViT(depth=1, num_classes=5).state_dict(), tmp_path / "five.pth")
+    torch.save({"epoch": 3}, tmp_path / "no_weights.pth")
+    cases = [
+        (
+            ["predict", image, str(tmp_path / "notes.png"), str(tmp_path / "gone.png"), "--checkpoint", good],
+            [
+                "image " + str(tmp_path / "notes.png") + ": ",
+                "not an image file",
+                "image " + str(tmp_path / "gone.png"),
+                "not found",
+            ],
+        ),
+        (["predict", image, "--checkpoint", str(tmp_path / "missing.pth")], ["missing.pth: file not found"]),
+        (["predict", image, "--checkpoint", image], ["photo_0.png: not a PyTorch checkpoint file"]),
+        (["predict", image, "--checkpoint", str(tmp_path / "mlp.pth")], ["mlp.pth: not a bnvit or reference ViT"]),
+        (["predict", image, "--checkpoint", str(tmp_path / "five.pth")], ["five.pth: holds a model", "5 classes"]),
+        (["predict", image, "--checkpoint", str(tmp_path / "no_weights.pth")], ["no_weights.pth", "state dict"]),
+        (["predict", image, "--checkpoint", good, "--top-k", "11"], ["--top-k 11", "1 to 10"]),
+        (["predict", image, "--checkpoint", good, "--device", "tpu9"], ["--device", "'tpu9'"]),
+    ]
+    for argv, needles in cases:
+        assert main(argv) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        for needle in needles:
+            assert needle in captured.err, (needle, captured.err)
+
+
+@pytest.mark.parametrize(
+    "argv", [[], ["predict"], ["predict", "a.png"], ["predict", "a.png", "--checkpoint", "c.pth", "--top-k", "0"]]
+)
+def test_usage_errors_exit_with_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "usage: bnvit" in capsys.readouterr().err
+
+
+def test_the_parser_accepts_the_documented_command():
+    args = build_parser().parse_args(["predict", "a.png", "b.jpg", "--checkpoint", "m.pth", "--top-k", "5", "--json"])
+    assert (args.images, args.checkpoint, args.top_k, args.json, args.device) == (
+        ["a.png", "b.jpg"],
+        "m.pth",
+        5,
+        True,
+        "cpu",
+    )
