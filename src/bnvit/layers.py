@@ -80,7 +80,7 @@ class TokenBatchNorm(nn.Module):
         eps: Added to the variance for numerical stability.
         momentum: Momentum of the running statistics.
 
-    Example:
+    Examples:
         >>> norm = TokenBatchNorm(64)
         >>> norm(torch.randn(8, 17, 64)).shape
         torch.Size([8, 17, 64])
@@ -115,7 +115,7 @@ def _frozen_running_stats(bn: nn.modules.batchnorm._BatchNorm) -> Iterator[None]
 def token_norm(kind: str, dim: int) -> nn.Module:
     """A normalization of the last axis of a token tensor: `"ln"` (LayerNorm) or `"bn"`.
 
-    Example:
+    Examples:
         >>> type(token_norm("bn", 64)).__name__, type(token_norm("ln", 64)).__name__
         ('TokenBatchNorm', 'LayerNorm')
     """
@@ -139,7 +139,7 @@ class Attention(nn.Module):
         dropout: Dropout after the output projection.
         attn_dropout: Dropout on the attention weights.
 
-    Example:
+    Examples:
         >>> attn = Attention(64, heads=8, dim_head=64)
         >>> attn(torch.randn(2, 17, 64)).shape
         torch.Size([2, 17, 64])
@@ -168,12 +168,27 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
-        qkv = self.qkv(self.norm(x)).view(B, N, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        # (B, N, 3 * heads * dim_head) -> q | k | v, each (B, heads, N, dim_head), as strided views.
+        q, k, v = (t.view(B, N, self.heads, self.dim_head).transpose(1, 2) for t in self.qkv(self.norm(x)).chunk(3, -1))
         dropout_p = self.attn_dropout if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            x = _cpu_autocast_attention(q, k, v, dropout_p)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(B, N, self.heads * self.dim_head)
         return self.proj_drop(self.proj(x))
+
+
+def _cpu_autocast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v under CPU autocast: bf16 batched products around an fp32 softmax.
+
+    At a few dozen tokens the CPU's fused attention kernel is about 4x slower in bf16 than in
+    fp32, and in fp32 still about 2x slower than this (measured in benchmarks/, see
+    docs/benchmarks.md); on CUDA the fused kernel is used in every precision.
+    """
+    scores = (q @ k.transpose(-2, -1)).float().mul_(q.shape[-1] ** -0.5)
+    weights = F.dropout(scores.softmax(-1), dropout_p)
+    return weights.to(v.dtype) @ v
 
 
 class FeedForward(nn.Module):
@@ -181,7 +196,7 @@ class FeedForward(nn.Module):
 
     `LayerNorm(dim) -> Linear(dim, mlp_dim) -> GELU -> Dropout -> Linear(mlp_dim, dim) -> Dropout`.
 
-    Example:
+    Examples:
         >>> ffn = FeedForward(64, 128)
         >>> ffn(torch.randn(2, 17, 64)).shape
         torch.Size([2, 17, 64])
@@ -213,7 +228,7 @@ class BatchNormFFN(nn.Module):
         mlp_dim: Hidden width.
         dropout: Dropout after the activation and after `fc2`.
 
-    Example:
+    Examples:
         >>> ffn = BatchNormFFN(64, 128)
         >>> ffn(torch.randn(2, 17, 64)).shape
         torch.Size([2, 17, 64])
@@ -248,7 +263,7 @@ class EncoderBlock(nn.Module):
         qkv_bias: Give the qkv projection a bias.
         drop_path: Stochastic-depth rate of both residual branches.
 
-    Example:
+    Examples:
         >>> block = EncoderBlock(64, heads=8, dim_head=64, mlp_dim=128, norm="bn_ffn")
         >>> block(torch.randn(2, 17, 64)).shape
         torch.Size([2, 17, 64])

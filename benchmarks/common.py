@@ -1,0 +1,75 @@
+"""Timing helpers shared by the benchmark sections: one process, warm-up, interleaved rounds, medians.
+
+Rounds interleave the configurations being compared (A, B, C, A, B, C, ...), so a change in
+machine load during the run hits all of them alike; the median of each configuration's rounds
+is reported, and ratios are taken between medians measured in the same process.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+import torchvision
+
+
+def machine(device: torch.device) -> dict:
+    """A description of where the numbers were measured."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(
+    configs: Mapping[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 2
+) -> dict[str, float]:
+    """Median seconds of one call of each config, over `repeats` interleaved rounds after `warmup` calls."""
+    for work in configs.values():
+        for _ in range(warmup):
+            work()
+    synchronize(device)
+    rounds: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name, work in configs.items():
+            synchronize(device)
+            began = time.perf_counter()
+            work()
+            synchronize(device)
+            rounds[name].append(time.perf_counter() - began)
+    return {name: statistics.median(values) for name, values in rounds.items()}
+
+
+def table(title: str, rows: list[tuple], header: tuple[str, ...]) -> str:
+    """A plain-text table with a title line."""
+    cells = [header, *[tuple(str(c) for c in row) for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [title, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells[1:]]
+    return "\n".join(lines)
