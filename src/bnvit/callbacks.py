@@ -52,7 +52,7 @@ class Callback:
 class JSONLLogger(Callback):
     """One JSON line per epoch in `path`, plus a final line with the run's outcome.
 
-    Example:
+    Examples:
         >>> logger = JSONLLogger("runs/a/log.jsonl")
         >>> history = fit(model, train, epochs=3, lr=1e-3, callbacks=[logger])  # doctest: +SKIP
     """

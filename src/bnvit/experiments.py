@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -48,6 +48,10 @@ __all__ = [
 ]
 
 RESULTS = "results.jsonl"
+_TEST_SETS = {
+    "augmented": "the augmented test set (augmented once with a fixed seed: identical images for every model)",
+    "clean": "the clean test set",
+}
 SETTINGS = "sweep.json"
 CHANCE = 0.1  # accuracy credited to a diverged run after it diverged (10 balanced classes)
 
@@ -82,12 +86,12 @@ class Settings:
     precision: str = "auto"
 
     def comparable(self, other: Mapping[str, Any]) -> list[str]:
-        """Differences with settings stored earlier (`epochs` may grow: a longer sweep continues)."""
+        """Differences with settings stored earlier; a folder never mixes runs of different settings."""
         mine = dataclasses.asdict(self)
         return [
             f"{key}: {other.get(key)!r} in the folder, {value!r} now"
             for key, value in mine.items()
-            if key != "epochs" and other.get(key) != value
+            if other.get(key) != value
         ]
 
 
@@ -180,7 +184,7 @@ def run_sweep(
     device: str | torch.device = "auto",
     progress: bool = True,
     download: bool = True,
-    log=print,
+    log: Callable[[str], object] = print,
 ) -> list[dict[str, Any]]:
     """Train every cell not yet in `out/results.jsonl` and record it there.
 
@@ -208,7 +212,14 @@ def run_sweep(
     if len(todo) < len(cells):
         log(f"{len(cells) - len(todo)} of {len(cells)} cells already in {out / RESULTS}; skipping them")
     clean_images, clean_labels = load_mnist(data_dir, train=False, download=download)
-    clean = DeviceLoader(clean_images, clean_labels, batch_size=settings.eval_batch_size, shuffle=False, device=device)
+    n_clean = settings.test_subset or len(clean_labels)  # the same first images as the augmented test subset
+    clean = DeviceLoader(
+        clean_images[:n_clean],
+        clean_labels[:n_clean],
+        batch_size=settings.eval_batch_size,
+        shuffle=False,
+        device=device,
+    )
     for index, cell in enumerate(todo, start=1):
         train, val = mnist_loaders(
             data_dir,
@@ -520,8 +531,8 @@ def write_report(
         f"test subset {settings.get('test_subset') or 'all 10,000'}; "
         f"device {results[0]['device'] if results else '?'}.",
         "",
-        "Validation accuracy (%) on the augmented test set (frozen, identical for every model) "
-        "per epoch, and the clean test accuracy at the end.",
+        f"Validation accuracy (%) per epoch on {_TEST_SETS.get(settings.get('test'), 'the test set')}, "
+        "and the clean test accuracy at the end.",
         "",
     ]
     header = ["model", "depth", "lr", *[f"epoch {e}" for e in marks], "clean test", "diverged"]
@@ -578,10 +589,13 @@ _LABELS = {"vit_mnist": "ViT", "vitbnffn_mnist": "ViTBNFFN", "dnn_mnist": "DNN_d
 
 def _band(ax, curves: Sequence[Sequence[float]], label: str, scale: float = 100.0) -> None:
     """Mean over seeds as a line, min-max over seeds as a band (NaNs ignored)."""
+    from matplotlib.ticker import MaxNLocator
+
     epochs = range(1, len(curves[0]) + 1)
     columns = [[v for v in col if not math.isnan(v)] for col in zip(*curves, strict=True)]
     mean = [scale * statistics.fmean(col) if col else math.nan for col in columns]
     line = ax.plot(epochs, mean, marker="o", markersize=3, label=label)[0]
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(curves) > 1:
         low = [scale * min(col) if col else math.nan for col in columns]
         high = [scale * max(col) if col else math.nan for col in columns]
@@ -603,7 +617,9 @@ def plot_depths(results: Sequence[Mapping[str, Any]], out: str | Path) -> list[P
     paths = []
     for lr in sorted({k[2] for k in groups}):
         depths = sorted({k[1] for k in groups if k[2] == lr})
-        fig, axes = plt.subplots(1, len(depths), figsize=(3.6 * len(depths), 3.2), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(
+            1, len(depths), figsize=(3.6 * len(depths), 3.2), squeeze=False, layout="constrained", sharey=True
+        )
         for ax, depth in zip(axes[0], depths, strict=True):
             for model in sorted({k[0] for k in groups if k[1:] == (depth, lr)}, key=lambda m: "bn" in m):
                 _band(ax, groups[(model, depth, lr)]["curves"], _LABELS.get(model, model))
@@ -624,7 +640,12 @@ def plot_lr(results: Sequence[Mapping[str, Any]], out: str | Path) -> list[Path]
     models = sorted({k[0] for k in groups}, key=lambda m: "bn" in m)
     depths = sorted({k[1] for k in groups})
     fig, axes = plt.subplots(
-        len(models), len(depths), figsize=(3.6 * len(depths), 3.0 * len(models)), squeeze=False, sharey=True
+        len(models),
+        len(depths),
+        figsize=(3.6 * len(depths), 3.0 * len(models)),
+        squeeze=False,
+        layout="constrained",
+        sharey=True,
     )
     for row, model in enumerate(models):
         for col, depth in enumerate(depths):
@@ -647,7 +668,7 @@ def plot_mlp(results: Sequence[Mapping[str, Any]], out: str | Path) -> list[Path
     accuracy = summarize(results, "val_acc")
     loss = summarize(results, "train_loss")
     lrs = sorted({k[2] for k in accuracy})
-    fig, axes = plt.subplots(2, len(lrs), figsize=(4.2 * len(lrs), 6.0), squeeze=False)
+    fig, axes = plt.subplots(2, len(lrs), figsize=(4.2 * len(lrs), 6.0), squeeze=False, layout="constrained")
     for col, lr in enumerate(lrs):
         for key in sorted((k for k in accuracy if k[2] == lr), key=lambda k: "bn" in k[0]):
             label = _LABELS.get(key[0], key[0])

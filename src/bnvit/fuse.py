@@ -58,7 +58,7 @@ def _new_linear(like: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> nn
 def fold_bn_after_linear(linear: nn.Linear, bn: _BatchNorm) -> nn.Linear:
     """A new Linear equal to `bn(linear(x))` in eval mode.
 
-    Example:
+    Examples:
         >>> lin, bn = nn.Linear(4, 3), nn.BatchNorm1d(3).eval()
         >>> x = torch.randn(5, 4)
         >>> torch.allclose(fold_bn_after_linear(lin, bn)(x), bn(lin(x)), atol=1e-6)
@@ -73,7 +73,7 @@ def fold_bn_after_linear(linear: nn.Linear, bn: _BatchNorm) -> nn.Linear:
 def fold_bn_before_linear(bn: _BatchNorm, linear: nn.Linear) -> nn.Linear:
     """A new Linear equal to `linear(bn(x))` in eval mode.
 
-    Example:
+    Examples:
         >>> bn, lin = nn.BatchNorm1d(4).eval(), nn.Linear(4, 3)
         >>> x = torch.randn(5, 4)
         >>> torch.allclose(fold_bn_before_linear(bn, lin)(x), lin(bn(x)), atol=1e-6)
@@ -105,7 +105,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     Raises:
         ValueError: If `model` or one of its BatchNorms is in training mode.
 
-    Example:
+    Examples:
         >>> from bnvit import ViTBNFFN
         >>> model = ViTBNFFN(depth=2).eval()
         >>> folded = fold_batchnorm(model)

@@ -45,7 +45,7 @@ class History:
         diverged_step: The step (counted from 1 within that epoch) where it was detected.
         meta: Free-form run information (learning rate, batch size, model, device...).
 
-    Example:
+    Examples:
         >>> h = History()
         >>> h.append(EpochRecord(1, 0.9, 0.7, 0.5, 0.85, 3e-3, 12.0, 5000.0))
         >>> h.val_acc, h.diverged

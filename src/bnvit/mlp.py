@@ -32,7 +32,7 @@ class MLP(nn.Module):
         in_chans: Input channels; the input is flattened to `in_chans * height * width` values.
         num_classes: Output classes.
 
-    Example:
+    Examples:
         >>> model = MLP(depth=3, norm="bn")
         >>> model(torch.rand(4, 1, 28, 28)).shape
         torch.Size([4, 10])

@@ -169,7 +169,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ViT | None = None
     Returns:
         The state dict in bnvit's layout.
 
-    Example:
+    Examples:
         >>> sd = {"transformer.layers.0.1.Lin1.weight": torch.zeros(128, 64)}
         >>> list(checkpoint_filter_fn(sd))
         ['blocks.0.ffn.fc1.weight']
@@ -189,7 +189,7 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any
     attention width `heads * dim_head` (as `attn_width`), the patch length `patch_dim` and
     the number of tokens. The split of `attn_width` into heads is not stored in a state dict.
 
-    Example:
+    Examples:
         >>> from bnvit import ViTBNFFN
         >>> info = describe_state_dict(ViTBNFFN(depth=3).state_dict())
         >>> info["norm"], info["depth"], info["qkv_bias"]
@@ -293,7 +293,7 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
     Returns:
         The model, in eval mode.
 
-    Example:
+    Examples:
         >>> model = load_model("../shared/checkpoints/reference/VITBNFFN_d5_15.pth")  # doctest: +SKIP
         >>> model.config["norm"], model.config["depth"]  # doctest: +SKIP
         ('bn_ffn', 5)

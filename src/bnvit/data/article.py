@@ -26,7 +26,7 @@ def article_transform() -> transforms.Compose:
     translation use nearest-neighbour sampling, the resize PIL's antialiased bilinear filter. The
     random draws come from torch's global generator.
 
-    Example:
+    Examples:
         >>> transform = article_transform()
         >>> transform(Image.new("L", (28, 28))).shape
         torch.Size([1, 28, 28])
@@ -54,7 +54,7 @@ class MNISTDataset(Dataset):
         transform: Called on each PIL image, e.g. `article_transform` `()`.
         download: Fetch MNIST with torchvision if it is missing.
 
-    Example:
+    Examples:
         >>> dataset = MNISTDataset(train=False, transform=article_transform())  # doctest: +SKIP
         >>> image, label = dataset[0]  # doctest: +SKIP
         >>> image.shape, label  # doctest: +SKIP

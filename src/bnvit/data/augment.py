@@ -133,7 +133,7 @@ def sample_augment_params(
     Returns:
         The parameters, on `device`.
 
-    Example:
+    Examples:
         >>> params = sample_augment_params(4, generator=torch.Generator().manual_seed(0))
         >>> params.angle.shape, params.translate.shape, params.zoom.dtype
         (torch.Size([4]), torch.Size([4, 2]), torch.bool)
@@ -223,7 +223,7 @@ def augment_matrices(params: AugmentParams, height: int = 28, width: int = 28) -
     Returns:
         `(B, 2, 3)` float32 matrices on the parameters' device.
 
-    Example:
+    Examples:
         >>> ids = AugmentParams(
         ...     angle=torch.zeros(1), translate=torch.zeros(1, 2), zoom=torch.zeros(1, dtype=torch.bool),
         ...     canvas=torch.full((1, 2), 56), offset=torch.zeros(1, 2, dtype=torch.long))
@@ -369,7 +369,7 @@ def apply_augment(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
     Returns:
         `(B, 1, H, W)` float32 in [0, 1] on the images' device.
 
-    Example:
+    Examples:
         >>> images = torch.zeros(2, 28, 28, dtype=torch.uint8)
         >>> images[:, 10:18, 12:16] = 255
         >>> params = sample_augment_params(2, generator=torch.Generator().manual_seed(0))
@@ -425,7 +425,7 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator | None = None
     Returns:
         `(B, 1, H, W)` float32 in [0, 1] on the images' device.
 
-    Example:
+    Examples:
         >>> images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
         >>> out = augment_batch(images, torch.Generator().manual_seed(0))
         >>> out.shape, out.dtype

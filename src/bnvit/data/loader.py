@@ -62,7 +62,7 @@ class DeviceLoader:
         rank: This process's rank in `[0, world_size)`.
         world_size: Number of processes that share the data.
 
-    Example:
+    Examples:
         >>> images = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)
         >>> loader = DeviceLoader(images, torch.arange(10) % 3, batch_size=4, augment=True)
         >>> len(loader), [tuple(x.shape) for x, _ in loader]

@@ -44,7 +44,7 @@ _cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 def cache_dir() -> Path:
     """The user cache folder of bnvit: `$XDG_CACHE_HOME/bnvit`, by default `~/.cache/bnvit`.
 
-    Example:
+    Examples:
         >>> cache_dir().name
         'bnvit'
     """
@@ -70,7 +70,7 @@ def find_mnist_root(root: str | os.PathLike | None = None) -> Path:
     Returns:
         The root folder.
 
-    Example:
+    Examples:
         >>> find_mnist_root("/data").as_posix()
         '/data'
     """
@@ -85,7 +85,7 @@ def find_mnist_root(root: str | os.PathLike | None = None) -> Path:
 def mnist_files(root: str | os.PathLike | None = None, *, train: bool) -> tuple[Path, Path]:
     """The images and labels files of one split under `root` (uncompressed, else `.gz`).
 
-    Example:
+    Examples:
         >>> [p.name for p in mnist_files("/data", train=False)]
         ['t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte']
     """
@@ -135,7 +135,7 @@ def read_idx(path: str | os.PathLike, *, ndim: int | None = None) -> np.ndarray:
         ValueError: The header is not a uint8 IDX header, the dimensions are not `ndim`, or the
             data is shorter or longer than the header says (a truncated or corrupt file).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     path = Path(folder) / "tiny-idx1-ubyte"
@@ -232,7 +232,7 @@ def load_mnist(
             folder searched, the files expected and the ways to fix it.
         ValueError: A file is truncated or corrupt; the message names it and what is wrong.
 
-    Example:
+    Examples:
         >>> images, labels = load_mnist(train=False)  # doctest: +SKIP
         >>> images.shape, images.dtype, labels.dtype  # doctest: +SKIP
         (torch.Size([10000, 28, 28]), torch.uint8, torch.int64)

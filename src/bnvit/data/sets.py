@@ -117,7 +117,7 @@ def augmented_test_set(
     Returns:
         `(images, labels)`: float32 `(10000, 1, 28, 28)` in [0, 1] and int64 `(10000,)`.
 
-    Example:
+    Examples:
         >>> images, labels = augmented_test_set(seed=0)  # doctest: +SKIP
         >>> images.shape, images.dtype  # doctest: +SKIP
         (torch.Size([10000, 1, 28, 28]), torch.float32)
@@ -191,7 +191,7 @@ def mnist_loaders(
         `(train_loader, test_loader)`; the test loader is a `DeviceLoader` without
         shuffling or augmentation.
 
-    Example:
+    Examples:
         >>> train, test = mnist_loaders(batch_size=100, train_subset=1000)  # doctest: +SKIP
         >>> len(train), len(test)  # doctest: +SKIP
         (10, 2)

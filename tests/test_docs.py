@@ -1,0 +1,231 @@
+"""Every code snippet in README.md and docs/ is run here, so the documentation cannot rot.
+
+What is collected: each Markdown file (`README.md`, `docs/**/*.md`) is split into fenced code
+blocks, including blocks indented inside admonitions or lists.
+
+* `python` (or `py`) blocks are executed: one test per page, the page's blocks in order in
+  one shared namespace, so a later block can use the names an earlier one defined. `pycon`
+  blocks run through `doctest` in the same namespace. Each page runs in an empty temporary
+  working folder (whatever a snippet writes lands there), with a private cache folder
+  (`XDG_CACHE_HOME`) and `MPLBACKEND=Agg`. Tracebacks point at the page's own line numbers.
+  Snippets must therefore be real and fast: tiny data, depth 1-2, `progress=False`,
+  `device="cpu"`. (`ruff format`, run by `.ci/run`, formats these blocks too.)
+* Snippets that need files a checkout does not hold are marked with an HTML comment on the
+  line right above the fence, invisible on the rendered page:
+  `<!-- needs: BNVIT_DATA -->` (real MNIST, found through the `BNVIT_DATA` environment
+  variable, as in `conftest.py`), `<!-- needs: BNVIT_REFERENCE -->` (the article's reference
+  checkpoints; the test sets `BNVIT_REFERENCE` to the folder `conftest.py` uses, so the
+  snippet reads it from the environment), or both names separated by a space. When the data
+  is absent, the page's blocks up to that one still run and the rest of the page is skipped
+  with a reason naming the variable.
+* `bash` / `sh` / `shell` / `console` blocks are not executed (they install packages or train
+  for minutes). Their commands (split at `&&`, `;`, `|` and line ends, `VAR=value` prefixes
+  dropped) are checked instead:
+  - `python <path>.py ...`: the script must exist; for `examples/*.py` the flags are parsed by
+    the example's real argument parser (`bnvit.experiments.build_parser` of its
+    `EXPERIMENT`) and turned into the sweep's settings and grid, so a renamed or invalid
+    flag fails here;
+  - `bnvit ...`: validated with `bnvit.cli.build_parser()` when that exists, else skipped
+    with the reason (the command-line entry point is declared in pyproject.toml but may not be
+    implemented yet);
+  - `pip install ...` lines are not checked here: `.ci/run` runs the README's install
+    commands on a fresh clone;
+  - anything else (`cd`, `pytest`, `mkdocs`, ...) is left as written.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import importlib.util
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bnvit import experiments
+
+ROOT = Path(__file__).resolve().parents[1]
+# The same folder, and the same default, as `conftest.py` and `.ci/run`.
+REFERENCE_CHECKPOINTS = Path(os.environ.get("BNVIT_REFERENCE", ROOT.parent / "shared" / "checkpoints" / "reference"))
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+PYTHON = {"python", "py", "python3"}
+PYCON = {"pycon"}
+SHELL = {"bash", "sh", "shell", "console"}
+NEEDS = re.compile(r"^\s*<!--\s*needs:\s*([A-Z_ ]+?)\s*-->\s*$")
+FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)")
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int  # 1-based line of the first code line
+    lang: str
+    code: str
+    needs: tuple[str, ...]  # environment variables naming data the block needs
+
+
+def code_blocks(page: Path) -> list[Block]:
+    """The fenced code blocks of a Markdown file, dedented, with their first line number."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        match = FENCE.match(lines[i])
+        if not match:
+            i += 1
+            continue
+        indent, fence, lang = len(match["indent"]), match["fence"], match["lang"].lower()
+        previous = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+        needs = NEEDS.match(previous)
+        body, j = [], i + 1
+        while j < len(lines) and not (
+            lines[j].strip().startswith(fence[0] * len(fence)) and lines[j].strip().strip(fence[0]) == ""
+        ):
+            body.append(lines[j][indent:] if lines[j][:indent].strip() == "" else lines[j])
+            j += 1
+        if j == len(lines):
+            raise ValueError(f"{page}:{i + 1}: code fence {fence} is never closed")
+        blocks.append(Block(page, i + 2, lang, "\n".join(body) + "\n", tuple(needs[1].split()) if needs else ()))
+        i = j + 1
+    return blocks
+
+
+def _pages_with(langs: set[str]) -> list:
+    return [
+        pytest.param(page, id=str(page.relative_to(ROOT)))
+        for page in PAGES
+        if any(b.lang in langs for b in code_blocks(page))
+    ]
+
+
+# ----------------------------------------------------------------------------- python
+
+
+@pytest.fixture(scope="module")
+def docs_cache(tmp_path_factory) -> Path:
+    """One private cache folder for all pages: the frozen augmented test set is computed once."""
+    return tmp_path_factory.mktemp("docs-cache")
+
+
+def _missing(needs: str) -> str | None:
+    """Why the data a block needs is absent, or None if it is there."""
+    if needs == "BNVIT_DATA":
+        value = os.environ.get("BNVIT_DATA")
+        if not value:
+            return "BNVIT_DATA is not set; set it to a folder with MNIST/raw/ to run this snippet"
+        if not (Path(value) / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file():
+            raise FileNotFoundError(f"BNVIT_DATA={value} has no MNIST/raw/t10k-images-idx3-ubyte")
+        return None
+    if needs == "BNVIT_REFERENCE":
+        if not REFERENCE_CHECKPOINTS.is_dir():
+            return f"the reference checkpoints are not at {REFERENCE_CHECKPOINTS} (set BNVIT_REFERENCE)"
+        return None
+    raise ValueError(f"unknown <!-- needs: {needs} --> marker; valid: BNVIT_DATA, BNVIT_REFERENCE")
+
+
+@pytest.mark.parametrize("page", _pages_with(PYTHON | PYCON))
+def test_python_snippets_run(page: Path, tmp_path, docs_cache, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(docs_cache))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("BNVIT_REFERENCE", str(REFERENCE_CHECKPOINTS))
+    namespace: dict = {"__name__": "__docs__"}
+    for block in code_blocks(page):
+        if block.lang not in PYTHON | PYCON:
+            continue
+        for needs in block.needs:
+            if reason := _missing(needs):
+                pytest.skip(f"{page.relative_to(ROOT)}:{block.line}: {reason}")
+        if block.lang in PYCON:
+            test = doctest.DocTestParser().get_doctest(block.code, namespace, page.name, str(page), block.line - 1)
+            runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+            runner.run(test, clear_globs=False)
+            assert not runner.failures, f"{page}:{block.line}: {runner.failures} doctest example(s) failed"
+            continue
+        # Pad with blank lines so tracebacks give the line numbers of the Markdown file.
+        code = compile("\n" * (block.line - 1) + block.code, str(page), "exec")
+        exec(code, namespace)
+
+
+# ----------------------------------------------------------------------------- shell
+
+
+def shell_commands(code: str) -> list[list[str]]:
+    """The simple commands of a shell snippet, as token lists (comments and assignments dropped)."""
+    commands = []
+    for line in code.replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        current: list[str] = []
+        for token in lexer:
+            if token in {"&&", "||", ";", "|", "&"}:
+                commands.append(current)
+                current = []
+            else:
+                current.append(token)
+        commands.append(current)
+    cleaned = []
+    for tokens in commands:
+        while tokens and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", tokens[0]):
+            tokens = tokens[1:]
+        if tokens:
+            cleaned.append(tokens)
+    return cleaned
+
+
+def _load_example(path: Path):
+    spec = importlib.util.spec_from_file_location(f"docs_example_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.EXPERIMENT
+
+
+def check_example_flags(script: Path, flags: list[str], where: str) -> None:
+    """Parse `flags` with the example's own parser and build its settings and grid from them."""
+    experiment = _load_example(script)
+    parser = experiments.build_parser(experiment)
+    try:
+        args = parser.parse_args(flags)
+    except SystemExit as exit_:
+        if exit_.code == 0:  # --help
+            return
+        pytest.fail(f"{where}: `{script.name} {shlex.join(flags)}` is rejected by the example's argument parser")
+    try:
+        experiments._settings_from_args(experiment, args)
+        experiments._grid_from_args(experiment, args)
+    except (ValueError, TypeError) as err:
+        pytest.fail(f"{where}: `{script.name} {shlex.join(flags)}`: {err}")
+
+
+@pytest.mark.parametrize("page", _pages_with(SHELL))
+def test_shell_snippets_are_valid(page: Path):
+    skipped = []
+    for block in code_blocks(page):
+        if block.lang not in SHELL:
+            continue
+        for tokens in shell_commands(block.code):
+            if tokens[0] == "$":  # a `console` prompt
+                tokens = tokens[1:]
+            where = f"{page.relative_to(ROOT)}:{block.line}"
+            if tokens[0] in {"python", "python3"} and len(tokens) > 1 and tokens[1].endswith(".py"):
+                script = ROOT / tokens[1]
+                assert script.is_file(), f"{where}: {tokens[1]} does not exist"
+                if script.parent.name == "examples":
+                    check_example_flags(script, tokens[2:], where)
+            elif tokens[0] == "bnvit":
+                if importlib.util.find_spec("bnvit.cli") is None:
+                    skipped.append(f"{where}: the bnvit command (bnvit.cli) does not exist yet")
+                    continue
+                cli = importlib.import_module("bnvit.cli")
+                if not hasattr(cli, "build_parser"):
+                    skipped.append(f"{where}: bnvit.cli has no build_parser() to validate `bnvit` commands with")
+                    continue
+                try:
+                    cli.build_parser().parse_args(tokens[1:])
+                except SystemExit as exit_:
+                    assert exit_.code == 0, f"{where}: `{shlex.join(tokens)}` is rejected by bnvit's argument parser"
+    if skipped:
+        pytest.skip("; ".join(skipped))
