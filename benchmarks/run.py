@@ -47,12 +47,18 @@ def _print_train(result: dict) -> None:
             f"{r['reference_ms']:.1f}",
             f"{r['bnvit_fp32_ms']:.1f} ({r['speedup_fp32']:.2f}x)",
             f"{r['bnvit_default_ms']:.1f} ({r['speedup_default']:.2f}x)",
-            f"{r['loss_max_abs_diff']:.1e} / {r['weight_max_abs_diff']:.1e}",
+            f"{r['loss_max_abs_diff']:.1e} / {r['weight_max_abs_diff']:.1e} / {r['bias_before_bn_max_abs_diff']:.1e}",
         )
         for kind, r in result.items()
     ]
     default = next(iter(result.values()))["default_precision"]
-    header = ("model", "reference ms", "bnvit fp32 ms", f"bnvit default ({default}) ms", "fp32 loss / weight diff")
+    header = (
+        "model",
+        "reference ms",
+        "bnvit fp32 ms",
+        f"bnvit default ({default}) ms",
+        "fp32 diff: loss / weights / bias before BN",
+    )
     print(table("Training step (depth 6, batch 100, Adam)", rows, header))
 
 

@@ -21,13 +21,11 @@ blocks, including blocks indented inside admonitions or lists.
 * `bash` / `sh` / `shell` / `console` blocks are not executed (they install packages or train
   for minutes). Their commands (split at `&&`, `;`, `|` and line ends, `VAR=value` prefixes
   dropped) are checked instead:
-  - `python <path>.py ...`: the script must exist; for `examples/*.py` the flags are parsed by
-    the example's real argument parser (`bnvit.experiments.build_parser` of its
-    `EXPERIMENT`) and turned into the sweep's settings and grid, so a renamed or invalid
-    flag fails here;
-  - `bnvit ...`: validated with `bnvit.cli.build_parser()` when that exists, else skipped
-    with the reason (the command-line entry point is declared in pyproject.toml but may not be
-    implemented yet);
+  - `python <path>.py ...` and `torchrun ... <path>.py ...`: the script must exist; for
+    `examples/*.py` the flags are parsed by the example's real argument parser (for a sweep,
+    `bnvit.experiments.build_parser` of its `EXPERIMENT`, and turned into the sweep's settings
+    and grid), so a renamed or invalid flag fails here;
+  - `bnvit ...`: parsed with `bnvit.cli.build_parser()`;
   - `pip install ...` lines are not checked here: `.ci/run` runs the README's install
     commands on a fresh clone;
   - anything else (`cd`, `pytest`, `mkdocs`, ...) is left as written.
@@ -180,19 +178,28 @@ def _load_example(path: Path):
     spec = importlib.util.spec_from_file_location(f"docs_example_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.EXPERIMENT
+    return module
+
+
+def _parse(parser, flags: list[str], what: str, where: str):
+    try:
+        return parser.parse_args(flags)
+    except SystemExit as exit_:
+        if exit_.code == 0:  # --help
+            return None
+        pytest.fail(f"{where}: `{what} {shlex.join(flags)}` is rejected by its argument parser")
 
 
 def check_example_flags(script: Path, flags: list[str], where: str) -> None:
-    """Parse `flags` with the example's own parser and build its settings and grid from them."""
-    experiment = _load_example(script)
-    parser = experiments.build_parser(experiment)
-    try:
-        args = parser.parse_args(flags)
-    except SystemExit as exit_:
-        if exit_.code == 0:  # --help
-            return
-        pytest.fail(f"{where}: `{script.name} {shlex.join(flags)}` is rejected by the example's argument parser")
+    """Parse `flags` with the example's own parser (and build a sweep's settings and grid from them)."""
+    module = _load_example(script)
+    experiment = getattr(module, "EXPERIMENT", None)
+    if experiment is None:  # a plain script with its own parser
+        _parse(module.build_parser(), flags, script.name, where)
+        return
+    args = _parse(experiments.build_parser(experiment), flags, script.name, where)
+    if args is None:
+        return
     try:
         experiments._settings_from_args(experiment, args)
         experiments._grid_from_args(experiment, args)
@@ -200,9 +207,21 @@ def check_example_flags(script: Path, flags: list[str], where: str) -> None:
         pytest.fail(f"{where}: `{script.name} {shlex.join(flags)}`: {err}")
 
 
+def _script_and_flags(tokens: list[str]) -> tuple[str, list[str]] | None:
+    """`python x.py flags` or `torchrun [options] x.py flags` -> (x.py, flags)."""
+    if tokens[0] in {"python", "python3"} and len(tokens) > 1 and tokens[1].endswith(".py"):
+        return tokens[1], tokens[2:]
+    if tokens[0] == "torchrun":
+        scripts = [i for i, t in enumerate(tokens) if t.endswith(".py")]
+        if scripts:
+            return tokens[scripts[0]], tokens[scripts[0] + 1 :]
+    return None
+
+
 @pytest.mark.parametrize("page", _pages_with(SHELL))
 def test_shell_snippets_are_valid(page: Path):
-    skipped = []
+    from bnvit import cli
+
     for block in code_blocks(page):
         if block.lang not in SHELL:
             continue
@@ -210,22 +229,11 @@ def test_shell_snippets_are_valid(page: Path):
             if tokens[0] == "$":  # a `console` prompt
                 tokens = tokens[1:]
             where = f"{page.relative_to(ROOT)}:{block.line}"
-            if tokens[0] in {"python", "python3"} and len(tokens) > 1 and tokens[1].endswith(".py"):
-                script = ROOT / tokens[1]
-                assert script.is_file(), f"{where}: {tokens[1]} does not exist"
-                if script.parent.name == "examples":
-                    check_example_flags(script, tokens[2:], where)
+            script = _script_and_flags(tokens)
+            if script is not None:
+                path = ROOT / script[0]
+                assert path.is_file(), f"{where}: {script[0]} does not exist"
+                if path.parent.name == "examples":
+                    check_example_flags(path, script[1], where)
             elif tokens[0] == "bnvit":
-                if importlib.util.find_spec("bnvit.cli") is None:
-                    skipped.append(f"{where}: the bnvit command (bnvit.cli) does not exist yet")
-                    continue
-                cli = importlib.import_module("bnvit.cli")
-                if not hasattr(cli, "build_parser"):
-                    skipped.append(f"{where}: bnvit.cli has no build_parser() to validate `bnvit` commands with")
-                    continue
-                try:
-                    cli.build_parser().parse_args(tokens[1:])
-                except SystemExit as exit_:
-                    assert exit_.code == 0, f"{where}: `{shlex.join(tokens)}` is rejected by bnvit's argument parser"
-    if skipped:
-        pytest.skip("; ".join(skipped))
+                _parse(cli.build_parser(), tokens[1:], "bnvit", where)

@@ -503,8 +503,9 @@ def _claim_mlp(groups) -> Verdict:
         broke = statistics.fmean(plain) <= statistics.fmean(with_bn) - 0.10 or any(
             r["history"]["diverged_at"] for r in low["results"]
         )
-        texts.append(f"lr 0.1, final: DNN {_fmt(plain)}%, DNNBN {_fmt(with_bn)}%")
-        parts.append("reproduced" if stable and broke else "not reproduced")
+        verdict = "reproduced" if stable and broke else "not reproduced"
+        texts.append(f"lr 0.1, final: DNN {_fmt(plain)}%, DNNBN {_fmt(with_bn)}% ({verdict})")
+        parts.append(verdict)
     return Verdict(4, CLAIMS[4], "; ".join(texts), _combine(parts))
 
 
