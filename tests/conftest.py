@@ -14,7 +14,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_CHECKPOINTS = Path(os.environ.get("BNVIT_REFERENCE", ROOT.parent / "shared" / "checkpoints" / "reference"))
+REFERENCE_CHECKPOINTS = Path(
+    os.environ.get("BNVIT_REFERENCE", ROOT.parent / "shared" / "checkpoints" / "reference")
+).resolve()
 
 # benchmarks/reference_vit.py is the straightforward reference-style model the library is checked against.
 sys.path.insert(0, str(ROOT / "benchmarks"))

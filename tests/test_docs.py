@@ -45,10 +45,9 @@ from pathlib import Path
 import pytest
 
 from bnvit import experiments
+from conftest import REFERENCE_CHECKPOINTS
 
 ROOT = Path(__file__).resolve().parents[1]
-# The same folder, and the same default, as `conftest.py` and `.ci/run`.
-REFERENCE_CHECKPOINTS = Path(os.environ.get("BNVIT_REFERENCE", ROOT.parent / "shared" / "checkpoints" / "reference"))
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 PYTHON = {"python", "py", "python3"}
 PYCON = {"pycon"}
@@ -126,6 +125,8 @@ def _missing(needs: str) -> str | None:
 
 @pytest.mark.parametrize("page", _pages_with(PYTHON | PYCON))
 def test_python_snippets_run(page: Path, tmp_path, docs_cache, monkeypatch):
+    if os.environ.get("BNVIT_DATA"):  # the snippets run in another folder: keep a relative path valid
+        monkeypatch.setenv("BNVIT_DATA", str(Path(os.environ["BNVIT_DATA"]).resolve()))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(docs_cache))
     monkeypatch.setenv("MPLBACKEND", "Agg")
