@@ -313,7 +313,8 @@ def fit(
         loss_fn: `(logits, labels) -> loss`; cross-entropy by default.
         device: `"auto"` (CUDA when present), `"cpu"`, `"cuda"`, ... In a distributed run
             `"auto"` and `"cuda"` mean `cuda:LOCAL_RANK`.
-        precision: `"auto"` (bf16 autocast on CUDA, fp32 on CPU), `"fp32"`, `"bf16"`, `"fp16"`.
+        precision: `"auto"` (bf16 autocast on CUDA and on CPUs with native bf16, else fp32;
+            see `resolve_precision`), `"fp32"`, `"bf16"`, `"fp16"` (CUDA only).
         compile: Train through `torch.compile(model)`.
         seed: Makes the run reproducible: each epoch's randomness is seeded from `(seed, epoch)`
             (and the rank, in a distributed run).
