@@ -1,0 +1,51 @@
+"""The benchmark suite and the prepared GPU check run end to end, at a tiny size on the CPU.
+
+No timing is asserted (timings on a shared 2-core machine are noise); what is checked is that
+every section runs, reports what it promises, and that the fp32 agreement check inside the
+training-step benchmark holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_script_rehearses_on_cpu(mnist_root, tmp_path):
+    env = {
+        **os.environ,
+        "DEVICE": "cpu",
+        "SMOKE": "1",
+        "PYTHON": sys.executable,
+        "BNVIT_DATA": str(mnist_root),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+    }
+    out = tmp_path / "out"
+    run = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    assert " passed" in (out / "tests.log").read_text()
+    assert " failed" not in (out / "tests.log").read_text()
+    results = json.loads((out / "cpu.json").read_text())
+    assert {"machine", "train", "infer", "epoch", "deploy", "sweep"} <= results.keys()
+    for model in ("ViTBNFFN", "ViT"):
+        step = results["train"][model]
+        assert step["reference_ms"] > 0 and step["bnvit_fp32_ms"] > 0 and step["bnvit_default_ms"] > 0
+        # Same weights, same batches: bnvit in fp32 computes what the straightforward model does.
+        assert step["loss_max_abs_diff"] < 1e-5
+        assert step["weight_max_abs_diff"] < 1e-3
+    assert results["epoch"]["images"] == 200 and results["epoch"]["speedup"] > 0
+    sweep = results["sweep"]
+    assert sweep["runs"] == len(sweep["final_val_acc"]) == 2
+    assert all(0.0 <= acc <= 1.0 for acc in sweep["final_val_acc"].values())
