@@ -526,8 +526,9 @@ def write_report(
     settings = results[0]["settings"] if results else {}
     lines = [f"# {title}", ""]
     lines += [
-        f"{len(results)} runs; {seeds} seed(s) per cell (mean ± std over seeds); "
-        f"{epochs} epochs; augmentation {settings.get('augment')}; "
+        f"{len(results)} runs; "
+        + (f"{seeds} seeds per cell (mean ± std over seeds); " if seeds > 1 else "1 seed per cell; ")
+        + f"{epochs} epochs; augmentation {settings.get('augment')}; "
         f"train subset {settings.get('train_subset') or 'all 60,000'}; "
         f"test subset {settings.get('test_subset') or 'all 10,000'}; "
         f"device {results[0]['device'] if results else '?'}.",
