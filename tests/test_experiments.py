@@ -271,6 +271,38 @@ def test_claim_3_compares_the_drops():
     assert verdicts(results, [3])[0].verdict == "not reproduced"
 
 
+
+def lr_drop_results(vit_at_005: list[float]) -> list[dict]:
+    """Depth 3: both models at 91% with lr 0.003; ViTBNFFN at 88% and ViT at the given seeds' values with lr 0.005."""
+    out = []
+    for seed, vit in enumerate(vit_at_005):
+        out += [
+            fake_result("vit_mnist", 3, 0.003, seed, [0.91] * 10),
+            fake_result("vit_mnist", 3, 0.005, seed, [vit] * 10),
+            fake_result("vitbnffn_mnist", 3, 0.003, seed, [0.91] * 10),
+            fake_result("vitbnffn_mnist", 3, 0.005, seed, [0.88] * 10),
+        ]
+    return out
+
+
+def test_claim_3_with_seeds_needs_the_whole_spread_past_the_threshold():
+    # ViT loses (9, 13, 11) points more than ViTBNFFN: 11 +- 2, all of the range past 5.
+    assert verdicts(lr_drop_results([0.79, 0.75, 0.77]), [3])[0].verdict == "reproduced"
+    # (2, 15, 1) points more: 6.0 +- 7.8, the mean passes the threshold but the range straddles it.
+    (v,) = verdicts(lr_drop_results([0.86, 0.73, 0.87]), [3])
+    assert v.verdict == "inconclusive", v.measured
+    assert "ViT loses +6.0 ± 7.8 pts more" in v.measured
+    # (1, 2, 0) points more: 1 +- 1, all of the range short of 5.
+    assert verdicts(lr_drop_results([0.87, 0.86, 0.88]), [3])[0].verdict == "not reproduced"
+
+
+def test_a_small_gap_is_not_clearly_ahead_even_when_seeds_are_noisy():
+    """Expected 'clearly ahead' (>= 2 points): 0.5 +- 0.6 points is not reproduced, not inconclusive."""
+    results = depth_results({1: 0.0, 2: 0.0, 3: 0.01, 4: 0.005}, 0.005, seeds=(0, 1, 2, 3), noise=0.005)
+    (v,) = verdicts(results, [2])
+    assert "depth 4: +0.5 ± 0.6 pts (clearly expected: not reproduced)" in v.measured
+    assert v.verdict == "not reproduced"
+
 def test_claim_4_counts_a_diverged_mlp_as_broken_down():
     results = [
         fake_result("dnn_mnist", 3, 0.01, 0, [0.5, 0.7, 0.8, 0.9, 0.93] * 3),

@@ -373,6 +373,8 @@ CLAIMS = {
 COMPARABLE = 1.5
 SLIGHTLY = 0.5
 CLEARLY = 2.0
+# Claim 3: how many points more ViT must lose than ViTBNFFN when the learning rate goes up.
+LR_DROP = 5.0
 
 
 def _paired_gaps(groups, base: str, bn: str, depth: int, lr: float, metric) -> list[float] | None:
@@ -390,21 +392,39 @@ def _mean_over_epochs(curve: Sequence[float]) -> float:
     return statistics.fmean(v for v in curve if not math.isnan(v))
 
 
+# What each expectation asks of a gap, as the interval [low, high) of gaps that satisfy it
+# ("comparable" is the open interval (-COMPARABLE, COMPARABLE)).
+EXPECTATIONS = {
+    "comparable": (-COMPARABLE, COMPARABLE),
+    "slightly": (SLIGHTLY, math.inf),
+    "clearly": (CLEARLY, math.inf),
+    "lr_drop": (LR_DROP, math.inf),
+}
+
+
+def _satisfies(gap: float, expect: str) -> bool:
+    low, high = EXPECTATIONS[expect]
+    return abs(gap) < COMPARABLE if expect == "comparable" else low <= gap < high
+
+
 def _judge(gaps: Sequence[float], expect: str) -> tuple[str, str]:
-    """Verdict for one (depth, lr) pair: is the gap what the article says?"""
+    """Verdict on per-seed gaps: do they show what the article says (`expect`)?
+
+    With one seed the mean decides. With several, the verdict is `reproduced` only when the
+    whole range mean ± standard deviation satisfies the expectation, `not reproduced` when none
+    of it does, and `inconclusive` when the range straddles the threshold: the seeds' spread
+    covers the difference between the measured gap and the one the claim needs.
+    """
     mean = statistics.fmean(gaps)
-    spread = statistics.stdev(gaps) if len(gaps) > 1 else None
-    text = f"{mean:+.1f}" + ("" if spread is None else f" ± {spread:.1f}") + " pts"
-    noisy = spread is not None and abs(mean) <= spread
-    if expect == "comparable":
-        ok = abs(mean) < COMPARABLE
-    elif expect == "slightly":
-        ok = mean >= SLIGHTLY
-    else:  # clearly
-        ok = mean >= CLEARLY
-    if ok:
+    spread = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+    text = f"{mean:+.1f}" + (f" ± {spread:.1f}" if len(gaps) > 1 else "") + " pts"
+    ends = (mean - spread, mean + spread)
+    if all(_satisfies(end, expect) for end in ends):
         return "reproduced", text
-    return ("inconclusive" if noisy else "not reproduced"), text
+    low, high = EXPECTATIONS[expect]
+    if ends[1] <= low or ends[0] >= high:
+        return "not reproduced", text
+    return "inconclusive", text
 
 
 def _combine(parts: Sequence[str]) -> str:
@@ -421,9 +441,9 @@ def verdicts(results: Sequence[Mapping[str, Any]], claims: Iterable[int] = (1, 2
     """The article's claims, each with what the results show and a verdict computed from them.
 
     A verdict is `reproduced`, `not reproduced`, or `inconclusive` (data missing, or the
-    seeds' spread covers the gap). Claims about curves use the mean over epochs of the
-    validation-accuracy gap, paired by seed; thresholds are `COMPARABLE`, `SLIGHTLY` and
-    `CLEARLY` points.
+    range mean ± std over seeds straddles the threshold the claim needs). Claims about curves
+    use the mean over epochs of the validation-accuracy gap, paired by seed; thresholds are
+    `COMPARABLE`, `SLIGHTLY` and `CLEARLY` points, and `LR_DROP` for claim 3.
     """
     groups = summarize(results)
     out = []
@@ -469,15 +489,8 @@ def _claim_lr_drop(groups) -> Verdict:
         drops[model] = [100 * (a - b) for a, b in zip(low_final, high_final, strict=False)]
         texts.append(f"{label} {_fmt(low_final)}% -> {_fmt(high_final)}%")
     extra = [v - b for v, b in zip(drops["vit_mnist"], drops["vitbnffn_mnist"], strict=False)]
-    mean = statistics.fmean(extra)
-    spread = statistics.stdev(extra) if len(extra) > 1 else None
-    texts.append(f"ViT loses {mean:+.1f}" + ("" if spread is None else f" ± {spread:.1f}") + " pts more")
-    if mean >= 5.0:
-        verdict = "reproduced"
-    elif spread is not None and abs(mean) <= spread:
-        verdict = "inconclusive"
-    else:
-        verdict = "not reproduced"
+    verdict, text = _judge(extra, "lr_drop")
+    texts.append(f"ViT loses {text} more")
     return Verdict(3, CLAIMS[3], "; ".join(texts), verdict)
 
 
@@ -561,8 +574,9 @@ def write_report(
             "",
             f"Gaps are ViTBNFFN minus ViT (DNNBN minus DNN), in accuracy points, averaged over epochs and paired "
             f"by seed. 'comparable': |gap| < {COMPARABLE}; 'slightly ahead': gap >= {SLIGHTLY}; "
-            f"'clearly ahead': gap >= {CLEARLY}. A verdict is 'inconclusive' when the spread over seeds "
-            "covers the gap. A diverged run counts as chance accuracy after it diverged.",
+            f"'clearly ahead': gap >= {CLEARLY}. With several seeds a verdict needs the whole range "
+            "mean ± std to agree, and is 'inconclusive' when that range straddles the threshold. "
+            "A diverged run counts as chance accuracy after it diverged.",
         ]
     figures = sorted(p.name for p in out.glob("*.png"))
     if figures:
