@@ -271,7 +271,6 @@ def test_claim_3_compares_the_drops():
     assert verdicts(results, [3])[0].verdict == "not reproduced"
 
 
-
 def lr_drop_results(vit_at_005: list[float]) -> list[dict]:
     """Depth 3: both models at 91% with lr 0.003; ViTBNFFN at 88% and ViT at the given seeds' values with lr 0.005."""
     out = []
@@ -302,6 +301,7 @@ def test_a_small_gap_is_not_clearly_ahead_even_when_seeds_are_noisy():
     (v,) = verdicts(results, [2])
     assert "depth 4: +0.5 ± 0.6 pts (clearly expected: not reproduced)" in v.measured
     assert v.verdict == "not reproduced"
+
 
 def test_claim_4_counts_a_diverged_mlp_as_broken_down():
     results = [
