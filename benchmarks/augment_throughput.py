@@ -20,37 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
 import torch
-import torchvision
 from PIL import Image
 
 from bnvit.data import DeviceLoader, MNISTDataset, article_transform, augment_batch, load_mnist
-
-
-def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads_default": torch.get_num_threads(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "pillow": Image.__version__,
-    }
+from common import machine
 
 
 def _rate(work: Callable[[], int], threads: int) -> float:
@@ -123,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, value in median.items():
         print(f"{name:46s}{threads[name]:8d}{value:12,.0f}{value / reference:15.1f}x")
     result = {
-        "machine": _machine(),
+        "machine": {**machine(torch.device("cpu")), "pillow": Image.__version__},
         "repeats": args.repeats,
         "images_per_second": median,
         "threads": threads,

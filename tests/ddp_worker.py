@@ -22,29 +22,12 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, TensorDataset
 
-TINY = dict(dim=16, depth=1, heads=2, dim_head=8, mlp_dim=32)
+from toys import tiny_model, toy_data
+
 EQUIVALENCE = dict(
     epochs=3, lr=1e-3, batch_size=100, optimizer="adam", device="cpu", precision="fp32", seed=0, progress=False
 )
 RESUMABLE = dict(epochs=4, lr=3e-3, batch_size=32, device="cpu", seed=0)
-
-
-def tiny_model(norm: str = "bn_ffn", seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from bnvit import ViT
-
-    torch.manual_seed(seed)
-    return ViT(norm=norm, **TINY).to(dtype)
-
-
-def toy_data(n: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images whose brightest quadrant tells the class (4 classes)."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 4, (n,), generator=g)
-    images = torch.rand(n, 1, 28, 28, generator=g) * 0.2
-    for i, label in enumerate(labels.tolist()):
-        r, c = divmod(label, 2)
-        images[i, 0, r * 14 : (r + 1) * 14, c * 14 : (c + 1) * 14] += 0.8
-    return images, labels
 
 
 def float64_loader(n: int = 200) -> DataLoader:

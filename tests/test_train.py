@@ -16,29 +16,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bnvit import MLP, JSONLLogger, ViT, fit, recalibrate_bn
+from bnvit import MLP, JSONLLogger, fit, recalibrate_bn
 from bnvit.callbacks import Callback
 from bnvit.checkpoint import LAST, PREVIOUS, load_checkpoint
 from bnvit.data import DeviceLoader
 from bnvit.history import EpochRecord, History
-
-TINY = dict(dim=16, depth=1, heads=2, dim_head=8, mlp_dim=32)
-
-
-def tiny_model(norm: str = "bn_ffn", seed: int = 0) -> ViT:
-    torch.manual_seed(seed)
-    return ViT(norm=norm, **TINY)
-
-
-def toy_data(n: int = 96, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images whose brightest quadrant tells the class: learnable in a few steps."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 4, (n,), generator=g)
-    images = torch.rand(n, 1, 28, 28, generator=g) * 0.2
-    for i, label in enumerate(labels.tolist()):
-        r, c = divmod(label, 2)
-        images[i, 0, r * 14 : (r + 1) * 14, c * 14 : (c + 1) * 14] += 0.8
-    return images, labels
+from toys import tiny_model, toy_data
 
 
 def metrics(history: History) -> list[dict]:

@@ -12,18 +12,16 @@ onnxruntime or any other ONNX runtime. It needs the optional extra: `pip install
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._io import _fsync_dir
+from ._io import atomic_path
 from .fuse import fold_batchnorm
 from .train import resolve_device
 from .vit import ViT
@@ -232,22 +230,6 @@ def export_onnx(
         verbose=False,
         **kwargs,
     )
-    _save_atomically(program, path)
+    with atomic_path(path) as tmp:
+        program.save(str(tmp), external_data=False)
     return path
-
-
-def _save_atomically(program: Any, path: Path) -> None:
-    """`program.save(path)` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        program.save(tmp, external_data=False)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
