@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bnvit import ViT, checkpoint_filter_fn, fold_batchnorm
-from bnvit.train import resolve_precision
+from bnvit.training import resolve_precision
 from common import interleaved
 from reference_vit import ReferenceViT
 

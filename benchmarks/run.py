@@ -34,7 +34,7 @@ import augment_throughput
 import deploy_speed
 import epoch
 import model_speed
-from bnvit.train import resolve_device
+from bnvit.training import resolve_device
 from common import machine, table
 
 SECTIONS = ("train", "infer", "augment", "epoch", "deploy", "sweep")

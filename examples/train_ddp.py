@@ -26,7 +26,7 @@ import torch
 
 from bnvit import JSONLLogger, ViTBNFFN, fit
 from bnvit.data import mnist_loaders
-from bnvit.distributed import is_main_process, local_device
+from bnvit.training.distributed import is_main_process, local_device
 
 QUICK = dict(train_subset=2000, test_subset=1000)
 

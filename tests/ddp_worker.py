@@ -66,8 +66,8 @@ def equivalence(out: Path, rank: int) -> None:
 def checkpoints(out: Path, rank: int) -> None:
     """A full run with a logger and progress, a run stopped by a callback, its resumption."""
     from bnvit import JSONLLogger, fit
-    from bnvit import train as train_module
-    from bnvit.callbacks import Callback
+    from bnvit.training import loop as train_module
+    from bnvit.training.callbacks import Callback
 
     saved_epochs: list[int] = []
     save = train_module._save
@@ -127,7 +127,7 @@ def syncbn(out: Path, rank: int) -> None:
     """`CPUSyncBatchNorm` on unequal shares (3 and 5 samples), 2-d and 4-d, forward and backward."""
     import torch.distributed as dist
 
-    from bnvit.distributed import CPUSyncBatchNorm
+    from bnvit.training.distributed import CPUSyncBatchNorm
 
     started_here = not dist.is_initialized()
     if started_here:

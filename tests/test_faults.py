@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import bnvit
-from bnvit.checkpoint import LAST, load_checkpoint
+from bnvit.training.checkpoint import LAST, load_checkpoint
 from bnvit.data import DeviceLoader
 from bnvit.experiments import Cell, Settings, run_sweep
 from test_train import FIT, metrics, tiny_model, toy_data

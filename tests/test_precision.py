@@ -9,7 +9,7 @@ import torch
 
 from bnvit import ViTBNFFN, fit
 from bnvit.data import load_mnist
-from bnvit.train import cpu_has_fast_bf16, resolve_precision
+from bnvit.training import cpu_has_fast_bf16, resolve_precision
 
 
 def test_auto_precision_per_device():

@@ -31,7 +31,7 @@ from . import __version__
 from .data.digits import MNIST_SIZE, prepare_digit
 from .deploy import for_inference
 from .registry import load_model
-from .train import resolve_device
+from .device import resolve_device
 from .vit import ViT
 
 __all__ = ["build_parser", "main", "predict"]

@@ -23,7 +23,7 @@ from torch import nn
 
 from ._io import atomic_path
 from .fuse import fold_batchnorm
-from .train import resolve_device
+from .device import resolve_device
 from .vit import ViT
 
 __all__ = ["ONNX_INPUT_NAME", "ONNX_OUTPUT_NAME", "export_onnx", "for_inference"]

@@ -33,7 +33,7 @@ import torch
 
 from . import _checks
 from ._io import append_line_atomic, atomic_write_text, check_writable
-from .history import History, finite_or_none
+from .training.history import History, finite_or_none
 
 __all__ = [
     "Cell",
@@ -202,7 +202,7 @@ def run_sweep(
         All results in the folder, old and new.
     """
     from .data import DeviceLoader, load_mnist, mnist_loaders
-    from .train import evaluate, fit, resolve_device
+    from .training import evaluate, fit, resolve_device
 
     out = Path(out)
     device = resolve_device(device)
@@ -274,7 +274,7 @@ def estimate_seconds(
     cells: Sequence[Cell], settings: Settings, device: str | torch.device = "auto", steps: int = 4
 ) -> float:
     """Time a few training steps of each (model, depth) and extrapolate to the whole sweep."""
-    from .train import resolve_device, resolve_precision
+    from .training import resolve_device, resolve_precision
 
     device = resolve_device(device)
     precision = resolve_precision(settings.precision, device)
@@ -794,7 +794,7 @@ def run_cli(experiment: Experiment, argv: Sequence[str] | None = None) -> int:
         settings = _settings_from_args(experiment, args)
         seeds = _checks.positive_int("--seeds", args.seeds)
         grid = _grid_from_args(experiment, args)
-        from .train import resolve_device
+        from .training import resolve_device
 
         device = resolve_device(args.device)
     except (ValueError, TypeError) as err:

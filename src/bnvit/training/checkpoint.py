@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_torch_save
+from .._io import atomic_torch_save
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
 

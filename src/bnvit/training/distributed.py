@@ -43,6 +43,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader
+
+from ..data import DeviceLoader
+from ..device import resolve_device
 
 __all__ = [
     "CPUSyncBatchNorm",
@@ -180,8 +184,6 @@ def _torchrun_env() -> tuple[int, int, int] | None:
 
 def _local_device(device: str | torch.device, local_rank: int) -> torch.device:
     """This process's device: `"auto"` and `"cuda"` mean the GPU `cuda:local_rank`."""
-    from .train import resolve_device
-
     device = resolve_device(device)
     if device.type == "cuda" and device.index is None:
         count = torch.cuda.device_count()
@@ -355,10 +357,6 @@ def shard(loader: Any, ddp: Distributed, *, name: str, train: bool, seed: int) -
         >>> mine.batch_size, mine.num_samples, mine.rank
         (2, 5, 1)
     """
-    from torch.utils.data import DataLoader
-
-    from .data import DeviceLoader
-
     if isinstance(loader, DeviceLoader):
         return _shard_device_loader(loader, ddp, name, train)
     if isinstance(loader, DataLoader):
@@ -367,8 +365,6 @@ def shard(loader: Any, ddp: Distributed, *, name: str, train: bool, seed: int) -
 
 
 def _shard_device_loader(loader: Any, ddp: Distributed, name: str, train: bool) -> Any:
-    from .data import DeviceLoader
-
     if loader.world_size > 1:
         if (loader.rank, loader.world_size) != (ddp.rank, ddp.world_size):
             raise ValueError(

@@ -29,79 +29,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from . import _checks
+from .. import _checks
+from ..data import DeviceLoader
+from .._io import check_writable
+from ..device import PRECISIONS, autocast, resolve_device, resolve_precision
 from . import distributed as _ddp
-from ._io import check_writable
 from .callbacks import Callback, TrainState
 from .checkpoint import load_checkpoint, save_checkpoint
 from .history import EpochRecord, History
 
-__all__ = ["PRECISIONS", "evaluate", "fit", "recalibrate_bn", "resolve_device", "resolve_precision"]
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+__all__ = ["evaluate", "fit", "recalibrate_bn"]
 
 TrainData = Dataset | DataLoader | Iterable | tuple[torch.Tensor, torch.Tensor]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-
-
-# ----------------------------------------------------------------------------- devices and precision
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """`"auto"` -> CUDA if available, else CPU; anything else as `torch.device`.
-
-    Examples:
-        >>> resolve_device("cpu")
-        device(type='cpu')
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"invalid device {device!r}: {err}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available here; use 'cpu' or 'auto'")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`"auto"` -> the fastest precision that does not change what training reaches on `device`.
-
-    That is bf16 autocast (matrix products in bf16; BatchNorm statistics, softmax and the loss
-    in fp32) on CUDA and on CPUs with native bf16 instructions (AVX512-BF16 or AMX), where it
-    makes a training step about twice as fast; fp32 on other CPUs, where bf16 is emulated and
-    slower. `tests/test_precision.py` shows the accuracies of bf16 and fp32 runs agree within
-    seed noise; `docs/benchmarks.md` has the measurements.
-
-    Examples:
-        >>> resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
-        True
-        >>> resolve_precision("fp32", torch.device("cpu"))
-        'fp32'
-    """
-    _checks.choice("precision", precision, PRECISIONS)
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()) else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError(f"precision='fp16' needs CUDA, the device is {device}; use 'bf16' or 'fp32'")
-    return precision
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), as oneDNN reports."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- data
@@ -109,8 +50,6 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 
 def _as_loader(data: Any, *, name: str, batch_size: int, shuffle: bool, device: torch.device, seed: int) -> Any:
     """Turn what the user passed into something that yields `(images, labels)` batches."""
-    from .data import DeviceLoader
-
     if isinstance(data, (DeviceLoader, DataLoader)):
         loader = data
     elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
@@ -236,7 +175,7 @@ def _evaluate(
         with torch.no_grad():
             for images, labels in loader:
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                with _autocast(device, precision):
+                with autocast(device, precision):
                     logits = model(images)
                 loss_sum += loss_fn(logits.float(), labels).double() * len(labels)
                 correct += (logits.argmax(1) == labels).sum()
@@ -285,12 +224,12 @@ def fit(
     returns the same `History`. `batch_size` is the *global* batch (each of `W` processes
     takes `batch_size / W`), so `batch_size=100` means the same training at any world size.
     With `sync_bn=True` the model's BatchNorms compute their statistics over the global batch
-    too (torch's `SyncBatchNorm` on CUDA, `bnvit.distributed.CPUSyncBatchNorm` on the CPU); they are swapped in
+    too (torch's `SyncBatchNorm` on CUDA, `bnvit.training.distributed.CPUSyncBatchNorm` on the CPU); they are swapped in
     the model you pass for the duration of `fit` and swapped back at the end, so the trained
     weights are in your model, as plain BatchNorms, and the checkpoints load into a plain
     model. Only rank 0 writes checkpoints, shows progress and runs the callbacks;
     `checkpoint_dir` must be a folder every process can read (a shared filesystem), as every
-    process resumes from it. See `bnvit.distributed` for how loaders are sharded.
+    process resumes from it. See `bnvit.training.distributed` for how loaders are sharded.
 
     Args:
         model: A classifier returning `(batch, num_classes)` logits; moved to `device`.
@@ -318,7 +257,7 @@ def fit(
         compile: Train through `torch.compile(model)`.
         seed: Makes the run reproducible: each epoch's randomness is seeded from `(seed, epoch)`
             (and the rank, in a distributed run).
-        callbacks: `bnvit.callbacks.Callback` objects (loggers, early stopping...); run by
+        callbacks: `bnvit.training.callbacks.Callback` objects (loggers, early stopping...); run by
             rank 0 only. A stop requested there stops every process.
         progress: Show a progress bar per epoch and a summary line after it (rank 0 only).
         checkpoint_dir: Save the full training state there after every epoch, and resume
@@ -539,7 +478,7 @@ def _train_epoch(
     try:
         for step, (images, labels) in enumerate(loader, start=1):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 logits = model(images)
             loss = loss_fn(logits.float(), labels)
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,30 @@
+"""Training: the loop (`fit`, `evaluate`), checkpoint/resume, history, callbacks, distributed.
+
+Imports the models' and data's layers, never the article harness. Device and precision
+resolution lives one layer down in `bnvit.device`, so that inference needs no training code.
+"""
+
+from __future__ import annotations
+
+from ..device import PRECISIONS, cpu_has_fast_bf16, resolve_device, resolve_precision
+from .callbacks import Callback, CSVLogger, JSONLLogger, MLflowLogger, TensorBoardLogger, TrainState
+from .history import EpochRecord, History
+from .loop import evaluate, fit, recalibrate_bn
+
+__all__ = [
+    "PRECISIONS",
+    "CSVLogger",
+    "Callback",
+    "EpochRecord",
+    "History",
+    "JSONLLogger",
+    "MLflowLogger",
+    "TensorBoardLogger",
+    "TrainState",
+    "cpu_has_fast_bf16",
+    "evaluate",
+    "fit",
+    "recalibrate_bn",
+    "resolve_device",
+    "resolve_precision",
+]
