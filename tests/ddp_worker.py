@@ -66,7 +66,7 @@ def equivalence(out: Path, rank: int) -> None:
 def checkpoints(out: Path, rank: int) -> None:
     """A full run with a logger and progress, a run stopped by a callback, its resumption."""
     from bnvit import JSONLLogger, fit
-    from bnvit.training import loop as train_module
+    from bnvit.training import checkpoint as train_module
     from bnvit.training.callbacks import Callback
 
     saved_epochs: list[int] = []

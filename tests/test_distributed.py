@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import bnvit
 from bnvit import fit
-from bnvit.training.checkpoint import load_checkpoint
 from bnvit.data import DeviceLoader
+from bnvit.training.checkpoint import load_checkpoint
 from bnvit.training.distributed import CPUSyncBatchNorm, Distributed, convert_batchnorm, restore_batchnorm, setup, shard
 from ddp_worker import EQUIVALENCE, float64_loader, metrics, tiny_model, toy_data
 

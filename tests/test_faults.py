@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import bnvit
-from bnvit.training.checkpoint import LAST, load_checkpoint
 from bnvit.data import DeviceLoader
-from bnvit.experiments import Cell, Settings, run_sweep
+from bnvit.article import Cell, Settings, run_sweep
+from bnvit.training.checkpoint import LAST, load_checkpoint
 from test_train import FIT, metrics, tiny_model, toy_data
 
 
@@ -111,7 +111,7 @@ KILLED_WHILE_WRITING = textwrap.dedent(
     from bnvit import _io
     sys.path.insert(0, {tests!r})
     from test_faults import CELL, SETTINGS
-    from bnvit.experiments import run_sweep
+    from bnvit.article import run_sweep
 
     original = _io.atomic_open
 

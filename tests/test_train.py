@@ -17,9 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnvit import MLP, JSONLLogger, fit, recalibrate_bn
+from bnvit.data import DeviceLoader
 from bnvit.training.callbacks import Callback
 from bnvit.training.checkpoint import LAST, PREVIOUS, load_checkpoint
-from bnvit.data import DeviceLoader
 from bnvit.training.history import EpochRecord, History
 from toys import tiny_model, toy_data
 

@@ -17,7 +17,6 @@ __all__ = ["PRECISIONS", "autocast", "cpu_has_fast_bf16", "resolve_device", "res
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """`"auto"` -> CUDA if available, else CPU; anything else as `torch.device`.
 

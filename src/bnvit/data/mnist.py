@@ -200,7 +200,7 @@ def _missing_message(root: Path, train: bool, missing: list[Path], searched: str
 
 def _download(root: Path, train: bool) -> None:
     try:
-        from torchvision.datasets import MNIST
+        from torchvision.datasets import MNIST  # deferred: costly import, needed only to download
 
         MNIST(root=str(root), train=train, download=True)
     except Exception as error:  # offline, unreachable mirror, read-only folder, ...

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from torch import nn
     from torch.optim import Optimizer
 
-__all__ = ["CSVLogger", "Callback", "JSONLLogger", "MLflowLogger", "TensorBoardLogger", "TrainState"]
+__all__ = ["CSVLogger", "Callback", "CallbackList", "JSONLLogger", "MLflowLogger", "TensorBoardLogger", "TrainState"]
 
 
 class TrainState:
@@ -47,6 +48,29 @@ class Callback:
 
     def on_fit_end(self, state: TrainState) -> None:
         """Called once when the run ends: finished, diverged or stopped."""
+
+
+class CallbackList(Callback):
+    """Several callbacks as one: each hook calls theirs in order.
+
+    Examples:
+        >>> CallbackList([Callback(), Callback()]).on_fit_end(None)
+    """
+
+    def __init__(self, callbacks: Iterable[Callback] = ()) -> None:
+        self.callbacks = list(callbacks)
+
+    def on_fit_start(self, state: TrainState) -> None:
+        for callback in self.callbacks:
+            callback.on_fit_start(state)
+
+    def on_epoch_end(self, state: TrainState, record: EpochRecord) -> None:
+        for callback in self.callbacks:
+            callback.on_epoch_end(state, record)
+
+    def on_fit_end(self, state: TrainState) -> None:
+        for callback in self.callbacks:
+            callback.on_fit_end(state)
 
 
 class JSONLLogger(Callback):
@@ -108,7 +132,7 @@ class MLflowLogger(Callback):
         tracking_uri: str | None = None,
     ) -> None:
         try:
-            import mlflow
+            import mlflow  # deferred: an optional extra, needed only by this logger
         except ImportError as err:
             raise ImportError('MLflowLogger needs MLflow: pip install "bnvit[mlflow]"') from err
         self.mlflow = mlflow
@@ -139,7 +163,7 @@ class TensorBoardLogger(Callback):
 
     def __init__(self, log_dir: str | os.PathLike) -> None:
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # deferred: optional extra (tensorboard)
         except ImportError as err:
             raise ImportError('TensorBoardLogger needs TensorBoard: pip install "bnvit[tensorboard]"') from err
         self.writer = SummaryWriter(log_dir=str(log_dir))

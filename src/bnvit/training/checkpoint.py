@@ -14,16 +14,22 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
 from .._io import atomic_torch_save
+from .distributed import Distributed
+from .history import History
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["Resumable", "load_checkpoint", "restore", "rng_state", "save_checkpoint", "save_state", "set_rng_state"]
 
 LAST = "last.pt"
 PREVIOUS = "previous.pt"
@@ -88,3 +94,107 @@ def _refuse_code(path: Path, err: pickle.UnpicklingError) -> None:
             f"refusing {path}: it asks to import the Python object {found.group(1)}, which a bnvit checkpoint "
             "never holds (nothing from it was run); remove the file or use another checkpoint_dir"
         ) from err
+
+
+# ----------------------------------------------------------------------------- the state of a run
+
+
+@dataclass
+class Resumable:
+    """What a checkpoint of `fit` restores, besides the History: the objects and the run's arguments.
+
+    Attributes:
+        model: The model (plain BatchNorms or synchronized ones: they share their state).
+        optimizer: Its optimizer.
+        scheduler: Its learning-rate scheduler, or None.
+        scaler: The fp16 gradient scaler, or None.
+        run: The arguments that define the run; a checkpoint resumes only a run with the same.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    run: dict[str, Any]
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every random number generator a training step may draw from."""
+    np_state = np.random.get_state()
+    return dict(
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        python=random.getstate(),
+        numpy=[np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+    )
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    version, *rest = state["python"]
+    random.setstate((version, tuple(rest[0]), rest[1]))
+    kind, keys, *others = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *others))
+
+
+def save_state(folder: Path, epoch: int, parts: Resumable, history: History, world: Distributed) -> None:
+    """Rank 0 saves the state after `epoch`; the others wait until the file is complete, so any may read it next."""
+    if world.is_main:
+        _save(folder, epoch, parts, history)
+    world.barrier()
+
+
+def _save(folder: Path, epoch: int, parts: Resumable, history: History) -> None:
+    save_checkpoint(
+        folder,
+        dict(
+            epoch=epoch,
+            model=parts.model.state_dict(),
+            config=getattr(parts.model, "config", None),
+            optimizer=parts.optimizer.state_dict(),
+            scheduler=None if parts.scheduler is None else parts.scheduler.state_dict(),
+            scaler=None if parts.scaler is None else parts.scaler.state_dict(),
+            rng=rng_state(),
+            history=history.to_dict(),
+            run=parts.run,
+        ),
+    )
+
+
+def restore(folder: Path, parts: Resumable, epochs: int, map_location: torch.device) -> History | None:
+    """Load the newest checkpoint in `folder` into `parts` and return its History; `None` if there is none.
+
+    Raises:
+        ValueError: If the checkpoint is of another run (other arguments, more epochs, another model).
+    """
+    saved = load_checkpoint(folder, map_location=map_location)
+    if saved is None:
+        return None
+    differences = [
+        f"{key}: checkpoint {saved['run'].get(key)!r}, this call {value!r}"
+        for key, value in parts.run.items()
+        if saved["run"].get(key) != value
+    ]
+    if differences:
+        raise ValueError(
+            f"{folder} holds a checkpoint of a different run; use another checkpoint_dir or repeat its "
+            "arguments:\n  " + "\n  ".join(differences)
+        )
+    if saved["epoch"] > epochs:
+        raise ValueError(f"{folder} already holds {saved['epoch']} epochs, more than epochs={epochs}")
+    try:
+        parts.model.load_state_dict(saved["model"])
+    except RuntimeError as err:
+        raise ValueError(f"the checkpoint in {folder} is for a different model: {err}") from err
+    parts.optimizer.load_state_dict(saved["optimizer"])
+    if parts.scheduler is not None and saved["scheduler"] is not None:
+        parts.scheduler.load_state_dict(saved["scheduler"])
+    if parts.scaler is not None and saved["scaler"] is not None:
+        parts.scaler.load_state_dict(saved["scaler"])
+    set_rng_state(saved["rng"])
+    history = History.from_dict(saved["history"])
+    history.meta.update(epochs=epochs)
+    return history

@@ -1,6 +1,8 @@
 """Multi-process training: the DistributedDataParallel plumbing behind `fit(distributed=...)`.
 
-`fit()` calls this module at a few points and stays a single-process loop otherwise:
+`fit()` runs one loop for any number of processes: a run of one process is a `Distributed`
+world of one (`alone`), whose collectives return their input and whose barrier returns at
+once, so the loop has no single-process branches. For several processes:
 
 1. `setup` decides whether the run is distributed (torchrun's `RANK`, `WORLD_SIZE` and
    `LOCAL_RANK` with `WORLD_SIZE > 1`, or a process group that is already initialized),
@@ -43,7 +45,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+)
 
 from ..data import DeviceLoader
 from ..device import resolve_device
@@ -51,6 +62,7 @@ from ..device import resolve_device
 __all__ = [
     "CPUSyncBatchNorm",
     "Distributed",
+    "alone",
     "convert_batchnorm",
     "fail_together",
     "is_main_process",
@@ -152,6 +164,55 @@ class Distributed:
             dist.barrier(device_ids=[self.device.index])
         else:
             dist.barrier()
+
+    def describe(self, sync_bn: bool) -> dict[str, Any]:
+        """Where the run trains, for `History.meta`: the same on every process."""
+        return {"device": self.device.type, "world_size": self.world_size, "sync_bn": sync_bn}
+
+
+class _Alone(Distributed):
+    """A world of one process: every collective returns its input, the barrier returns at once."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(rank=0, world_size=1, local_rank=0, device=device, backend="none")
+
+    def sum(self, *values: torch.Tensor | float) -> tuple[float, ...]:
+        return tuple(float(v) for v in values)
+
+    def max(self, *values: float) -> tuple[float, ...]:
+        return tuple(float(v) for v in values)
+
+    def all_true(self, flag: torch.Tensor | bool) -> bool:
+        return bool(flag)
+
+    def gather(self, value: int) -> list[int]:
+        return [int(value)]
+
+    def from_main(self, flag: bool) -> bool:
+        return bool(flag)
+
+    def check_same(self, what: str, value: int, hint: str = "") -> None:
+        pass
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        pass
+
+    def barrier(self) -> None:
+        pass
+
+    def describe(self, sync_bn: bool) -> dict[str, Any]:
+        return {"device": str(self.device)}
+
+
+def alone(device: str | torch.device = "auto") -> Distributed:
+    """The world of a process that trains alone: rank 0 of 1 on `device`, with no process group.
+
+    Examples:
+        >>> world = alone("cpu")
+        >>> world.is_main, world.world_size, world.sum(torch.tensor(2.0), 3)
+        (True, 1, (2.0, 3.0))
+    """
+    return _Alone(resolve_device(device))
 
 
 def is_main_process() -> bool:
@@ -280,13 +341,13 @@ def fail_together(ddp: Distributed | None) -> Iterator[None]:
     """Run a block that must not contain collectives; if it raises on any process, raise on all.
 
     The process that failed re-raises its own error; the others raise a `RuntimeError` naming
-    the failed ranks. With `ddp=None` the block runs as it is.
+    the failed ranks. With `ddp=None` or a world of one, the block runs as it is.
 
     Examples:
         >>> with fail_together(None):
         ...     pass
     """
-    if ddp is None:
+    if ddp is None or ddp.world_size == 1:
         yield
         return
     error: Exception | None = None
@@ -302,13 +363,14 @@ def fail_together(ddp: Distributed | None) -> Iterator[None]:
 
 
 def wrap(model: nn.Module, ddp: Distributed) -> nn.Module:
-    """`model` in `DistributedDataParallel` for this process's device.
+    """`model` in `DistributedDataParallel` for this process's device; `model` itself in a world of one.
 
     Examples:
-        >>> wrap(nn.Linear(2, 2), ddp)  # doctest: +SKIP
+        >>> wrap(nn.Linear(2, 2), alone("cpu"))
+        Linear(in_features=2, out_features=2, bias=True)
     """
-    from torch.nn.parallel import DistributedDataParallel
-
+    if ddp.world_size == 1:
+        return model
     device_ids = [ddp.device.index] if ddp.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)
 
@@ -332,6 +394,7 @@ def shard(loader: Any, ddp: Distributed, *, name: str, train: bool, seed: int) -
 
     Rules:
 
+    - In a world of one, the loader is used as it is.
     - A loader that is already sharded for this process (a `DeviceLoader` with this `rank`
       and `world_size`, a `DataLoader` with a `DistributedSampler` for this rank) is used as
       it is; its batch size is then per process.
@@ -357,6 +420,8 @@ def shard(loader: Any, ddp: Distributed, *, name: str, train: bool, seed: int) -
         >>> mine.batch_size, mine.num_samples, mine.rank
         (2, 5, 1)
     """
+    if ddp.world_size == 1:
+        return loader
     if isinstance(loader, DeviceLoader):
         return _shard_device_loader(loader, ddp, name, train)
     if isinstance(loader, DataLoader):
@@ -394,16 +459,6 @@ def _check_enough(n: int, ddp: Distributed, name: str) -> None:
 
 
 def _shard_data_loader(loader: Any, ddp: Distributed, name: str, train: bool, seed: int) -> Any:
-    from torch.utils.data import (
-        BatchSampler,
-        DataLoader,
-        DistributedSampler,
-        IterableDataset,
-        RandomSampler,
-        SequentialSampler,
-        Subset,
-    )
-
     sampler = loader.sampler
     if isinstance(sampler, DistributedSampler):
         if (sampler.rank, sampler.num_replicas) != (ddp.rank, ddp.world_size):

@@ -14,28 +14,29 @@ experiments need to be trustworthy:
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.optim import create_optimizer_v2, list_optimizers
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .. import _checks
-from ..data import DeviceLoader
 from .._io import check_writable
-from ..device import PRECISIONS, autocast, resolve_device, resolve_precision
+from ..data import DeviceLoader
+from ..device import autocast, resolve_device, resolve_precision
+from . import checkpoint
 from . import distributed as _ddp
-from .callbacks import Callback, TrainState
-from .checkpoint import load_checkpoint, save_checkpoint
+from .callbacks import Callback, CallbackList, TrainState
 from .history import EpochRecord, History
 
 __all__ = ["evaluate", "fit", "recalibrate_bn"]
@@ -123,6 +124,31 @@ def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 # ----------------------------------------------------------------------------- evaluation
 
 
+@dataclass
+class Settings:
+    """How every step of a run is taken, besides the model, the data and the optimizer.
+
+    Attributes:
+        world: The processes training together (`distributed.alone` for one process).
+        precision: `"fp32"`, `"bf16"` or `"fp16"` (resolved).
+        loss_fn: `(logits, labels) -> loss`.
+        scaler: The fp16 gradient scaler, or None.
+        max_grad_norm: Clip the gradient norm to this, or None.
+        progress: Show a progress bar (rank 0 only).
+    """
+
+    world: _ddp.Distributed
+    precision: str = "fp32"
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    scaler: torch.amp.GradScaler | None = None
+    max_grad_norm: float | None = None
+    progress: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -152,40 +178,32 @@ def evaluate(
         >>> sorted(evaluate(ViTBNFFN(depth=1), (images, labels), device="cpu"))
         ['acc', 'loss', 'n']
     """
-    device = resolve_device(device)
-    precision = resolve_precision(precision, device)
-    loader = _as_loader(data, name="data", batch_size=batch_size, shuffle=False, device=device, seed=0)
-    return _evaluate(model.to(device), loader, device, precision, loss_fn or F.cross_entropy)
+    world = _ddp.alone(device)
+    settings = Settings(world, resolve_precision(precision, world.device), loss_fn or F.cross_entropy)
+    loader = _as_loader(data, name="data", batch_size=batch_size, shuffle=False, device=world.device, seed=0)
+    return _evaluate(model.to(world.device), loader, settings)
 
 
-def _evaluate(
-    model: nn.Module,
-    loader: Any,
-    device: torch.device,
-    precision: str,
-    loss_fn: Callable,
-    ddp: _ddp.Distributed | None = None,
-) -> dict:
+def _evaluate(model: nn.Module, loader: Any, s: Settings) -> dict:
+    """Loss and accuracy over `loader`, summed over every process of the world."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
+    loss_sum = torch.zeros((), device=s.device, dtype=torch.float64)
+    correct = torch.zeros((), device=s.device, dtype=torch.int64)
     n = 0
     try:
         with torch.no_grad():
             for images, labels in loader:
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                with autocast(device, precision):
+                images, labels = images.to(s.device, non_blocking=True), labels.to(s.device, non_blocking=True)
+                with autocast(s.device, s.precision):
                     logits = model(images)
-                loss_sum += loss_fn(logits.float(), labels).double() * len(labels)
+                loss_sum += s.loss_fn(logits.float(), labels).double() * len(labels)
                 correct += (logits.argmax(1) == labels).sum()
                 n += len(labels)
     finally:
         model.train(was_training)
-    if ddp is not None:  # every process evaluated its share
-        loss, hits, n = ddp.sum(loss_sum, correct, n)
-        return {"loss": loss / n, "acc": hits / n, "n": int(n)}
-    return {"loss": float(loss_sum) / n, "acc": int(correct) / n, "n": n}
+    loss, hits, n = s.world.sum(loss_sum, correct, n)
+    return {"loss": loss / n, "acc": hits / n, "n": int(n)}
 
 
 # ----------------------------------------------------------------------------- training
@@ -291,135 +309,56 @@ def fit(
         `torchrun --standalone --nproc_per_node=2 examples/train_ddp.py --epochs 1 --quick`.
     """
     # -- arguments, before anything expensive
-    epochs = _checks.positive_int("epochs", epochs)
-    lr = _checks.positive_float("lr", lr)
-    batch_size = _checks.positive_int("batch_size", batch_size)
-    eval_batch_size = _checks.positive_int("eval_batch_size", eval_batch_size)
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if max_grad_norm is not None:
-        max_grad_norm = _checks.positive_float("max_grad_norm", max_grad_norm)
-    if seed is not None:
-        seed = _checks.positive_int("seed", seed, minimum=0)
+    r = _Run(epochs, lr, batch_size, eval_batch_size, optimizer, weight_decay, scheduler, seed, max_grad_norm)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(sync_bn, bool):
         raise TypeError(f"sync_bn must be a bool, got {sync_bn!r}")
-    ddp = _ddp.setup(distributed, device)  # None: this process trains alone
-    device = resolve_device(device) if ddp is None else ddp.device
-    precision = resolve_precision(precision, device)
-    main = ddp is None or ddp.is_main  # the process that writes and reports
-    progress = progress and main
-    loss_fn = loss_fn or F.cross_entropy
+    world = _ddp.setup(distributed, device) or _ddp.alone(device)
+    device, main = world.device, world.is_main  # main: the process that writes, reports and runs callbacks
+    s = Settings(world, resolve_precision(precision, device), loss_fn or F.cross_entropy, None, r.max_grad_norm)
+    s.progress, hooks = progress and main, CallbackList(callbacks if main else ())
+    run = r.record(s.precision)
+    history = History(meta={**run, "epochs": r.epochs, **world.describe(sync_bn), **(meta or {})})
 
     model.to(device)
-    with _ddp.synced_batchnorm(model, enabled=ddp is not None and sync_bn, device=device):
+    with _ddp.synced_batchnorm(model, enabled=world.world_size > 1 and sync_bn, device=device):
         # -- data, model, optimizer, resume: anything that can fail, before any collective
-        with _ddp.fail_together(ddp):
-            if checkpoint_dir is not None:
-                checkpoint_dir = check_writable(checkpoint_dir, "checkpoint_dir") if main else Path(checkpoint_dir)
-            data_seed = 0 if seed is None else seed
-            train_loader = _as_loader(
-                train, name="train", batch_size=batch_size, shuffle=True, device=device, seed=data_seed
-            )
-            val_loader = None
-            if val is not None:
-                val_loader = _as_loader(
-                    val, name="val", batch_size=eval_batch_size, shuffle=False, device=device, seed=0
-                )
-            if ddp is not None:
-                train_loader = _ddp.shard(train_loader, ddp, name="train", train=True, seed=data_seed)
-                if val_loader is not None:
-                    val_loader = _ddp.shard(val_loader, ddp, name="val", train=False, seed=0)
-            _preflight(model, train_loader, "train", device)
-            if val_loader is not None:
-                _preflight(model, val_loader, "val", device)
+        with _ddp.fail_together(world):
+            checkpoint_dir = _checkpoint_folder(checkpoint_dir, main)
+            data_seed = 0 if r.seed is None else r.seed
+            train_loader = _prepared(model, train, "train", r.batch_size, True, data_seed, world)
+            val_loader = None if val is None else _prepared(model, val, "val", r.eval_batch_size, False, 0, world)
+            opt = _make_optimizer(model, r.optimizer, r.lr, r.weight_decay)
+            sched = _make_scheduler(r.scheduler, opt, r.epochs)
+            s.scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
+            parts = checkpoint.Resumable(model, opt, sched, s.scaler, run)
+            history = _resume(checkpoint_dir, parts, r.epochs, s) or history
 
-            opt = _make_optimizer(model, optimizer, lr, weight_decay)
-            sched = _make_scheduler(scheduler, opt, epochs)
-            scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        _agree(world, len(train_loader), history, checkpoint_dir)
+        step_model, eval_model = _step_and_eval_models(model, world, compile)
 
-            run = dict(
-                lr=lr,
-                batch_size=batch_size,
-                optimizer=optimizer if isinstance(optimizer, str) else _qualname(optimizer),
-                weight_decay=weight_decay,
-                scheduler=scheduler if scheduler is None or isinstance(scheduler, str) else _qualname(scheduler),
-                seed=seed,
-                max_grad_norm=max_grad_norm,
-                precision=precision,
-            )
-            where: dict[str, Any] = {"device": str(device)}
-            if ddp is not None:  # the same on every process
-                where = {"device": device.type, "world_size": ddp.world_size, "sync_bn": sync_bn}
-            history = History(meta={**run, "epochs": epochs, **where, **(meta or {})})
-
-            if checkpoint_dir is not None:
-                saved = load_checkpoint(checkpoint_dir, map_location=device)
-                if saved is not None:
-                    history = _restore(saved, run, epochs, model, opt, sched, scaler, checkpoint_dir)
-                    history.meta.update(epochs=epochs)
-
-        eval_model = model
-        step_model = model
-        if ddp is not None:
-            ddp.check_same("the number of training batches per epoch", len(train_loader))
-            if checkpoint_dir is not None:
-                hint = f"; checkpoint_dir {checkpoint_dir} must be a folder every process sees (a shared filesystem)"
-                ddp.check_same("the epoch to resume from", history.epochs_done, hint)
-            step_model = _ddp.wrap(model, ddp)  # evaluation bypasses it: no collective per batch there
-        if compile:
-            step_model = torch.compile(step_model)
-            eval_model = step_model if ddp is None else torch.compile(model)
-
-        state = TrainState(model, opt, history, epochs)
-        if main:
-            for callback in callbacks:
-                callback.on_fit_start(state)
-
-        start = history.epochs_done + 1
-        if history.diverged:
-            start = epochs + 1  # a diverged run is finished
-        for epoch in range(start, epochs + 1):
-            if seed is not None:
-                _seed_everything(_epoch_seed(seed, epoch, 0 if ddp is None else ddp.rank))
+        state = TrainState(model, opt, history, r.epochs)
+        hooks.on_fit_start(state)
+        start = r.epochs + 1 if history.diverged else history.epochs_done + 1  # a diverged run is finished
+        for epoch in range(start, r.epochs + 1):
+            if r.seed is not None:
+                _seed_everything(_epoch_seed(r.seed, epoch, world.rank))
             _set_epoch(train_loader, epoch)
-            current_lr = opt.param_groups[0]["lr"]
-            began = time.perf_counter()
-            result = _train_epoch(
-                step_model,
-                train_loader,
-                opt,
-                scaler,
-                loss_fn,
-                device,
-                precision,
-                max_grad_norm,
-                epoch,
-                epochs,
-                progress,
-                ddp,
-            )
+            current_lr, began = opt.param_groups[0]["lr"], time.perf_counter()
+            result = _train_epoch(step_model, train_loader, opt, s, f"epoch {epoch}/{r.epochs}")
             train_seconds = time.perf_counter() - began
             if result["diverged_step"] is not None:
                 history.diverged_at, history.diverged_step = epoch, result["diverged_step"]
-                if progress:
-                    tqdm.write(
-                        f"epoch {epoch}/{epochs}: loss became non-finite at step {result['diverged_step']}; stopping"
-                    )
                 if checkpoint_dir is not None:
-                    _save_on_main(ddp, checkpoint_dir, epoch - 1, model, opt, sched, scaler, history, run)
+                    checkpoint.save_state(checkpoint_dir, epoch - 1, parts, history, world)
                 break
-            if ddp is not None:
-                ddp.sync_buffers(model)  # rank 0's BatchNorm statistics everywhere: what it evaluates and saves
-            val_metrics = {"loss": None, "acc": None}
-            if val_loader is not None:
-                val_metrics = _evaluate(eval_model, val_loader, device, precision, loss_fn, ddp)
+            world.sync_buffers(model)  # rank 0's BatchNorm statistics everywhere: what it evaluates and saves
+            val_metrics = {"loss": None, "acc": None} if val_loader is None else _evaluate(eval_model, val_loader, s)
             if sched is not None:
                 sched.step()
-            seconds = time.perf_counter() - began
-            if ddp is not None:  # the slowest process sets the pace; every History gets the same numbers
-                train_seconds, seconds = ddp.max(train_seconds, seconds)
+            # the slowest process sets the pace; every History gets the same numbers
+            train_seconds, seconds = world.max(train_seconds, time.perf_counter() - began)
             record = EpochRecord(
                 epoch=epoch,
                 train_loss=result["loss"],
@@ -432,86 +371,155 @@ def fit(
             )
             history.append(record)
             if checkpoint_dir is not None:
-                _save_on_main(ddp, checkpoint_dir, epoch, model, opt, sched, scaler, history, run)
-            if progress:
-                tqdm.write(_summary(record, epochs))
-            if main:
-                for callback in callbacks:
-                    callback.on_epoch_end(state, record)
-            if ddp is not None:
-                state.stop = ddp.from_main(state.stop)
+                checkpoint.save_state(checkpoint_dir, epoch, parts, history, world)
+            if s.progress:
+                tqdm.write(_summary(record, r.epochs))
+            hooks.on_epoch_end(state, record)
+            state.stop = world.from_main(state.stop)  # a callback's request to stop stops every process
             if state.stop:
                 break
-
-        if main:
-            for callback in callbacks:
-                callback.on_fit_end(state)
+        hooks.on_fit_end(state)
     return history
 
 
-def _train_epoch(
-    model: nn.Module,
-    loader: Any,
-    opt: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
-    loss_fn: Callable,
-    device: torch.device,
-    precision: str,
-    max_grad_norm: float | None,
-    epoch: int,
-    epochs: int,
-    progress: bool,
-    ddp: _ddp.Distributed | None = None,
-) -> dict[str, Any]:
+@dataclass
+class _Run:
+    """The arguments that define a run, checked; `record` is what History.meta and checkpoints keep of them."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    eval_batch_size: int
+    optimizer: str | OptimizerFactory
+    weight_decay: float
+    scheduler: str | SchedulerFactory | None
+    seed: int | None
+    max_grad_norm: float | None
+
+    def __post_init__(self) -> None:
+        self.epochs = _checks.positive_int("epochs", self.epochs)
+        self.lr = _checks.positive_float("lr", self.lr)
+        self.batch_size = _checks.positive_int("batch_size", self.batch_size)
+        self.eval_batch_size = _checks.positive_int("eval_batch_size", self.eval_batch_size)
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None:
+            self.max_grad_norm = _checks.positive_float("max_grad_norm", self.max_grad_norm)
+        if self.seed is not None:
+            self.seed = _checks.positive_int("seed", self.seed, minimum=0)
+
+    def record(self, precision: str) -> dict[str, Any]:
+        """The run's arguments as plain values (factories by their qualified names); a resume must repeat them."""
+        return dict(
+            lr=self.lr,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer if isinstance(self.optimizer, str) else _qualname(self.optimizer),
+            weight_decay=self.weight_decay,
+            scheduler=self.scheduler
+            if self.scheduler is None or isinstance(self.scheduler, str)
+            else _qualname(self.scheduler),
+            seed=self.seed,
+            max_grad_norm=self.max_grad_norm,
+            precision=precision,
+        )
+
+
+def _checkpoint_folder(folder: str | Path | None, main: bool) -> Path | None:
+    """`checkpoint_dir` as a Path; rank 0, which writes there, proves first that it can."""
+    if folder is None:
+        return None
+    return check_writable(folder, "checkpoint_dir") if main else Path(folder)
+
+
+def _resume(folder: Path | None, parts: checkpoint.Resumable, epochs: int, s: Settings) -> History | None:
+    """The History of the run saved in `folder`, with its state loaded into `parts`; None if there is none."""
+    if folder is None:
+        return None
+    return checkpoint.restore(folder, parts, epochs, s.device)
+
+
+def _agree(world: _ddp.Distributed, batches: int, history: History, checkpoint_dir: Path | None) -> None:
+    """Check that every process found the same number of batches and the same epoch to resume from."""
+    world.check_same("the number of training batches per epoch", batches)
+    if checkpoint_dir is not None:
+        hint = f"; checkpoint_dir {checkpoint_dir} must be a folder every process sees (a shared filesystem)"
+        world.check_same("the epoch to resume from", history.epochs_done, hint)
+
+
+def _prepared(model: nn.Module, data: Any, name: str, batch_size: int, train: bool, seed: int, world: Any) -> Any:
+    """`data` as this process's loader, checked against the model."""
+    loader = _as_loader(data, name=name, batch_size=batch_size, shuffle=train, device=world.device, seed=seed)
+    loader = _ddp.shard(loader, world, name=name, train=train, seed=seed)
+    _preflight(model, loader, name, world.device)
+    return loader
+
+
+def _step_and_eval_models(model: nn.Module, world: _ddp.Distributed, compile: bool) -> tuple[nn.Module, nn.Module]:
+    """The module training steps go through (DDP-wrapped, compiled) and the one evaluation uses.
+
+    Evaluation bypasses DistributedDataParallel: no collective per batch there.
+    """
+    wrapped = _ddp.wrap(model, world)
+    if not compile:
+        return wrapped, model
+    step_model = torch.compile(wrapped)
+    return step_model, step_model if wrapped is model else torch.compile(model)
+
+
+def _train_epoch(model: nn.Module, loader: Any, opt: torch.optim.Optimizer, s: Settings, desc: str) -> dict[str, Any]:
     """One pass over `loader`. Checks the loss for non-finite values every `check_every` steps.
 
-    In a distributed run the processes agree at every check (a non-finite loss on one stops
-    all of them at the same step) and the returned metrics are those of all processes.
+    The processes of the world agree at every check (a non-finite loss on one stops all of
+    them at the same step) and the returned metrics are those of all processes.
     """
     model.train()
-    check_every = 1 if device.type == "cpu" else 25  # on GPUs, avoid a host sync every step
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    finite = torch.ones((), device=device, dtype=torch.bool)
+    check_every = 1 if s.device.type == "cpu" else 25  # on GPUs, avoid a host sync every step
+    loss_sum = torch.zeros((), device=s.device, dtype=torch.float64)
+    correct = torch.zeros((), device=s.device, dtype=torch.int64)
+    finite = torch.ones((), device=s.device, dtype=torch.bool)
     n = 0
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress, unit="batch")
+    bar = tqdm(total=len(loader), desc=desc, leave=False, disable=not s.progress, unit="batch")
     try:
         for step, (images, labels) in enumerate(loader, start=1):
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with autocast(device, precision):
+            images, labels = images.to(s.device, non_blocking=True), labels.to(s.device, non_blocking=True)
+            with autocast(s.device, s.precision):
                 logits = model(images)
-            loss = loss_fn(logits.float(), labels)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-            else:
-                loss.backward()
-            if max_grad_norm is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
+            loss = s.loss_fn(logits.float(), labels)
+            _step(model, opt, loss, s)
             loss = loss.detach()
             finite &= torch.isfinite(loss)
             loss_sum += loss.double() * len(labels)
             correct += (logits.detach().argmax(1) == labels).sum()
             n += len(labels)
             if step % check_every == 0 or step == len(loader):
-                all_finite = bool(finite) if ddp is None else ddp.all_true(finite)
-                if not all_finite:
+                if not s.world.all_true(finite):
+                    if s.progress:
+                        tqdm.write(f"{desc}: loss became non-finite at step {step}; stopping")
                     return {"diverged_step": step, "loss": float("nan"), "acc": float("nan"), "n": n}
-                if progress:
+                if s.progress:
                     bar.update(step - bar.n)
                     bar.set_postfix(loss=f"{float(loss_sum) / n:.4f}", acc=f"{int(correct) / n:.2%}", refresh=False)
     finally:
         bar.close()
-    if ddp is not None:
-        loss_total, hits, n = ddp.sum(loss_sum, correct, n)
-        return {"diverged_step": None, "loss": loss_total / n, "acc": hits / n, "n": int(n)}
-    return {"diverged_step": None, "loss": float(loss_sum) / n, "acc": int(correct) / n, "n": n}
+    loss_total, hits, n = s.world.sum(loss_sum, correct, n)
+    return {"diverged_step": None, "loss": loss_total / n, "acc": hits / n, "n": int(n)}
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, s: Settings) -> None:
+    """Backward pass, optional gradient clipping and the optimizer step (through the fp16 scaler if any)."""
+    opt.zero_grad(set_to_none=True)
+    if s.scaler is not None:
+        s.scaler.scale(loss).backward()
+        s.scaler.unscale_(opt)
+    else:
+        loss.backward()
+    if s.max_grad_norm is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+    if s.scaler is not None:
+        s.scaler.step(opt)
+        s.scaler.update()
+    else:
+        opt.step()
 
 
 def _summary(record: EpochRecord, epochs: int) -> str:
@@ -535,8 +543,6 @@ def _make_optimizer(
         return opt
     if not isinstance(optimizer, str):
         raise TypeError(f"optimizer must be a name or a factory, got {optimizer!r}")
-    from timm.optim import create_optimizer_v2, list_optimizers
-
     names = list_optimizers()
     if optimizer.lower() not in names:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: 'adam', 'adamw', 'sgd', ... ({len(names)} in timm)")
@@ -551,80 +557,6 @@ def _make_scheduler(scheduler: str | SchedulerFactory | None, opt: torch.optim.O
     if isinstance(scheduler, str):
         raise ValueError(f"unknown scheduler {scheduler!r}; valid: None, 'cosine', or a factory optimizer -> scheduler")
     return scheduler(opt)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return dict(
-        torch=torch.get_rng_state(),
-        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        python=random.getstate(),
-        numpy=[np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-    )
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    version, *rest = state["python"]
-    random.setstate((version, tuple(rest[0]), rest[1]))
-    kind, keys, *others = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *others))
-
-
-def _save_on_main(ddp: _ddp.Distributed | None, folder: Path, epoch: int, *state: Any) -> None:
-    """Rank 0 saves; the others wait until the file is complete, so any of them may read it next."""
-    if ddp is None or ddp.is_main:
-        _save(folder, epoch, *state)
-    if ddp is not None:
-        ddp.barrier()
-
-
-def _save(folder: Path, epoch: int, model, opt, sched, scaler, history: History, run: dict[str, Any]) -> None:
-    save_checkpoint(
-        folder,
-        dict(
-            epoch=epoch,
-            model=model.state_dict(),
-            config=getattr(model, "config", None),
-            optimizer=opt.state_dict(),
-            scheduler=None if sched is None else sched.state_dict(),
-            scaler=None if scaler is None else scaler.state_dict(),
-            rng=_rng_state(),
-            history=history.to_dict(),
-            run=run,
-        ),
-    )
-
-
-def _restore(saved: dict, run: dict, epochs: int, model, opt, sched, scaler, folder: Path) -> History:
-    differences = [
-        f"{key}: checkpoint {saved['run'].get(key)!r}, this call {value!r}"
-        for key, value in run.items()
-        if saved["run"].get(key) != value
-    ]
-    if differences:
-        raise ValueError(
-            f"{folder} holds a checkpoint of a different run; use another checkpoint_dir or repeat its "
-            "arguments:\n  " + "\n  ".join(differences)
-        )
-    if saved["epoch"] > epochs:
-        raise ValueError(f"{folder} already holds {saved['epoch']} epochs, more than epochs={epochs}")
-    try:
-        model.load_state_dict(saved["model"])
-    except RuntimeError as err:
-        raise ValueError(f"the checkpoint in {folder} is for a different model: {err}") from err
-    opt.load_state_dict(saved["optimizer"])
-    if sched is not None and saved["scheduler"] is not None:
-        sched.load_state_dict(saved["scheduler"])
-    if scaler is not None and saved["scaler"] is not None:
-        scaler.load_state_dict(saved["scaler"])
-    _set_rng_state(saved["rng"])
-    return History.from_dict(saved["history"])
 
 
 # ----------------------------------------------------------------------------- BatchNorm statistics
