@@ -16,6 +16,11 @@ model cheaper than its LayerNorm twin at inference.
 
 A folded `ViTBN` therefore has no normalization left; a folded `ViTBNFFN` keeps the
 attention LayerNorms, which cannot be folded.
+
+Each module that can fold owns a `fuse()` method that folds its own norms in place
+(`BatchNormFFN`, `Attention`, `PatchEmbed`, `ViT` for its final norm, `MLP`), as timm's LeViT
+does; `fold_batchnorm` walks a model and calls them. The float64 arithmetic is shared here,
+so this module imports no model code (the models import it).
 """
 
 from __future__ import annotations
@@ -27,10 +32,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .layers import Attention, BatchNormFFN, TokenBatchNorm
-from .vit import PatchEmbed, ViT
-
-__all__ = ["fold_batchnorm", "fold_bn_after_linear", "fold_bn_before_linear"]
+__all__ = ["fold_batchnorm", "fold_bn_after_linear", "fold_bn_before_linear", "fold_sequential"]
 
 
 def _bn_affine(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,8 +94,9 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     The folded model gives the same outputs as `model` in eval mode (up to float rounding)
     and has no BatchNorm left in its feed-forward networks; for `norm="bn"` it has no
-    normalization left at all. Works on `ViT` models, the MLPs of `bnvit.mlp`, and any
-    `nn.Sequential` with `Linear -> BatchNorm1d` pairs.
+    normalization left at all. Calls the in-place `fuse()` of every bnvit module that has one
+    (other libraries' `fuse()` methods, such as timm's LeViT ones that return a new module, are
+    left alone) and folds `Linear -> BatchNorm1d` pairs in any other `nn.Sequential`.
 
     Args:
         model: A model in eval mode.
@@ -122,29 +125,31 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     for module in list(model.modules()):
-        if isinstance(module, BatchNormFFN) and isinstance(module.norm, TokenBatchNorm):
-            module.fc1 = fold_bn_after_linear(module.fc1, module.norm.bn)
-            module.norm = nn.Identity()
-        elif isinstance(module, PatchEmbed):
-            if isinstance(module.norm, TokenBatchNorm):
-                module.proj = fold_bn_after_linear(module.proj, module.norm.bn)
-                module.norm = nn.Identity()
-            if isinstance(module.pre_norm, TokenBatchNorm):
-                module.proj = fold_bn_before_linear(module.pre_norm.bn, module.proj)
-                module.pre_norm = nn.Identity()
-        elif isinstance(module, Attention) and isinstance(module.norm, TokenBatchNorm):
-            module.qkv = fold_bn_before_linear(module.norm.bn, module.qkv)
-            module.norm = nn.Identity()
-        elif isinstance(module, ViT) and isinstance(module.norm, TokenBatchNorm) and isinstance(module.head, nn.Linear):
-            module.head = fold_bn_before_linear(module.norm.bn, module.head)
-            module.norm = nn.Identity()
+        if _owns_fuse(module):
+            module.fuse()
         elif isinstance(module, nn.Sequential):
-            _fold_sequential(module)
+            fold_sequential(module)
     return model.eval()
 
 
-def _fold_sequential(seq: nn.Sequential) -> None:
-    """Fold `Linear -> BatchNorm1d` pairs inside an `nn.Sequential`, in place."""
+def _owns_fuse(module: nn.Module) -> bool:
+    """Whether `module` has bnvit's in-place `fuse()` (also when a user subclasses a bnvit module)."""
+    fuse = getattr(type(module), "fuse", None)
+    return callable(fuse) and getattr(fuse, "__module__", "").startswith("bnvit.")
+
+
+@torch.no_grad()
+def fold_sequential(seq: nn.Sequential) -> None:
+    """Fold `Linear -> BatchNorm1d` pairs inside an `nn.Sequential`, in place (eval mode only).
+
+    Each folded BatchNorm is replaced by `nn.Identity`, so the indices of the other layers stay.
+
+    Examples:
+        >>> seq = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU()).eval()
+        >>> fold_sequential(seq)
+        >>> [type(m).__name__ for m in seq]
+        ['Linear', 'Identity', 'ReLU']
+    """
     names = list(seq._modules)
     for first, second in itertools.pairwise(names):
         linear, bn = seq._modules[first], seq._modules[second]

@@ -22,11 +22,13 @@ import threading
 from collections.abc import Iterator
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
 from . import _checks
+from .fuse import fold_bn_after_linear, fold_bn_before_linear
 
 __all__ = [
     "NORMS",
@@ -35,6 +37,7 @@ __all__ = [
     "EncoderBlock",
     "FeedForward",
     "TokenBatchNorm",
+    "attend",
     "bn_safe_context_fn",
     "token_norm",
 ]
@@ -169,14 +172,32 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         # (B, N, 3 * heads * dim_head) -> q | k | v, each (B, heads, N, dim_head), as strided views.
-        q, k, v = (t.view(B, N, self.heads, self.dim_head).transpose(1, 2) for t in self.qkv(self.norm(x)).chunk(3, -1))
-        dropout_p = self.attn_dropout if self.training else 0.0
-        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            x = _cpu_autocast_attention(q, k, v, dropout_p)
-        else:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        qkv = self.qkv(self.norm(x)).view(B, N, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = attend(q, k, v, self.attn_dropout if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, self.heads * self.dim_head)
         return self.proj_drop(self.proj(x))
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Fold a BatchNorm pre-norm into the qkv projection, in place (eval mode only)."""
+        if isinstance(self.norm, TokenBatchNorm):
+            self.qkv = fold_bn_before_linear(self.norm.bn, self.qkv)
+            self.norm = nn.Identity()
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """`softmax(q k^T / sqrt(d)) v` with torch's fused kernel, or a faster path under CPU autocast.
+
+    A leaf for `torch.fx` (registered with `torch.fx.wrap`): a traced model keeps this runtime
+    choice of kernel instead of freezing the one seen while tracing.
+    """
+    if torch.is_autocast_enabled("cpu") and q.device.type == "cpu":
+        return _cpu_autocast_attention(q, k, v, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+
+
+torch.fx.wrap("attend")
 
 
 def _cpu_autocast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -247,6 +268,13 @@ class BatchNormFFN(nn.Module):
         x = self.drop1(self.act(self.norm(self.fc1(x))))
         return self.drop2(self.fc2(x))
 
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Fold the BatchNorm into `fc1`, in place (eval mode only): `fc1` then does both."""
+        if isinstance(self.norm, TokenBatchNorm):
+            self.fc1 = fold_bn_after_linear(self.fc1, self.norm.bn)
+            self.norm = nn.Identity()
+
 
 class EncoderBlock(nn.Module):
     """One transformer encoder block: `x = x + attn(x)`, then `x = x + ffn(x)`.
@@ -286,10 +314,6 @@ class EncoderBlock(nn.Module):
     ) -> None:
         super().__init__()
         _checks.choice("norm", norm, NORMS)
-        for name, value in (("dim", dim), ("heads", heads), ("dim_head", dim_head), ("mlp_dim", mlp_dim)):
-            _checks.positive_int(name, value)
-        for name, value in (("dropout", dropout), ("attn_dropout", attn_dropout), ("drop_path", drop_path)):
-            _checks.rate(name, value)
         self.attn = Attention(
             dim,
             heads,

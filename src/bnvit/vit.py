@@ -9,17 +9,32 @@ batch x tokens. The model follows timm's model API (`forward_features`, `forward
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.fx
 from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import _checks
-from .layers import NORMS, EncoderBlock, bn_safe_context_fn, token_norm
+from .fuse import fold_bn_after_linear, fold_bn_before_linear
+from .layers import NORMS, EncoderBlock, TokenBatchNorm, bn_safe_context_fn, token_norm
 
-__all__ = ["POOLS", "POS_EMBEDS", "PatchEmbed", "ViT", "ViTBN", "ViTBNFFN", "sincos_pos_embed"]
+__all__ = [
+    "POOLS",
+    "POS_EMBEDS",
+    "PatchEmbed",
+    "ViT",
+    "ViTBN",
+    "ViTBNFFN",
+    "ViTConfig",
+    "feature_take_indices",
+    "sincos_pos_embed",
+]
 
 POOLS = ("cls", "mean")
 POS_EMBEDS = ("learn", "sincos")
@@ -76,24 +91,104 @@ class PatchEmbed(nn.Module):
         self.norm = token_norm(norm, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.patch_size
-        x = rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)
-        return self.norm(self.proj(self.pre_norm(x)))
+        return self.norm(self.proj(self.pre_norm(patchify(x, self.patch_size))))
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Fold BatchNorm norms into the projection, in place (eval mode only)."""
+        if isinstance(self.norm, TokenBatchNorm):
+            self.proj = fold_bn_after_linear(self.proj, self.norm.bn)
+            self.norm = nn.Identity()
+        if isinstance(self.pre_norm, TokenBatchNorm):
+            self.proj = fold_bn_before_linear(self.pre_norm.bn, self.proj)
+            self.pre_norm = nn.Identity()
 
 
-class ViT(nn.Module):
-    """Vision Transformer with a choice of normalization (the article's ViT, ViTBNFFN, ViTBN).
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Images `(B, C, H, W)` -> patches `(B, (H/p)(W/p), p * p * C)`, in (row, column, channel) order.
+
+    A leaf for `torch.fx` (registered with `torch.fx.wrap`): tracing records one call instead
+    of following einops' Python code.
+
+    Examples:
+        >>> patchify(torch.rand(2, 3, 8, 8), 4).shape
+        torch.Size([2, 4, 48])
+    """
+    return rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
+
+
+def check_images(x: torch.Tensor, in_chans: int, img_size: tuple[int, int]) -> torch.Tensor:
+    """Return `x` if it is a float `(B, in_chans, *img_size)` batch; raise a clear error otherwise.
+
+    A leaf for `torch.fx` (registered with `torch.fx.wrap`), so a traced model keeps the check.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected images as a torch.Tensor, got {type(x).__name__}")
+    expected = (in_chans, *img_size)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(
+            f"expected images of shape (batch, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"expected floating-point images (uint8 ones divided by 255), got dtype {x.dtype}")
+    return x
+
+
+torch.fx.wrap("patchify")
+torch.fx.wrap("check_images")
+
+
+def feature_take_indices(num_blocks: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
+    """The blocks to take features from, as timm's `feature_take_indices`, with a clear error.
+
+    Args:
+        num_blocks: Number of blocks of the model.
+        indices: `None` (all blocks), an int `n` (the last `n` blocks) or block indices
+            (negative ones count from the end).
+
+    Returns:
+        The absolute indices, and the largest of them.
+
+    Raises:
+        ValueError: If an index is out of range; the message names the valid range.
+
+    Examples:
+        >>> feature_take_indices(6, 3)
+        ([3, 4, 5], 5)
+        >>> feature_take_indices(6, [0, -1])
+        ([0, 5], 5)
+    """
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(
+                f"cannot take the last {indices} of {num_blocks} blocks: an int must be in 1..{num_blocks}"
+            )
+        take = list(range(num_blocks - indices, num_blocks))
+    else:
+        indices = list(indices)
+        wrong = [i for i in indices if not -num_blocks <= i < num_blocks]
+        if wrong or not indices:
+            raise ValueError(
+                f"block indices {indices} out of range: the model has {num_blocks} blocks, "
+                f"valid indices are 0..{num_blocks - 1} (or -{num_blocks}..-1 from the end)"
+            )
+        take = [i % num_blocks for i in indices]
+    return take, max(take)
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Every setting of a `ViT`, validated once (the single source of the model's settings).
 
     The defaults are the article's MNIST configuration: 28x28x1 input, patch 7 (16 patches
     plus a CLS token), dim 64, depth 6, 8 heads of width 64, MLP width 128, 10 classes,
-    CLS pooling, a learnable positional embedding and no dropout.
-
-    Initialization follows the reference implementation: PyTorch's default init for Linear,
-    LayerNorm and BatchNorm; the CLS token and the learnable positional embedding are drawn
-    from a standard normal distribution.
+    CLS pooling, a learnable positional embedding and no dropout. `dataclasses.asdict(cfg)`
+    is what checkpoints and the timm builders store; `ViTConfig(**that_dict)` rebuilds it.
 
     Args:
-        img_size: Input side, or `(height, width)`.
+        img_size: Input side, or `(height, width)` (stored as a pair).
         patch_size: Patch side; must divide the image sides.
         in_chans: Input channels.
         num_classes: Output classes; 0 gives a model without a head (features only).
@@ -117,6 +212,111 @@ class ViT(nn.Module):
             weights and the positional embedding, zero biases, a near-zero CLS token; what
             large ViTs are usually trained with).
 
+    Raises:
+        ValueError: A value out of range or an unknown choice; the message names the value and
+            what is valid.
+        TypeError: A value of the wrong type.
+
+    Examples:
+        >>> cfg = ViTConfig(norm="bn_ffn", depth=4)
+        >>> cfg.img_size, cfg.num_tokens
+        ((28, 28), 17)
+        >>> dataclasses.replace(cfg, depth=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: depth must be an int >= 1, got 0
+    """
+
+    img_size: int | tuple[int, int] = 28
+    patch_size: int = 7
+    in_chans: int = 1
+    num_classes: int = 10
+    dim: int = 64
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    mlp_dim: int = 128
+    norm: str = "ln"
+    pool: str = "cls"
+    pos_embed: str = "learn"
+    qkv_bias: bool = False
+    drop_rate: float = 0.0
+    pos_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    weight_init: str = "reference"
+
+    def __post_init__(self) -> None:
+        img_size = _checks.pair("img_size", self.img_size)
+        object.__setattr__(self, "img_size", img_size)
+        patch_size = _checks.positive_int("patch_size", self.patch_size)
+        if img_size[0] % patch_size or img_size[1] % patch_size:
+            raise ValueError(
+                f"img_size {img_size} is not divisible by patch_size {patch_size}; "
+                f"choose a patch size that divides both sides"
+            )
+        for name in ("in_chans", "dim", "depth", "heads", "dim_head", "mlp_dim"):
+            _checks.positive_int(name, getattr(self, name))
+        _checks.positive_int("num_classes", self.num_classes, minimum=0)
+        for name, choices in (("norm", NORMS), ("pool", POOLS), ("pos_embed", POS_EMBEDS)):
+            _checks.choice(name, getattr(self, name), choices)
+        _checks.choice("weight_init", self.weight_init, WEIGHT_INITS)
+        for name in ("drop_rate", "pos_drop_rate", "attn_drop_rate", "drop_path_rate"):
+            _checks.rate(name, getattr(self, name))
+        if self.pos_embed == "sincos" and self.dim % 2:
+            raise ValueError(f"pos_embed='sincos' needs an even dim, got dim={self.dim}")
+        if not isinstance(self.qkv_bias, bool):
+            raise TypeError(f"qkv_bias must be a bool, got {self.qkv_bias!r}")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patches per column and per row."""
+        return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image, including the CLS token."""
+        return self.grid_size[0] * self.grid_size[1] + 1
+
+    @property
+    def block_norm(self) -> str:
+        """The kind of the token norms outside the FFNs: `"bn"` for `norm="bn"`, else `"ln"`."""
+        return "bn" if self.norm == "bn" else "ln"
+
+    @classmethod
+    def from_kwargs(cls, cfg: ViTConfig | None = None, **kwargs: Any) -> ViTConfig:
+        """`cfg` (default: the defaults) with `kwargs` replacing fields; unknown names raise `TypeError`."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(fields))
+        if unknown:
+            raise TypeError(f"unknown ViT argument(s) {', '.join(unknown)}; valid ones: {', '.join(fields)}")
+        if cfg is None:
+            return cls(**kwargs)
+        if not isinstance(cfg, cls):
+            raise TypeError(f"cfg must be a ViTConfig, got {type(cfg).__name__}")
+        return dataclasses.replace(cfg, **kwargs)
+
+
+class ViT(nn.Module):
+    """Vision Transformer with a choice of normalization (the article's ViT, ViTBNFFN, ViTBN).
+
+    Built from a `ViTConfig`, given as `cfg` or as its fields in keywords (`ViT(depth=6,
+    norm="bn_ffn")`); `model.cfg` holds it and `model.config` is its `dataclasses.asdict`
+    (what checkpoints store). See `ViTConfig` for every argument and the defaults, which are
+    the article's MNIST configuration.
+
+    Initialization follows the reference implementation: PyTorch's default init for Linear,
+    LayerNorm and BatchNorm; the CLS token and the learnable positional embedding are drawn
+    from a standard normal distribution (`weight_init="timm"` for timm's).
+
+    The model has timm's model API: `forward_features` / `forward_head`, `reset_classifier`,
+    `forward_intermediates` and `feature_info` (one entry per block), `prune_intermediate_layers`,
+    `no_weight_decay`, `group_matcher`, `set_grad_checkpointing`; it traces with `torch.fx`.
+
+    Args:
+        cfg: The configuration; default `ViTConfig()`.
+        **kwargs: `ViTConfig` fields, replacing those of `cfg`.
+
     Examples:
         >>> model = ViT(norm="bn_ffn", depth=4)
         >>> model(torch.rand(8, 1, 28, 28)).shape
@@ -125,111 +325,39 @@ class ViT(nn.Module):
         893164
     """
 
-    def __init__(
-        self,
-        *,
-        img_size: int | tuple[int, int] = 28,
-        patch_size: int = 7,
-        in_chans: int = 1,
-        num_classes: int = 10,
-        dim: int = 64,
-        depth: int = 6,
-        heads: int = 8,
-        dim_head: int = 64,
-        mlp_dim: int = 128,
-        norm: str = "ln",
-        pool: str = "cls",
-        pos_embed: str = "learn",
-        qkv_bias: bool = False,
-        drop_rate: float = 0.0,
-        pos_drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        weight_init: str = "reference",
-    ) -> None:
+    num_prefix_tokens = 1  # the CLS token, as timm's VisionTransformer calls it
+
+    def __init__(self, cfg: ViTConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
-        img_size = _checks.pair("img_size", img_size)
-        patch_size = _checks.positive_int("patch_size", patch_size)
-        if img_size[0] % patch_size or img_size[1] % patch_size:
-            raise ValueError(
-                f"img_size {img_size} is not divisible by patch_size {patch_size}; "
-                f"choose a patch size that divides both sides"
-            )
-        for name, value in (("in_chans", in_chans), ("dim", dim), ("depth", depth), ("heads", heads)):
-            _checks.positive_int(name, value)
-        _checks.positive_int("dim_head", dim_head)
-        _checks.positive_int("mlp_dim", mlp_dim)
-        _checks.positive_int("num_classes", num_classes, minimum=0)
-        _checks.choice("norm", norm, NORMS)
-        _checks.choice("pool", pool, POOLS)
-        _checks.choice("pos_embed", pos_embed, POS_EMBEDS)
-        _checks.choice("weight_init", weight_init, WEIGHT_INITS)
-        for name, value in (
-            ("drop_rate", drop_rate),
-            ("pos_drop_rate", pos_drop_rate),
-            ("attn_drop_rate", attn_drop_rate),
-            ("drop_path_rate", drop_path_rate),
-        ):
-            _checks.rate(name, value)
-        if pos_embed == "sincos" and dim % 2:
-            raise ValueError(f"pos_embed='sincos' needs an even dim, got dim={dim}")
-        if not isinstance(qkv_bias, bool):
-            raise TypeError(f"qkv_bias must be a bool, got {qkv_bias!r}")
-
-        self.config: dict[str, Any] = dict(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            dim=dim,
-            depth=depth,
-            heads=heads,
-            dim_head=dim_head,
-            mlp_dim=mlp_dim,
-            norm=norm,
-            pool=pool,
-            pos_embed=pos_embed,
-            qkv_bias=qkv_bias,
-            drop_rate=drop_rate,
-            pos_drop_rate=pos_drop_rate,
-            attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate,
-            weight_init=weight_init,
-        )
-        self.num_classes = num_classes
-        self.num_features = self.head_hidden_size = self.embed_dim = dim
-        self.norm_kind = norm
-        self.pool = pool
-        self.grad_checkpointing = False
-        self.in_chans = in_chans
-
-        block_norm = "bn" if norm == "bn" else "ln"
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim, norm=block_norm)
-        num_tokens = self.patch_embed.num_patches + 1
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        if pos_embed == "learn":
-            self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, dim))
+        self.cfg = cfg = ViTConfig.from_kwargs(cfg, **kwargs)
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.dim, norm=cfg.block_norm)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, cfg.dim))
+        if cfg.pos_embed == "learn":
+            self.pos_embed = nn.Parameter(torch.randn(1, cfg.num_tokens, cfg.dim))
         else:
-            self.register_buffer("pos_embed", sincos_pos_embed(num_tokens, dim), persistent=False)
-        self.pos_drop = nn.Dropout(pos_drop_rate)
-        drop_paths = torch.linspace(0, drop_path_rate, depth).tolist()
+            self.register_buffer("pos_embed", sincos_pos_embed(cfg.num_tokens, cfg.dim), persistent=False)
+        self.pos_drop = nn.Dropout(cfg.pos_drop_rate)
         self.blocks = nn.ModuleList(
             EncoderBlock(
-                dim,
-                heads,
-                dim_head,
-                mlp_dim,
-                norm=norm,
-                dropout=drop_rate,
-                attn_dropout=attn_drop_rate,
-                qkv_bias=qkv_bias,
-                drop_path=dp,
+                cfg.dim,
+                cfg.heads,
+                cfg.dim_head,
+                cfg.mlp_dim,
+                norm=cfg.norm,
+                dropout=cfg.drop_rate,
+                attn_dropout=cfg.attn_drop_rate,
+                qkv_bias=cfg.qkv_bias,
+                drop_path=rate,
             )
-            for dp in drop_paths
+            for rate in torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
         )
-        self.norm = token_norm(block_norm, dim)
-        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
-        if weight_init == "timm":
+        self.norm = token_norm(cfg.block_norm, cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
+        self.feature_info = [
+            dict(num_chs=cfg.dim, reduction=cfg.patch_size, module=f"blocks.{i}") for i in range(cfg.depth)
+        ]
+        if cfg.weight_init == "timm":
             self._init_timm()
 
     def _init_timm(self) -> None:
@@ -242,39 +370,130 @@ class ViT(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
+    # ------------------------------------------------------------------ settings, read from cfg
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The settings as a plain dict (`dataclasses.asdict(self.cfg)`), as checkpoints store them."""
+        return dataclasses.asdict(self.cfg)
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    @property
+    def in_chans(self) -> int:
+        return self.cfg.in_chans
+
+    @property
+    def pool(self) -> str:
+        return self.cfg.pool
+
+    @property
+    def num_features(self) -> int:
+        """Width of the tokens and of the pooled features (timm's `num_features`)."""
+        return self.cfg.dim
+
+    head_hidden_size = embed_dim = num_features
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image, including the CLS token."""
+        return self.cfg.num_tokens
+
     # ------------------------------------------------------------------ forward
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected images as a torch.Tensor, got {type(x).__name__}")
-        expected = (self.in_chans, *self.patch_embed.img_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"expected images of shape (batch, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(x.shape)}"
-            )
-        if not x.is_floating_point():
-            raise TypeError(f"expected floating-point images (uint8 ones divided by 255), got dtype {x.dtype}")
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> tokens with the CLS token and the positional embedding, before the blocks."""
+        x = self.patch_embed(check_images(x, self.cfg.in_chans, self.cfg.img_size))
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        return self.pos_drop(torch.cat((cls, x), dim=1) + self.pos_embed)
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False, context_fn=bn_safe_context_fn)
+        return block(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images `(B, C, H, W)` -> normalized tokens `(B, num_patches + 1, dim)`."""
-        self._check_input(x)
-        x = self.patch_embed(x)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = self.pos_drop(torch.cat((cls, x), dim=1) + self.pos_embed)
+        x = self._embed(x)
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False, context_fn=bn_safe_context_fn)
-            else:
-                x = block(x)
+            x = self._run_block(block, x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens -> pooled features (`pre_logits=True`) or class logits."""
-        x = x[:, 0] if self.pool == "cls" else x.mean(dim=1)
+        x = x[:, 0] if self.cfg.pool == "cls" else x.mean(dim=1)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Any] | tuple[torch.Tensor, list[Any]]:
+        """The outputs of chosen blocks, as timm's `VisionTransformer.forward_intermediates`.
+
+        Args:
+            x: Images `(B, C, H, W)`.
+            indices: `None` (every block), an int `n` (the last `n`) or block indices.
+            return_prefix_tokens: Return `(patch tokens, CLS token)` pairs instead of patch tokens.
+            norm: Apply the final norm to each intermediate.
+            stop_early: Stop after the last block asked for (the final output is then that block's).
+            output_fmt: `"NCHW"` (patch tokens as a `(B, dim, H/p, W/p)` map) or `"NLC"` (`(B, H/p * W/p, dim)`).
+            intermediates_only: Return only the intermediates.
+
+        Returns:
+            `(final normalized tokens, intermediates)`, or the intermediates alone.
+
+        Examples:
+            >>> model = ViT(depth=3).eval()
+            >>> final, feats = model.forward_intermediates(torch.rand(2, 1, 28, 28), indices=2)
+            >>> final.shape, [f.shape for f in feats]
+            (torch.Size([2, 17, 64]), [torch.Size([2, 64, 4, 4]), torch.Size([2, 64, 4, 4])])
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"unknown output_fmt {output_fmt!r}; valid choices: 'NCHW', 'NLC'")
+        take, last = feature_take_indices(len(self.blocks), indices)
+        x = self._embed(x)
+        intermediates = []
+        for i, block in enumerate(self.blocks[: last + 1] if stop_early else self.blocks):
+            x = self._run_block(block, x)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
+        intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        if output_fmt == "NCHW":
+            h, w = self.cfg.grid_size
+            intermediates = [y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix, strict=True))
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last one in `indices` (and the final norm, the head), as timm's ViT.
+
+        Returns:
+            The absolute block indices kept for feature extraction.
+        """
+        take, last = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: last + 1]
+        self.feature_info = self.feature_info[: last + 1]
+        self.cfg = dataclasses.replace(self.cfg, depth=last + 1)
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
 
     # ------------------------------------------------------------------ timm model API
 
@@ -290,12 +509,10 @@ class ViT(nn.Module):
             global_pool: Optionally a new pooling, `"cls"` or `"mean"` (timm's `"token"` and
                 `"avg"` are accepted too).
         """
-        _checks.positive_int("num_classes", num_classes, minimum=0)
+        pool = self.cfg.pool
         if global_pool is not None:
-            self.pool = _checks.choice("global_pool", _TIMM_POOL_NAMES.get(global_pool, global_pool), POOLS)
-            self.config["pool"] = self.pool
-        self.num_classes = num_classes
-        self.config["num_classes"] = num_classes
+            pool = _checks.choice("global_pool", _TIMM_POOL_NAMES.get(global_pool, global_pool), POOLS)
+        self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes, pool=pool)
         device = self.cls_token.device
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
 
@@ -320,16 +537,21 @@ class ViT(nn.Module):
         """
         self.grad_checkpointing = enable
 
-    # ------------------------------------------------------------------ conveniences
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Fold a BatchNorm final norm into the head, in place (eval mode only).
 
-    @property
-    def num_tokens(self) -> int:
-        """Tokens per image, including the CLS token."""
-        return self.patch_embed.num_patches + 1
+        Pooling (CLS token or mean) commutes with a per-feature affine map, so `head(pool(BN(x)))`
+        is `head'(pool(x))`. The blocks and the patch embedding fold themselves (`bnvit.fold_batchnorm`
+        calls every `fuse()`).
+        """
+        if isinstance(self.norm, TokenBatchNorm) and isinstance(self.head, nn.Linear):
+            self.head = fold_bn_before_linear(self.norm.bn, self.head)
+            self.norm = nn.Identity()
 
     def extra_repr(self) -> str:
-        c = self.config
-        return f"norm={c['norm']!r}, depth={c['depth']}, dim={c['dim']}, tokens={self.num_tokens}"
+        c = self.cfg
+        return f"norm={c.norm!r}, depth={c.depth}, dim={c.dim}, tokens={c.num_tokens}"
 
 
 class ViTBNFFN(ViT):
