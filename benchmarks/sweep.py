@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from bnvit.experiments import Cell, Settings, run_sweep
+from bnvit.article import Cell, Settings, run_sweep
 
 # lr 0.003: depths 4-7 (depth figure) and 2-4 (learning-rate figure); lr 0.005: depths 1-4.
 GRID = {0.003: (2, 3, 4, 5, 6, 7), 0.005: (1, 2, 3, 4)}

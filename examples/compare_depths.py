@@ -14,18 +14,9 @@ Rerunning the same command skips finished runs and resumes an interrupted one.
 
 import sys
 
-from bnvit.experiments import Experiment, Settings, run_cli
+from bnvit.article import COMPARE_DEPTHS, run_cli
 
-EXPERIMENT = Experiment(
-    name="compare_depths",
-    description="ViT vs ViTBNFFN at several depths (the article's depth figures)",
-    models=("vit_mnist", "vitbnffn_mnist"),
-    grid={0.003: (4, 5, 6, 7), 0.005: (1, 2, 3, 4)},
-    quick_grid={0.003: (6,), 0.005: (3,)},
-    quick_settings=Settings(epochs=3, train_subset=6000, test_subset=2000),
-    plots=("depths",),
-    claims=(1, 2),
-)
+EXPERIMENT = COMPARE_DEPTHS  # declared in bnvit.article.grid, shared with `bnvit reproduce` and the three-seed study
 
 if __name__ == "__main__":
     sys.exit(run_cli(EXPERIMENT))

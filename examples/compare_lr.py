@@ -11,18 +11,9 @@ depth 3: ViT from about 91% to 78%, ViTBNFFN from about 92% to 90%). Writes `res
 
 import sys
 
-from bnvit.experiments import Experiment, Settings, run_cli
+from bnvit.article import COMPARE_LR, run_cli
 
-EXPERIMENT = Experiment(
-    name="compare_lr",
-    description="ViT vs ViTBNFFN at two learning rates (the article's learning-rate figure)",
-    models=("vit_mnist", "vitbnffn_mnist"),
-    grid={0.003: (2, 3, 4), 0.005: (2, 3, 4)},
-    quick_grid={0.003: (3,), 0.005: (3,)},
-    quick_settings=Settings(epochs=3, train_subset=6000, test_subset=2000),
-    plots=("lr",),
-    claims=(3,),
-)
+EXPERIMENT = COMPARE_LR  # declared in bnvit.article.grid, shared with `bnvit reproduce` and the three-seed study
 
 if __name__ == "__main__":
     sys.exit(run_cli(EXPERIMENT))

@@ -13,18 +13,9 @@ The MLPs train on MNIST without augmentation by default (`--augment fast` to cha
 
 import sys
 
-from bnvit.experiments import Experiment, Settings, run_cli
+from bnvit.article import DNN_BATCHNORM, run_cli
 
-EXPERIMENT = Experiment(
-    name="dnn_batchnorm",
-    description="A 3-layer sigmoid MLP with and without BatchNorm (the article's first section)",
-    models=("dnn_mnist", "dnnbn_mnist"),
-    grid={0.01: (3,), 0.1: (3,)},
-    settings=Settings(epochs=15, augment="none", test="clean"),
-    quick_settings=Settings(epochs=5, augment="none", test="clean", train_subset=10000, test_subset=2000),
-    plots=("mlp",),
-    claims=(4,),
-)
+EXPERIMENT = DNN_BATCHNORM  # declared in bnvit.article.grid, shared with `bnvit reproduce` and the three-seed study
 
 if __name__ == "__main__":
     sys.exit(run_cli(EXPERIMENT))

@@ -23,7 +23,7 @@ blocks, including blocks indented inside admonitions or lists.
   dropped) are checked instead:
   - `python <path>.py ...` and `torchrun ... <path>.py ...`: the script must exist; for
     `examples/*.py` the flags are parsed by the example's real argument parser (for a sweep,
-    `bnvit.experiments.build_parser` of its `EXPERIMENT`, and turned into the sweep's settings
+    `bnvit.article.cli.build_parser` of its `EXPERIMENT`, and turned into the sweep's settings
     and grid), so a renamed or invalid flag fails here;
   - `bnvit ...`: parsed with `bnvit.cli.build_parser()`;
   - `pip install ...` lines are not checked here: `.ci/run` runs the README's install
@@ -44,7 +44,7 @@ from pathlib import Path
 
 import pytest
 
-from bnvit import experiments
+from bnvit.article import cli as experiments
 from conftest import REFERENCE_CHECKPOINTS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from bnvit import experiments as ex
-from bnvit.experiments import Cell, Settings, load_results, run_sweep, verdicts
+from bnvit.article import EXPERIMENTS, Cell, Settings, cli, load_results, report_folder, run_sweep, verdicts
+from bnvit.article import sweep as ex
+from bnvit.article.report import report_source
+from bnvit.article.results import RESULTS, results_sha256
+from bnvit.article.study import reference_folder
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = ["--train-subset", "200", "--test-subset", "100", "--no-progress", "--no-download", "--device", "cpu"]
@@ -56,7 +59,7 @@ def metrics(result: dict) -> list[dict]:
 )
 def test_example_quick_mode_writes_every_output(mnist_root, tmp_path, capsys, name, figures, cells, claims):
     out = tmp_path / name
-    code = ex.run_cli(load_example(name), ["--quick", "--epochs", "1", "--out", str(out), *TINY])
+    code = cli.run_cli(load_example(name), ["--quick", "--epochs", "1", "--out", str(out), *TINY])
     assert code == 0
     results = load_results(out)
     assert len(results) == cells
@@ -66,34 +69,36 @@ def test_example_quick_mode_writes_every_output(mnist_root, tmp_path, capsys, na
         assert is_png(out / figure), figure
     report = (out / "report.md").read_text()
     assert report.count("\n| ") >= cells + 1  # header + one row per (model, depth, lr)
+    assert "these verdicts are not evidence" in report  # 3 epochs on 6,000 images decide nothing
     for claim in claims:
         row = next(line for line in report.splitlines() if line.startswith(claim))
-        assert any(f"**{v}**" in row for v in VERDICTS), row
+        assert any(f"_{v} (quick run: not evidence)_" in row for v in VERDICTS), row
+        assert "**" not in row, row
     printed = capsys.readouterr().out
     assert "estimated time" in printed and "report:" in printed
 
 
 def test_quick_mode_uses_fewer_depths_and_epochs():
     experiment = load_example("compare_depths")
-    args = ex.build_parser(experiment).parse_args(["--quick"])
-    grid = ex._grid_from_args(experiment, args)
-    settings = ex._settings_from_args(experiment, args)
+    args = cli.build_parser(experiment).parse_args(["--quick"])
+    grid = cli._grid_from_args(experiment, args)
+    settings = cli._settings_from_args(experiment, args)
     assert sum(len(d) for d in grid.values()) < sum(len(d) for d in experiment.grid.values())
     assert settings.epochs < experiment.settings.epochs and settings.train_subset
-    full = ex._settings_from_args(experiment, ex.build_parser(experiment).parse_args([]))
+    full = cli._settings_from_args(experiment, cli.build_parser(experiment).parse_args([]))
     assert full == Settings() and full.epochs == 10 and full.batch_size == 100 and full.eval_batch_size == 5000
     assert experiment.grid == {0.003: (4, 5, 6, 7), 0.005: (1, 2, 3, 4)}
 
 
 def test_cli_overrides_and_bad_flags(capsys):
     experiment = load_example("compare_lr")
-    args = ex.build_parser(experiment).parse_args(["--depths", "2,3", "--lrs", "0.001", "--epochs", "2"])
-    assert ex._grid_from_args(experiment, args) == {0.001: (2, 3)}
+    args = cli.build_parser(experiment).parse_args(["--depths", "2,3", "--lrs", "0.001", "--epochs", "2"])
+    assert cli._grid_from_args(experiment, args) == {0.001: (2, 3)}
     with pytest.raises(SystemExit):
-        ex.build_parser(experiment).parse_args(["--depths", "two"])
+        cli.build_parser(experiment).parse_args(["--depths", "two"])
     assert "expected comma-separated integers, got 'two'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        ex.run_cli(experiment, ["--epochs", "0"])
+        cli.run_cli(experiment, ["--epochs", "0"])
     assert "--epochs must be an int >= 1, got 0" in capsys.readouterr().err
 
 
@@ -146,7 +151,7 @@ KILLED_SWEEP = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from bnvit import experiments as ex
+    from bnvit.article import sweep as ex
     sys.path.insert(0, {tests!r})
     from test_experiments import CELLS, SETTINGS
 
@@ -320,25 +325,43 @@ def test_claim_4_counts_a_diverged_mlp_as_broken_down():
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
-@pytest.mark.parametrize("folder", sorted(p.name for p in RESULTS_DIR.glob("*/") if (p / "report.md").exists()))
+def folder_experiment(folder: Path):
+    """The experiment a published folder belongs to: recorded in sweep.json, else named by the folder
+    (the study's `article`, `article-mlp`, `article-fp32`; `<example>`, `<example>-quick`, or
+    `<example>-<what>` for a part of the grid with more seeds)."""
+    recorded = json.loads((folder / "sweep.json").read_text()).get("experiment")
+    if recorded or folder.name in EXPERIMENTS:  # the study's folders are named after their experiments
+        return EXPERIMENTS[recorded or folder.name]
+    return load_example(folder.name.partition("-")[0])
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in RESULTS_DIR.glob("*/") if (p / RESULTS).exists()))
 def test_published_report_is_computed_from_its_results(folder, tmp_path):
-    """Every `report.md` under docs/results is what `write_report` makes of the `results.jsonl`
+    """Every `report.md` under docs/results is what `report_folder` makes of the `results.jsonl`
     beside it: the tables and verdicts in the docs come from the recorded runs, not by hand.
 
-    Folders are named `<example>` (the full grid), `<example>-quick`, or `<example>-<what>` for
-    a part of the grid run with more seeds."""
+    A report names the sha256 of the results it was computed from. Results that grew after their
+    report was written fail here (regenerate the report with the command that made it, plus
+    `--report-only`); a folder still filling up (no report yet) is recomputed without comparing."""
     published = RESULTS_DIR / folder
-    name, _, variant = folder.partition("-")
-    experiment = load_example(name)
+    experiment = folder_experiment(published)
     results = load_results(published)
     keys = {r["key"] for r in results}
-    if variant in ("", "quick"):
-        grid = experiment.quick_grid if variant else experiment.grid
-        assert keys == {c.key for c in experiment.cells(grid, 1)}
-    else:
-        seeds = 1 + max(r["cell"]["seed"] for r in results)
-        assert seeds > 1 and keys <= {c.key for c in experiment.cells(experiment.grid, seeds)}
+    seeds = 1 + max(r["cell"]["seed"] for r in results)
+    reduced = "quick" in folder
+    grid = experiment.quick_grid if reduced and experiment.quick_grid else experiment.grid
+    assert keys <= {c.key for c in experiment.cells(grid, max(seeds, 1))}
+    if folder in ("compare_depths", "compare_lr", "dnn_batchnorm") or folder.endswith("-quick"):
+        assert keys == {c.key for c in experiment.cells(grid, 1)}  # the article's grid, one seed, complete
     for figure in published.glob("*.png"):
         (tmp_path / figure.name).write_bytes(b"")
-    ex.write_report(results, tmp_path, experiment.claims, title=experiment.description)
-    assert (tmp_path / "report.md").read_text() == (published / "report.md").read_text()
+    reference = reference_folder(published, experiment)
+    recomputed = report_folder(published, experiment, dest=tmp_path, figures=False, reference=reference)
+    report = published / "report.md"
+    if not report.exists():
+        return
+    sources = report_source(report)
+    assert sources.get(RESULTS) == results_sha256(published), (
+        f"{report} was computed from other results than {published / RESULTS} holds now: regenerate it"
+    )
+    assert recomputed.read_text() == report.read_text()

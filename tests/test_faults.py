@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import bnvit
-from bnvit.data import DeviceLoader
 from bnvit.article import Cell, Settings, run_sweep
+from bnvit.data import DeviceLoader
 from bnvit.training.checkpoint import LAST, load_checkpoint
 from test_train import FIT, metrics, tiny_model, toy_data
 

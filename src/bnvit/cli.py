@@ -2,12 +2,15 @@
 
 Commands:
     predict: classify pictures of handwritten digits with a bnvit or reference checkpoint.
+    reproduce: run the article's experiments (`depths`, `lr`, `mlp`) or its three-seed study (`all`).
 
 Usage:
 
 ```bash
 bnvit predict IMAGE... --checkpoint PATH [--device cpu] [--top-k 3] [--json]
 python -m bnvit predict IMAGE... --checkpoint PATH
+bnvit reproduce all --seeds 3 --out docs/results/article
+bnvit reproduce depths --quick
 ```
 
 Each picture is prepared the way MNIST digits were (`bnvit.data.prepare_digit`: inverted if
@@ -34,7 +37,7 @@ from .registry import load_model
 from .device import resolve_device
 from .vit import ViT
 
-__all__ = ["build_parser", "main", "predict"]
+__all__ = ["build_parser", "main", "predict", "reproduce"]
 
 USAGE_ERROR = 2
 """Exit status for bad input: unreadable images, wrong checkpoints, invalid options."""
@@ -83,7 +86,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-k", type=_positive_int, default=3, metavar="K", help="how many classes to list per image (default 3)"
     )
     predict_parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    reproduce_parser = commands.add_parser(
+        "reproduce",
+        help="run the article's experiments and write their reports",
+        description=(
+            "Run one of the article's experiments (depths, lr, mlp: the examples' command line) or the whole "
+            "three-seed study (all), resumably, and write reports and figures. `bnvit reproduce WHAT --help` "
+            "lists the flags."
+        ),
+        add_help=False,
+    )
+    reproduce_parser.add_argument("what", choices=REPRODUCE, help="depths, lr, mlp or all")
+    reproduce_parser.add_argument("flags", nargs=argparse.REMAINDER, help="the experiment's flags")
     return parser
+
+
+REPRODUCE = ("depths", "lr", "mlp", "all")
+
+
+def reproduce(what: str, flags: Sequence[str]) -> int:
+    """`bnvit reproduce WHAT FLAGS...`: an article experiment, or the three-seed study for `all`."""
+    # Deferred: the article harness imports the training loop, which `bnvit predict` must not load.
+    from .article import COMPARE_DEPTHS, COMPARE_LR, DNN_BATCHNORM, run_cli, study
+
+    if what == "all":
+        return study.main(flags, prog="bnvit reproduce all")
+    experiment = {"depths": COMPARE_DEPTHS, "lr": COMPARE_LR, "mlp": DNN_BATCHNORM}[what]
+    return run_cli(experiment, flags)
 
 
 def _load_classifier(path: str, device: torch.device) -> ViT:
@@ -188,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         digit.png: 7  (top 3: 7 99.9%, 2 0.0%, 3 0.0%)
         0
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] == "reproduce" and argv[1] in REPRODUCE:
+        return reproduce(argv[1], argv[2:])  # its own parser reads every flag, --help included
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,242 @@
+"""The command line of the examples and of `bnvit reproduce`: one experiment, from flags to report.
+
+Every input is checked before anything is estimated, trained or created: a bad flag, a subset
+larger than MNIST, a precision the device lacks, a missing data folder or an output folder that
+belongs to another experiment ends the command with one line on stderr and exit status 2.
+Ctrl-C ends it with one line and exit status 130; rerunning the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+
+from .. import _checks
+from ..data import find_mnist_root, mnist_files
+from ..device import resolve_device, resolve_precision
+from .claims import verdicts
+from .estimate import MNIST_TEST, MNIST_TRAIN, estimate_seconds
+from .folder import FolderLockedError, check_folder, prepare_folder, read_folder
+from .grid import Experiment, Settings
+from .report import report_folder
+from .results import describe_machines, load_results, machine
+from .sweep import run_sweep, todo
+
+__all__ = ["INTERRUPTED", "USAGE_ERROR", "build_parser", "run_cli"]
+
+USAGE_ERROR = 2
+INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR)
+
+
+def _parse_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _parse_floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive learning rates, got {text!r}")
+    return values
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags every article command takes: data, device, settings, seeds, estimate, report."""
+    parser.add_argument("--data-dir", help="folder with MNIST/raw/ (default: $BNVIT_DATA, else the cache folder)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument("--epochs", type=int, help="epochs per run (default: the experiment's)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per cell: 0 .. N-1 (default 1, as in the article)")
+    parser.add_argument("--train-subset", type=int, help="train on this many images only")
+    parser.add_argument("--test-subset", type=int, help="evaluate on this many test images only")
+    parser.add_argument("--quick", action="store_true", help="a CPU-sized run: data subset, fewer epochs and depths")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-download", action="store_true", help="never download MNIST; fail if it is missing")
+    parser.add_argument("--estimate", action="store_true", help="print the time estimate and exit")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: rewrite report and figures")
+    parser.add_argument(
+        "--machine", help="describe the machine in the report when the results do not record it (kept in sweep.json)"
+    )
+
+
+def build_parser(experiment: Experiment) -> argparse.ArgumentParser:
+    """The command-line interface shared by the examples."""
+    parser = _Parser(description=experiment.description or experiment.name)
+    parser.add_argument(
+        "--out", help=f"output folder (default: runs/{experiment.name}, or runs/{experiment.name}-quick)"
+    )
+    parser.add_argument("--depths", type=_parse_ints, help="comma-separated depths, used at every learning rate")
+    parser.add_argument("--lrs", type=_parse_floats, help="comma-separated learning rates")
+    parser.add_argument("--augment", choices=("fast", "torchvision", "none"), help="training augmentation")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="training precision")
+    add_common_arguments(parser)
+    return parser
+
+
+def _grid_from_args(experiment: Experiment, args: argparse.Namespace) -> dict[float, tuple[int, ...]]:
+    base = dict(experiment.quick_grid or experiment.grid) if args.quick else dict(experiment.grid)
+    lrs = getattr(args, "lrs", None) or tuple(base)
+    all_depths = tuple(sorted({d for depths in experiment.grid.values() for d in depths}))
+    depths = getattr(args, "depths", None)
+    return {lr: depths or base.get(lr) or experiment.grid.get(lr) or all_depths for lr in lrs}
+
+
+def _settings_from_args(experiment: Experiment, args: argparse.Namespace) -> Settings:
+    settings = (experiment.quick_settings or experiment.settings) if args.quick else experiment.settings
+    changes = {
+        "epochs": args.epochs,
+        "augment": getattr(args, "augment", None),
+        "train_subset": args.train_subset,
+        "test_subset": args.test_subset,
+        "precision": getattr(args, "precision", None),
+    }
+    settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
+    _checks.positive_int("--epochs", settings.epochs)
+    for name, size in (("train_subset", MNIST_TRAIN), ("test_subset", MNIST_TEST)):
+        value = getattr(settings, name)
+        if value is not None:
+            flag = f"--{name.replace('_', '-')}"
+            _checks.positive_int(flag, value)
+            if value > size:
+                raise ValueError(f"{flag} {value}: MNIST has {size:,} such images; use 1 to {size}")
+    return settings
+
+
+def check_inputs(args: argparse.Namespace, all_settings: Sequence[Settings]) -> torch.device:
+    """Validate device, precision, seeds and data before anything runs; returns the device."""
+    _checks.positive_int("--seeds", args.seeds)
+    device = resolve_device(args.device)
+    for settings in all_settings:
+        try:
+            resolve_precision(settings.precision, device)
+        except ValueError as err:
+            raise ValueError(f"--precision {settings.precision}: {err}") from err
+    if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
+        raise ValueError(f"--data-dir {args.data_dir}: no such folder (it should hold MNIST/raw/)")
+    return device
+
+
+def check_data(args: argparse.Namespace) -> None:
+    if args.report_only or not args.no_download:
+        return
+    for train in (True, False):
+        for path in mnist_files(args.data_dir, train=train):
+            if not path.is_file():
+                root = find_mnist_root(args.data_dir)
+                raise ValueError(f"MNIST is not in {root} ({path.name} missing) and --no-download forbids fetching it")
+
+
+def duration(seconds: float) -> str:
+    """`"42 s"`, `"12 min"`, `"3.4 h"`."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    return f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+
+
+def machine_note(folder: Path, note: str | None, device: torch.device) -> str | None:
+    """The machine note a report needs when its results do not record the machine (`None` if they do)."""
+    results = load_results(folder)
+    if results and all(isinstance(r.get("machine"), dict) for r in results):
+        return None
+    if note:
+        return note
+    if read_folder(folder).get("machine_note"):
+        return None
+    (phrase,) = describe_machines([{"machine": machine(device)}])
+    return f"{phrase}, {platform.system()} (read when the report was written, not recorded with the runs)"
+
+
+def run_guarded(body: Callable[[], int], prog: str) -> int:
+    """Run a command body: one line and status 2 for a user error, one line and 130 for Ctrl-C."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; run the same command to resume", file=sys.stderr)
+        return INTERRUPTED
+    except (ValueError, TypeError, OSError, FolderLockedError) as err:
+        message = str(err).replace("\n", "; ")
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def run_cli(experiment: Experiment, argv: Sequence[str] | None = None) -> int:
+    """Run an `Experiment` from the command line: sweep, figures, report. Returns an exit code."""
+    parser = build_parser(experiment)
+    args = parser.parse_args(argv)
+    try:
+        settings = _settings_from_args(experiment, args)
+        grid = _grid_from_args(experiment, args)
+        device = check_inputs(args, [settings])
+        check_data(args)
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
+    out = Path(args.out or f"runs/{experiment.name}{'-quick' if args.quick else ''}")
+    cells = experiment.cells(grid, args.seeds)
+    return run_guarded(lambda: _run(experiment, args, settings, cells, out, device), parser.prog)
+
+
+def _run(experiment: Experiment, args, settings: Settings, cells, out: Path, device: torch.device) -> int:
+    check_folder(out, settings, experiment.name)
+    remaining = [] if args.report_only else todo(cells, out)
+    print(f"{experiment.name}: {len(cells)} runs ({len(remaining)} to do) on {device}, output in {out}")
+    if remaining:
+        seconds = estimate_seconds(remaining, settings, device)
+        print(f"estimated time: {duration(seconds)} (measured by fit() on a few batches of each model on {device})")
+    if args.estimate:
+        return 0
+    if not args.report_only:
+        run_sweep(
+            cells,
+            settings,
+            out,
+            experiment=experiment.name,
+            data_dir=args.data_dir,
+            device=device,
+            progress=not args.no_progress,
+            download=not args.no_download,
+        )
+    return write_outputs(experiment, out, args, device)
+
+
+def write_outputs(experiment: Experiment, out: Path, args, device: torch.device, reference: Path | None = None) -> int:
+    """Figures and report of a folder, then the verdicts on stdout."""
+    if not load_results(out):
+        print(f"{out}: no finished runs yet; no report written")
+        return 0
+    note = machine_note(out, args.machine, device)
+    if note:
+        prepare_folder(out, _folder_settings(out), experiment.name, machine_note=note)
+    report = report_folder(out, experiment, reference=reference)
+    print(f"report: {report}")
+    for v in verdicts(load_results(out, complete=True), experiment.claims):
+        print(f"claim {v.claim}: {v.verdict} — {v.measured}")
+    return 0
+
+
+def _folder_settings(out: Path) -> Settings:
+    stored = read_folder(out)
+    names = {f.name for f in dataclasses.fields(Settings)}
+    return Settings(**{k: v for k, v in stored.items() if k in names})

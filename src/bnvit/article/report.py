@@ -1,0 +1,294 @@
+"""`report.md`: every cell's accuracies, the article's claims with verdicts, and the statistics behind them.
+
+A report records the sha256 of the `results.jsonl` it was computed from, so a report that no
+longer matches its results is detected (see `report_source`). `report_folder` is the one way a
+folder's report and figures are made: by the examples, by `bnvit reproduce` and by the test that
+recomputes the published reports.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .._io import atomic_write_text
+from .claims import CLEARLY, COMPARABLE, LR_DROP, LR_DROP_CLAIM, MLP_CLAIM, SLIGHTLY, Verdict, paired, verdicts
+from .claims import mean_over_epochs as _mean_over_epochs
+from .folder import read_folder
+from .grid import Experiment
+from .plots import PLOTS
+from .results import RESULTS, describe_machines, load_results, results_sha256
+from .stats import fmt, mean_std, summarize, t_interval
+
+__all__ = ["RULES", "describe_reduced", "report_folder", "report_source", "write_report"]
+
+_TEST_SETS = {
+    "augmented": "the augmented test set (augmented once with a fixed seed: identical images for every model)",
+    "clean": "the clean test set",
+}
+_PRECISION_AUTO = "auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32; not recorded per run)"
+
+_LO, _HI = LR_DROP_CLAIM.lrs
+_MLO, _MHI = MLP_CLAIM.lrs
+RULES = (
+    "Gaps are ViTBNFFN minus ViT (DNNBN minus DNN), in accuracy points: the validation accuracy averaged over "
+    f"epochs, paired by seed. 'comparable': |gap| < {COMPARABLE}; 'slightly ahead': gap >= {SLIGHTLY}; "
+    f"'clearly ahead': gap >= {CLEARLY}. Claim 3: ViT's drop in final accuracy from lr {_LO:g} to {_HI:g} at "
+    f"depth {LR_DROP_CLAIM.depth}, minus ViTBNFFN's, must be >= {LR_DROP}. Claim 4: at lr {_MLO:g} the gap over "
+    f"the first third of training must be clearly ahead; at lr {_MHI:g} the MLP with BatchNorm must end at "
+    f">= {100 * MLP_CLAIM.stable:.0f}% and the plain MLP {100 * MLP_CLAIM.broken_margin:.0f} points lower or "
+    "diverge (judged on the means). With several seeds a verdict needs the whole range mean ± std to agree, is "
+    "'not reproduced' when none of it does, and is 'inconclusive' when that range straddles the threshold (or a "
+    "cell was not run). A claim judged at several cells is reproduced when every cell is, not reproduced when "
+    "any is not. The 95% t-interval (Student t with n - 1 degrees of freedom over the n paired seeds) is shown "
+    "beside the verdict; it does not change the verdict. A diverged run counts as chance accuracy after it diverged."
+)
+
+
+def describe_reduced(settings: Mapping[str, Any]) -> str:
+    """What a reduced run was: `"3 epochs, 6,000 training images, 2,000 test images"`."""
+    parts = [f"{settings.get('epochs')} epochs"]
+    if settings.get("train_subset"):
+        parts.append(f"{settings['train_subset']:,} training images")
+    if settings.get("test_subset"):
+        parts.append(f"{settings['test_subset']:,} test images")
+    return ", ".join(parts)
+
+
+def _fmt_points(values: Sequence[float]) -> str:
+    mean, std = mean_std(values)
+    return "–" if math.isnan(mean) else f"{mean:+.2f}" + ("" if std is None else f" ± {std:.2f}")
+
+
+def _fmt_interval(values: Sequence[float]) -> str:
+    interval = t_interval(values)
+    return "– (1 seed)" if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
+
+
+def _header(results: Sequence[Mapping[str, Any]], machine_note: str | None, source: str) -> list[str]:
+    groups = summarize(results)
+    seeds = max((len(g["curves"]) for g in groups.values()), default=0)
+    settings = results[0]["settings"] if results else {}
+    epochs = max((r["settings"]["epochs"] for r in results), default=0)
+    precisions = sorted({r["precision"] for r in results if r.get("precision")})
+    recorded = len(precisions) and all(r.get("precision") for r in results)
+    precision = (
+        ", ".join(precisions)
+        if recorded
+        else _PRECISION_AUTO
+        if settings.get("precision") == "auto"
+        else settings.get("precision")
+    )
+    machines = describe_machines(list(results)) if all(isinstance(r.get("machine"), dict) for r in results) else []
+    machine = "; ".join(machines) if machines else (machine_note or "not recorded with these results")
+    devices = ", ".join(sorted({str(r.get("device")) for r in results})) or "?"
+    return [
+        f"{len(results)} runs; "
+        + (f"{seeds} seeds per cell (mean ± std over seeds); " if seeds > 1 else "1 seed per cell; ")
+        + f"{epochs} epochs; augmentation {settings.get('augment')}; "
+        f"train subset {settings.get('train_subset') or 'all 60,000'}; "
+        f"test subset {settings.get('test_subset') or 'all 10,000'}; "
+        f"device {devices}; precision {precision}.",
+        "",
+        f"Machine: {machine}.",
+        "",
+        source,
+        "",
+    ]
+
+
+def _cells_table(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    groups = summarize(results)
+    settings = results[0]["settings"] if results else {}
+    epochs = max((r["settings"]["epochs"] for r in results), default=0)
+    marks = [e for e in (1, 5, 10) if e <= epochs] or [epochs]
+    if epochs not in marks:
+        marks.append(epochs)
+    lines = [
+        f"Validation accuracy (%) per epoch on {_TEST_SETS.get(settings.get('test'), 'the test set')}, "
+        "and the clean test accuracy at the last epoch (mean ± std over seeds).",
+        "",
+    ]
+    header = ["model", "depth", "lr", *[f"epoch {e}" for e in marks], "clean test", "diverged"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (model, depth, lr), group in sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
+        per_epoch = [fmt([c[e - 1] for c in group["curves"]]) for e in marks]
+        clean = [math.nan if r["clean_test_acc"] is None else r["clean_test_acc"] for r in group["results"]]
+        diverged = sum(1 for r in group["results"] if r["history"]["diverged_at"])
+        row = [model, str(depth), f"{lr:g}", *per_epoch, fmt(clean), f"{diverged}/{len(group['results'])}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _show(verdict: str, reduced: bool) -> str:
+    return f"_{verdict} (quick run: not evidence)_" if reduced else f"**{verdict}**"
+
+
+def _claims_tables(vs: Sequence[Verdict], reduced: str | None) -> list[str]:
+    lines = ["", "## The article's claims", ""]
+    if reduced:
+        lines += [
+            f"> **Quick run ({reduced}): these verdicts are not evidence** for or against the article. They are "
+            "computed the same way as for the full setting, to show what the command produces; the article's "
+            "numbers refer to the full setting (all 60,000 images, 10 epochs; 15 for the MLPs).",
+            "",
+        ]
+    lines += ["| # | article | measured | verdict |", "|---|---|---|---|"]
+    lines += [f"| {v.claim} | {v.article} | {v.measured} | {_show(v.verdict, bool(reduced))} |" for v in vs]
+    lines += [
+        "",
+        "### Per cell: the paired seeds",
+        "",
+        "Per-seed values in accuracy points (gaps; for claim 3 the extra drop; for claim 4 at the high rate the "
+        "difference of final accuracies), their mean ± std, and the 95% t-interval of the mean.",
+        "",
+        "| claim | cell | expected | per seed | mean ± std | 95% t-interval | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v in vs:
+        for p in v.parts:
+            per_seed = ", ".join(f"s{s}: {x:+.2f}" for s, x in zip(p.seeds, p.values, strict=True)) or "not run"
+            cells = [v.claim, p.label, p.expect, per_seed, _fmt_points(p.values), _fmt_interval(p.values)]
+            lines.append("| " + " | ".join(map(str, cells)) + f" | {_show(p.verdict, bool(reduced))} |")
+    lines += ["", "### How the verdicts are computed", "", RULES]
+    return lines
+
+
+def _figures(out: Path, results: Sequence[Mapping[str, Any]]) -> list[str]:
+    figures = sorted(p.name for p in out.glob("*.png"))
+    if not figures:
+        return []
+    seeds = max((len(g["curves"]) for g in summarize(results).values()), default=1)
+    caption = (
+        f"Lines: the mean over {seeds} seeds; bands: ± one standard deviation over seeds."
+        if seeds > 1
+        else "One seed per curve."
+    )
+    return ["", "## Figures", "", caption, ""] + [f"![{name}]({name})" for name in figures]
+
+
+def precision_section(results: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]]) -> list[str]:
+    """This folder's gaps (e.g. fp32) beside the same cells' gaps in a reference folder (e.g. bf16), per seed."""
+    lines = ["", "## Against the same cells at the study's default precision", ""]
+    groups, ref_groups = summarize(results), summarize(reference)
+    header = ["cell", "seeds", "gap here", "gap in the reference", "here minus reference", "95% t-interval"]
+    header += ["clean test here", "clean test there"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    models = sorted({k[0] for k in groups}, key=lambda m: "bn" in m)
+    for depth, lr in sorted({k[1:] for k in groups}, key=lambda k: (k[1], k[0])):
+        seeds, gaps = paired(groups, tuple(models), depth, lr, _mean_over_epochs)
+        ref_seeds, ref_gaps = paired(ref_groups, tuple(models), depth, lr, _mean_over_epochs)
+        ref = dict(zip(ref_seeds, ref_gaps, strict=True))
+        common = [s for s in seeds if s in ref]
+        diff = [g - ref[s] for s, g in zip(seeds, gaps, strict=True) if s in ref]
+        clean = [
+            fmt([r["clean_test_acc"] or math.nan for m in models for r in g.get((m, depth, lr), {}).get("results", [])])
+            for g in (groups, ref_groups)
+        ]
+        row = [f"depth {depth}, lr {lr:g}", ", ".join(map(str, common)) or "none in common"]
+        row += [_fmt_points(gaps), _fmt_points([ref[s] for s in common]), _fmt_points(diff), _fmt_interval(diff)]
+        lines.append("| " + " | ".join(row + clean) + " |")
+    lines += [
+        "",
+        "Gaps as above (mean over epochs of ViTBNFFN minus ViT), paired by seed; 'here minus reference' is the "
+        "per-seed difference of the gaps, with its 95% t-interval: an interval holding 0 means the precision "
+        "does not change the gap measurably. Clean test accuracies pool both models.",
+    ]
+    return lines
+
+
+def write_report(
+    results: Sequence[Mapping[str, Any]],
+    out: str | Path,
+    claims: Iterable[int] = (),
+    title: str = "Results",
+    *,
+    reduced: str | None = None,
+    machine_note: str | None = None,
+    source: str = "",
+    extra: Sequence[str] = (),
+) -> Path:
+    """Write `out/report.md`: every cell's accuracies and the article's claims with verdicts.
+
+    Args:
+        results: Results lines (see `load_results`).
+        out: Folder of the report (its `*.png` are listed as figures).
+        claims: The article's claims to judge.
+        title: The report's title.
+        reduced: For a quick run, what it was (`describe_reduced`): its verdicts are marked as no evidence.
+        machine_note: What to say about the machine when the results do not record it.
+        source: The line naming the results file and its sha256 (see `report_folder`).
+        extra: More Markdown lines, before the figures.
+    """
+    out = Path(out)
+    lines = [f"# {title}", ""]
+    if reduced:
+        lines += [f"> Quick run ({reduced}): a smoke test of the command, not a reproduction.", ""]
+    lines += _header(results, machine_note, source) + _cells_table(results)
+    claims = list(claims)
+    if claims:
+        lines += _claims_tables(verdicts(results, claims), reduced)
+    lines += list(extra) + _figures(out, results)
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+_SOURCE = re.compile(r"^Computed from `(?P<file>[^`]+)`: \d+ lines, sha256 `(?P<sha>[0-9a-f]{64})`", re.M)
+
+
+def report_source(report: str | os.PathLike) -> dict[str, str]:
+    """The results files a report says it was computed from: `{file: sha256}` (empty for older reports)."""
+    return {m["file"]: m["sha"] for m in _SOURCE.finditer(Path(report).read_text())}
+
+
+def _source_line(folder: Path, name: str) -> str:
+    lines = len((folder / RESULTS).read_text().splitlines()) if (folder / RESULTS).exists() else 0
+    return f"Computed from `{name}`: {lines} lines, sha256 `{results_sha256(folder) or '0' * 64}`."
+
+
+def report_folder(
+    folder: str | os.PathLike,
+    experiment: Experiment,
+    *,
+    dest: str | os.PathLike | None = None,
+    figures: bool = True,
+    reference: str | os.PathLike | None = None,
+) -> Path:
+    """Write a folder's report (and figures) from its `results.jsonl`: the one way reports are made.
+
+    Args:
+        folder: The sweep's folder.
+        experiment: Its experiment (claims, figures, the full setting).
+        dest: Where to write (default: `folder`).
+        figures: Draw the figures (else list the `*.png` already in `dest`).
+        reference: A folder with the same cells at other settings, compared in a section of its own.
+    """
+    folder = Path(folder)
+    dest = Path(folder if dest is None else dest)
+    results = load_results(folder, complete=True)
+    settings = results[0]["settings"] if results else {}
+    reduced = describe_reduced(settings) if results and experiment.is_reduced(settings) else None
+    if figures:
+        for name in experiment.plots:
+            PLOTS[name](results, dest, experiment.figure_grids.get(name), reduced)
+    source = _source_line(folder, RESULTS)
+    extra: list[str] = []
+    if reference is not None:
+        reference = Path(reference)
+        source += " " + _source_line(reference, f"../{reference.name}/{RESULTS}")
+        extra = precision_section(results, load_results(reference, complete=True))
+    return write_report(
+        results,
+        dest,
+        experiment.claims,
+        title=experiment.description or experiment.name,
+        reduced=reduced,
+        machine_note=read_folder(folder).get("machine_note"),
+        source=source,
+        extra=extra,
+    )

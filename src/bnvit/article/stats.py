@@ -1,0 +1,135 @@
+"""Numbers from results: per-epoch curves grouped by cell, mean ± std, and Student-t intervals.
+
+Nothing here knows the article's claims; `bnvit.article.claims` builds on it. The t quantile is
+computed here (the regularized incomplete beta function and a bisection on the t CDF) so that
+the package needs no scipy.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from ..training.history import History
+
+__all__ = ["CHANCE", "curve", "fmt", "mean_std", "summarize", "t_cdf", "t_interval", "t_quantile"]
+
+CHANCE = 0.1  # accuracy credited to a diverged run after it diverged (10 balanced classes)
+
+
+def curve(result: Mapping[str, Any], epochs: int, column: str = "val_acc") -> list[float]:
+    """A cell's per-epoch values, chance level after a divergence, NaN where never measured."""
+    history = History.from_dict(result["history"])
+    values = [math.nan if v is None else v for v in history.column(column)]
+    if history.diverged:
+        fill = CHANCE if column.endswith("acc") else math.nan
+        values += [fill] * (epochs - len(values))
+    return values[:epochs] + [math.nan] * (epochs - len(values))
+
+
+def summarize(results: Iterable[Mapping[str, Any]], column: str = "val_acc") -> dict[tuple[str, int, float], dict]:
+    """Group results by (model, depth, lr): per-epoch curves of `column` for every seed.
+
+    Returns:
+        `{(model, depth, lr): {"curves": [...], "results": [...]}}`, one curve and one result per
+        seed, in the order of `results`.
+    """
+    groups: dict[tuple[str, int, float], dict] = defaultdict(lambda: {"curves": [], "results": []})
+    results = list(results)
+    epochs = max((r["settings"]["epochs"] for r in results), default=0)
+    for result in results:
+        c = result["cell"]
+        group = groups[(c["model"], c["depth"], c["lr"])]
+        group["curves"].append(curve(result, epochs, column))
+        group["results"].append(result)
+    return dict(groups)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation of the non-NaN values (std `None` for fewer than two)."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def fmt(values: Sequence[float]) -> str:
+    """Accuracies (fractions) as percent: `"91.3"` for one value, `"91.3 ± 0.5"` for several."""
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "–"
+    return f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes 6.4)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+            if aa < 0 and abs(d * c - 1.0) < 1e-15:
+                return h
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, dof: float) -> float:
+    """P(T <= t) for Student's t distribution with `dof` degrees of freedom."""
+    tail = 0.5 * _betainc(dof / 2.0, 0.5, dof / (dof + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, dof: float) -> float:
+    """The `p` quantile of Student's t with `dof` degrees of freedom (bisection on `t_cdf`).
+
+    Examples:
+        >>> round(t_quantile(0.975, 2), 3), round(t_quantile(0.975, 4), 3)
+        (4.303, 2.776)
+    """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got {p}")
+    if dof <= 0:
+        raise ValueError(f"dof must be > 0, got {dof}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, dof)
+    low, high = 0.0, 1.0
+    while t_cdf(high, dof) < p:
+        high *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if t_cdf(mid, dof) < p else (low, mid)
+        if high - low < 1e-12 * max(1.0, high):
+            break
+    return 0.5 * (low + high)
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """The two-sided Student-t confidence interval for the mean of `values` (`None` for fewer than two)."""
+    values = [v for v in values if not math.isnan(v)]
+    if len(values) < 2:
+        return None
+    mean, std = statistics.fmean(values), statistics.stdev(values)
+    half = t_quantile(0.5 + level / 2.0, len(values) - 1) * std / math.sqrt(len(values))
+    return mean - half, mean + half

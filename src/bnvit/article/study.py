@@ -1,0 +1,171 @@
+"""The three-seed study: every cell of the article's three experiments, in three folders, one command.
+
+The ViT cells of both ViT experiments (`COMPARE_DEPTHS` and `COMPARE_LR`; the cells they share
+are trained once) go into one folder, recorded in its `sweep.json` as the experiment
+`ARTICLE_VIT` ("article"), whose report judges claims 1 to 3 and draws both depth figures and
+the learning-rate figure. The MLP cells go into `<out>-mlp` (claim 4), and an fp32 check of one
+ViT cell into `<out>-fp32`, whose report compares it with the same cell at the default precision.
+A folder belongs to one experiment, so `compare_depths` and `compare_lr` share a folder only as
+parts of this study.
+
+With `extra_seeds_for_close_calls`, a part of a claim whose seeds straddle its threshold gets
+one more seed at a time, for its cells only, up to `MAX_SEEDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .claims import close_calls
+from .cli import (
+    _Parser,
+    _settings_from_args,
+    add_common_arguments,
+    check_data,
+    check_inputs,
+    duration,
+    run_guarded,
+    write_outputs,
+)
+from .estimate import estimate_seconds
+from .folder import check_folder
+from .grid import ARTICLE_FP32, ARTICLE_MLP, ARTICLE_VIT, Cell, Experiment, Settings
+from .report import report_folder
+from .results import load_results
+from .sweep import run_sweep, todo
+
+__all__ = ["MAX_SEEDS", "PARTS", "build_parser", "main", "reference_folder", "study_folders"]
+
+MAX_SEEDS = 5
+
+PARTS = {"mlp": ("-mlp", ARTICLE_MLP), "vit": ("", ARTICLE_VIT), "fp32": ("-fp32", ARTICLE_FP32)}
+"""Part -> (suffix of its folder's name, experiment), in the order they run."""
+
+
+def study_folders(out: str | Path) -> dict[str, Path]:
+    """The study's folders: `out` (ViT), `out-mlp`, `out-fp32`."""
+    out = Path(out)
+    return {part: out.with_name(out.name + suffix) for part, (suffix, _) in PARTS.items()}
+
+
+def reference_folder(folder: Path, experiment: Experiment) -> Path | None:
+    """The folder the fp32 check is compared with: the ViT folder beside it."""
+    if experiment.name != ARTICLE_FP32.name:
+        return None
+    return folder.with_name(folder.name.removesuffix(PARTS["fp32"][0]))
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The study's command line (`examples/reproduce.py`, `bnvit reproduce all`)."""
+    parser = _Parser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--out",
+        help="the ViT folder; the MLPs go to <out>-mlp, the fp32 check to <out>-fp32 "
+        "(default: runs/article, or runs/article-quick)",
+    )
+    parser.add_argument("--report-to", help="with --report-only: write reports and figures under this folder instead")
+    parser.add_argument(
+        "--extra-seeds-for-close-calls",
+        action="store_true",
+        help=f"where the seeds straddle a claim's threshold, add seeds to those cells only, up to {MAX_SEEDS}",
+    )
+    add_common_arguments(parser)
+    return parser
+
+
+def _plan(args) -> list[tuple[str, Experiment, Settings, list[Cell], Path]]:
+    base = Path(args.out or f"runs/article{'-quick' if args.quick else ''}")
+    plan = []
+    for part, folder in study_folders(base).items():
+        experiment = PARTS[part][1]
+        settings = _settings_from_args(experiment, args)
+        grid = (experiment.quick_grid or experiment.grid) if args.quick else experiment.grid
+        plan.append((part, experiment, settings, experiment.cells(grid, args.seeds), folder))
+    return plan
+
+
+def _extra_seeds(experiment: Experiment, settings: Settings, folder: Path, args, device: torch.device) -> None:
+    """One more seed at a time for the cells of every close call, up to `MAX_SEEDS` seeds."""
+    while True:
+        results = load_results(folder, complete=True)
+        seeds = {}
+        for r in results:
+            c = r["cell"]
+            seeds.setdefault((c["model"], c["depth"], c["lr"]), set()).add(c["seed"])
+        extra = [
+            Cell(model, depth, lr, max(seeds[(model, depth, lr)]) + 1)
+            for model, depth, lr in sorted(close_calls(results, experiment.claims))
+            if len(seeds.get((model, depth, lr), ())) < MAX_SEEDS
+        ]
+        if not extra:
+            return
+        print(f"{experiment.name}: close calls: {len(extra)} more runs ({', '.join(c.key for c in extra)})")
+        _sweep(experiment, settings, extra, folder, args, device)
+
+
+def _sweep(experiment: Experiment, settings: Settings, cells, folder: Path, args, device: torch.device) -> None:
+    run_sweep(
+        cells,
+        settings,
+        folder,
+        experiment=experiment.name,
+        data_dir=args.data_dir,
+        device=device,
+        progress=not args.no_progress,
+        download=not args.no_download,
+    )
+
+
+def _run(args, plan, device: torch.device) -> int:
+    for _, experiment, settings, _, folder in plan:
+        check_folder(folder, settings, experiment.name)
+    total = 0.0
+    for part, _experiment, settings, cells, folder in plan:
+        remaining = [] if args.report_only else todo(cells, folder)
+        line = f"{part}: {len(cells)} runs ({len(remaining)} to do) in {folder}"
+        if remaining:
+            seconds = estimate_seconds(remaining, settings, device)
+            total += seconds
+            line += f", about {duration(seconds)}"
+        print(line)
+    print(f"estimated time: {duration(total)} on {device} (fit() timed on a few batches of each model)")
+    if args.estimate:
+        return 0
+    for _, experiment, settings, cells, folder in plan:
+        if not args.report_only:
+            _sweep(experiment, settings, cells, folder, args, device)
+            if args.extra_seeds_for_close_calls and experiment.claims:
+                _extra_seeds(experiment, settings, folder, args, device)
+    for _, experiment, _, _, folder in plan:
+        if args.report_to:
+            dest = Path(args.report_to) / folder.name
+            if load_results(folder):
+                reference = reference_folder(folder, experiment)
+                print(f"report: {report_folder(folder, experiment, dest=dest, reference=reference)}")
+        else:
+            write_outputs(experiment, folder, args, device, reference_folder(folder, experiment))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run the study from the command line; returns the exit status (0, 2 for bad input, 130 for Ctrl-C)."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    try:
+        if args.report_to and not args.report_only:
+            raise ValueError("--report-to goes with --report-only")
+        plan = _plan(args)
+        device = check_inputs(args, [settings for _, _, settings, _, _ in plan])
+        check_data(args)
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
+    return run_guarded(lambda: _run(args, plan, device), parser.prog)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
