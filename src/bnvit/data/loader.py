@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -54,8 +54,10 @@ class DeviceLoader:
         labels: `(N,)` integer class labels.
         batch_size: Samples per batch.
         shuffle: Shuffle every epoch; otherwise the stored order.
-        augment: Apply the article's augmentation (`augment_batch`) to every
-            batch. The random draws differ per epoch and per rank.
+        augment: `True` applies the article's augmentation (`augment_batch`) to every
+            batch; a callable `(images, generator) -> (B, 1, H, W) float images` applies
+            another batched augmentation the same way (see `examples/train_weights.py`). The
+            random draws differ per epoch and per rank.
         device: Where the data is held and the batches are produced.
         seed: Seed of the shuffling and augmentation streams (an int >= 0).
         drop_last: Drop the last incomplete batch.
@@ -76,7 +78,7 @@ class DeviceLoader:
         *,
         batch_size: int,
         shuffle: bool = True,
-        augment: bool = False,
+        augment: bool | Callable[[torch.Tensor, torch.Generator], torch.Tensor] = False,
         device: torch.device | str = "cpu",
         seed: int = 0,
         drop_last: bool = False,
@@ -101,9 +103,11 @@ class DeviceLoader:
             raise ValueError(f"images and labels differ in length: {len(images)} images, {len(labels)} labels")
         if len(images) == 0:
             raise ValueError("images is empty; a DeviceLoader needs at least one sample")
-        for name, flag in (("shuffle", shuffle), ("augment", augment), ("drop_last", drop_last)):
+        for name, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if not (isinstance(augment, bool) or callable(augment)):
+            raise TypeError(f"augment must be a bool or a callable (images, generator) -> images, got {augment!r}")
         if augment and max(images.shape[-2:]) > MAX_SIDE:
             raise ValueError(f"augment=True supports image sides up to {MAX_SIDE}, got {tuple(images.shape[-2:])}")
         self.batch_size = _checks.positive_int("batch_size", batch_size)
@@ -173,12 +177,13 @@ class DeviceLoader:
         if self.augment:
             seed = _stream_seed(self.seed, epoch, 1, self.rank)
             generator = torch.Generator(device=self.device).manual_seed(seed)
+        augment = augment_batch if self.augment is True else self.augment
         block_images = _AUGMENT_BLOCK.get(self.device.type, _AUGMENT_BLOCK_OTHER)
         block = max(1, block_images // self.batch_size) * self.batch_size
         for start in range(0, len(order), block):
             index = order[start : start + block]
             images = self.images.index_select(0, index)  # a row copy; several times faster than images[index]
-            images = augment_batch(images, generator) if self.augment else _to_float(images)
+            images = augment(images, generator) if self.augment else _to_float(images)
             labels = self.labels.index_select(0, index)
             for b in range(0, len(index), self.batch_size):
                 yield images[b : b + self.batch_size], labels[b : b + self.batch_size]
