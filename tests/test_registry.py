@@ -97,6 +97,9 @@ def test_pretrained_without_a_file_raises(name):
 
 
 @pytest.mark.parametrize("name", ["vit_mnist", "vitbn_cifar"])
-def test_features_only_raises(name):
-    with pytest.raises(ValueError, match=rf"{name}.*features_only.*forward_features"):
-        timm.create_model(name, features_only=True)
+def test_features_only_gives_the_last_three_blocks(name):
+    model = timm.create_model(name, features_only=True, depth=4).eval()
+    side, patch = DEFAULTS[name][1], DEFAULTS[name][2]
+    assert model.feature_info.module_name() == ["blocks.1", "blocks.2", "blocks.3"]
+    feats = model(torch.rand(2, DEFAULTS[name][0], side, side))
+    assert [tuple(f.shape) for f in feats] == [(2, 64, side // patch, side // patch)] * 3

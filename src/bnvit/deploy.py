@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ._io import atomic_path
-from .fuse import fold_batchnorm
 from .device import resolve_device
+from .fuse import fold_batchnorm
 from .vit import ViT
 
 __all__ = ["ONNX_INPUT_NAME", "ONNX_OUTPUT_NAME", "export_onnx", "for_inference"]

@@ -17,23 +17,51 @@ twin is called `vitln_*` because `vit_*_patch16_224` are timm's own models.
 
 The article's reference checkpoints load with
 `timm.create_model("vitbnffn_mnist", pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`
-or with `load_model(PATH)`.
+or with `load_model(PATH)`. With `pretrained=True` a builder reads the weights first (a file,
+a `local-dir:` folder written by `timm.models.save_for_hf`, an `hf-hub:` repository or the
+weights shipped in the package) and builds the depth, qkv bias and positional embedding they
+hold; it records them in `model.pretrained_model_args`, so `save_for_hf` writes them out.
+
+`vit_mnist.bnvit_mnist` and `vitbnffn_mnist.bnvit_mnist` (the default tags of those names)
+point at `bnvit/weights/<name>.safetensors` inside the installed package: trained weights drop
+in there, and `timm.create_model(name, pretrained=True)` loads them offline.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models._manipulate import adapt_input_conv
+from timm.models._pretrained import PretrainedCfg
 
-from .vit import ViT
+from .vit import ViT, feature_take_indices
 
-__all__ = ["checkpoint_filter_fn", "describe_state_dict", "load_model", "read_state_dict"]
+__all__ = [
+    "WEIGHTS_DIR",
+    "checkpoint_filter_fn",
+    "describe_state_dict",
+    "load_model",
+    "pretrained_state_dict",
+    "read_state_dict",
+]
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+"""Where the package's own trained weights live: `<name>.safetensors`, one per shipped tag."""
+_PACKAGED_WEIGHTS = WEIGHTS_DIR  # the folder the default cfgs name; `WEIGHTS_DIR` may be pointed elsewhere
+SHIPPED_TAG = "bnvit_mnist"
+"""Tag of the weights trained with bnvit's recipe (examples/train_weights.py) on MNIST."""
+SHIPPED = ("vit_mnist", "vitbnffn_mnist")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+"""Weight files of a `local-dir:` folder, in timm's order of preference (safetensors first)."""
 
 _ARTICLE = dict(dim=64, heads=8, dim_head=64, mlp_dim=128, depth=6, pool="cls", pos_embed="learn", qkv_bias=False)
 _MNIST = dict(_ARTICLE, img_size=28, patch_size=7, in_chans=1, num_classes=10)
@@ -55,6 +83,7 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         interpolation="bilinear",
         crop_pct=1.0,
         fixed_input_size=True,
+        first_conv="patch_embed.proj",
         classifier="head",
         paper_name="Vision Transformer with BatchNorm",
         license="mit",
@@ -73,9 +102,18 @@ _IMAGENET_CFG = _cfg(
     std=IMAGENET_DEFAULT_STD,
 )
 
+
+def shipped_cfg(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """`cfg` for the weights of `name` shipped in the package (`WEIGHTS_DIR/<name>.safetensors`)."""
+    return dict(cfg, file=str(_PACKAGED_WEIGHTS / f"{name}.safetensors"))
+
+
 default_cfgs = generate_default_cfgs(
     {
-        **{f"{prefix}_mnist": _MNIST_CFG for prefix in ("vit", "vitbnffn", "vitbn")},
+        **{f"{name}.{SHIPPED_TAG}": shipped_cfg(name, _MNIST_CFG) for name in SHIPPED},
+        **{
+            f"{prefix}_mnist": _MNIST_CFG for prefix in ("vit", "vitbnffn", "vitbn") if f"{prefix}_mnist" not in SHIPPED
+        },
         **{f"{prefix}_cifar": _CIFAR_CFG for prefix in ("vit", "vitbnffn", "vitbn")},
         **{
             f"{prefix}_{width}_patch16_224": _IMAGENET_CFG
@@ -178,8 +216,56 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ViT | None = None
     if _is_reference_layout(state_dict):
         state_dict = _convert_reference(state_dict)
     if model is not None:
+        state_dict = adapt_in_chans(state_dict, model.cfg.patch_size, model.cfg.in_chans)
         _check_compatible(state_dict, model)
     return state_dict
+
+
+_PATCH_KEYS = (
+    "patch_embed.pre_norm.weight",
+    "patch_embed.pre_norm.bias",
+    "patch_embed.pre_norm.bn.weight",
+    "patch_embed.pre_norm.bn.bias",
+    "patch_embed.pre_norm.bn.running_mean",
+    "patch_embed.pre_norm.bn.running_var",
+)
+
+
+def adapt_in_chans(state_dict: dict[str, torch.Tensor], patch_size: int, in_chans: int) -> dict[str, torch.Tensor]:
+    """Adapt the input layer of a ViT state dict to `in_chans` input channels, as timm does for its stems.
+
+    The patch projection is treated as the `p x p` convolution it is and adapted with timm's
+    `adapt_input_conv`: from 1 channel to `C` its weights are repeated and scaled by `1 / C`; from
+    `C` channels to 1 they are summed. The pre-norm's per-value parameters and statistics are
+    repeated (1 to `C`) or averaged (`C` to 1). From 1 to `C` channels a gray image copied into
+    every channel gives exactly the outputs of the original model; from `C` to 1 the result is
+    exact when the pre-norm's parameters agree across channels, otherwise a starting point for
+    fine-tuning. A state dict whose patches do not come from `patch_size` patches is returned
+    unchanged (the mismatch is reported when it is loaded).
+
+    Examples:
+        >>> from bnvit import ViT
+        >>> sd = adapt_in_chans(ViT(depth=1).state_dict(), patch_size=7, in_chans=3)
+        >>> tuple(sd["patch_embed.proj.weight"].shape)
+        (64, 147)
+    """
+    weight = state_dict.get("patch_embed.proj.weight")
+    area = patch_size * patch_size
+    if weight is None or weight.shape[1] == area * in_chans or weight.shape[1] % area:
+        return state_dict
+    source = weight.shape[1] // area
+    out = dict(state_dict)
+    as_conv = weight.reshape(weight.shape[0], patch_size, patch_size, source).permute(0, 3, 1, 2)
+    adapted = adapt_input_conv(in_chans, as_conv, base_chans=source).to(weight.dtype)
+    out["patch_embed.proj.weight"] = adapted.permute(0, 2, 3, 1).reshape(weight.shape[0], area * in_chans)
+    for key in (k for k in _PATCH_KEYS if k in state_dict):
+        values = state_dict[key].reshape(patch_size, patch_size, source)
+        if in_chans == 1:
+            values = values.mean(dim=-1, keepdim=True)
+        else:
+            values = values.repeat(1, 1, -(-in_chans // source))[..., :in_chans]
+        out[key] = values.reshape(-1).contiguous()
+    return out
 
 
 def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -224,18 +310,18 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any
 
 
 def _describe_model(model: ViT) -> dict[str, Any]:
-    c = model.config
+    c = model.cfg
     return dict(
-        norm=c["norm"],
-        depth=c["depth"],
-        qkv_bias=c["qkv_bias"],
-        dim=c["dim"],
-        attn_width=c["heads"] * c["dim_head"],
-        mlp_dim=c["mlp_dim"],
-        num_classes=c["num_classes"],
-        pos_embed=c["pos_embed"],
-        patch_dim=c["patch_size"] ** 2 * c["in_chans"],
-        num_tokens=model.num_tokens if c["pos_embed"] == "learn" else None,
+        norm=c.norm,
+        depth=c.depth,
+        qkv_bias=c.qkv_bias,
+        dim=c.dim,
+        attn_width=c.heads * c.dim_head,
+        mlp_dim=c.mlp_dim,
+        num_classes=c.num_classes,
+        pos_embed=c.pos_embed,
+        patch_dim=c.patch_size**2 * c.in_chans,
+        num_tokens=c.num_tokens if c.pos_embed == "learn" else None,
     )
 
 
@@ -251,21 +337,36 @@ def _check_compatible(state_dict: Mapping[str, torch.Tensor], model: ViT, source
 
 
 def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read a state dict safely (`weights_only=True`) from a checkpoint file.
+    """Read a state dict safely from a checkpoint file or a `timm.models.save_for_hf` folder.
 
-    Accepts a bare state dict or a training checkpoint holding one under `"model"`,
-    `"state_dict"` or `"model_state_dict"`. Never executes code from the file.
+    Reads `.safetensors` files with safetensors and other files with `torch.load(...,
+    weights_only=True)`, never executing code from the file. Accepts a bare state dict or a
+    training checkpoint holding one under `"model"`, `"state_dict"` or `"model_state_dict"`.
+    For a folder, reads the first of `WEIGHT_FILES` it holds (safetensors first, as timm).
 
     Raises:
-        FileNotFoundError: If `path` does not exist.
-        ValueError: If the file is not a readable PyTorch checkpoint of tensors.
+        FileNotFoundError: If `path` does not exist, or is a folder without a weight file.
+        ValueError: If the file is not a readable checkpoint of tensors.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        found = [os.path.join(path, name) for name in WEIGHT_FILES if os.path.isfile(os.path.join(path, name))]
+        if not found:
+            raise FileNotFoundError(
+                f"{path} holds no weights: expected one of {', '.join(WEIGHT_FILES)} "
+                "(timm.models.save_for_hf writes model.safetensors or pytorch_model.bin)"
+            )
+        path = found[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # the unpickler raises many kinds on foreign bytes
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file  # a dependency of timm; only needed for this format
+
+            obj = load_file(path, device=str(map_location))
+        else:
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # the unpickler and safetensors raise many kinds on foreign bytes
         raise ValueError(f"cannot read {path} as a PyTorch checkpoint (weights only): {err}") from err
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict", "model_state_dict"):
@@ -362,34 +463,166 @@ def _normalized(key: str, value: Any) -> Any:
 # ---------------------------------------------------------------------------- builders
 
 
-def _create_vit(variant: str, pretrained: bool, defaults: dict[str, Any], **kwargs: Any) -> ViT:
-    if kwargs.pop("features_only", False):
-        raise ValueError(f"{variant} does not support features_only; use forward_features() instead")
-    model_args = {**defaults}
-    if pretrained:
-        cfg = resolve_pretrained_cfg(
-            variant,
-            pretrained_cfg=kwargs.get("pretrained_cfg"),
-            pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
+def pretrained_state_dict(
+    variant: str, pretrained_cfg: Any = None, pretrained_cfg_overlay: dict[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights `timm.create_model(variant, pretrained=True, ...)` loads, read as timm's loader reads them.
+
+    `pretrained_cfg` and `pretrained_cfg_overlay` are those of `timm.create_model` (a tag, a
+    dict or a `PretrainedCfg`; `local-dir:` and `hf-hub:` names arrive as such a cfg).
+
+    In timm's order: a `state_dict` in the cfg, a `local-dir:` folder (`model.safetensors`
+    first), an `hf-hub:` repository (through timm's hub loader and its cache), a `file`
+    (bnvit's shipped weights are looked up in `WEIGHTS_DIR`), a `url`.
+
+    Returns:
+        The state dict and a description of where it came from, for error messages.
+
+    Raises:
+        ValueError: If the cfg points at no weights, or at shipped weights absent from this build.
+        FileNotFoundError: If a `local-dir:` folder holds no weight file.
+    """
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay)
+    if cfg.source != "local-dir" and cfg.state_dict is not None:
+        return dict(cfg.state_dict), "the state dict in pretrained_cfg"
+    if cfg.source == "local-dir":
+        return read_state_dict(cfg.file), str(cfg.file)
+    if cfg.source == "hf-hub" or (cfg.hf_hub_id and not cfg.file):
+        from timm.models._hub import load_state_dict_from_hf  # needs huggingface_hub: only for hub loads
+
+        args = (cfg.hf_hub_id, cfg.hf_hub_filename) if cfg.hf_hub_filename else (cfg.hf_hub_id,)
+        return load_state_dict_from_hf(*args), f"hf-hub:{cfg.hf_hub_id}"
+    if cfg.file:
+        return read_state_dict(_shipped_or_given(variant, cfg)), str(cfg.file)
+    if cfg.url:
+        sd = torch.hub.load_state_dict_from_url(cfg.url, map_location="cpu", weights_only=True)
+        return checkpoint_filter_fn(sd), cfg.url
+    raise ValueError(
+        f"no published weights for {variant}; load a file with "
+        f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))"
+    )
+
+
+def _locate_shipped(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` with the package's own weights, if the cfg names them, located in `WEIGHTS_DIR` (or a clear error)."""
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"), pretrained_cfg_overlay=overlay)
+    if cfg.source == "local-dir" or cfg.state_dict is not None or not cfg.file:
+        return kwargs
+    return {**kwargs, "pretrained_cfg_overlay": {**overlay, "file": _shipped_or_given(variant, cfg)}}
+
+
+def _shipped_or_given(variant: str, cfg: PretrainedCfg) -> str:
+    """`cfg.file`, or for the package's own weights their current place in `WEIGHTS_DIR`."""
+    path = Path(cfg.file)
+    if path.parent != _PACKAGED_WEIGHTS:
+        return cfg.file
+    path = WEIGHTS_DIR / path.name
+    if not path.is_file():
+        raise ValueError(
+            f"the weights of {variant}.{cfg.tag} are not shipped in this build of bnvit (looked for {path}); "
+            f"train them with examples/train_weights.py and pass the file: timm.create_model({variant!r}, "
+            f"pretrained=True, pretrained_cfg_overlay=dict(file=PATH)), or load a save_for_hf folder with "
+            f"timm.create_model('local-dir:FOLDER', pretrained=True)"
         )
-        if not cfg.has_weights and cfg.state_dict is None:
-            raise ValueError(
-                f"no published weights for {variant}; load a file with "
-                f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))"
-            )
-        if cfg.file:
-            found = describe_state_dict(checkpoint_filter_fn(read_state_dict(cfg.file)))
-            if found["norm"] != defaults["norm"]:
-                builders = [f"{p}_*" for p, n in _PREFIX_NORM.items() if n == found["norm"]]
-                raise ValueError(
-                    f"{cfg.file} holds a norm={found['norm']!r} model, but {variant} builds "
-                    f"norm={defaults['norm']!r}; use a {' / '.join(builders)} builder"
-                )
-            from_file = dict(depth=found["depth"], qkv_bias=found["qkv_bias"], pos_embed=found["pos_embed"])
-            _raise_on_contradictions(from_file, kwargs, cfg.file)
-            model_args.update(from_file)
-    model_args.update(kwargs)
-    return build_model_with_cfg(ViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **model_args)
+    return str(path)
+
+
+def _resolve_cfg(variant: str, kwargs: Mapping[str, Any]) -> PretrainedCfg:
+    return resolve_pretrained_cfg(
+        variant,
+        pretrained_cfg=kwargs.get("pretrained_cfg"),
+        pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
+    )
+
+
+def _args_from_weights(variant: str, defaults: Mapping[str, Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Depth, qkv bias and positional embedding of the weights `pretrained=True` will load, checked."""
+    state_dict, source = pretrained_state_dict(
+        variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
+    )
+    found = describe_state_dict(checkpoint_filter_fn(state_dict))
+    if found["norm"] != defaults["norm"]:
+        builders = [f"{p}_*" for p, n in _PREFIX_NORM.items() if n == found["norm"]]
+        raise ValueError(
+            f"{source} holds a norm={found['norm']!r} model, but {variant} builds "
+            f"norm={defaults['norm']!r}; use a {' / '.join(builders)} builder"
+        )
+    from_weights = dict(depth=found["depth"], qkv_bias=found["qkv_bias"], pos_embed=found["pos_embed"])
+    _raise_on_contradictions(from_weights, kwargs, source)
+    return from_weights
+
+
+def _feature_cfg(variant: str, depth: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """timm's `feature_cfg` for `features_only=True`: the getter wrapper over `forward_intermediates`."""
+    out_indices = kwargs.pop("out_indices", min(3, depth))
+    try:
+        feature_take_indices(depth, out_indices)
+    except ValueError as err:
+        raise ValueError(f"{variant}: bad out_indices {out_indices!r}: {err}") from None
+    return dict(out_indices=out_indices, feature_cls=kwargs.pop("feature_cls", "getter"))
+
+
+@contextlib.contextmanager
+def _quiet_adapted_stem() -> Iterator[None]:
+    """Hide timm's warning that the stem 'already matches': `checkpoint_filter_fn` adapted its channels."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Pretrained patch_embed.proj weights already match")
+
+    logger = logging.getLogger("timm.models._builder")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def build_with_weights(
+    model_cls: type,
+    variant: str,
+    pretrained: bool,
+    defaults: dict[str, Any],
+    kwargs: dict[str, Any],
+    *,
+    infer: Any,
+    num_blocks: Any,
+    **build: Any,
+) -> Any:
+    """timm's `build_model_with_cfg`, with the architecture read from the weights when `pretrained`.
+
+    Shared by the ViT and MLP builders. `infer(variant, defaults, kwargs)` reads the weights and
+    returns the architecture arguments they fix; they are recorded as the model's reconstruction
+    arguments (`pretrained_model_args`, and `_model_args`, which `timm.models.save_for_hf`
+    exports). `num_blocks(model_args)` is the number of feature levels for `features_only`.
+    """
+    if pretrained:
+        kwargs = _locate_shipped(variant, kwargs)
+    from_weights = infer(variant, defaults, kwargs) if pretrained else {}
+    model_args = {**defaults, **from_weights, **kwargs}
+    feature_cfg = None
+    if model_args.pop("features_only", False):
+        feature_cfg = _feature_cfg(variant, num_blocks(model_args), model_args)
+        model_args["features_only"] = True
+    with _quiet_adapted_stem():
+        model = build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg, **build, **model_args)
+    if from_weights:
+        model.pretrained_model_args = {**getattr(model, "pretrained_model_args", {}), **from_weights}
+        model._model_args = {**getattr(model, "_model_args", {}), **from_weights}
+    return model
+
+
+def _create_vit(variant: str, pretrained: bool, defaults: dict[str, Any], **kwargs: Any) -> ViT:
+    return build_with_weights(
+        ViT,
+        variant,
+        pretrained,
+        defaults,
+        kwargs,
+        infer=_args_from_weights,
+        num_blocks=lambda args: args["depth"],
+        pretrained_filter_fn=checkpoint_filter_fn,
+    )
 
 
 @register_model

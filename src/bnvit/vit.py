@@ -163,7 +163,7 @@ def feature_take_indices(num_blocks: int, indices: int | Sequence[int] | None = 
     if isinstance(indices, int) and not isinstance(indices, bool):
         if not 0 < indices <= num_blocks:
             raise ValueError(
-                f"cannot take the last {indices} of {num_blocks} blocks: an int must be in 1..{num_blocks}"
+                f"cannot take the last {indices} of the model's {num_blocks} blocks: an int must be in 1..{num_blocks}"
             )
         take = list(range(num_blocks - indices, num_blocks))
     else:
