@@ -55,6 +55,13 @@ EXPECTATIONS = {
     "lr_drop": (LR_DROP, math.inf),
 }
 
+EXPECTATION_TEXT = {
+    "comparable": f"comparable (|gap| < {COMPARABLE})",
+    "slightly": f"slightly ahead (gap >= {SLIGHTLY})",
+    "clearly": f"clearly ahead (gap >= {CLEARLY})",
+    "lr_drop": f"ViT loses >= {LR_DROP} pts more",
+}
+
 
 @dataclass(frozen=True)
 class DepthClaim:

@@ -16,7 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_text
-from .claims import CLEARLY, COMPARABLE, LR_DROP, LR_DROP_CLAIM, MLP_CLAIM, SLIGHTLY, Verdict, paired, verdicts
+from .claims import (
+    CLEARLY,
+    COMPARABLE,
+    DEPTH_CLAIMS,
+    EXPECTATION_TEXT,
+    LR_DROP,
+    LR_DROP_CLAIM,
+    MLP_CLAIM,
+    SLIGHTLY,
+    Verdict,
+    judge,
+    paired,
+    verdicts,
+)
 from .claims import mean_over_epochs as _mean_over_epochs
 from .folder import read_folder
 from .grid import Experiment
@@ -61,12 +74,17 @@ def describe_reduced(settings: Mapping[str, Any]) -> str:
 
 def _fmt_points(values: Sequence[float]) -> str:
     mean, std = mean_std(values)
-    return "–" if math.isnan(mean) else f"{mean:+.2f}" + ("" if std is None else f" ± {std:.2f}")
+    if math.isnan(mean):
+        return "–"
+    return f"{round(mean, 2) + 0.0:+.2f}" + ("" if std is None else f" ± {std:.2f}")  # + 0.0: never "-0.00"
 
 
 def _fmt_interval(values: Sequence[float]) -> str:
     interval = t_interval(values)
-    return "– (1 seed)" if interval is None else f"[{interval[0]:+.2f}, {interval[1]:+.2f}]"
+    if interval is None:
+        return "– (1 seed)"
+    low, high = (round(end, 2) + 0.0 for end in interval)
+    return f"[{low:+.2f}, {high:+.2f}]"
 
 
 def _header(results: Sequence[Mapping[str, Any]], machine_note: str | None, source: str) -> list[str]:
@@ -152,7 +170,14 @@ def _claims_tables(vs: Sequence[Verdict], reduced: str | None) -> list[str]:
     for v in vs:
         for p in v.parts:
             per_seed = ", ".join(f"s{s}: {x:+.2f}" for s, x in zip(p.seeds, p.values, strict=True)) or "not run"
-            cells = [v.claim, p.label, p.expect, per_seed, _fmt_points(p.values), _fmt_interval(p.values)]
+            cells = [
+                v.claim,
+                p.label,
+                EXPECTATION_TEXT.get(p.expect, p.expect),
+                per_seed,
+                _fmt_points(p.values),
+                _fmt_interval(p.values),
+            ]
             lines.append("| " + " | ".join(map(str, cells)) + f" | {_show(p.verdict, bool(reduced))} |")
     lines += ["", "### How the verdicts are computed", "", RULES]
     return lines
@@ -176,7 +201,7 @@ def precision_section(results: Sequence[Mapping[str, Any]], reference: Sequence[
     lines = ["", "## Against the same cells at the study's default precision", ""]
     groups, ref_groups = summarize(results), summarize(reference)
     header = ["cell", "seeds", "gap here", "gap in the reference", "here minus reference", "95% t-interval"]
-    header += ["clean test here", "clean test there"]
+    header += ["verdict here", "verdict in the reference", "clean test here", "clean test there"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     models = sorted({k[0] for k in groups}, key=lambda m: "bn" in m)
     for depth, lr in sorted({k[1:] for k in groups}, key=lambda k: (k[1], k[0])):
@@ -191,12 +216,17 @@ def precision_section(results: Sequence[Mapping[str, Any]], reference: Sequence[
         ]
         row = [f"depth {depth}, lr {lr:g}", ", ".join(map(str, common)) or "none in common"]
         row += [_fmt_points(gaps), _fmt_points([ref[s] for s in common]), _fmt_points(diff), _fmt_interval(diff)]
+        expect = next((c.expect.get(depth) for c in DEPTH_CLAIMS.values() if c.lr == lr), None)
+        for values in (gaps, [ref[s] for s in common]):
+            row.append(f"{judge(values, expect)[0]} ({expect} expected)" if expect and values else "–")
         lines.append("| " + " | ".join(row + clean) + " |")
     lines += [
         "",
         "Gaps as above (mean over epochs of ViTBNFFN minus ViT), paired by seed; 'here minus reference' is the "
         "per-seed difference of the gaps, with its 95% t-interval: an interval holding 0 means the precision "
-        "does not change the gap measurably. Clean test accuracies pool both models.",
+        "does not change the gap measurably. Verdicts follow the rules above for the claim that covers the cell "
+        "(only the gaps of the seeds both folders hold are compared; the verdict in the reference uses those seeds). "
+        "Clean test accuracies pool both models.",
     ]
     return lines
 
@@ -238,7 +268,7 @@ def write_report(
     return path
 
 
-_SOURCE = re.compile(r"^Computed from `(?P<file>[^`]+)`: \d+ lines, sha256 `(?P<sha>[0-9a-f]{64})`", re.M)
+_SOURCE = re.compile(r"Computed from `(?P<file>[^`]+)`: \d+ lines, sha256 `(?P<sha>[0-9a-f]{64})`")
 
 
 def report_source(report: str | os.PathLike) -> dict[str, str]:

@@ -89,21 +89,22 @@ def _plan(args) -> list[tuple[str, Experiment, Settings, list[Cell], Path]]:
     return plan
 
 
+def extra_seed_cells(results: Sequence[dict], claims: Sequence[int], max_seeds: int = MAX_SEEDS) -> list[Cell]:
+    """The next seed of every cell in a close call (its seeds straddle a threshold), below `max_seeds` seeds."""
+    seeds: dict[tuple[str, int, float], set[int]] = {}
+    for r in results:
+        c = r["cell"]
+        seeds.setdefault((c["model"], c["depth"], c["lr"]), set()).add(c["seed"])
+    return [
+        Cell(model, depth, lr, max(seeds[(model, depth, lr)]) + 1)
+        for model, depth, lr in sorted(close_calls(results, claims))
+        if (model, depth, lr) in seeds and len(seeds[(model, depth, lr)]) < max_seeds
+    ]
+
+
 def _extra_seeds(experiment: Experiment, settings: Settings, folder: Path, args, device: torch.device) -> None:
     """One more seed at a time for the cells of every close call, up to `MAX_SEEDS` seeds."""
-    while True:
-        results = load_results(folder, complete=True)
-        seeds = {}
-        for r in results:
-            c = r["cell"]
-            seeds.setdefault((c["model"], c["depth"], c["lr"]), set()).add(c["seed"])
-        extra = [
-            Cell(model, depth, lr, max(seeds[(model, depth, lr)]) + 1)
-            for model, depth, lr in sorted(close_calls(results, experiment.claims))
-            if len(seeds.get((model, depth, lr), ())) < MAX_SEEDS
-        ]
-        if not extra:
-            return
+    while extra := extra_seed_cells(load_results(folder, complete=True), experiment.claims):
         print(f"{experiment.name}: close calls: {len(extra)} more runs ({', '.join(c.key for c in extra)})")
         _sweep(experiment, settings, extra, folder, args, device)
 

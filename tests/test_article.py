@@ -1,0 +1,317 @@
+"""The three-seed study's command and statistics: t-intervals, resuming the study's folders without
+retraining, one experiment and one process per folder, reports that cannot go stale, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bnvit.article import cli, study
+from bnvit.article import sweep as article_sweep
+from bnvit.article.claims import verdicts
+from bnvit.article.folder import LOCK, FolderLock, FolderLockedError, prepare_folder
+from bnvit.article.grid import ARTICLE_FP32, ARTICLE_MLP, ARTICLE_VIT, COMPARE_LR, Cell, Settings
+from bnvit.article.report import report_folder, report_source
+from bnvit.article.results import load_results, results_sha256
+from bnvit.article.stats import t_interval, t_quantile
+
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize(("dof", "expected"), [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (5, 2.571)])
+def test_t_quantile_matches_the_tables(dof, expected):
+    assert t_quantile(0.975, dof) == pytest.approx(expected, abs=5e-4)
+
+
+def test_t_quantile_tends_to_the_normal_and_is_symmetric():
+    assert t_quantile(0.975, 10_000) == pytest.approx(1.95996, abs=1e-3)
+    assert t_quantile(0.995, 9) == pytest.approx(3.250, abs=5e-4)
+    assert t_quantile(0.025, 4) == pytest.approx(-2.776, abs=5e-4)
+
+
+def test_t_interval_of_three_paired_seeds():
+    low, high = t_interval([1.0, 2.0, 3.0])  # mean 2, std 1, n 3: 2 ± 4.303 / sqrt(3)
+    assert (low, high) == pytest.approx((2 - 2.4843, 2 + 2.4843), abs=1e-3)
+    assert t_interval([1.0]) is None
+
+
+def fake_result(model, depth, lr, seed, accs, settings=None, diverged_at=None) -> dict:
+    records = [
+        dict(epoch=i + 1, train_loss=1.0, train_acc=a, val_loss=1.0, val_acc=a, lr=lr, seconds=1.0, images_per_sec=1.0)
+        for i, a in enumerate(accs)
+    ]
+    cell = Cell(model, depth, lr, seed)
+    return dict(
+        key=cell.key,
+        cell=dataclasses.asdict(cell),
+        settings=dataclasses.asdict(settings or Settings()),
+        history=dict(records=records, diverged_at=diverged_at, diverged_step=None, meta={}),
+        test_acc=accs[-1],
+        clean_test_acc=0.95 + 0.001 * seed,
+        device="cpu",
+    )
+
+
+def write_folder(folder: Path, results: list[dict], settings: Settings, **stored) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sweep.json").write_text(json.dumps({**dataclasses.asdict(settings), **stored}))
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
+
+
+def depth4_results(gaps: list[float], settings: Settings) -> list[dict]:
+    out = []
+    for seed, gap in enumerate(gaps):
+        out.append(fake_result("vit_mnist", 4, 0.005, seed, [0.80] * 10, settings))
+        out.append(fake_result("vitbnffn_mnist", 4, 0.005, seed, [0.80 + gap] * 10, settings))
+    return out
+
+
+def test_report_shows_paired_gaps_t_interval_and_the_source_hash(tmp_path):
+    write_folder(tmp_path, depth4_results([0.01, 0.02, 0.03], Settings()), Settings())
+    text = report_folder(tmp_path, dataclasses.replace(COMPARE_LR, claims=(2,)), figures=False)
+    text = text.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| 2 | lr 0.005, depth 4 |"))
+    assert "s0: +1.00, s1: +2.00, s2: +3.00" in row and "+2.00 ± 1.00" in row and "[-0.48, +4.48]" in row
+    assert "**inconclusive**" in row  # clearly ahead (>= 2): the range 2 ± 1 straddles the threshold
+    assert report_source(tmp_path / "report.md") == {"results.jsonl": results_sha256(tmp_path)}
+    assert "Machine: not recorded with these results." in text and "precision auto" in text
+
+
+def test_a_report_older_than_its_results_is_detected(tmp_path):
+    results = depth4_results([0.01, 0.02], Settings())
+    write_folder(tmp_path, results[:2], Settings())
+    report_folder(tmp_path, ARTICLE_FP32, figures=False)
+    with open(tmp_path / "results.jsonl", "a") as handle:
+        handle.write(json.dumps(results[2]) + "\n")
+    assert report_source(tmp_path / "report.md")["results.jsonl"] != results_sha256(tmp_path)
+
+
+def test_fp32_report_compares_gaps_and_verdicts_with_the_bf16_folder(tmp_path):
+    fp32 = Settings(precision="fp32")
+    write_folder(tmp_path / "article", depth4_results([0.10, 0.12, 0.14], Settings()), Settings())
+    write_folder(tmp_path / "article-fp32", depth4_results([0.11, 0.12, 0.13], fp32), fp32)
+    reference = study.reference_folder(tmp_path / "article-fp32", ARTICLE_FP32)
+    assert reference == tmp_path / "article"
+    text = report_folder(tmp_path / "article-fp32", ARTICLE_FP32, figures=False, reference=reference).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| depth 4, lr 0.005 |"))
+    assert "+12.00 ± 1.00 | +12.00 ± 2.00 | +0.00 ± 1.00 |" in row
+    assert row.count("reproduced (clearly expected)") == 2
+    assert set(report_source(tmp_path / "article-fp32" / "report.md")) == {"results.jsonl", "../article/results.jsonl"}
+
+
+def test_close_calls_get_one_more_seed_for_their_cells_only():
+    straddling = depth4_results([0.01, 0.035, 0.02], Settings())  # 2.2 ± 1.3 against "clearly" (>= 2)
+    assert verdicts(straddling, [2])[0].parts[3].straddles
+    cells = study.extra_seed_cells(straddling, [2])
+    assert cells == [Cell("vit_mnist", 4, 0.005, 3), Cell("vitbnffn_mnist", 4, 0.005, 3)]
+    five = depth4_results([0.01, 0.035, 0.02, 0.01, 0.035], Settings())
+    assert study.extra_seed_cells(five, [2]) == []  # at most five seeds
+    assert study.extra_seed_cells(depth4_results([0.05, 0.06, 0.07], Settings()), [2]) == []  # decided
+
+
+# ----------------------------------------------------------------------------- results lines
+
+
+def test_results_of_an_unknown_schema_are_read_when_possible_and_refused_with_the_line_otherwise(tmp_path):
+    good = fake_result("vit_mnist", 1, 0.003, 0, [0.5])
+    newer = {**good, "schema": 7, "gpu_temp": 61}
+    newer["history"] = {**good["history"], "records": [{**good["history"]["records"][0], "new_metric": 1.0}]}
+    (tmp_path / "results.jsonl").write_text(json.dumps(newer) + "\n")
+    (result,) = load_results(tmp_path, complete=True)
+    assert result["history"]["records"][0]["val_acc"] == 0.5
+    broken = {**good, "schema": 7, "history": {"epochs": []}}
+    (tmp_path / "results.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(broken) + "\n")
+    with pytest.raises(ValueError, match=r"results.jsonl, line 2: no 'history' .*schema 7"):
+        load_results(tmp_path, complete=True)
+    assert [r["key"] for r in load_results(tmp_path)] == [good["key"]] * 2  # enough to skip finished cells
+
+
+# ----------------------------------------------------------------------------- the study's folders
+
+
+def background_job_cells() -> dict[str, tuple[list[Cell], Settings]]:
+    """The cells and settings of the job that trains the study (its driver, spelled out)."""
+    vit = ("vit_mnist", "vitbnffn_mnist")
+    grid = {0.003: (2, 3, 4, 5, 6, 7), 0.005: (1, 2, 3, 4)}
+    return {
+        "mlp": (
+            [Cell(m, 3, lr, s) for s in range(3) for lr in (0.01, 0.1) for m in ("dnn_mnist", "dnnbn_mnist")],
+            Settings(epochs=15, augment="none", test="clean"),
+        ),
+        "vit": ([Cell(m, d, lr, s) for s in range(3) for lr, ds in grid.items() for d in ds for m in vit], Settings()),
+        "fp32": ([Cell(m, 4, 0.005, s) for s in range(3) for m in vit], Settings(precision="fp32")),
+    }
+
+
+def study_plan(out: Path, *flags: str):
+    args = study.build_parser().parse_args(["--seeds", "3", "--out", str(out), *flags])
+    return {
+        part: (experiment, settings, cells, folder) for part, experiment, settings, cells, folder in study._plan(args)
+    }
+
+
+def test_the_study_command_has_the_background_jobs_cells_and_settings(tmp_path):
+    plan = study_plan(tmp_path / "article")
+    for part, (cells, settings) in background_job_cells().items():
+        _, planned_settings, planned_cells, _ = plan[part]
+        assert {c.key for c in planned_cells} == {c.key for c in cells}, part
+        assert planned_settings == settings, part
+    assert [plan[p][3].name for p in ("vit", "mlp", "fp32")] == ["article", "article-mlp", "article-fp32"]
+    assert (plan["vit"][0], plan["mlp"][0], plan["fp32"][0]) == (ARTICLE_VIT, ARTICLE_MLP, ARTICLE_FP32)
+
+
+@pytest.mark.parametrize("folder", ["article", "article-mlp", "article-fp32"])
+def test_the_published_study_folders_are_accepted_by_the_study_command(folder, tmp_path):
+    """What the job wrote so far (sweep.json without an experiment) is this command's folder."""
+    published = RESULTS_DIR / folder
+    if not (published / "sweep.json").exists():
+        pytest.skip(f"{published} not started yet")
+    copy = tmp_path / folder
+    copy.mkdir()
+    for name in ("sweep.json", "results.jsonl"):
+        if (published / name).exists():
+            shutil.copy(published / name, copy / name)
+    part = {"article": "vit", "article-mlp": "mlp", "article-fp32": "fp32"}[folder]
+    experiment, settings, cells, _ = study_plan(tmp_path / "article")[part]
+    cli.check_folder(copy, settings, experiment.name)  # same settings, no other owner
+    assert {r["key"] for r in load_results(copy)} <= {c.key for c in cells}
+
+
+def test_a_finished_study_trains_nothing_and_writes_every_report(mnist_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "article"
+    for part, (cells, settings) in background_job_cells().items():
+        folder = study.study_folders(out)[part]
+        epochs = settings.epochs
+        results = [fake_result(c.model, c.depth, c.lr, c.seed, [0.9] * epochs, settings) for c in cells]
+        write_folder(folder, results, settings)  # as the background job leaves them: settings only
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished study must not build or time a model")
+
+    monkeypatch.setattr(article_sweep, "_build_model", no_training)
+    monkeypatch.setattr(study, "estimate_seconds", no_training)
+    flags = ["--seeds", "3", "--out", str(out), "--data-dir", str(mnist_root), "--no-download", "--device", "cpu"]
+    assert study.main([*flags, "--no-progress", "--machine", "a test machine"]) == 0
+    printed = capsys.readouterr().out
+    assert "vit: 60 runs (0 to do)" in printed and "mlp: 12 runs (0 to do)" in printed
+    for folder in study.study_folders(out).values():
+        report = (folder / "report.md").read_text()
+        assert "Machine: a test machine." in report
+        assert json.loads((folder / "sweep.json").read_text())["experiment"] == folder.name
+    assert {p.name for p in out.glob("*.png")} == {"depths_lr0.003.png", "depths_lr0.005.png", "lr_comparison.png"}
+    assert "| 1 | lr 0.003, depth 7 |" in (out / "report.md").read_text()
+    assert "Against the same cells" in (study.study_folders(out)["fp32"] / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------- ownership and locks
+
+
+def test_a_folder_belongs_to_one_experiment(tmp_path):
+    (tmp_path / "sweep.json").write_text(json.dumps(dataclasses.asdict(Settings())))  # written before: no owner
+    prepare_folder(tmp_path, Settings(), "compare_lr")
+    assert json.loads((tmp_path / "sweep.json").read_text())["experiment"] == "compare_lr"
+    with pytest.raises(ValueError, match="holds results of the experiment 'compare_lr', not 'compare_depths'"):
+        prepare_folder(tmp_path, Settings(), "compare_depths")
+
+
+def test_cli_refuses_another_experiments_folder_in_one_line(tmp_path, capsys):
+    prepare_folder(tmp_path, Settings(), "compare_lr")
+    code = cli.run_cli(dataclasses.replace(COMPARE_LR, name="other"), ["--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "'compare_lr', not 'other'" in err
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from bnvit.article.folder import FolderLock
+    with FolderLock(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(60)
+    """
+)
+
+
+def test_a_locked_folder_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderLockedError, match=rf"is in use: a sweep runs there \(pid {holder.pid} on "):
+            FolderLock(tmp_path).acquire()
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays behind
+        holder.wait()
+    assert (tmp_path / LOCK).exists()
+    with FolderLock(tmp_path):  # its pid is gone: stale, taken over
+        assert json.loads((tmp_path / LOCK).read_text())["pid"] != holder.pid
+    assert not (tmp_path / LOCK).exists()
+
+
+# ----------------------------------------------------------------------------- bad input and Ctrl-C
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--precision", "fp16"], "--precision fp16: precision='fp16' needs CUDA"),
+        (["--train-subset", "99999999"], "--train-subset 99999999: MNIST has 60,000 such images"),
+        (["--test-subset", "0"], "--test-subset must be an int >= 1, got 0"),
+        (["--seeds", "0"], "--seeds must be an int >= 1, got 0"),
+        (["--lrs", "x"], "expected comma-separated numbers, got 'x'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2_before_any_estimate(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_cli(COMPARE_LR, ["--device", "cpu", "--out", str(tmp_path / "out"), *flags])
+    captured = capsys.readouterr()
+    assert exit_.value.code == 2 and message in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert "estimated" not in captured.out and not (tmp_path / "out").exists()
+
+
+def test_a_missing_data_folder_creates_nothing(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "data"
+    with pytest.raises(SystemExit) as exit_:
+        study.main(["--data-dir", str(missing), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert exit_.value.code == 2 and "no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists() and not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_during_a_sweep_is_one_line_and_exit_130(mnist_root, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_sweep", interrupted)
+    monkeypatch.setattr(cli, "estimate_seconds", lambda *a, **k: 1.0)
+    flags = ["--out", str(tmp_path), "--data-dir", str(mnist_root), "--no-download", "--device", "cpu"]
+    assert cli.run_cli(COMPARE_LR, flags) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"{Path(sys.argv[0]).name}: interrupted; run the same command to resume"]
+
+
+def test_bnvit_reproduce_runs_the_articles_command_line(capsys):
+    from bnvit import cli as bnvit_cli
+
+    with pytest.raises(SystemExit) as exit_:
+        bnvit_cli.main(["reproduce", "lr", "--epochs", "0"])
+    assert exit_.value.code == 2 and "--epochs must be an int >= 1, got 0" in capsys.readouterr().err
+    assert bnvit_cli.build_parser().parse_args(["reproduce", "all", "--seeds", "3"]).what == "all"
+
+
+def test_predict_does_not_import_the_article_harness():
+    code = "import sys, bnvit.cli; sys.exit('bnvit.article' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
