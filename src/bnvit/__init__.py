@@ -26,7 +26,7 @@ from .layers import Attention, BatchNormFFN, EncoderBlock, FeedForward, TokenBat
 from .mlp import MLP
 from .registry import checkpoint_filter_fn, load_model
 from .training import Callback, CSVLogger, EpochRecord, History, JSONLLogger, evaluate, fit, recalibrate_bn
-from .vit import ViT, ViTBN, ViTBNFFN
+from .vit import ViT, ViTBN, ViTBNFFN, ViTConfig
 
 try:
     __version__ = version("bnvit")
@@ -48,6 +48,7 @@ __all__ = [
     "ViT",
     "ViTBN",
     "ViTBNFFN",
+    "ViTConfig",
     "__version__",
     "checkpoint_filter_fn",
     "evaluate",
