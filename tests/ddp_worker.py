@@ -103,7 +103,7 @@ def checkpoints(out: Path, rank: int) -> None:
 
 
 def agreement(out: Path, rank: int) -> None:
-    """A setup error on one process only, and a NaN image in one process's share."""
+    """A setup error on one process only, and a loss that becomes non-finite on one process only."""
     from bnvit import fit
 
     images, labels = toy_data(64)
@@ -114,12 +114,25 @@ def agreement(out: Path, rank: int) -> None:
         error = None
     except Exception as err:
         error = f"{type(err).__name__}: {err}"
+    calls = 0
+
+    def loss_fn(logits, labels):
+        """Non-finite from rank 1's second step on: a divergence that only one process sees."""
+        nonlocal calls
+        calls += 1
+        loss = nn.functional.cross_entropy(logits, labels)
+        return loss * float("nan") if rank == 1 and calls >= 2 else loss
+
+    history = fit(tiny_model(), (images, labels), loss_fn=loss_fn, **{**RESUMABLE, "epochs": 3, "progress": False})
     poisoned = images.clone()
-    poisoned[5, 0, 3, 3] = float("nan")
-    # Without SyncBatchNorm only the process whose share holds the image sees a non-finite loss
-    # (synchronized statistics would carry the NaN to the other process in the same forward pass).
-    history = fit(tiny_model(), (poisoned, labels), sync_bn=False, **{**RESUMABLE, "epochs": 3, "progress": False})
-    record = dict(error=error, history=history.to_dict(), diverged_at=history.diverged_at)
+    poisoned[41, 0, 3, 3] = float("nan")  # rank 1's second batch (DistributedSampler without shuffling), image 4
+    try:
+        loader = DataLoader(TensorDataset(poisoned, labels), batch_size=32, shuffle=False)
+        fit(tiny_model(), loader, sync_bn=False, **{**RESUMABLE, "epochs": 1, "progress": False})
+        data_error = None
+    except Exception as err:
+        data_error = f"{type(err).__name__}: {err}"
+    record = dict(error=error, history=history.to_dict(), diverged_at=history.diverged_at, data_error=data_error)
     (out / f"agreement-rank{rank}.json").write_text(json.dumps(record, default=str))
 
 

@@ -221,11 +221,23 @@ def test_a_setup_error_on_one_process_raises_on_all(ddp_runs):
     assert first["error"].startswith("RuntimeError: process(es) of rank [1] failed")
 
 
-def test_a_nan_image_in_one_share_stops_both_processes_at_the_same_step(ddp_runs):
+def test_a_non_finite_loss_on_one_process_stops_both_at_the_same_step(ddp_runs):
     """Were the processes not to agree, the other one would wait forever in its next step's collective."""
     first, second = load_rank(ddp_runs, "agreement", 0), load_rank(ddp_runs, "agreement", 1)
     assert first["diverged_at"] == 1 and first["history"]["diverged_step"] is not None
     assert first["history"] == second["history"]
+
+
+def test_a_nan_image_in_one_process_batch_raises_on_both_before_its_forward_pass(ddp_runs):
+    """Raised on one process only, the other would wait in its next collective: both raise, at the same batch."""
+    first, second = load_rank(ddp_runs, "agreement", 0), load_rank(ddp_runs, "agreement", 1)
+    assert second["data_error"].startswith(
+        "ValueError: train data, batch 2 of epoch 1/1: image 4 of the batch holds a non-finite value (nan)"
+    )
+    expected = (
+        "RuntimeError: process(es) of rank [1] found bad data in train data, batch 2 of epoch 1/1; see their error"
+    )
+    assert first["data_error"] == expected
 
 
 @pytest.mark.parametrize("case", ["2d", "4d"])

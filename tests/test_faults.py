@@ -1,4 +1,4 @@
-"""Faults: crafted and half-written checkpoints, SIGKILL while the results file is written, NaN and inf batches.
+"""Faults: crafted and half-written checkpoints, SIGKILL while the results file is written, a diverging batch.
 
 What `test_train.py` and `test_experiments.py` already prove is not repeated here (SIGKILL
 mid-epoch of `fit` and of a sweep, unwritable folders, NaN inputs in `fit`, `load_checkpoint`
@@ -156,28 +156,32 @@ def test_sigkill_while_the_results_file_is_written_leaves_only_complete_lines(mn
     assert len(results[1]["history"]["records"]) == 1  # from the checkpoint the killed run left
 
 
-# ----------------------------------------------------------------------------- NaN and inf batches in a sweep
+# ----------------------------------------------------------------------------- a diverging batch in a sweep
 
 
 class _PoisonedLoader(DeviceLoader):
-    """The article's training loader, with one bad pixel (`value`) in the second batch of epoch 1."""
+    """The article's training loader, with one patch of huge (finite) pixels `value` in the second batch of epoch 1.
 
-    value = float("nan")
+    Finite data whose loss becomes non-finite: a divergence. (NaN or inf in the data is refused
+    before training instead: `test_train.py`.)
+    """
+
+    value = 3e38
 
     def _batches(self, epoch):
         for index, (images, labels) in enumerate(super()._batches(epoch)):
             if epoch == 1 and index == 1:
                 images = images.clone()
-                images[0, 0, 14, 14] = self.value
+                images[0, 0, :7, :7] = self.value  # a whole patch: its LayerNorm statistics overflow
             yield images, labels
 
 
-def test_a_batch_with_nan_or_inf_inputs_makes_the_cell_diverged_and_the_sweep_goes_on(
+def test_a_batch_that_makes_the_loss_non_finite_makes_the_cell_diverged_and_the_sweep_goes_on(
     mnist_root, tmp_path, monkeypatch
 ):
     from bnvit import data
 
-    bad_values = {1: float("nan"), 2: float("inf")}  # cell seed -> the bad pixel of its second batch
+    bad_values = {1: 3e38, 2: -3e38}  # cell seed -> the huge patch of its second batch
     original = data.mnist_loaders
 
     def loaders(*args, **kwargs):
@@ -195,7 +199,8 @@ def test_a_batch_with_nan_or_inf_inputs_makes_the_cell_diverged_and_the_sweep_go
     *poisoned, healthy = results
     assert [r["key"] for r in results] == [c.key for c in cells]
     for result in poisoned:
-        assert result["history"]["diverged_at"] == 1 and result["history"]["diverged_step"] == 2
+        # the step of the huge batch, or the next one (its update made the weights non-finite)
+        assert result["history"]["diverged_at"] == 1 and result["history"]["diverged_step"] in (2, 3)
         assert result["clean_test_acc"] is None and result["test_acc"] is None
         assert load_checkpoint(tmp_path / "checkpoints" / result["key"])["history"]["diverged_at"] == 1
     assert len(healthy["history"]["records"]) == 1 and healthy["history"]["diverged_at"] is None

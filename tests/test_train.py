@@ -149,11 +149,14 @@ def test_divergence_ends_the_run_cleanly_and_keeps_the_past():
     assert "diverged in epoch 2" in repr(history)
 
 
-def test_nan_inputs_are_recorded_as_divergence():
+def test_nan_inputs_are_refused_as_a_data_problem_not_recorded_as_divergence():
     images, labels = toy_data(32)
     images[3, 0, 5, 5] = float("nan")
-    history = fit(tiny_model(), (images, labels), **{**FIT, "epochs": 2})
-    assert history.diverged and history.diverged_at == 1 and len(history) == 0
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^train data: image 3 holds a non-finite value \(nan\); .*not a divergence"):
+        fit(model, (images, labels), **{**FIT, "epochs": 2})
+    assert_untouched(model, before)
 
 
 def test_huge_learning_rate_is_recorded_not_raised():
@@ -273,9 +276,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
 def test_a_diverged_run_is_not_retrained_on_resume(tmp_path):
     images, labels = toy_data(32)
-    images[0, 0, 0, 0] = float("inf")
-    first = fit(tiny_model(), (images, labels), checkpoint_dir=tmp_path, **FIT)
-    again = fit(tiny_model(), (images, labels), checkpoint_dir=tmp_path, **FIT)
+    first = fit(tiny_model(), (images, labels), checkpoint_dir=tmp_path, loss_fn=NaNAfter(2), **FIT)
+    again = fit(tiny_model(), (images, labels), checkpoint_dir=tmp_path, loss_fn=NaNAfter(2), **FIT)
     assert first.diverged and again.diverged and again.diverged_at == first.diverged_at
 
 

@@ -32,9 +32,8 @@ from tqdm.auto import tqdm
 
 from .. import _checks
 from .._io import check_writable
-from ..data import DeviceLoader
 from ..device import autocast, resolve_device, resolve_precision
-from . import checkpoint
+from . import checkpoint, inputs
 from . import distributed as _ddp
 from .callbacks import Callback, CallbackList, TrainState
 from .history import EpochRecord, History
@@ -47,59 +46,6 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def _as_loader(data: Any, *, name: str, batch_size: int, shuffle: bool, device: torch.device, seed: int) -> Any:
-    """Turn what the user passed into something that yields `(images, labels)` batches."""
-    if isinstance(data, (DeviceLoader, DataLoader)):
-        loader = data
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
-        loader = DeviceLoader(data[0], data[1], batch_size=batch_size, shuffle=shuffle, device=device, seed=seed)
-    elif isinstance(data, Dataset):
-        if len(data) == 0:  # type: ignore[arg-type]
-            raise ValueError(f"{name} dataset is empty")
-        loader = DataLoader(data, batch_size=batch_size, shuffle=shuffle, pin_memory=device.type == "cuda")
-    else:
-        raise TypeError(
-            f"{name} must be a Dataset, a DataLoader, a bnvit.data.DeviceLoader or an (images, labels) "
-            f"pair of tensors, got {type(data).__name__}"
-        )
-    if len(loader) == 0:
-        raise ValueError(f"{name} data yields no batches (empty dataset, or drop_last with fewer samples than a batch)")
-    return loader
-
-
-def _all_labels(loader: Any) -> torch.Tensor | None:
-    """Every label of a loader when it is cheap to get them, else `None`."""
-    labels = getattr(loader, "labels", None)
-    if labels is None and isinstance(loader, DataLoader):
-        labels = getattr(loader.dataset, "labels", getattr(loader.dataset, "targets", None))
-    return labels if isinstance(labels, torch.Tensor) else None
-
-
-def _preflight(model: nn.Module, loader: Any, name: str, device: torch.device) -> None:
-    """Check, before training, that the model's output and the labels fit together."""
-    images, labels = next(iter(loader))
-    all_labels = _all_labels(loader)
-    labels = all_labels if all_labels is not None else labels
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"{name} labels must be integer class indices, got dtype {labels.dtype}")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(images[:2].to(device))
-    finally:
-        model.train(was_training)
-    if out.ndim != 2 or out.shape[0] != min(2, len(images)):
-        raise ValueError(f"the model must return (batch, num_classes) logits, got shape {tuple(out.shape)}")
-    num_classes = out.shape[1]
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= num_classes:
-        raise ValueError(
-            f"{name} labels must lie in [0, {num_classes}) for a model with {num_classes} outputs, "
-            f"found labels from {low} to {high}"
-        )
 
 
 def _set_epoch(loader: Any, epoch: int) -> None:
@@ -135,6 +81,8 @@ class Settings:
         scaler: The fp16 gradient scaler, or None.
         max_grad_norm: Clip the gradient norm to this, or None.
         progress: Show a progress bar (rank 0 only).
+        dtype: The model's dtype, which floating-point images are cast to.
+        num_classes: The model's number of outputs: labels must lie in `[0, num_classes)`.
     """
 
     world: _ddp.Distributed
@@ -143,6 +91,8 @@ class Settings:
     scaler: torch.amp.GradScaler | None = None
     max_grad_norm: float | None = None
     progress: bool = False
+    dtype: torch.dtype = torch.float32
+    num_classes: int = 0
 
     @property
     def device(self) -> torch.device:
@@ -180,21 +130,27 @@ def evaluate(
     """
     world = _ddp.alone(device)
     settings = Settings(world, resolve_precision(precision, world.device), loss_fn or F.cross_entropy)
-    loader = _as_loader(data, name="data", batch_size=batch_size, shuffle=False, device=world.device, seed=0)
-    return _evaluate(model.to(world.device), loader, settings)
+    loader = inputs.as_loader(data, name="data", batch_size=batch_size, shuffle=False, device=world.device, seed=0)
+    settings.num_classes = inputs.preflight(model.to(world.device), loader, "data", world.device)
+    settings.dtype = inputs.model_dtype(model)
+    return _evaluate(model, loader, settings, "evaluation")
 
 
-def _evaluate(model: nn.Module, loader: Any, s: Settings) -> dict:
+def _evaluate(model: nn.Module, loader: Any, s: Settings, split: str = "validation") -> dict:
     """Loss and accuracy over `loader`, summed over every process of the world."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=s.device, dtype=torch.float64)
     correct = torch.zeros((), device=s.device, dtype=torch.int64)
-    n = 0
+    n, check, problem, where = 0, not inputs.checked_up_front(loader), None, f"{split} data"
     try:
         with torch.no_grad():
-            for images, labels in loader:
-                images, labels = images.to(s.device, non_blocking=True), labels.to(s.device, non_blocking=True)
+            for step, (images, labels) in enumerate(loader, start=1):
+                problem = inputs.batch_problem(images, labels, s.num_classes) if check else None
+                if problem is not None:  # the processes may hold different numbers of batches: agree after the loop
+                    where = f"{split} data, batch {step}"
+                    break
+                images, labels = inputs.to_device(images, labels, s.device, s.dtype)
                 with autocast(s.device, s.precision):
                     logits = model(images)
                 loss_sum += s.loss_fn(logits.float(), labels).double() * len(labels)
@@ -202,6 +158,8 @@ def _evaluate(model: nn.Module, loader: Any, s: Settings) -> dict:
                 n += len(labels)
     finally:
         model.train(was_training)
+    if check:
+        inputs.raise_together(s.world, problem, where)
     loss, hits, n = s.world.sum(loss_sum, correct, n)
     return {"loss": loss / n, "acc": hits / n, "n": int(n)}
 
@@ -317,6 +275,7 @@ def fit(
     world = _ddp.setup(distributed, device) or _ddp.alone(device)
     device, main = world.device, world.is_main  # main: the process that writes, reports and runs callbacks
     s = Settings(world, resolve_precision(precision, device), loss_fn or F.cross_entropy, None, r.max_grad_norm)
+    s.dtype = inputs.model_dtype(model)
     s.progress, hooks = progress and main, CallbackList(callbacks if main else ())
     run = r.record(s.precision)
     history = History(meta={**run, "epochs": r.epochs, **world.describe(sync_bn), **(meta or {})})
@@ -327,8 +286,8 @@ def fit(
         with _ddp.fail_together(world):
             checkpoint_dir = _checkpoint_folder(checkpoint_dir, main)
             data_seed = 0 if r.seed is None else r.seed
-            train_loader = _prepared(model, train, "train", r.batch_size, True, data_seed, world)
-            val_loader = None if val is None else _prepared(model, val, "val", r.eval_batch_size, False, 0, world)
+            train_loader = _prepared(model, train, "train", r.batch_size, True, data_seed, s)
+            val_loader = None if val is None else _prepared(model, val, "val", r.eval_batch_size, False, 0, s)
             opt = _make_optimizer(model, r.optimizer, r.lr, r.weight_decay)
             sched = _make_scheduler(r.scheduler, opt, r.epochs)
             s.scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
@@ -433,9 +392,12 @@ def _checkpoint_folder(folder: str | Path | None, main: bool) -> Path | None:
 
 def _resume(folder: Path | None, parts: checkpoint.Resumable, epochs: int, s: Settings) -> History | None:
     """The History of the run saved in `folder`, with its state loaded into `parts`; None if there is none."""
-    if folder is None:
-        return None
-    return checkpoint.restore(folder, parts, epochs, s.device)
+    history = None if folder is None else checkpoint.restore(folder, parts, epochs, s.device)
+    if history is not None and s.progress:
+        left = f"epochs {history.epochs_done + 1}-{epochs} to go" if history.epochs_done < epochs else "nothing left"
+        left = f"it diverged in epoch {history.diverged_at}, nothing left" if history.diverged else left
+        tqdm.write(f"resuming from epoch {history.epochs_done} of {epochs} (checkpoint_dir {folder}): {left}")
+    return history
 
 
 def _agree(world: _ddp.Distributed, batches: int, history: History, checkpoint_dir: Path | None) -> None:
@@ -446,12 +408,12 @@ def _agree(world: _ddp.Distributed, batches: int, history: History, checkpoint_d
         world.check_same("the epoch to resume from", history.epochs_done, hint)
 
 
-def _prepared(model: nn.Module, data: Any, name: str, batch_size: int, train: bool, seed: int, world: Any) -> Any:
-    """`data` as this process's loader, checked against the model."""
-    loader = _as_loader(data, name=name, batch_size=batch_size, shuffle=train, device=world.device, seed=seed)
-    loader = _ddp.shard(loader, world, name=name, train=train, seed=seed)
-    _preflight(model, loader, name, world.device)
-    return loader
+def _prepared(model: nn.Module, data: Any, name: str, batch_size: int, train: bool, seed: int, s: Settings) -> Any:
+    """`data` as this process's loader, checked against the model (which sets `s.num_classes`)."""
+    loader = inputs.as_loader(data, name=name, batch_size=batch_size, shuffle=train, device=s.device, seed=seed)
+    loader = _ddp.shard(loader, s.world, name=name, train=train, seed=seed)
+    s.num_classes = inputs.preflight(model, loader, name, s.device)
+    return inputs.without_last_one(model, loader, s.device, warn=s.world.is_main) if train else loader
 
 
 def _step_and_eval_models(model: nn.Module, world: _ddp.Distributed, compile: bool) -> tuple[nn.Module, nn.Module]:
@@ -477,11 +439,14 @@ def _train_epoch(model: nn.Module, loader: Any, opt: torch.optim.Optimizer, s: S
     loss_sum = torch.zeros((), device=s.device, dtype=torch.float64)
     correct = torch.zeros((), device=s.device, dtype=torch.int64)
     finite = torch.ones((), device=s.device, dtype=torch.bool)
-    n = 0
+    n, check = 0, not inputs.checked_up_front(loader)  # tensor data was checked whole before training
     bar = tqdm(total=len(loader), desc=desc, leave=False, disable=not s.progress, unit="batch")
     try:
         for step, (images, labels) in enumerate(loader, start=1):
-            images, labels = images.to(s.device, non_blocking=True), labels.to(s.device, non_blocking=True)
+            if check:  # before the forward pass: a refused batch never reaches BatchNorm's statistics
+                problem = inputs.batch_problem(images, labels, s.num_classes)
+                inputs.raise_together(s.world, problem, f"train data, batch {step} of {desc}")
+            images, labels = inputs.to_device(images, labels, s.device, s.dtype)
             with autocast(s.device, s.precision):
                 logits = model(images)
             loss = s.loss_fn(logits.float(), labels)
@@ -598,7 +563,7 @@ def recalibrate_bn(
     if num_batches is not None:
         num_batches = _checks.positive_int("num_batches", num_batches)
     device = resolve_device(device)
-    loader = _as_loader(data, name="data", batch_size=batch_size, shuffle=False, device=device, seed=0)
+    loader = inputs.as_loader(data, name="data", batch_size=batch_size, shuffle=False, device=device, seed=0)
     norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if not norms:
         raise ValueError("the model has no BatchNorm layer with running statistics to recalibrate")
@@ -611,7 +576,7 @@ def recalibrate_bn(
         m.train()
     try:
         for step, (images, _) in enumerate(loader, start=1):
-            model(images.to(device))
+            model(inputs.to_device(images, images, device, inputs.model_dtype(model))[0])
             if num_batches is not None and step >= num_batches:
                 break
     finally:

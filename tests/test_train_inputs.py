@@ -1,0 +1,171 @@
+"""Nothing wrong in the data passes silently: NaN/inf images, labels out of range, a last batch of one
+image under BatchNorm, images of another dtype; and a resumed run says so."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from bnvit import MLP, evaluate, fit
+from toys import tiny_model, toy_data
+
+FIT = dict(epochs=1, lr=3e-3, batch_size=16, device="cpu", seed=0, progress=False)
+
+
+class Pairs(Dataset):
+    """A map-style dataset that exposes neither `.labels` nor `.targets`: fit can only check it batch by batch."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels_ = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.labels_[i]
+
+
+def batchnorm_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+# ----------------------------------------------------------------------------- NaN and inf in the images
+
+
+def test_a_nan_in_a_training_batch_is_refused_before_batchnorm_sees_it():
+    images, labels = toy_data(48)
+    images[17, 0, 2, 2] = float("nan")  # batch 2 (batches of 16, unshuffled), image 1 of it
+    model = tiny_model()
+    with pytest.raises(ValueError) as info:
+        fit(model, DataLoader(TensorDataset(images, labels), batch_size=16), **FIT)
+    message = str(info.value)
+    assert message.startswith("train data, batch 2 of epoch 1/1: image 1 of the batch holds a non-finite value (nan)")
+    assert "\n" not in message
+    # Batch 1 trained, batch 2 never reached the forward pass: one update of the statistics.
+    stats = batchnorm_stats(model)
+    assert all(int(v) == 1 for k, v in stats.items() if k.endswith("num_batches_tracked"))
+
+
+def test_an_inf_in_the_first_batch_leaves_the_running_statistics_unchanged():
+    images, labels = toy_data(32)
+    images[0, 0, 0, 0] = float("inf")
+    model = tiny_model()
+    before = batchnorm_stats(model)
+    with pytest.raises(ValueError, match=r"^train data, batch 1 of epoch 1/1: image 0 of the batch .* \(inf\)"):
+        fit(model, DataLoader(TensorDataset(images, labels), batch_size=16), **FIT)
+    after = batchnorm_stats(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running_mean, running_var, num_batches_tracked
+
+
+def test_tensor_data_is_checked_whole_before_training():
+    images, labels = toy_data(32)
+    images[20, 0, 9, 9] = float("-inf")
+    model = tiny_model()
+    before = batchnorm_stats(model)
+    with pytest.raises(ValueError, match=r"^train data: image 20 holds a non-finite value \(-inf\)"):
+        fit(model, (images, labels), **FIT)
+    assert all(torch.equal(before[k], v) for k, v in batchnorm_stats(model).items())
+
+
+def test_a_nan_in_validation_is_an_error_not_a_nan_val_loss():
+    images, labels = toy_data(32)
+    bad = images.clone()
+    bad[5, 0, 1, 1] = float("nan")
+    val = DataLoader(Pairs(bad, labels), batch_size=16)
+    with pytest.raises(ValueError, match=r"^validation data, batch 1: image 5 of the batch holds a non-finite"):
+        fit(tiny_model(), (images, labels), val, **FIT)
+    with pytest.raises(ValueError, match=r"^validation data: image 5 holds a non-finite value \(nan\)"):
+        fit(tiny_model(), (images, labels), (bad, labels), **FIT)
+    with pytest.raises(ValueError, match=r"^evaluation data, batch 1: image 5 of the batch"):
+        evaluate(tiny_model(), val, device="cpu")
+
+
+def test_a_diverged_run_from_finite_data_is_still_recorded_not_raised():
+    torch.manual_seed(0)
+    images, labels = toy_data(64)
+    history = fit(tiny_model(), DataLoader(TensorDataset(images, labels), batch_size=16), **{**FIT, "lr": 1e6})
+    assert history.diverged and history.diverged_at == 1
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def test_a_label_out_of_range_in_a_dataset_is_named_with_its_batch():
+    images, labels = toy_data(48)
+    labels[35] = 12  # batch 3, image 3 of it
+    with pytest.raises(ValueError) as info:
+        fit(tiny_model(), DataLoader(Pairs(images, labels), batch_size=16), **FIT)
+    assert str(info.value) == (
+        "train data, batch 3 of epoch 1/1: label 12 (image 3 of the batch) is outside [0, 10), "
+        "the class indices of a model with 10 outputs"
+    )
+    labels[35] = -1
+    with pytest.raises(ValueError, match=r"^validation data, batch 3: label -1 \(image 3 of the batch\) is outside"):
+        fit(tiny_model(), toy_data(32), DataLoader(Pairs(images, labels), batch_size=16), **FIT)
+
+
+# ----------------------------------------------------------------------------- a last batch of one image
+
+
+def test_a_last_batch_of_one_image_is_dropped_for_a_batchnorm_mlp_with_one_warning():
+    images, labels = toy_data(33)  # batches of 16, 16 and 1
+    model = MLP(norm="bn", hidden=32)
+    with pytest.warns(RuntimeWarning, match=r"last training batch .* single image.* dropped, 2 batches per epoch") as w:
+        history = fit(model, (images, labels), **{**FIT, "epochs": 2})
+    assert len([x for x in w if "single image" in str(x.message)]) == 1
+    assert len(history) == 2 and not history.diverged
+    tracked = [int(m.num_batches_tracked) for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert tracked and all(t == 2 * 2 for t in tracked)
+    model = MLP(norm="bn", hidden=32)
+    with pytest.warns(RuntimeWarning, match="single image"):  # a DataLoader too
+        fit(model, DataLoader(TensorDataset(images, labels), batch_size=16, shuffle=True), **FIT)
+
+
+def test_a_vit_keeps_its_last_batch_of_one_image_silently():
+    images, labels = toy_data(33)
+    model = tiny_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(model, (images, labels), **FIT)
+    assert int(model.blocks[0].ffn.norm.bn.num_batches_tracked) == 3  # 16, 16 and 1 image
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_images_of_another_float_dtype_are_cast_to_the_model_dtype(dtype):
+    images, labels = toy_data(32)
+    loader = DataLoader(TensorDataset(images.to(dtype), labels), batch_size=16)
+    for precision in ("fp32", "bf16"):
+        history = fit(tiny_model(), loader, loader, **{**FIT, "precision": precision})
+        assert not history.diverged and history.val_acc[-1] is not None
+    assert 0.0 <= evaluate(tiny_model(), loader, device="cpu")["acc"] <= 1.0
+
+
+def test_a_float64_model_keeps_float64_images():
+    images, labels = toy_data(32)
+    model = tiny_model(dtype=torch.float64)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    fit(model, DataLoader(TensorDataset(images, labels), batch_size=16), **{**FIT, "precision": "fp32"})
+    assert set(seen) == {torch.float64}
+
+
+# ----------------------------------------------------------------------------- resuming says so
+
+
+def test_a_resumed_run_says_where_it_resumes(tmp_path, capsys):
+    data = toy_data(32)
+    fit(tiny_model(), data, checkpoint_dir=tmp_path, **{**FIT, "epochs": 2})
+    capsys.readouterr()
+    fit(tiny_model(), data, checkpoint_dir=tmp_path, **{**FIT, "epochs": 3, "progress": True})
+    out = capsys.readouterr().out
+    assert f"resuming from epoch 2 of 3 (checkpoint_dir {tmp_path}): epochs 3-3 to go" in out
+    fit(tiny_model(), data, checkpoint_dir=tmp_path, **{**FIT, "epochs": 3})  # progress=False: silent
+    captured = capsys.readouterr()
+    assert "resuming" not in captured.out + captured.err
