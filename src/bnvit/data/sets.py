@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from .. import _checks
+from .._io import atomic_torch_save
 from .article import MNISTDataset, article_transform
 from .augment import augment_batch
 from .loader import DeviceLoader
@@ -66,18 +66,11 @@ def _load_cached(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
     return images
 
 
-def _save_atomic(path: Path, images: torch.Tensor, meta: dict) -> None:
-    """Write `path` via a temporary file in the same folder and `os.replace`: readers never see half a file."""
-    tmp = None
+def _save_cache(path: Path, images: torch.Tensor, meta: dict) -> None:
+    """Cache the set in `path` atomically (`bnvit._io`); a folder that cannot be written is warned about, not fatal."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
-            tmp = f.name
-            torch.save({"images": images, **meta}, f)
-        os.replace(tmp, path)
-    except OSError as error:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_torch_save({"images": images, **meta}, path)
+    except OSError as error:  # only a cache: the set is recomputed next time
         warnings.warn(
             f"could not cache the augmented test set at {path} ({error}); it will be recomputed next time. "
             f"Set XDG_CACHE_HOME to a writable folder to cache it.",
@@ -135,7 +128,7 @@ def augmented_test_set(
         frozen = _load_cached(path, (len(images), 1, 28, 28))
         if frozen is None:
             frozen = _torchvision_augment(images, seed)
-            _save_atomic(path, frozen, {"seed": seed, "torchvision": torchvision.__version__})
+            _save_cache(path, frozen, {"seed": seed, "torchvision": torchvision.__version__})
         _memory[key] = frozen
     return (_memory[key].to(device) / 255), labels.to(device)
 

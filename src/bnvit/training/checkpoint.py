@@ -17,6 +17,7 @@ import pickle
 import random
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import atomic_torch_save
+from .._io import atomic_torch_save, tensors_sha256, verify_checkpoint_file
 from .distributed import Distributed
 from .history import History
 
@@ -40,12 +41,16 @@ FORMAT = "bnvit.fit/1"
 def save_checkpoint(folder: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write `payload` as the newest checkpoint in `folder`, keeping the previous one.
 
+    The file carries `sha256`, a checksum of the payload's tensors (`bnvit._io.tensors_sha256`)
+    that `load_checkpoint` verifies.
+
     Returns:
         The path of the new checkpoint (`folder/last.pt`).
     """
     folder = Path(folder)
     incoming, last = folder / INCOMING, folder / LAST
-    atomic_torch_save({"format": FORMAT, **payload}, incoming)
+    payload = {"format": FORMAT, **payload}
+    atomic_torch_save({**payload, "sha256": tensors_sha256(payload)}, incoming)
     if last.exists():
         os.replace(last, folder / PREVIOUS)
     os.replace(incoming, last)
@@ -69,21 +74,46 @@ def load_checkpoint(folder: str | os.PathLike, map_location: str | torch.device 
         if not path.exists():
             continue
         try:
+            verify_checkpoint_file(path)
             payload = torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
             _refuse_code(path, err)
-            warnings.warn(f"ignoring damaged checkpoint {path}: {err}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"ignoring damaged checkpoint {path}: {_reason(err, path)}", RuntimeWarning, stacklevel=2)
             continue
         except Exception as err:  # the unpickler raises many kinds on foreign bytes
-            warnings.warn(f"ignoring damaged checkpoint {path}: {err}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"ignoring damaged checkpoint {path}: {_reason(err, path)}", RuntimeWarning, stacklevel=2)
             continue
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             warnings.warn(f"ignoring {path}: not a bnvit training checkpoint", RuntimeWarning, stacklevel=2)
+            continue
+        stored = payload.pop("sha256", None)  # absent from checkpoints of bnvit 0.x before checksums
+        if stored is not None and stored != tensors_sha256(payload):
+            warnings.warn(
+                f"ignoring damaged checkpoint {path}: its tensors fail their SHA-256 checksum (changed after saving)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             continue
         found.append(payload)
     if not found:
         return None
     return max(found, key=lambda p: p["epoch"])
+
+
+def _reason(err: Exception, path: Path) -> str:
+    """One line saying why a file could not be read, instead of torch's message (which may be several
+    lines, end in ': ' for an empty file, or advise unpickling with `weights_only=False`)."""
+    text = str(err).strip()
+    first = text.splitlines()[0].strip() if text else ""
+    if isinstance(err, ValueError) and first:  # from verify_checkpoint_file: already one clear line
+        return first.removeprefix(f"{path} is ").removeprefix(f"{path} ")
+    if "weights_only" in text.lower() or "weights only" in text.lower():
+        return "torch's weights-only loader refused it: it holds more than tensors and plain values"
+    if not zipfile.is_zipfile(path):
+        return "its bytes are neither torch's zip format nor a pickle torch can read (a text file, foreign data?)"
+    if "zip archive" in text or "central directory" in text:
+        return "it is a damaged zip file (torch cannot read its archive)"
+    return f"{type(err).__name__}: {first.rstrip(': ') or 'unreadable'}"
 
 
 def _refuse_code(path: Path, err: pickle.UnpicklingError) -> None:
@@ -92,8 +122,9 @@ def _refuse_code(path: Path, err: pickle.UnpicklingError) -> None:
     if found:
         raise ValueError(
             f"refusing {path}: it asks to import the Python object {found.group(1)}, which a bnvit checkpoint "
-            "never holds (nothing from it was run); remove the file or use another checkpoint_dir"
-        ) from err
+            "never holds (it holds tensors and plain values; nothing from the file was run); remove the file or "
+            "use another checkpoint_dir"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- the state of a run
