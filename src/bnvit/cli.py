@@ -3,6 +3,7 @@
 Commands:
     predict: classify pictures of handwritten digits with a bnvit or reference checkpoint.
     reproduce: run the article's experiments (`depths`, `lr`, `mlp`) or its three-seed study (`all`).
+    demo: a web page to draw digits on and watch a model classify them (docs/demo.md).
 
 Usage:
 
@@ -11,6 +12,7 @@ bnvit predict IMAGE... --checkpoint PATH [--device cpu] [--top-k 3] [--json]
 python -m bnvit predict IMAGE... --checkpoint PATH
 bnvit reproduce all --seeds 3 --out docs/results/article
 bnvit reproduce depths --quick
+bnvit demo --checkpoint PATH [--compare PATH] [--host 127.0.0.1] [--port 7860]
 ```
 
 Each picture is prepared the way MNIST digits were (`bnvit.data.prepare_digit`: inverted if
@@ -33,11 +35,11 @@ import torch
 from . import __version__
 from .data.digits import MNIST_SIZE, prepare_digit
 from .deploy import for_inference
-from .registry import load_model
 from .device import resolve_device
+from .registry import load_model
 from .vit import ViT
 
-__all__ = ["build_parser", "main", "predict", "reproduce"]
+__all__ = ["build_parser", "demo", "main", "predict", "reproduce"]
 
 USAGE_ERROR = 2
 """Exit status for bad input: unreadable images, wrong checkpoints, invalid options."""
@@ -98,7 +100,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reproduce_parser.add_argument("what", choices=REPRODUCE, help="depths, lr, mlp or all")
     reproduce_parser.add_argument("flags", nargs=argparse.REMAINDER, help="the experiment's flags")
+    demo_parser = commands.add_parser(
+        "demo",
+        help="draw digits in the browser and watch a model classify them",
+        description=(
+            "Serve a web page where you draw a digit with the mouse or a finger and see the model's ten class "
+            "probabilities as you draw. Without --checkpoint it shows the weights shipped with bnvit."
+        ),
+    )
+    demo_parser.add_argument("--checkpoint", metavar="PATH", help="a bnvit or reference ViT checkpoint (.pth/.pt)")
+    demo_parser.add_argument("--compare", metavar="PATH", help="a second checkpoint, shown side by side")
+    demo_parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)"
+    )
+    demo_parser.add_argument("--port", type=_port, default=7860, help="TCP port (default 7860; 0: any free port)")
+    demo_parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     return parser
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, 0 to 65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number, 0 to 65535, got {value}")
+    return value
 
 
 REPRODUCE = ("depths", "lr", "mlp", "all")
@@ -113,6 +140,42 @@ def reproduce(what: str, flags: Sequence[str]) -> int:
         return study.main(flags, prog="bnvit reproduce all")
     experiment = {"depths": COMPARE_DEPTHS, "lr": COMPARE_LR, "mlp": DNN_BATCHNORM}[what]
     return run_cli(experiment, flags)
+
+
+def demo(
+    checkpoint: str | None,
+    compare: str | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    device: str = "cpu",
+) -> int:
+    """`bnvit demo`: serve the digit-drawing page (`bnvit.demo`) until Ctrl+C."""
+    # Deferred: the web server is this command's alone; `bnvit predict` need not load it.
+    from .demo import DemoModel, make_server, serve, shipped_model
+
+    try:
+        target = resolve_device(device)
+    except ValueError as err:
+        raise CommandError(f"--device: {err}") from err
+    if checkpoint is None:
+        try:
+            models = [DemoModel("vitbnffn_mnist", for_inference(shipped_model().to(target)))]
+        except ValueError as err:
+            raise CommandError(str(err)) from err
+    else:
+        models = [DemoModel(Path(checkpoint).name, for_inference(_load_classifier(checkpoint, target)))]
+    if compare is not None:
+        models.append(DemoModel(Path(compare).name, for_inference(_load_classifier(compare, target))))
+    try:
+        server = make_server(models, host, port)
+    except OSError as err:
+        raise CommandError(f"cannot listen on {host}:{port}: {err.strerror or err}") from err
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"bnvit demo: warning: listening on {host}: others on the network can reach the page", file=sys.stderr)
+    print(f"bnvit demo: open {server.url} in a browser (Ctrl+C to stop)", flush=True)
+    serve(server)
+    return 0
 
 
 def _load_classifier(path: str, device: torch.device) -> ViT:
@@ -229,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(results, indent=2))
             else:
                 _print_text(results)
+        elif args.command == "demo":
+            return demo(args.checkpoint, args.compare, host=args.host, port=args.port, device=args.device)
     except CommandError as err:
         for line in str(err).splitlines():
             print(f"bnvit {args.command}: error: {line}", file=sys.stderr)
