@@ -68,6 +68,7 @@ canvas.addEventListener("pointerdown", (event) => {
   if (current || (event.button !== 0 && event.pointerType === "mouse")) return;  // one pointer at a time
   event.preventDefault();
   canvas.setPointerCapture(event.pointerId);
+  canvas.dataset.pointer = event.pointerType;  // mouse, pen or touch: what drew the last stroke
   current = [point(event)];
   strokes.push(current);
   paintStroke(current);

@@ -1,0 +1,342 @@
+"""`bnvit demo`: its HTTP API (good and bad requests), its command line, and the page in headless Chromium.
+
+The browser tests draw a real MNIST test digit on the page, stroke by stroke, with the mouse
+and with a finger, and check that the page shows that digit as the prediction. They need
+selenium and Chromium with chromedriver (Debian: `apt-get install chromium chromium-driver`)
+and are skipped with the reason when either is missing; the tests with a trained model need
+the article's checkpoints (`BNVIT_REFERENCE`) and MNIST (`BNVIT_DATA`).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import inspect
+import io
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+import bnvit
+import bnvit.demo
+from bnvit.cli import main
+from bnvit.data import load_mnist, prepare_digit
+from bnvit.demo import MAX_BODY_BYTES, MAX_IMAGE_SIDE, DemoModel, DemoServer, make_server
+from bnvit.demo.browser import find_chromium, first_confident_digit, strokes_from_digit
+from conftest import REFERENCE_CHECKPOINTS
+
+CHECKPOINT = "VITBNFFN_d5_15.pth"
+
+# ---------------------------------------------------------------------------- helpers and fixtures
+
+
+def png_data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def drawing(image: Image.Image) -> bytes:
+    return json.dumps({"image": png_data_url(image)}).encode()
+
+
+def request(server: DemoServer, method: str, path: str, body: bytes | None = None, content_type: str | None = None):
+    """`(status, headers, body bytes)` of one request to `server`."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    req = urllib.request.Request(server.url + path.lstrip("/"), data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, err.read()
+
+
+def post(server: DemoServer, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
+    status, headers, data = request(server, "POST", "/api/predict", body, content_type)
+    assert headers["Content-Type"] == "application/json"
+    return status, json.loads(data)
+
+
+def serving(models: list[DemoModel]) -> Iterator[DemoServer]:
+    server = make_server(models, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def toy_server() -> Iterator[DemoServer]:
+    """A server with an untrained model: enough for the requests it must refuse."""
+    yield from serving([DemoModel("untrained", bnvit.for_inference(bnvit.ViTBNFFN(depth=1)))])
+
+
+@pytest.fixture(scope="module")
+def trained() -> torch.nn.Module:
+    path = REFERENCE_CHECKPOINTS / CHECKPOINT
+    if not path.is_file():
+        pytest.skip(
+            f"{CHECKPOINT} not found in {REFERENCE_CHECKPOINTS}: set BNVIT_REFERENCE to the article's checkpoints"
+        )
+    return bnvit.for_inference(bnvit.load_model(path))
+
+
+@pytest.fixture(scope="module")
+def server(trained: torch.nn.Module) -> Iterator[DemoServer]:
+    yield from serving([DemoModel(CHECKPOINT, trained)])
+
+
+@pytest.fixture(scope="module")
+def digit(trained: torch.nn.Module, mnist_root: Path) -> tuple[torch.Tensor, int]:
+    """The first MNIST test digit the model gets right with p >= 0.99 through prepare_digit: a fair test of the page."""
+    images, labels = load_mnist(mnist_root, train=False)
+    index = first_confident_digit([trained], images, labels)
+    with torch.inference_mode():
+        p = trained(prepare_digit(images[index].numpy())[None]).softmax(1)[0]
+    assert int(p.argmax()) == int(labels[index]) and float(p.max()) >= 0.99
+    return images[index], int(labels[index])
+
+
+# ---------------------------------------------------------------------------- the HTTP API
+
+
+def test_page_and_model_list(toy_server):
+    status, headers, body = request(toy_server, "GET", "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert b'<canvas id="canvas"' in body and b"demo.js" in body
+    for path, kind in (("/demo.js", "text/javascript"), ("/demo.css", "text/css")):
+        status, headers, _ = request(toy_server, "GET", path)
+        assert status == 200 and headers["Content-Type"].startswith(kind)
+    status, _, body = request(toy_server, "GET", "/api/models")
+    assert status == 200
+    assert json.loads(body) == dict(
+        models=[dict(name="untrained", description="ViTBNFFN, depth 1")], max_body_bytes=MAX_BODY_BYTES
+    )
+
+
+def test_binds_to_this_machine_only_by_default(toy_server):
+    assert toy_server.server_address[0] == "127.0.0.1"
+    assert inspect.signature(make_server).parameters["host"].default == "127.0.0.1"
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+BLANK = Image.new("L", (280, 280), 255)
+TRUNCATED_PNG = _png_bytes(Image.effect_noise((64, 64), 50).convert("L"))[:300]
+HUGE_IMAGE = Image.new("L", (MAX_IMAGE_SIDE + 1, 8), 255)
+
+BAD_REQUESTS = {
+    "not JSON": (b"this is not JSON", 400, "not JSON"),
+    "not UTF-8": (b"\xff\xfe\x00garbage", 400, "not JSON"),
+    "a JSON list": (b"[1, 2, 3]", 400, "one field"),
+    "no image field": (json.dumps({"picture": "abc"}).encode(), 400, "one field"),
+    "an extra field": (json.dumps({"image": "abc", "model": 1}).encode(), 400, "one field"),
+    "image not a string": (json.dumps({"image": 42}).encode(), 400, "must be a string"),
+    "bad base64": (json.dumps({"image": "data:image/png;base64,@@not*base64!!"}).encode(), 400, "base64"),
+    "empty image": (json.dumps({"image": "data:image/png;base64,"}).encode(), 400, "empty"),
+    "not an image": (json.dumps({"image": _b64(b"hello, this is text")}).encode(), 400, "not an image"),
+    "truncated PNG": (json.dumps({"image": _b64(TRUNCATED_PNG)}).encode(), 400, "truncated or corrupt"),
+    "image too large": (drawing(HUGE_IMAGE), 413, f"at most {MAX_IMAGE_SIDE}"),
+    "blank canvas": (drawing(BLANK), 422, "no digit"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_drawings_get_a_4xx_with_a_message(toy_server, case):
+    body, expected, fragment = BAD_REQUESTS[case]
+    status, answer = post(toy_server, body)
+    assert status == expected, answer
+    assert set(answer) == {"error"} and fragment in answer["error"]
+    assert "Traceback" not in answer["error"]
+
+
+def test_oversized_body_is_refused_before_it_is_parsed(toy_server):
+    status, answer = post(toy_server, b"{" + b" " * MAX_BODY_BYTES + b"}")
+    assert status == 413 and str(MAX_BODY_BYTES) in answer["error"]
+
+
+def test_wrong_content_type_missing_length_wrong_route_and_method(toy_server):
+    status, answer = post(toy_server, drawing(BLANK), content_type="text/plain")
+    assert status == 415 and "application/json" in answer["error"]
+    connection = http.client.HTTPConnection(*toy_server.server_address[:2], timeout=10)
+    connection.putrequest("POST", "/api/predict")
+    connection.putheader("Content-Type", "application/json")
+    connection.endheaders()  # no Content-Length, no body
+    response = connection.getresponse()
+    assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]
+    connection.close()
+    for method, path, expected in (
+        ("GET", "/api/predict", 405),
+        ("GET", "/../../etc/passwd", 404),
+        ("POST", "/api/other", 404),
+        ("PUT", "/api/predict", 501),
+    ):
+        status, headers, body = request(toy_server, method, path, b"{}", "application/json")
+        assert status == expected and headers["Content-Type"] == "application/json", (method, path)
+        assert "error" in json.loads(body)
+
+
+def test_predicts_a_real_mnist_digit_sent_as_png(server, digit):
+    image, label = digit
+    status, answer = post(server, drawing(Image.fromarray(image.numpy())))
+    assert status == 200
+    (result,) = answer["models"]
+    assert result["name"] == CHECKPOINT and result["digit"] == label and result["probability"] >= 0.99
+    assert len(result["probabilities"]) == 10 and sum(result["probabilities"]) == pytest.approx(1, abs=1e-5)
+    # the input shown is prepare_digit's output, as for `bnvit predict`
+    expected = (prepare_digit(Image.fromarray(image.numpy()))[0] * 255).round().to(torch.uint8)
+    assert torch.equal(torch.tensor(answer["input"], dtype=torch.uint8), expected)
+    # drawn dark on white, as on the page's canvas: the same digit
+    inverted = ImageOps.invert(Image.fromarray(image.numpy())).resize((280, 280), Image.BILINEAR)
+    status, answer = post(server, drawing(inverted))
+    assert status == 200 and answer["models"][0]["digit"] == label
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+@pytest.fixture
+def no_serving(monkeypatch) -> list[DemoServer]:
+    """`bnvit demo` returns instead of serving forever; the servers it built are kept for inspection."""
+    built: list[DemoServer] = []
+
+    def serve(server: DemoServer) -> None:
+        built.append(server)
+        server.server_close()
+
+    monkeypatch.setattr(bnvit.demo, "serve", serve)
+    return built
+
+
+def test_cli_serves_a_checkpoint_and_a_comparison(no_serving, reference_checkpoints, capsys):
+    vit = reference_checkpoints / "FinOptAug1_ViT_30.pth"
+    assert (
+        main(["demo", "--checkpoint", str(reference_checkpoints / CHECKPOINT), "--compare", str(vit), "--port", "0"])
+        == 0
+    )
+    (server,) = no_serving
+    assert [(m.name, m.description) for m in server.models] == [
+        (CHECKPOINT, "ViTBNFFN, depth 5"),
+        ("FinOptAug1_ViT_30.pth", "ViT (LayerNorm), depth 6"),
+    ]
+    assert server.server_address[0] == "127.0.0.1"
+    assert f"open {server.url}" in capsys.readouterr().out
+
+
+def test_cli_without_checkpoint_uses_the_shipped_weights_or_says_to_pass_one(no_serving, capsys):
+    status = main(["demo", "--port", "0"])
+    err = capsys.readouterr().err
+    if status == 0:  # the package ships trained weights
+        assert [m.name for m in no_serving[0].models] == ["vitbnffn_mnist"]
+    else:
+        assert status == 2 and not no_serving
+        assert len(err.strip().splitlines()) == 1 and "pass --checkpoint PATH" in err
+
+
+def test_cli_errors(no_serving, tmp_path, capsys):
+    assert main(["demo", "--checkpoint", str(tmp_path / "missing.pth")]) == 2
+    assert "file not found" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        torch.save(bnvit.ViTBNFFN(depth=1).state_dict(), tmp_path / "toy.pth")
+        assert main(["demo", "--checkpoint", str(tmp_path / "toy.pth"), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert not no_serving
+
+
+# ---------------------------------------------------------------------------- in a real browser
+
+
+def test_strokes_cover_the_digit(digit):
+    image, _ = digit
+    strokes = strokes_from_digit(image)
+    points = [p for stroke in strokes for p in stroke]
+    assert all(len(s) in (1, 2) for s in strokes)
+    assert max(abs(c) for p in points for c in p) <= 0.375  # inside the canvas, with a margin
+    assert len({y for _, y in points}) == int((image >= 128).any(1).sum())  # one row of strokes per row of ink
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[test]')")
+    if find_chromium() is None:
+        pytest.skip("Chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver)")
+    from bnvit.demo.browser import start_chromium
+
+    driver = start_chromium(1280, 900)
+    yield driver
+    driver.quit()
+
+
+def _open(browser, server: DemoServer) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url)
+    WebDriverWait(browser, 10).until(lambda d: d.execute_script("return document.body.dataset.ready === 'true'"))
+
+
+def _lit_pixels(browser) -> int:
+    script = "return Array.from(document.getElementById('input').getContext('2d')"
+    script += ".getImageData(0, 0, 28, 28).data).filter((v, i) => i % 4 === 0 && v > 0).length"
+    return browser.execute_script(script)
+
+
+def test_drawing_a_digit_in_the_browser_shows_it_as_the_prediction(browser, server, digit, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from bnvit.demo.browser import draw_strokes, wait_for_answer
+
+    image, label = digit
+    _open(browser, server)
+    assert wait_for_answer(browser) == [""]  # nothing drawn, nothing predicted
+    strokes = strokes_from_digit(image)
+    draw_strokes(browser, strokes)
+    assert wait_for_answer(browser) == [str(label)]
+    assert browser.find_element(By.ID, "canvas").get_attribute("data-pointer") == "mouse"
+    status = browser.find_element(By.ID, "status")
+    assert status.get_attribute("data-state") == "ready" and f"Prediction: {label}" in status.text
+    assert browser.find_element(By.ID, "canvas").get_attribute("data-strokes") == str(len(strokes))
+    assert _lit_pixels(browser) > 30  # the 28x28 input the model saw is shown
+    tallest = browser.find_element(By.CSS_SELECTOR, ".column.top .label").text
+    assert tallest == str(label)
+    browser.save_screenshot(str(tmp_path / "demo.png"))
+    assert (tmp_path / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    browser.find_element(By.ID, "undo").click()
+    wait_for_answer(browser)
+    assert browser.find_element(By.ID, "canvas").get_attribute("data-strokes") == str(len(strokes) - 1)
+    browser.find_element(By.ID, "clear").click()
+    assert wait_for_answer(browser) == [""]
+    assert status.get_attribute("data-state") == "idle" and _lit_pixels(browser) == 0
+
+
+def test_drawing_with_a_finger(browser, server, digit):
+    from selenium.webdriver.common.by import By
+
+    from bnvit.demo.browser import draw_strokes, wait_for_answer
+
+    image, label = digit
+    _open(browser, server)
+    draw_strokes(browser, strokes_from_digit(image), pointer="touch")
+    assert wait_for_answer(browser) == [str(label)]
+    assert browser.find_element(By.ID, "canvas").get_attribute("data-pointer") == "touch"
