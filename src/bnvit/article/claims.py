@@ -56,7 +56,7 @@ EXPECTATIONS = {
 }
 
 EXPECTATION_TEXT = {
-    "comparable": f"comparable (|gap| < {COMPARABLE})",
+    "comparable": f"comparable (gap within ±{COMPARABLE})",
     "slightly": f"slightly ahead (gap >= {SLIGHTLY})",
     "clearly": f"clearly ahead (gap >= {CLEARLY})",
     "lr_drop": f"ViT loses >= {LR_DROP} pts more",

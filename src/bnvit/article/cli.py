@@ -200,9 +200,10 @@ def run_cli(experiment: Experiment, argv: Sequence[str] | None = None) -> int:
 
 def _run(experiment: Experiment, args, settings: Settings, cells, out: Path, device: torch.device) -> int:
     check_folder(out, settings, experiment.name)
-    remaining = [] if args.report_only else todo(cells, out)
-    print(f"{experiment.name}: {len(cells)} runs ({len(remaining)} to do) on {device}, output in {out}")
-    if remaining:
+    remaining = todo(cells, out)
+    state = f"{len(remaining)} not finished; report only" if args.report_only else f"{len(remaining)} to do"
+    print(f"{experiment.name}: {len(cells)} runs ({state}) on {device}, output in {out}")
+    if remaining and not args.report_only:
         seconds = estimate_seconds(remaining, settings, device)
         print(f"estimated time: {duration(seconds)} (measured by fit() on a few batches of each model on {device})")
     if args.estimate:
@@ -231,8 +232,10 @@ def write_outputs(experiment: Experiment, out: Path, args, device: torch.device,
         prepare_folder(out, _folder_settings(out), experiment.name, machine_note=note)
     report = report_folder(out, experiment, reference=reference)
     print(f"report: {report}")
-    for v in verdicts(load_results(out, complete=True), experiment.claims):
-        print(f"claim {v.claim}: {v.verdict} — {v.measured}")
+    results = load_results(out, complete=True)
+    note = " (quick run: not evidence)" if experiment.is_reduced(results[0]["settings"]) else ""
+    for v in verdicts(results, experiment.claims):
+        print(f"claim {v.claim}: {v.verdict}{note} — {v.measured}")
     return 0
 
 

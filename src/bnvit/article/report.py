@@ -64,7 +64,8 @@ RULES = (
 
 def describe_reduced(settings: Mapping[str, Any]) -> str:
     """What a reduced run was: `"3 epochs, 6,000 training images, 2,000 test images"`."""
-    parts = [f"{settings.get('epochs')} epochs"]
+    epochs = settings.get("epochs")
+    parts = [f"{epochs} epoch{'' if epochs == 1 else 's'}"]
     if settings.get("train_subset"):
         parts.append(f"{settings['train_subset']:,} training images")
     if settings.get("test_subset"):
@@ -89,7 +90,9 @@ def _fmt_interval(values: Sequence[float]) -> str:
 
 def _header(results: Sequence[Mapping[str, Any]], machine_note: str | None, source: str) -> list[str]:
     groups = summarize(results)
-    seeds = max((len(g["curves"]) for g in groups.values()), default=0)
+    counts = sorted({len(g["curves"]) for g in groups.values()}) or [0]
+    seeds = counts[-1]
+    per_cell = f"{counts[0]} to {seeds}" if len(counts) > 1 else str(seeds)
     settings = results[0]["settings"] if results else {}
     epochs = max((r["settings"]["epochs"] for r in results), default=0)
     precisions = sorted({r["precision"] for r in results if r.get("precision")})
@@ -106,7 +109,7 @@ def _header(results: Sequence[Mapping[str, Any]], machine_note: str | None, sour
     devices = ", ".join(sorted({str(r.get("device")) for r in results})) or "?"
     return [
         f"{len(results)} runs; "
-        + (f"{seeds} seeds per cell (mean ± std over seeds); " if seeds > 1 else "1 seed per cell; ")
+        + (f"{per_cell} seeds per cell (mean ± std over seeds); " if seeds > 1 else "1 seed per cell; ")
         + f"{epochs} epochs; augmentation {settings.get('augment')}; "
         f"train subset {settings.get('train_subset') or 'all 60,000'}; "
         f"test subset {settings.get('test_subset') or 'all 10,000'}; "
@@ -288,6 +291,7 @@ def report_folder(
     dest: str | os.PathLike | None = None,
     figures: bool = True,
     reference: str | os.PathLike | None = None,
+    machine_note: str | None = None,
 ) -> Path:
     """Write a folder's report (and figures) from its `results.jsonl`: the one way reports are made.
 
@@ -297,6 +301,7 @@ def report_folder(
         dest: Where to write (default: `folder`).
         figures: Draw the figures (else list the `*.png` already in `dest`).
         reference: A folder with the same cells at other settings, compared in a section of its own.
+        machine_note: The machine, when the results do not record it (default: the note in `sweep.json`).
     """
     folder = Path(folder)
     dest = Path(folder if dest is None else dest)
@@ -318,7 +323,7 @@ def report_folder(
         experiment.claims,
         title=experiment.description or experiment.name,
         reduced=reduced,
-        machine_note=read_folder(folder).get("machine_note"),
+        machine_note=machine_note or read_folder(folder).get("machine_note"),
         source=source,
         extra=extra,
     )

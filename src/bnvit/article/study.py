@@ -127,14 +127,18 @@ def _run(args, plan, device: torch.device) -> int:
         check_folder(folder, settings, experiment.name)
     total = 0.0
     for part, _experiment, settings, cells, folder in plan:
-        remaining = [] if args.report_only else todo(cells, folder)
-        line = f"{part}: {len(cells)} runs ({len(remaining)} to do) in {folder}"
-        if remaining:
+        remaining = todo(cells, folder)
+        state = f"{len(remaining)} not finished; report only" if args.report_only else f"{len(remaining)} to do"
+        line = f"{part}: {len(cells)} runs ({state}) in {folder}"
+        if remaining and not args.report_only:
             seconds = estimate_seconds(remaining, settings, device)
             total += seconds
             line += f", about {duration(seconds)}"
         print(line)
-    print(f"estimated time: {duration(total)} on {device} (fit() timed on a few batches of each model)")
+    if not args.report_only:
+        print(f"estimated time: {duration(total)} on {device} (fit() timed on a few batches of each model)")
+    if args.extra_seeds_for_close_calls and not args.report_only:
+        print(f"close calls then get more seeds, up to {MAX_SEEDS} (not in the estimate)")
     if args.estimate:
         return 0
     for _, experiment, settings, cells, folder in plan:
@@ -147,7 +151,8 @@ def _run(args, plan, device: torch.device) -> int:
             dest = Path(args.report_to) / folder.name
             if load_results(folder):
                 reference = reference_folder(folder, experiment)
-                print(f"report: {report_folder(folder, experiment, dest=dest, reference=reference)}")
+                report = report_folder(folder, experiment, dest=dest, reference=reference, machine_note=args.machine)
+                print(f"report: {report}")
         else:
             write_outputs(experiment, folder, args, device, reference_folder(folder, experiment))
     return 0
