@@ -6,9 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -315,3 +317,57 @@ def test_bnvit_reproduce_runs_the_articles_command_line(capsys):
 def test_predict_does_not_import_the_article_harness():
     code = "import sys, bnvit.cli; sys.exit('bnvit.article' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+INTERRUPTED_SWEEP = textwrap.dedent(
+    """
+    import sys
+    from bnvit.article import COMPARE_LR, cli
+    cli.estimate_seconds = lambda *args, **kwargs: 1.0  # straight to training
+    sys.exit(cli.run_cli(COMPARE_LR, sys.argv[1:]))
+    """
+)
+
+
+def test_a_real_sigint_during_training_is_one_line_exit_130_and_frees_the_folder(mnist_root, tmp_path):
+    out = tmp_path / "out"
+    flags = ["--quick", "--epochs", "3", "--train-subset", "600", "--test-subset", "100", "--no-progress"]
+    flags += ["--out", str(out), "--data-dir", str(mnist_root), "--no-download", "--device", "cpu"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED_SWEEP, *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell may ignore it
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / LOCK).exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines() == ["-c: interrupted; run the same command to resume"]
+    assert not (out / LOCK).exists()
+
+
+def test_figures_of_several_seeds_say_mean_and_std_and_quick_ones_say_quick(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from bnvit.article import plots
+
+    seen = {}
+    original = plots._save
+
+    def capture(fig, path, quick):
+        ax = fig.axes[0]
+        seen[path.name] = (ax.get_title(), [t.get_text() for t in ax.get_legend().get_texts()])
+        return original(fig, path, quick)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    results = depth4_results([0.01, 0.02, 0.03], Settings(epochs=3, train_subset=600))
+    plots.plot_depths(results, tmp_path, quick="3 epochs, 600 training images")
+    title, legend = seen["depths_lr0.005.png"]
+    assert title.startswith("quick: ") and legend == ["ViT (mean ± std, 3 seeds)", "ViTBNFFN (mean ± std, 3 seeds)"]
