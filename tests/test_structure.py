@@ -1,0 +1,165 @@
+"""The shape of the package, read from its source: one-way imports and functions that fit on a screen.
+
+Layers, each importing only the ones below it (docs/architecture.md draws the picture):
+
+    cli, __init__, __main__, demo    what a person runs
+    article                          the reproduction harness
+    training                         the loop, checkpoints, history, callbacks, distributed
+    registry, mlp, deploy            timm builders (mlp.py: the MLPs and their builders), inference:
+                                     never training
+    layers, vit  |  data             the models and the data, independent of each other
+    _io, _checks, device, fuse       the bottom (fuse: the float64 folding arithmetic; each module
+                                     that folds owns its fuse() and calls it)
+
+Every import counts, including those inside functions: a deferred import is still a dependency.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "bnvit"
+
+# What each group of modules may import from bnvit (besides itself).
+BOTTOM = {"_io", "_checks", "device", "fuse"}
+MODELS = {"layers", "vit"}
+INFERENCE = {"registry", "mlp", "deploy"}
+ALLOWED = {
+    "bottom": {"bottom"},
+    "models": {"bottom", "models"},
+    "data": {"bottom", "data"},
+    "inference": {"bottom", "models", "data", "inference"},
+    "training": {"bottom", "models", "data", "training"},
+    "article": {"bottom", "models", "data", "inference", "training", "article"},
+    "top": {"bottom", "models", "data", "inference", "training", "article", "top"},
+}
+MAX_FUNCTION_LINES = 100
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _group(module: str) -> str:
+    head = module.split(".")[0]
+    if head in BOTTOM:
+        return "bottom"
+    if head in MODELS:
+        return "models"
+    if head in INFERENCE:
+        return "inference"
+    if head in ("data", "training", "article"):
+        return head
+    return "top"  # cli, __main__, the package itself
+
+
+def _imports(path: Path) -> set[str]:
+    """bnvit modules that `path` imports, anywhere in the file, resolved to module names."""
+    module = _module_name(path)
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    if module == "":
+        package = []
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name[len("bnvit.") :] for a in node.names if a.name.startswith("bnvit.")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                if node.module and (node.module == "bnvit" or node.module.startswith("bnvit.")):
+                    base = node.module[len("bnvit") :].lstrip(".")
+                else:
+                    continue
+            else:
+                anchor = package[: len(package) - (node.level - 1)]
+                base = ".".join([*anchor, *(node.module.split(".") if node.module else [])])
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}" if base else alias.name
+                found.add(candidate if _exists(candidate) else base)
+    return {m for m in found if m != module}
+
+
+def _exists(module: str) -> bool:
+    path = SRC.joinpath(*module.split(".")) if module else SRC
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _graph() -> dict[str, set[str]]:
+    return {_module_name(p): _imports(p) for p in SRC.rglob("*.py")}
+
+
+def test_imports_flow_one_way():
+    upward = []
+    for module, imported in sorted(_graph().items()):
+        if module == "":
+            continue  # bnvit/__init__.py re-exports the public API from every layer
+        mine = _group(module)
+        for target in sorted(imported):
+            if target == "" and mine != "top":
+                upward.append(f"{module} ({mine}) imports the bnvit package itself, which imports every layer")
+            elif target and _group(target) not in ALLOWED[mine]:
+                upward.append(f"{module} ({mine}) imports {target} ({_group(target)})")
+    assert not upward, "imports against the layering:\n  " + "\n  ".join(upward)
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in graph:
+                continue
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join([*stack[stack.index(nxt) :], nxt]))
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles:\n  " + "\n  ".join(cycles)
+
+
+def _function_lengths():
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                body = node.body
+                if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+                    doc = body[0]
+                    if isinstance(doc.value.value, str):
+                        lines -= doc.end_lineno - doc.lineno + 1
+                yield f"{path.relative_to(SRC)}:{node.lineno} {node.name}", lines
+
+
+def test_functions_fit_on_a_screen():
+    long = [f"{name}: {lines} lines" for name, lines in _function_lengths() if lines > MAX_FUNCTION_LINES]
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (docstrings not counted):\n  " + "\n  ".join(long)
+
+
+def test_the_checks_see_what_they_check():
+    """The graph is not empty and knows the layers: a broken parser would make the tests above pass vacuously."""
+    graph = _graph()
+    assert {"vit", "layers", "training.loop", "device", "cli"} <= set(graph)
+    assert "layers" in graph["vit"]
+    assert "device" in graph["training.loop"]
+    lengths = dict(_function_lengths())
+    assert len(lengths) > 100
+
+
+@pytest.mark.parametrize(
+    ("importer", "target", "ok"),
+    [("vit", "training.loop", False), ("deploy", "training", False), ("article.sweep", "training", True)],
+)
+def test_layer_rules(importer, target, ok):
+    assert (_group(target) in ALLOWED[_group(importer)]) is ok
