@@ -280,7 +280,10 @@ def test_strokes_cover_the_digit(digit):
 def browser() -> Iterator[object]:
     pytest.importorskip("selenium", reason="selenium is not installed (pip install -e '.[test]')")
     if find_chromium() is None:
-        pytest.skip("Chromium and chromedriver are not installed (Debian: apt-get install chromium chromium-driver)")
+        pytest.skip(
+            "Chromium and chromedriver not found (Debian: apt-get install chromium chromium-driver; "
+            "or set BNVIT_CHROMIUM and BNVIT_CHROMEDRIVER to their paths)"
+        )
     from bnvit.demo.browser import start_chromium
 
     driver = start_chromium(1280, 900)
@@ -301,6 +304,7 @@ def _lit_pixels(browser) -> int:
     return browser.execute_script(script)
 
 
+@pytest.mark.timeout(120)  # a hung browser fails the test instead of the whole run
 def test_drawing_a_digit_in_the_browser_shows_it_as_the_prediction(browser, server, digit, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -330,6 +334,7 @@ def test_drawing_a_digit_in_the_browser_shows_it_as_the_prediction(browser, serv
     assert status.get_attribute("data-state") == "idle" and _lit_pixels(browser) == 0
 
 
+@pytest.mark.timeout(120)  # a hung browser fails the test instead of the whole run
 def test_drawing_with_a_finger(browser, server, digit):
     from selenium.webdriver.common.by import By
 

@@ -155,7 +155,7 @@ async function send() {
 }
 
 function show(answer) {
-  answer.models.forEach((result, i) => updatePanel(panels[i], result));
+  answer.models.forEach((result, i) => panels[i] && updatePanel(panels[i], result));  // panels: once /api/models answered
   drawInput(answer.input);
   const names = answer.models.map((r) => `${r.digit} (${(100 * r.probability).toFixed(1)}%)`).join(" vs ");
   setStatus("ready", `Prediction: ${names}`);
