@@ -139,7 +139,7 @@ def reproduce(what: str, flags: Sequence[str]) -> int:
     if what == "all":
         return study.main(flags, prog="bnvit reproduce all")
     experiment = {"depths": COMPARE_DEPTHS, "lr": COMPARE_LR, "mlp": DNN_BATCHNORM}[what]
-    return run_cli(experiment, flags)
+    return run_cli(experiment, flags, prog=f"bnvit reproduce {what}")
 
 
 def demo(

@@ -81,9 +81,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser(experiment: Experiment) -> argparse.ArgumentParser:
-    """The command-line interface shared by the examples."""
-    parser = _Parser(description=experiment.description or experiment.name)
+def build_parser(experiment: Experiment, prog: str | None = None) -> argparse.ArgumentParser:
+    """The command-line interface shared by the examples (`prog`: the command's name in messages)."""
+    parser = _Parser(prog=prog, description=experiment.description or experiment.name)
     parser.add_argument(
         "--out", help=f"output folder (default: runs/{experiment.name}, or runs/{experiment.name}-quick)"
     )
@@ -182,9 +182,9 @@ def run_guarded(body: Callable[[], int], prog: str) -> int:
         return USAGE_ERROR
 
 
-def run_cli(experiment: Experiment, argv: Sequence[str] | None = None) -> int:
+def run_cli(experiment: Experiment, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Run an `Experiment` from the command line: sweep, figures, report. Returns an exit code."""
-    parser = build_parser(experiment)
+    parser = build_parser(experiment, prog)
     args = parser.parse_args(argv)
     try:
         settings = _settings_from_args(experiment, args)

@@ -191,6 +191,7 @@ ARTICLE_FP32 = Experiment(
     models=VIT_MODELS,
     grid={0.005: (4,)},
     settings=Settings(precision="fp32"),
+    quick_grid={0.005: (3,)},  # a cell the quick ViT grid holds, so the quick report has something to compare
     quick_settings=dataclasses.replace(QUICK_VIT, precision="fp32"),
     plots=("depths",),
 )
