@@ -250,10 +250,13 @@ def fit(
         at once and is returned with `history.diverged_at` set; nothing is raised.
 
     Raises:
-        ValueError: For invalid arguments, empty data, labels outside `[0, num_classes)`, a
-            model whose output does not fit the labels, a checkpoint of another run, or a
-            global batch size not divisible by the number of processes; all checked before any
-            training step (in a distributed run, on every process: if one fails, all raise).
+        ValueError: For invalid arguments, empty data, labels outside `[0, num_classes)`, NaN or
+            inf in the images, a model whose output does not fit the labels, a checkpoint of
+            another run, or a global batch size not divisible by the number of processes; all
+            checked before any training step (in a distributed run, on every process: if one
+            fails, all raise). Data that cannot be checked whole up front (a `Dataset` or
+            `DataLoader`) is checked batch by batch, each before its forward pass, so a refused
+            batch never updates the BatchNorm statistics; see `bnvit.training.inputs`.
 
     Examples:
         >>> from bnvit import ViTBNFFN
