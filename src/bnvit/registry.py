@@ -43,6 +43,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._manipulate import adapt_input_conv
 from timm.models._pretrained import PretrainedCfg
 
+from ._io import tensors_sha256, verify_checkpoint_file
 from .vit import ViT, feature_take_indices
 
 __all__ = [
@@ -344,9 +345,13 @@ def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     training checkpoint holding one under `"model"`, `"state_dict"` or `"model_state_dict"`.
     For a folder, reads the first of `WEIGHT_FILES` it holds (safetensors first, as timm).
 
+    Damage is caught, never loaded: a zip checkpoint's CRCs are checked before unpickling, a
+    safetensors file whose metadata carries `sha256` (bnvit's shipped weights do) is checked
+    against its tensors, and weights holding NaN or infinity are refused.
+
     Raises:
         FileNotFoundError: If `path` does not exist, or is a folder without a weight file.
-        ValueError: If the file is not a readable checkpoint of tensors.
+        ValueError: If the file is damaged or not a readable checkpoint of finite tensors.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -359,15 +364,14 @@ def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
         path = found[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file  # a dependency of timm; only needed for this format
-
-            obj = load_file(path, device=str(map_location))
-        else:
+    if path.endswith(".safetensors"):
+        obj = _read_safetensors(path, map_location)
+    else:
+        verify_checkpoint_file(path)
+        try:
             obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # the unpickler and safetensors raise many kinds on foreign bytes
-        raise ValueError(f"cannot read {path} as a PyTorch checkpoint (weights only): {err}") from err
+        except Exception as err:  # the unpickler raises many kinds on foreign bytes
+            raise ValueError(f"cannot read {path} as a PyTorch checkpoint (weights only): {_first_line(err)}") from err
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(obj.get(key), Mapping):
@@ -375,7 +379,32 @@ def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path} does not hold a state dict of tensors (found {type(obj).__name__})")
+    broken = [k for k, v in obj.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        raise ValueError(f"{path} holds NaN or infinite weights in {', '.join(broken[:3])}{more}: a broken checkpoint")
     return dict(obj)
+
+
+def _read_safetensors(path: str, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open  # a dependency of timm; only needed for this format
+
+    try:
+        with safe_open(path, framework="pt", device=str(map_location)) as f:
+            metadata = f.metadata() or {}
+            obj = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118  (safe_open has no iterator)
+    except Exception as err:  # safetensors raises its own kinds on foreign bytes
+        raise ValueError(f"cannot read {path} as a safetensors file: {_first_line(err)}") from err
+    expected = metadata.get("sha256")
+    if expected is not None and expected != tensors_sha256(obj):
+        raise ValueError(f"{path} is damaged: its tensors do not match the sha256 in its metadata")
+    return obj
+
+
+def _first_line(err: Exception) -> str:
+    """An exception's first line: torch's unpickling errors append paragraphs of advice that do not apply."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", **kwargs: Any) -> ViT:
