@@ -28,7 +28,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from . import _checks
-from .fuse import fold_bn_after_linear, fold_bn_before_linear
+from .fuse import bn_affine, fold_bn_after_linear, fold_bn_before_linear
 
 __all__ = [
     "NORMS",
@@ -36,9 +36,11 @@ __all__ = [
     "BatchNormFFN",
     "EncoderBlock",
     "FeedForward",
+    "InputShift",
     "TokenBatchNorm",
     "attend",
     "bn_safe_context_fn",
+    "self_attention",
     "token_norm",
 ]
 
@@ -170,44 +172,195 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        # (B, N, 3 * heads * dim_head) -> q | k | v, each (B, heads, N, dim_head), as strided views.
-        qkv = self.qkv(self.norm(x)).view(B, N, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        x = attend(q, k, v, self.attn_dropout if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B, N, self.heads * self.dim_head)
-        return self.proj_drop(self.proj(x))
+        x = self_attention(
+            self.norm(x),
+            self.qkv.weight,
+            self.qkv.bias,
+            self.proj.weight,
+            self.proj.bias,
+            self.heads,
+            self.attn_dropout if self.training else 0.0,
+        )
+        return self.proj_drop(x)
 
     @torch.no_grad()
     def fuse(self) -> None:
-        """Fold a BatchNorm pre-norm into the qkv projection, in place (eval mode only)."""
-        if isinstance(self.norm, TokenBatchNorm):
+        """Fold a BatchNorm pre-norm into the qkv projection, in place (eval mode only).
+
+        `W (s x + t)` becomes `(W s) (x + t / s)`: the scale goes into the weight and the shift
+        stays on the `dim`-wide input (`InputShift`), instead of becoming a `3 * heads * dim_head`-wide
+        bias of the projection (measured slower, docs/benchmarks.md). A BatchNorm with a zero scale
+        folds into the bias instead.
+        """
+        if not isinstance(self.norm, TokenBatchNorm):
+            return
+        scale, shift = bn_affine(self.norm.bn)
+        if bool((scale == 0).any()):
             self.qkv = fold_bn_before_linear(self.norm.bn, self.qkv)
             self.norm = nn.Identity()
+            return
+        weight = self.qkv.weight.double() * scale[None, :]
+        self.qkv.weight.copy_(weight)
+        self.norm = InputShift((shift / scale).to(self.qkv.weight.dtype))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """`softmax(q k^T / sqrt(d)) v` with torch's fused kernel, or a faster path under CPU autocast.
+class InputShift(nn.Module):
+    """`x + shift` over the last axis: what is left of a BatchNorm whose scale went into the next Linear.
+
+    Examples:
+        >>> InputShift(torch.tensor([1.0, -1.0]))(torch.zeros(2, 2))
+        tensor([[ 1., -1.],
+                [ 1., -1.]])
+    """
+
+    def __init__(self, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("shift", shift.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.shift
+
+
+def _factored_pays(dim: int, heads: int, dim_head: int, tokens: int, seq: int) -> bool:
+    """Whether the factored attention of `self_attention` takes fewer multiply-adds than q, k, v.
+
+    Per token and head, q, k, v and the output projection take `4 dim_head dim` and the two
+    attention products `2 seq dim_head`; the factored form takes `2 dim^2` and `2 seq dim`, after
+    forming its two `(dim, dim)` matrices per head once per call (`2 dim^2 dim_head`). `tokens <= 0`
+    asks only whether it pays per token (the choice when tracing for export or compilation).
+    """
+    saved = 4 * dim_head * dim + 2 * seq * dim_head - 2 * dim * dim - 2 * seq * dim
+    if tokens <= 0:
+        return saved > 0
+    return tokens * saved > 2 * dim * dim * dim_head
+
+
+def self_attention(
+    x: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None,
+    heads: int,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Multi-head self-attention of normalized tokens `x (B, N, dim)`, projections included.
+
+    `proj(softmax(q k^T / sqrt(dim_head)) v)` with `q | k | v = x W_qkv^T + b_qkv` (heads-major),
+    computed in whichever of two exactly equivalent forms takes fewer multiply-adds:
+
+    * **standard**: the qkv projection, attention per head (`attend`), the output projection;
+    * **factored** (when `dim < 2 dim_head` or so, as in the article's model: `dim = dim_head =
+      64`, 8 heads): per head, `q_i . k_j = x_i (W_q^T W_k) x_j + (b_q W_k) . x_j + c_i`, where
+      `c_i` does not depend on `j` and cancels in the softmax, and since each row of softmax
+      weights sums to one, `W_o (sum_j a_ij v_j) = (W_o W_v) (sum_j a_ij x_j) + W_o b_v`. So the
+      keys and values of every head are `x` itself; only the `(dim, dim)` products
+      `W_k^T W_q` and `W_o W_v` of each head are formed (from the same parameters, so gradients
+      flow to them as before). For the article's model this is 0.56x the multiply-adds of the
+      attention block, all heads go through one batched product, and nothing is copied.
+
+    A leaf for `torch.fx` (registered with `torch.fx.wrap`), so a traced model keeps the runtime
+    choice. Under `torch.compile` / `torch.export` the choice is made per token (the weight
+    products are then constants an exporter folds).
+    """
+    B, N, C = x.shape
+    dim_head = qkv_weight.shape[0] // (3 * heads)
+    tokens = 0 if torch.compiler.is_compiling() else B * N
+    attention = _factored_attention if _factored_pays(C, heads, dim_head, tokens, N) else _standard_attention
+    return attention(x, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, dropout_p)
+
+
+torch.fx.wrap("self_attention")
+
+
+def _standard_attention(
+    x: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None,
+    heads: int,
+    dropout_p: float,
+) -> torch.Tensor:
+    B, N, _ = x.shape
+    inner = qkv_weight.shape[0] // 3
+    # (B, N, 3 * heads * dim_head) -> q | k | v, each (B, heads, N, dim_head), as strided views.
+    qkv = F.linear(x, qkv_weight, qkv_bias).view(B, N, 3, heads, inner // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    out = attend(q, k, v, dropout_p).transpose(1, 2).reshape(B, N, inner)
+    return F.linear(out, proj_weight, proj_bias)
+
+
+def _factored_attention(
+    x: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None,
+    heads: int,
+    dropout_p: float,
+) -> torch.Tensor:
+    B, N, C = x.shape
+    inner = qkv_weight.shape[0] // 3
+    dim_head = inner // heads
+    wq, wk, wv = qkv_weight.view(3, heads, dim_head, C).unbind(0)  # (heads, dim_head, dim)
+    # Row h * dim + c of `w_scores` is column c of W_q,h^T W_k,h: t = x w_scores^T gives t_h = x W_q,h^T W_k,h.
+    w_scores = (wk.transpose(1, 2) @ wq).mul(dim_head**-0.5).reshape(heads * C, C)
+    wo = proj_weight.view(C, heads, dim_head).transpose(0, 1)  # (heads, dim, dim_head)
+    w_out = (wo @ wv).transpose(0, 1).reshape(C, heads * C)  # column h * dim + c: (W_o,h W_v,h)[:, c]
+    b_scores = b_out = None
+    if qkv_bias is not None:
+        bq, _, bv = qkv_bias.view(3, heads, 1, dim_head).unbind(0)
+        b_scores = (bq @ wk).mul(dim_head**-0.5).reshape(heads * C)
+        b_out = proj_weight @ bv.reshape(inner)
+        b_out = b_out if proj_bias is None else b_out + proj_bias
+    else:
+        b_out = proj_bias
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        # One fused attention for all heads, keys and values `x` shared by the heads (as in multi-query attention).
+        q = F.linear(x, w_scores, b_scores).view(B, N, heads, C).transpose(1, 2)
+        kv = x.unsqueeze(1).expand(B, heads, N, C)
+        mixed = attend(q, kv, kv, dropout_p, scale=1.0).transpose(1, 2).reshape(B, N, heads * C)
+        return F.linear(mixed, w_out, b_out)
+    # Eager CPU: two batched products, no copy (a few dozen tokens are too few for the fused kernel).
+    if torch.is_autocast_enabled("cpu"):
+        x = x.to(torch.get_autocast_dtype("cpu"))  # cast once for the three products that read it
+    t = F.linear(x, w_scores, b_scores)  # (B, N, heads * dim): row (i, h) of a (B, N * heads, dim) view
+    scores = t.view(B, N * heads, C) @ x.transpose(1, 2)  # (B, N * heads, N): scores[b, i * heads + h, j]
+    weights = F.dropout(scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)), dropout_p)
+    weights = weights.to(x.dtype)
+    mixed = weights @ x  # (B, N * heads, dim) = (B, N, heads * dim): sum_j a_ij x_j for every head
+    return F.linear(mixed.view(B, N, heads * C), w_out, b_out)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, scale: float | None = None
+) -> torch.Tensor:
+    """`softmax(scale q k^T) v` with torch's fused kernel, or a faster path under CPU autocast.
+
+    `scale` defaults to `1 / sqrt(d)`, `d = q.shape[-1]`.
 
     A leaf for `torch.fx` (registered with `torch.fx.wrap`): a traced model keeps this runtime
     choice of kernel instead of freezing the one seen while tracing.
     """
     if torch.is_autocast_enabled("cpu") and q.device.type == "cpu":
-        return _cpu_autocast_attention(q, k, v, dropout_p)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return _cpu_autocast_attention(q, k, v, dropout_p, scale)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
 
 torch.fx.wrap("attend")
 
 
-def _cpu_autocast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+def _cpu_autocast_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float | None = None
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v under CPU autocast: bf16 batched products around an fp32 softmax.
 
     At a few dozen tokens the CPU's fused attention kernel is about 4x slower in bf16 than in
     fp32, and in fp32 still about 2x slower than this (measured in benchmarks/, see
     docs/benchmarks.md); on CUDA the fused kernel is used in every precision.
     """
-    scores = (q @ k.transpose(-2, -1)).float().mul_(q.shape[-1] ** -0.5)
+    scores = (q @ k.transpose(-2, -1)).float().mul_(q.shape[-1] ** -0.5 if scale is None else scale)
     weights = F.dropout(scores.softmax(-1), dropout_p)
     return weights.to(v.dtype) @ v
 
