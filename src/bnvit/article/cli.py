@@ -3,7 +3,9 @@
 Every input is checked before anything is estimated, trained or created: a bad flag, a subset
 larger than MNIST, a precision the device lacks, a missing data folder or an output folder that
 belongs to another experiment ends the command with one line on stderr and exit status 2.
-Ctrl-C ends it with one line and exit status 130; rerunning the same command resumes.
+Ctrl-C ends it with one line and exit status 130; rerunning the same command resumes. Cells that
+failed twice in worker processes or Ray tasks end it with one line and exit status 1, after the
+other cells are recorded.
 """
 
 from __future__ import annotations
@@ -22,15 +24,17 @@ from .. import _checks
 from ..data import find_mnist_root, mnist_files
 from ..device import resolve_device, resolve_precision
 from .claims import verdicts
-from .estimate import MNIST_TEST, MNIST_TRAIN, estimate_seconds
+from .estimate import MNIST_TEST, MNIST_TRAIN, choose_workers, estimate_seconds
 from .folder import FolderLockedError, check_folder, prepare_folder, read_folder
-from .grid import Experiment, Settings
+from .grid import Cell, Experiment, Settings
+from .parallel import SweepError, check_ray, check_workers
 from .report import report_folder
 from .results import describe_machines, load_results, machine
 from .sweep import run_sweep, todo
 
-__all__ = ["INTERRUPTED", "USAGE_ERROR", "build_parser", "run_cli"]
+__all__ = ["CELLS_FAILED", "INTERRUPTED", "USAGE_ERROR", "build_parser", "run_cli"]
 
+CELLS_FAILED = 1
 USAGE_ERROR = 2
 INTERRUPTED = 130
 
@@ -63,6 +67,66 @@ def _parse_floats(text: str) -> tuple[float, ...]:
     return values
 
 
+def _parse_workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of worker processes or auto, got {text!r}") from None
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--workers`, `--ray`, `--threads`, `--cells-per-gpu`: how many cells run at once, and where."""
+    parser.add_argument(
+        "--workers",
+        type=_parse_workers,
+        metavar="N|auto",
+        help="train N cells at once in worker processes (default 1); auto: measure and pick the fastest N",
+    )
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the cells as Ray tasks on the cluster at ADDRESS (HOST:PORT, ray://HOST:PORT or auto; "
+        "no ADDRESS: a Ray instance on this machine); needs bnvit[ray]",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads per cell (default: the cores shared among the workers; 1 per Ray task)"
+    )
+    parser.add_argument(
+        "--cells-per-gpu", type=int, default=1, help="with --ray on CUDA: cells sharing one GPU (default 1)"
+    )
+
+
+def check_parallel(args: argparse.Namespace) -> None:
+    """Refuse workers this machine cannot run, or a Ray cluster that cannot be reached, in one line."""
+    if args.ray is not None and args.workers is not None:
+        raise ValueError("--workers and --ray: choose one (a Ray task per cell replaces the local workers)")
+    if args.threads is not None:
+        _checks.positive_int("--threads", args.threads)
+    _checks.positive_int("--cells-per-gpu", args.cells_per_gpu)
+    if args.ray is not None and not args.report_only and not args.estimate:
+        check_ray(args.ray)
+    elif args.workers is not None:
+        check_workers(args.workers)
+
+
+def parallel_options(args: argparse.Namespace, cells: Sequence[Cell], settings: Settings, device: torch.device):
+    """`run_sweep`'s keyword arguments for running cells at once (`--workers auto` measured here)."""
+    workers = args.workers or 1
+    if workers == "auto" and cells:
+        largest = max(cells, key=lambda c: (c.depth, c.model))
+        measured = vars(args).setdefault("measured_workers", {})  # one measurement per model and precision
+        key = (largest.model, largest.depth, settings.precision)
+        if key not in measured:
+            measured[key] = choose_workers([largest], settings, device)
+        workers = measured[key]
+    workers = 1 if workers == "auto" else workers
+    return dict(workers=workers, threads=args.threads, ray=args.ray, cells_per_gpu=args.cells_per_gpu)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags every article command takes: data, device, settings, seeds, estimate, report."""
     parser.add_argument("--data-dir", help="folder with MNIST/raw/ (default: $BNVIT_DATA, else the cache folder)")
@@ -79,6 +143,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--machine", help="describe the machine in the report when the results do not record it (kept in sweep.json)"
     )
+    add_parallel_arguments(parser)
 
 
 def build_parser(experiment: Experiment, prog: str | None = None) -> argparse.ArgumentParser:
@@ -127,6 +192,7 @@ def _settings_from_args(experiment: Experiment, args: argparse.Namespace) -> Set
 def check_inputs(args: argparse.Namespace, all_settings: Sequence[Settings]) -> torch.device:
     """Validate device, precision, seeds and data before anything runs; returns the device."""
     _checks.positive_int("--seeds", args.seeds)
+    check_parallel(args)
     device = resolve_device(args.device)
     for settings in all_settings:
         try:
@@ -176,6 +242,9 @@ def run_guarded(body: Callable[[], int], prog: str) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; run the same command to resume", file=sys.stderr)
         return INTERRUPTED
+    except SweepError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return CELLS_FAILED
     except (ValueError, TypeError, OSError, FolderLockedError) as err:
         message = str(err).replace("\n", "; ")
         print(f"{prog}: error: {message}", file=sys.stderr)
@@ -218,6 +287,7 @@ def _run(experiment: Experiment, args, settings: Settings, cells, out: Path, dev
             device=device,
             progress=not args.no_progress,
             download=not args.no_download,
+            **parallel_options(args, remaining, settings, device),
         )
     return write_outputs(experiment, out, args, device)
 

@@ -4,22 +4,27 @@ The timing runs the training code itself (the loop, the optimizer, the precision
 evaluation) rather than a copy of a training step, so the estimate follows the loop when it
 changes. Synthetic data stands in for MNIST: the same shapes, uint8 images augmented on the
 device like the `"fast"` pipeline (the `"torchvision"` pipeline is slower than this assumes).
+
+`choose_workers` (`--workers auto`) times the same short `fit` in 1 process with every thread
+and in N processes at once with a share of the threads each, and picks the fastest in total.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from ..data import DeviceLoader
-from ..device import resolve_device
+from ..device import resolve_device, resolve_precision
 from ..training import fit
 from .grid import Cell, Settings
+from .parallel import available_cores
 from .sweep import build_model
 
-__all__ = ["estimate_seconds"]
+__all__ = ["choose_workers", "estimate_seconds", "measure_workers"]
 
 MNIST_TRAIN, MNIST_TEST = 60_000, 10_000
 
@@ -81,3 +86,65 @@ def estimate_seconds(
         # every epoch trains and scores the test set; the clean test set is scored once more at the end
         total += settings.epochs * (n_train * per_train + n_test * per_eval) + n_test * per_eval
     return total
+
+
+def _throughput_worker(cell: Cell, settings: Settings, device: str, threads: int, batches: int, barrier, queue) -> None:
+    torch.set_num_threads(threads)
+    import timm  # noqa: F401  imported before the start line, so no process times its imports
+
+    barrier.wait(timeout=600)  # every process starts training at the same time
+    per_train, _ = _timed_epochs(cell, settings, torch.device(device), batches)
+    queue.put(1.0 / per_train)
+
+
+def measure_workers(
+    cell: Cell, settings: Settings, device: str | torch.device, processes: int, threads: int, batches: int = 5
+) -> float:
+    """Training images per second of `processes` processes at once, `threads` threads each, all told.
+
+    Each process trains `cell`'s model with `fit` on synthetic batches (see `estimate_seconds`),
+    in its own process (spawn context), starting together; the first epoch (warm-up) is not counted.
+    """
+    context = multiprocessing.get_context("spawn")
+    barrier, queue = context.Barrier(processes), context.Queue()
+    args = (cell, settings, str(resolve_device(device)), threads, batches, barrier, queue)
+    workers = [context.Process(target=_throughput_worker, args=args, daemon=True) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    try:
+        rates = [queue.get(timeout=900) for _ in workers]
+    finally:
+        for worker in workers:
+            worker.join(timeout=60)
+            if worker.is_alive():
+                worker.terminate()
+    return sum(rates)
+
+
+def choose_workers(
+    cells: Sequence[Cell],
+    settings: Settings,
+    device: str | torch.device = "auto",
+    cores: int | None = None,
+    log: Callable[[str], object] = print,
+) -> int:
+    """The number of workers that trains the most images per second (`--workers auto`).
+
+    Times the sweep's largest model at the sweep's precision with 1, 2, 4... processes (up to the
+    cores), each with the cores divided among them, and prints the numbers and the choice.
+    """
+    cores = cores or available_cores()
+    largest = max(cells, key=lambda c: (c.depth, c.model))
+    counts = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= cores} | {cores})
+    rates = {}
+    for n in counts:
+        rates[n] = measure_workers(largest, settings, device, n, max(1, cores // n))
+    best = max(rates, key=rates.get)
+    measured = "; ".join(
+        f"{n} x {max(1, cores // n)} thread{'s' * (cores // n > 1)}: {rate:.0f} images/s" for n, rate in rates.items()
+    )
+    log(
+        f"--workers auto: {best} (processes x threads each, {largest.model} depth {largest.depth}, "
+        f"{resolve_precision(settings.precision, resolve_device(device))}: {measured})"
+    )
+    return best

@@ -29,6 +29,7 @@ from .cli import (
     check_data,
     check_inputs,
     duration,
+    parallel_options,
     run_guarded,
     write_outputs,
 )
@@ -119,6 +120,7 @@ def _sweep(experiment: Experiment, settings: Settings, cells, folder: Path, args
         device=device,
         progress=not args.no_progress,
         download=not args.no_download,
+        **parallel_options(args, todo(cells, folder), settings, device),
     )
 
 
