@@ -105,3 +105,33 @@ def test_foreign_files_fail_in_one_line_without_weights_only_advice(tmp_path, co
     message = str(info.value)
     assert "\n" not in message and "weights_only=False" not in message
     assert not message.rstrip().endswith(":")
+
+
+def test_extra_and_missing_keys_are_a_value_error_naming_them(tmp_path):
+    state = bnvit.ViTBNFFN(depth=2).state_dict()
+    state["extra.w"] = torch.zeros(1)
+    path = tmp_path / "extra.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"unexpected key extra\.w") as info:
+        bnvit.load_model(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_checkpoint_with_other_classes_through_timm_says_how_to_load_it(tmp_path):
+    path = tmp_path / "classes100.pth"
+    torch.save(bnvit.ViTBNFFN(depth=6, num_classes=100).state_dict(), path)
+    with pytest.raises(ValueError, match=r"head\.weight: checkpoint \(100, 64\), model \(10, 64\).*num_classes=100"):
+        timm.create_model("vitbnffn_mnist", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    model = timm.create_model(
+        "vitbnffn_mnist", pretrained=True, num_classes=5, pretrained_cfg_overlay=dict(file=str(path))
+    )
+    assert model.num_classes == 5  # asking for another class count still fine-tunes a new head
+
+
+def test_resuming_with_a_different_model_names_the_difference(tmp_path):
+    images, labels = torch.rand(20, 1, 28, 28), torch.randint(0, 10, (20,))
+    kwargs = dict(epochs=1, lr=1e-3, device="cpu", progress=False, checkpoint_dir=tmp_path, batch_size=10)
+    bnvit.fit(bnvit.ViTBNFFN(depth=1), (images, labels), **kwargs)
+    with pytest.raises(ValueError, match=r"different model: \d+ missing keys \(blocks\.1\.") as info:
+        bnvit.fit(bnvit.ViTBNFFN(depth=2), (images, labels), **dict(kwargs, epochs=2))
+    assert "\n" not in str(info.value)

@@ -7,7 +7,7 @@ uses `assert`: user input is validated even under `python -O`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from numbers import Integral, Real
 from typing import Any
 
@@ -56,3 +56,44 @@ def pair(name: str, value: Any) -> tuple[int, int]:
         return positive_int(f"{name}[0]", value[0]), positive_int(f"{name}[1]", value[1])
     size = positive_int(name, value)
     return size, size
+
+
+def state_dict_mismatch(
+    expected: Mapping[str, Any], given: Mapping[str, Any], *, ignore: str | None = None
+) -> str | None:
+    """One line naming how `given` (a checkpoint's state dict) differs from `expected` (a model's), or None.
+
+    Names missing keys, unexpected keys and shape differences, the first few of each, instead of
+    torch's multi-line `load_state_dict` report. Keys starting with `ignore` are not compared.
+
+    Examples:
+        >>> import torch
+        >>> state_dict_mismatch({"w": torch.zeros(2, 3)}, {"w": torch.zeros(4, 3), "x": torch.zeros(1)})
+        'unexpected key x; w: checkpoint (4, 3), model (2, 3)'
+        >>> state_dict_mismatch({"w": torch.zeros(2)}, {"w": torch.ones(2)}) is None
+        True
+    """
+
+    def kept(keys: Iterable[str]) -> list[str]:
+        return [k for k in keys if ignore is None or not k.startswith(ignore)]
+
+    missing = kept(k for k in expected if k not in given)
+    unexpected = kept(k for k in given if k not in expected)
+    shapes = [
+        f"{k}: checkpoint {tuple(given[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in kept(expected)
+        if k in given and tuple(given[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = [
+        _listed("missing key", missing),
+        _listed("unexpected key", unexpected),
+        "; ".join(shapes[:3]) + (f"; {len(shapes) - 3} more shapes differ" if len(shapes) > 3 else ""),
+    ]
+    return "; ".join(p for p in parts if p) or None
+
+
+def _listed(what: str, keys: list[str]) -> str:
+    if not keys:
+        return ""
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    return f"{len(keys)} {what}s ({', '.join(keys[:3])}{more})" if len(keys) > 1 else f"{what} {keys[0]}"

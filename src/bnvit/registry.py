@@ -43,6 +43,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._manipulate import adapt_input_conv
 from timm.models._pretrained import PretrainedCfg
 
+from . import _checks
 from ._io import tensors_sha256, verify_checkpoint_file
 from .vit import ViT, feature_take_indices
 
@@ -326,7 +327,9 @@ def _describe_model(model: ViT) -> dict[str, Any]:
     )
 
 
-def _check_compatible(state_dict: Mapping[str, torch.Tensor], model: ViT, source: str = "checkpoint") -> None:
+def _check_compatible(
+    state_dict: Mapping[str, torch.Tensor], model: ViT, source: str = "checkpoint", allow_new_head: bool = False
+) -> None:
     found, wanted = describe_state_dict(state_dict), _describe_model(model)
     diffs = [
         f"{key}: checkpoint {found[key]!r}, model {wanted[key]!r}"
@@ -335,6 +338,20 @@ def _check_compatible(state_dict: Mapping[str, torch.Tensor], model: ViT, source
     ]
     if diffs:
         raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(diffs))
+    # A different class count is the caller's to allow (timm drops the head when num_classes differs
+    # from the pretrained cfg's; load_model when asked for num_classes); everything else must fit.
+    asked_other_classes = model.num_classes != getattr(model, "pretrained_cfg", {}).get(
+        "num_classes", model.num_classes
+    )
+    mismatch = _checks.state_dict_mismatch(
+        model.state_dict(), state_dict, ignore="head." if allow_new_head or asked_other_classes else None
+    )
+    if mismatch and "head.weight" in state_dict and found["num_classes"] != model.num_classes:
+        mismatch += f"; it has {found['num_classes']} classes: pass num_classes={found['num_classes']} to load it whole"
+    if mismatch:
+        raise ValueError(
+            f"{source} does not fit {type(model).__name__}({model.cfg.norm!r}, depth {model.cfg.depth}): {mismatch}"
+        )
 
 
 def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -432,7 +449,7 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
     found = describe_state_dict(state_dict)
     config = _config_from(found, kwargs, source=os.fspath(path))
     model = ViT(**config)
-    _check_compatible(state_dict, model, source=os.fspath(path))
+    _check_compatible(state_dict, model, os.fspath(path), allow_new_head=found["num_classes"] != config["num_classes"])
     if found["num_classes"] != config["num_classes"]:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
     model.load_state_dict(state_dict, strict=found["num_classes"] == config["num_classes"])

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import _checks
 from .._io import atomic_torch_save, tensors_sha256, verify_checkpoint_file
 from .distributed import Distributed
 from .history import History
@@ -216,10 +217,10 @@ def restore(folder: Path, parts: Resumable, epochs: int, map_location: torch.dev
         )
     if saved["epoch"] > epochs:
         raise ValueError(f"{folder} already holds {saved['epoch']} epochs, more than epochs={epochs}")
-    try:
-        parts.model.load_state_dict(saved["model"])
-    except RuntimeError as err:
-        raise ValueError(f"the checkpoint in {folder} is for a different model: {err}") from err
+    mismatch = _checks.state_dict_mismatch(parts.model.state_dict(), saved["model"])
+    if mismatch:
+        raise ValueError(f"the checkpoint in {folder} is for a different model: {mismatch}")
+    parts.model.load_state_dict(saved["model"])
     parts.optimizer.load_state_dict(saved["optimizer"])
     if parts.scheduler is not None and saved["scheduler"] is not None:
         parts.scheduler.load_state_dict(saved["scheduler"])
