@@ -92,13 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
         "reproduce",
         help="run the article's experiments and write their reports",
         description=(
-            "Run one of the article's experiments (depths, lr, mlp: the examples' command line) or the whole "
+            "Run one of the article's experiments (depths, lr, mlp, and lr-window beyond it: the examples' "
+            "command line) or the whole "
             "three-seed study (all), resumably, and write reports and figures. `bnvit reproduce WHAT --help` "
             "lists the flags."
         ),
         add_help=False,
     )
-    reproduce_parser.add_argument("what", choices=REPRODUCE, help="depths, lr, mlp or all")
+    reproduce_parser.add_argument("what", choices=REPRODUCE, help="depths, lr, mlp, lr-window or all")
     reproduce_parser.add_argument("flags", nargs=argparse.REMAINDER, help="the experiment's flags")
     demo_parser = commands.add_parser(
         "demo",
@@ -128,17 +129,17 @@ def _port(text: str) -> int:
     return value
 
 
-REPRODUCE = ("depths", "lr", "mlp", "all")
+REPRODUCE = ("depths", "lr", "mlp", "lr-window", "all")
 
 
 def reproduce(what: str, flags: Sequence[str]) -> int:
     """`bnvit reproduce WHAT FLAGS...`: an article experiment, or the three-seed study for `all`."""
     # Deferred: the article harness imports the training loop, which `bnvit predict` must not load.
-    from .article import COMPARE_DEPTHS, COMPARE_LR, DNN_BATCHNORM, run_cli, study
+    from .article import COMPARE_DEPTHS, COMPARE_LR, DNN_BATCHNORM, LR_WINDOW, run_cli, study
 
     if what == "all":
         return study.main(flags, prog="bnvit reproduce all")
-    experiment = {"depths": COMPARE_DEPTHS, "lr": COMPARE_LR, "mlp": DNN_BATCHNORM}[what]
+    experiment = {"depths": COMPARE_DEPTHS, "lr": COMPARE_LR, "mlp": DNN_BATCHNORM, "lr-window": LR_WINDOW}[what]
     return run_cli(experiment, flags, prog=f"bnvit reproduce {what}")
 
 

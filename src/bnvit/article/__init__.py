@@ -4,9 +4,11 @@ Modules, each one idea, importing training, data and the models, never imported 
 
 - `grid`: `Cell`, `Settings`, `Experiment`, and the article's experiments as data;
 - `sweep`: `run_sweep`, which trains the cells a folder does not hold yet (`results` reads and
-  checks the results file; `folder` keeps a folder to one experiment and one process);
+  checks the results file; `folder` keeps a folder to one experiment and one process;
+  `parallel` runs several cells at once, in worker processes or as Ray tasks);
 - `estimate`: how long cells take, timed with `fit()` itself;
 - `stats`, `claims`: curves, means, t-intervals; the claims and their verdicts;
+- `window`: the learning-rate window each model tolerates (`LR_WINDOW`, beyond the article);
 - `report`, `plots`: `report.md` and the figures;
 - `cli`, `study`: the examples' command line, and the three-seed study's one command
   (`bnvit reproduce`).
@@ -26,10 +28,12 @@ from .grid import (
     COMPARE_LR,
     DNN_BATCHNORM,
     EXPERIMENTS,
+    LR_WINDOW,
     Cell,
     Experiment,
     Settings,
 )
+from .parallel import SweepError
 from .report import report_folder, write_report
 from .results import load_results
 from .stats import summarize, t_interval, t_quantile
@@ -44,11 +48,13 @@ __all__ = [
     "COMPARE_LR",
     "DNN_BATCHNORM",
     "EXPERIMENTS",
+    "LR_WINDOW",
     "Cell",
     "Experiment",
     "FolderLock",
     "FolderLockedError",
     "Settings",
+    "SweepError",
     "Verdict",
     "build_parser",
     "estimate_seconds",

@@ -127,12 +127,17 @@ def parallel_options(args: argparse.Namespace, cells: Sequence[Cell], settings: 
     return dict(workers=workers, threads=args.threads, ray=args.ray, cells_per_gpu=args.cells_per_gpu)
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags every article command takes: data, device, settings, seeds, estimate, report."""
+def add_common_arguments(
+    parser: argparse.ArgumentParser, seeds: int | None = 1, seeds_help: str = "1, as in the article"
+) -> None:
+    """Flags every article command takes: data, device, settings, seeds, estimate, report, parallel runs.
+
+    `seeds`: the default of `--seeds` (`None`: the experiment's, filled in by `run_cli`).
+    """
     parser.add_argument("--data-dir", help="folder with MNIST/raw/ (default: $BNVIT_DATA, else the cache folder)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     parser.add_argument("--epochs", type=int, help="epochs per run (default: the experiment's)")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per cell: 0 .. N-1 (default 1, as in the article)")
+    parser.add_argument("--seeds", type=int, default=seeds, help=f"seeds per cell: 0 .. N-1 (default {seeds_help})")
     parser.add_argument("--train-subset", type=int, help="train on this many images only")
     parser.add_argument("--test-subset", type=int, help="evaluate on this many test images only")
     parser.add_argument("--quick", action="store_true", help="a CPU-sized run: data subset, fewer epochs and depths")
@@ -156,7 +161,8 @@ def build_parser(experiment: Experiment, prog: str | None = None) -> argparse.Ar
     parser.add_argument("--lrs", type=_parse_floats, help="comma-separated learning rates")
     parser.add_argument("--augment", choices=("fast", "torchvision", "none"), help="training augmentation")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="training precision")
-    add_common_arguments(parser)
+    seeds = f"{experiment.seeds}" + (f", {experiment.quick_seeds} with --quick" if experiment.quick_seeds else "")
+    add_common_arguments(parser, seeds=None, seeds_help="1, as in the article" if seeds == "1" else seeds)
     return parser
 
 
@@ -255,6 +261,8 @@ def run_cli(experiment: Experiment, argv: Sequence[str] | None = None, prog: str
     """Run an `Experiment` from the command line: sweep, figures, report. Returns an exit code."""
     parser = build_parser(experiment, prog)
     args = parser.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = (args.quick and experiment.quick_seeds) or experiment.seeds
     try:
         settings = _settings_from_args(experiment, args)
         grid = _grid_from_args(experiment, args)

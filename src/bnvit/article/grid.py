@@ -24,6 +24,7 @@ __all__ = [
     "COMPARE_LR",
     "DNN_BATCHNORM",
     "EXPERIMENTS",
+    "LR_WINDOW",
     "QUICK_VIT",
     "Cell",
     "Experiment",
@@ -90,6 +91,8 @@ class Experiment:
         description: One line for `--help` and the report's title.
         figure_grids: Per figure, the part of the grid it shows (a folder may hold more cells than
             one figure shows: the study's ViT folder holds both ViT grids). Empty: all cells.
+        seeds: Seeds per cell when `--seeds` is not given.
+        quick_seeds: The same for `--quick` (default: `seeds`).
     """
 
     name: str
@@ -102,6 +105,8 @@ class Experiment:
     claims: tuple[int, ...] = ()
     description: str = ""
     figure_grids: Mapping[str, Grid] = field(default_factory=dict)
+    seeds: int = 1
+    quick_seeds: int | None = None
 
     def cells(
         self, grid: Mapping[float, Sequence[int]] | None = None, seeds: int = 1, models: Sequence[str] | None = None
@@ -195,7 +200,21 @@ ARTICLE_FP32 = Experiment(
     quick_settings=dataclasses.replace(QUICK_VIT, precision="fp32"),
     plots=("depths",),
 )
+# Beyond the article: the range of learning rates each model tolerates (see `bnvit.article.window`).
+LR_WINDOW_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)  # 1-2-5 steps: about 0.3 decades apart
+LR_WINDOW = Experiment(
+    name="lr_window",
+    description="ViT vs ViTBNFFN over a log grid of learning rates: the window of rates each tolerates",
+    models=VIT_MODELS,
+    grid=dict.fromkeys(LR_WINDOW_LRS, (3, 6)),
+    settings=Settings(epochs=4, train_subset=10000, test_subset=5000),
+    quick_grid=dict.fromkeys((1e-4, 1e-3, 5e-3, 2e-2, 5e-2), (3,)),
+    quick_settings=Settings(epochs=1, train_subset=1500, test_subset=500),
+    plots=("window",),
+    seeds=3,
+    quick_seeds=2,
+)
 EXPERIMENTS: dict[str, Experiment] = {
-    e.name: e for e in (COMPARE_DEPTHS, COMPARE_LR, DNN_BATCHNORM, ARTICLE_VIT, ARTICLE_MLP, ARTICLE_FP32)
+    e.name: e for e in (COMPARE_DEPTHS, COMPARE_LR, DNN_BATCHNORM, ARTICLE_VIT, ARTICLE_MLP, ARTICLE_FP32, LR_WINDOW)
 }
 """Every experiment by name: what a folder's `sweep.json` may record as its owner."""

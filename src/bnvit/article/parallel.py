@@ -160,15 +160,19 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _worker(run: Callable[[Any], str], job: Any, conn, parent: int) -> None:
+def _worker(run: Callable[[Any], str], conn, parent: int) -> None:
+    """A worker process: `run` each job the driver sends, send back its line or its traceback, until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the driver ends the workers
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-    try:
-        conn.send((True, run(job)))
-    except BaseException:  # everything, so the driver can record it
-        conn.send((False, traceback.format_exc()))
-    finally:
-        conn.close()
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:  # the driver is done with this worker
+            return
+        try:
+            conn.send((True, run(job)))
+        except Exception:  # anything a cell raises is the driver's to record
+            conn.send((False, traceback.format_exc()))
 
 
 def _exit_reason(code: int | None) -> str:
@@ -181,9 +185,10 @@ def _exit_reason(code: int | None) -> str:
 
 
 class LocalProcesses:
-    """`slots` cells at once, each in a fresh process (spawn context), on the least busy of `devices`.
+    """`slots` worker processes (spawn context), started as needed and kept for the next cell.
 
-    A job is a dataclass with a `device` field, which is set to the device it runs on.
+    Worker `i` trains on `devices[i % len(devices)]`; a job is a dataclass with a `device` field,
+    set to its worker's device. A worker that dies is replaced by a new one for the next job.
     """
 
     name = "local processes"
@@ -192,42 +197,50 @@ class LocalProcesses:
         self.slots = slots
         self.devices = list(devices)
         self._context = multiprocessing.get_context("spawn")
-        self._running: dict[Any, tuple[Any, str]] = {}  # reader -> (process, device)
+        self._idle: list[tuple[Any, Any, str]] = []  # (process, connection, device)
+        self._busy: dict[Any, tuple[Any, str]] = {}  # connection -> (process, device)
 
-    def device(self) -> str:
-        """The device with the fewest cells running: where the next cell goes."""
-        busy = Counter(device for _, device in self._running.values())
-        return min(self.devices, key=lambda d: busy[d])
+    def _start(self, run: Callable[[Any], str]) -> tuple[Any, Any, str]:
+        used = Counter(device for _, device in self._busy.values()) + Counter(d for _, _, d in self._idle)
+        device = min(self.devices, key=lambda d: used[d])  # the device with the fewest workers
+        conn, theirs = self._context.Pipe()
+        process = self._context.Process(target=_worker, args=(run, theirs, os.getpid()), daemon=True)
+        process.start()
+        theirs.close()  # only the worker holds its end: its exit makes ours see EOF
+        return process, conn, device
 
     def submit(self, run: Callable[[Any], str], job: Any) -> Any:
-        job = dataclasses.replace(job, device=self.device())
-        reader, writer = self._context.Pipe(duplex=False)
-        process = self._context.Process(target=_worker, args=(run, job, writer, os.getpid()), daemon=True)
-        process.start()
-        writer.close()  # only the worker holds the writing end: its exit makes the reader see EOF
-        self._running[reader] = (process, job.device)
-        return reader
+        process, conn, device = self._idle.pop() if self._idle else self._start(run)
+        conn.send(dataclasses.replace(job, device=device))
+        self._busy[conn] = (process, device)
+        return conn
 
     def wait(self, handles: Sequence[Any]) -> list[tuple[Any, bool, str]]:
         finished = []
-        for reader in wait_for(handles):
-            process, _ = self._running.pop(reader)
+        for conn in wait_for(handles):
+            process, device = self._busy.pop(conn)
             try:
-                ok, payload = reader.recv()
+                ok, payload = conn.recv()
+                self._idle.append((process, conn, device))
             except (EOFError, OSError):
                 process.join()
+                conn.close()
                 ok, payload = False, _exit_reason(process.exitcode)
-            process.join()
-            reader.close()
-            finished.append((reader, ok, payload))
+            finished.append((conn, ok, payload))
         return finished
 
     def close(self) -> None:
-        for process, _ in self._running.values():
-            process.terminate()  # the cell resumes from its last checkpoint next time
-        for process, _ in self._running.values():
+        for process, conn, _ in self._idle:
+            conn.close()  # the worker sees EOF and returns
+            process.join(timeout=30)
+        for process, _ in self._busy.values():
+            process.terminate()  # a cell cut short resumes from its last checkpoint next time
             process.join()
-        self._running.clear()
+        for process, _, _ in self._idle:
+            if process.is_alive():
+                process.terminate()
+        self._idle.clear()
+        self._busy.clear()
 
 
 # ----------------------------------------------------------------------------- Ray tasks

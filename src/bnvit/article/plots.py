@@ -1,4 +1,4 @@
-"""The article's figures from results: depth panels, learning-rate panels, the MLP curves.
+"""The article's figures from results: depth panels, learning-rate panels, the MLP curves, the lr window.
 
 With one seed a curve is that seed's; with several, the line is the mean over seeds and the band
 ± one standard deviation (the legend says so). A quick run's figures say "quick" in their title.
@@ -15,8 +15,9 @@ from typing import Any
 
 from .claims import LABELS
 from .stats import summarize
+from .window import TOLERANCE, windows
 
-__all__ = ["PLOTS", "plot_depths", "plot_lr", "plot_mlp"]
+__all__ = ["PLOTS", "plot_depths", "plot_lr", "plot_mlp", "plot_window"]
 
 Grid = Mapping[float, Sequence[int]]
 
@@ -159,4 +160,40 @@ def plot_mlp(
     return [path]
 
 
-PLOTS = {"depths": plot_depths, "lr": plot_lr, "mlp": plot_mlp}
+def plot_window(
+    results: Sequence[Mapping[str, Any]], out: str | Path, grid: Grid | None = None, quick: str | None = None
+) -> list[Path]:
+    """Final accuracy against learning rate, one panel per depth, and each model's window (`lr_window.png`).
+
+    Lines: the mean over seeds; bands: the seeds' range (min to max); the bar under each curve
+    spans the rates within `TOLERANCE` of the model's best.
+    """
+    plt = _pyplot()
+    found = [w for w in windows(results) if not grid or w.depth in {d for ds in grid.values() for d in ds}]
+    depths = sorted({w.depth for w in found})
+    fig, axes = plt.subplots(1, len(depths), figsize=(5.0 * len(depths), 3.8), squeeze=False, layout="constrained")
+    for ax, depth in zip(axes[0], depths, strict=True):
+        for w in (w for w in found if w.depth == depth):
+            mean = [100 * statistics.fmean(f) for f in w.finals]
+            seeds = len(w.finals[0])
+            label = f"{LABELS.get(w.model, w.model)}: window {'≥ ' * w.at_edge}{w.width:.2f} decades"
+            if seeds > 1:
+                label += f" ({seeds} seeds, per seed {min(w.seed_widths):.2f}-{max(w.seed_widths):.2f})"
+            line = ax.plot(w.lrs, mean, marker="o", markersize=4, label=label)[0]
+            if seeds > 1:
+                low, high = ([100 * g(f) for f in w.finals] for g in (min, max))
+                ax.fill_between(w.lrs, low, high, color=line.get_color(), alpha=0.2)
+            level = max(mean) - 100 * TOLERANCE
+            ax.hlines(level, w.inside[0], w.inside[-1], color=line.get_color(), linewidth=4, alpha=0.6)
+        ax.set_xscale("log")
+        ax.set_title(_title(f"depth {depth}", quick))
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("final validation accuracy (%)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8, loc="lower left")
+    path = _save(fig, Path(out) / "lr_window.png", quick)
+    plt.close(fig)
+    return [path]
+
+
+PLOTS = {"depths": plot_depths, "lr": plot_lr, "mlp": plot_mlp, "window": plot_window}

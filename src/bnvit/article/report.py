@@ -36,6 +36,7 @@ from .grid import Experiment
 from .plots import PLOTS
 from .results import RESULTS, describe_machines, load_results, results_sha256
 from .stats import fmt, mean_std, summarize, t_interval
+from .window import window_section
 
 __all__ = ["RULES", "describe_reduced", "report_folder", "report_source", "write_report"]
 
@@ -317,6 +318,8 @@ def report_folder(
         reference = Path(reference)
         source += " " + _source_line(reference, f"../{reference.name}/{RESULTS}")
         extra = precision_section(results, load_results(reference, complete=True))
+    if "window" in experiment.plots and results:
+        extra += window_section(results)
     return write_report(
         results,
         dest,
