@@ -32,10 +32,10 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["bn_affine", "fold_batchnorm", "fold_bn_after_linear", "fold_bn_before_linear", "fold_sequential"]
+__all__ = ["fold_batchnorm", "fold_bn_after_linear", "fold_bn_before_linear", "fold_sequential"]
 
 
-def bn_affine(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def _bn_affine(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """The eval-mode map of `bn` as float64 `(scale, shift)`."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(f"cannot fold {bn}: it has no running statistics (track_running_stats=False)")
@@ -66,7 +66,7 @@ def fold_bn_after_linear(linear: nn.Linear, bn: _BatchNorm) -> nn.Linear:
         >>> torch.allclose(fold_bn_after_linear(lin, bn)(x), bn(lin(x)), atol=1e-6)
         True
     """
-    scale, shift = bn_affine(bn)
+    scale, shift = _bn_affine(bn)
     weight = linear.weight.double() * scale[:, None]
     bias = shift if linear.bias is None else linear.bias.double() * scale + shift
     return _new_linear(linear, weight, bias)
@@ -81,7 +81,7 @@ def fold_bn_before_linear(bn: _BatchNorm, linear: nn.Linear) -> nn.Linear:
         >>> torch.allclose(fold_bn_before_linear(bn, lin)(x), lin(bn(x)), atol=1e-6)
         True
     """
-    scale, shift = bn_affine(bn)
+    scale, shift = _bn_affine(bn)
     weight = linear.weight.double()
     bias = weight @ shift
     if linear.bias is not None:

@@ -28,7 +28,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from . import _checks
-from .fuse import bn_affine, fold_bn_after_linear, fold_bn_before_linear
+from .fuse import fold_bn_after_linear, fold_bn_before_linear
 
 __all__ = [
     "NORMS",
@@ -36,7 +36,6 @@ __all__ = [
     "BatchNormFFN",
     "EncoderBlock",
     "FeedForward",
-    "InputShift",
     "TokenBatchNorm",
     "attend",
     "bn_safe_context_fn",
@@ -187,38 +186,13 @@ class Attention(nn.Module):
     def fuse(self) -> None:
         """Fold a BatchNorm pre-norm into the qkv projection, in place (eval mode only).
 
-        `W (s x + t)` becomes `(W s) (x + t / s)`: the scale goes into the weight and the shift
-        stays on the `dim`-wide input (`InputShift`), instead of becoming a `3 * heads * dim_head`-wide
-        bias of the projection (measured slower, docs/benchmarks.md). A BatchNorm with a zero scale
-        folds into the bias instead.
+        The shift becomes a bias of the projection; in the factored form (`self_attention`) that is
+        a `heads * dim`-wide bias inside one matrix product. Keeping the shift on the `dim`-wide
+        input instead (scale into the weight, `x + t / s`) measured no faster (docs/benchmarks.md).
         """
-        if not isinstance(self.norm, TokenBatchNorm):
-            return
-        scale, shift = bn_affine(self.norm.bn)
-        if bool((scale == 0).any()):
+        if isinstance(self.norm, TokenBatchNorm):
             self.qkv = fold_bn_before_linear(self.norm.bn, self.qkv)
             self.norm = nn.Identity()
-            return
-        weight = self.qkv.weight.double() * scale[None, :]
-        self.qkv.weight.copy_(weight)
-        self.norm = InputShift((shift / scale).to(self.qkv.weight.dtype))
-
-
-class InputShift(nn.Module):
-    """`x + shift` over the last axis: what is left of a BatchNorm whose scale went into the next Linear.
-
-    Examples:
-        >>> InputShift(torch.tensor([1.0, -1.0]))(torch.zeros(2, 2))
-        tensor([[ 1., -1.],
-                [ 1., -1.]])
-    """
-
-    def __init__(self, shift: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("shift", shift.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.shift
 
 
 def _factored_pays(dim: int, heads: int, dim_head: int, tokens: int, seq: int) -> bool:
