@@ -9,7 +9,7 @@ spread. Writes `results.jsonl`, `lr_window.png` and `report.md` into `--out`.
 
     python examples/lr_window.py --estimate
     python examples/lr_window.py --workers auto          # resumable: rerun the same command
-    python examples/lr_window.py --quick                 # 5 rates at depth 3, 1 epoch on 1,500 images, 2 seeds
+    python examples/lr_window.py --quick                 # 5 rates at depth 3, 1 epoch on 4,000 images, 2 seeds
 """
 
 import sys

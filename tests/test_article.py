@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -371,3 +372,55 @@ def test_figures_of_several_seeds_say_mean_and_std_and_quick_ones_say_quick(tmp_
     plots.plot_depths(results, tmp_path, quick="3 epochs, 600 training images")
     title, legend = seen["depths_lr0.005.png"]
     assert title.startswith("quick: ") and legend == ["ViT (mean ± std, 3 seeds)", "ViTBNFFN (mean ± std, 3 seeds)"]
+
+
+# ----------------------------------------------------------------------------- the learning-rate window
+
+
+def window_results(settings: Settings) -> list[dict]:
+    """ViT tolerates 1e-3 to 1e-2 (a decade) on seed 0 but only 1e-3 to 3e-3 on seed 1; ViTBNFFN 1e-3 to 3e-2."""
+    finals = {
+        ("vit_mnist", 0): [0.60, 0.90, 0.91, 0.90, 0.40],
+        ("vit_mnist", 1): [0.62, 0.91, 0.92, 0.85, 0.10],
+        ("vitbnffn_mnist", 0): [0.70, 0.92, 0.93, 0.93, 0.92],
+        ("vitbnffn_mnist", 1): [0.71, 0.93, 0.93, 0.92, 0.92],
+    }
+    lrs = [1e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+    return [
+        fake_result(model, 3, lr, seed, [0.5, acc], settings)
+        for (model, seed), accs in finals.items()
+        for lr, acc in zip(lrs, accs, strict=True)
+    ]
+
+
+def test_the_window_is_the_rates_within_two_points_of_the_best_in_decades_with_the_seeds_spread(tmp_path):
+    from bnvit.article.grid import LR_WINDOW
+    from bnvit.article.window import windows
+
+    settings = LR_WINDOW.settings
+    vit, bn = windows(window_results(settings))
+    assert (vit.model, bn.model) == ("vit_mnist", "vitbnffn_mnist")
+    # ViT's means: 61, 90.5, 91.5, 87.5, 25: within 2 points of 91.5 are 1e-3 and 3e-3
+    assert vit.inside == (1e-3, 3e-3) and vit.width == pytest.approx(math.log10(3))
+    assert vit.seed_widths == pytest.approx((1.0, math.log10(3))) and not vit.at_edge
+    assert bn.inside == (1e-3, 3e-3, 1e-2, 3e-2) and bn.width == pytest.approx(math.log10(30)) and bn.at_edge
+    write_folder(tmp_path, window_results(settings), settings)
+    report = report_folder(tmp_path, LR_WINDOW).read_text()
+    assert (tmp_path / "lr_window.png").read_bytes()[:4] == b"\x89PNG"
+    row = next(line for line in report.splitlines() if line.startswith("| ViTBNFFN | 3 |"))
+    assert "| 0.001 to 0.03 | ≥ 1.48 | 1.48 to 1.48 | 2 |" in row, row
+    row = next(line for line in report.splitlines() if line.startswith("| ViT | 3 |"))
+    assert "| 0.003 | 91.5 ± 0.7 | 0.001 to 0.003 | 0.48 | 0.48 to 1.00 | 2 |" in row, row
+
+
+def test_the_lr_window_command_line_defaults_to_its_seeds_and_is_reachable_from_bnvit(capsys):
+    from bnvit import cli as bnvit_cli
+    from bnvit.article.grid import LR_WINDOW
+
+    lrs = sorted(LR_WINDOW.grid)
+    assert len(lrs) >= 9 and lrs[0] <= 1e-4 and lrs[-1] >= 3e-2 and set(LR_WINDOW.grid.values()) == {(3, 6)}
+    parser = cli.build_parser(LR_WINDOW)
+    assert parser.parse_args([]).seeds is None  # filled in by run_cli: 3, or 2 with --quick
+    with pytest.raises(SystemExit) as exit_:
+        bnvit_cli.main(["reproduce", "lr-window", "--seeds", "0"])
+    assert exit_.value.code == 2 and "--seeds must be an int >= 1, got 0" in capsys.readouterr().err

@@ -209,7 +209,7 @@ LR_WINDOW = Experiment(
     grid=dict.fromkeys(LR_WINDOW_LRS, (3, 6)),
     settings=Settings(epochs=4, train_subset=10000, test_subset=5000),
     quick_grid=dict.fromkeys((1e-4, 1e-3, 5e-3, 2e-2, 5e-2), (3,)),
-    quick_settings=Settings(epochs=1, train_subset=1500, test_subset=500),
+    quick_settings=Settings(epochs=1, train_subset=4000, test_subset=500),
     plots=("window",),
     seeds=3,
     quick_seeds=2,

@@ -165,8 +165,8 @@ def plot_window(
 ) -> list[Path]:
     """Final accuracy against learning rate, one panel per depth, and each model's window (`lr_window.png`).
 
-    Lines: the mean over seeds; bands: the seeds' range (min to max); the bar under each curve
-    spans the rates within `TOLERANCE` of the model's best.
+    Lines: the mean over seeds; bands: ± one standard deviation over seeds; the bar under each
+    curve spans the rates within `TOLERANCE` of the model's best (the window).
     """
     plt = _pyplot()
     found = [w for w in windows(results) if not grid or w.depth in {d for ds in grid.values() for d in ds}]
@@ -181,10 +181,12 @@ def plot_window(
                 label += f" ({seeds} seeds, per seed {min(w.seed_widths):.2f}-{max(w.seed_widths):.2f})"
             line = ax.plot(w.lrs, mean, marker="o", markersize=4, label=label)[0]
             if seeds > 1:
-                low, high = ([100 * g(f) for f in w.finals] for g in (min, max))
+                std = [100 * statistics.stdev(f) for f in w.finals]
+                low = [m - d for m, d in zip(mean, std, strict=True)]
+                high = [m + d for m, d in zip(mean, std, strict=True)]
                 ax.fill_between(w.lrs, low, high, color=line.get_color(), alpha=0.2)
             level = max(mean) - 100 * TOLERANCE
-            ax.hlines(level, w.inside[0], w.inside[-1], color=line.get_color(), linewidth=4, alpha=0.6)
+            ax.plot(w.inside, [level] * len(w.inside), color=line.get_color(), linewidth=4, marker="s", alpha=0.6)
         ax.set_xscale("log")
         ax.set_title(_title(f"depth {depth}", quick))
         ax.set_xlabel("learning rate")

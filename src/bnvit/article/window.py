@@ -50,13 +50,18 @@ class Window:
         return len(self.inside) == hi - lo + 1
 
 
+def _final(curve: Sequence[float]) -> float:
+    """The last accuracy a run measured (a run may have fewer epochs than the longest in the folder)."""
+    return next((v for v in reversed(curve) if not math.isnan(v)), math.nan)
+
+
 def _inside(lrs: Sequence[float], accs: Sequence[float], tolerance: float) -> tuple[float, ...]:
-    best = max(accs)
-    return tuple(lr for lr, acc in zip(lrs, accs, strict=True) if acc >= best - tolerance)
+    best = max((a for a in accs if not math.isnan(a)), default=math.nan)
+    return tuple(lr for lr, acc in zip(lrs, accs, strict=True) if acc >= best - tolerance)  # NaN: never inside
 
 
 def _width(inside: Sequence[float]) -> float:
-    return math.log10(max(inside) / min(inside))
+    return math.log10(max(inside) / min(inside)) if inside else math.nan
 
 
 def windows(results: Sequence[Mapping[str, Any]], tolerance: float = TOLERANCE) -> list[Window]:
@@ -65,9 +70,11 @@ def windows(results: Sequence[Mapping[str, Any]], tolerance: float = TOLERANCE) 
     out = []
     for model, depth in sorted({k[:2] for k in groups}, key=lambda k: (k[1], "bn" in k[0])):
         lrs = tuple(sorted(k[2] for k in groups if k[:2] == (model, depth)))
-        finals = tuple(tuple(c[-1] for c in groups[(model, depth, lr)]["curves"]) for lr in lrs)
+        finals = tuple(tuple(_final(c) for c in groups[(model, depth, lr)]["curves"]) for lr in lrs)
         means = [statistics.fmean(f) for f in finals]
         inside = _inside(lrs, means, tolerance)
+        if not inside:
+            continue  # nothing measured
         seeds = min(len(f) for f in finals)
         seed_widths = tuple(_width(_inside(lrs, [f[s] for f in finals], tolerance)) for s in range(seeds))
         best = lrs[means.index(max(means))]
