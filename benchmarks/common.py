@@ -66,6 +66,24 @@ def interleaved(
     return {name: statistics.median(values) for name, values in rounds.items()}
 
 
+def interleaved_stats(
+    configs: Mapping[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int = 2
+) -> dict[str, dict[str, float]]:
+    """Median and minimum seconds of one call of each config, over `repeats` interleaved rounds.
+
+    On a machine shared with other work, load only ever adds time: the minimum is the best estimate
+    of what a configuration costs, the median of what it costs under the load of the moment.
+    """
+    for work in configs.values():
+        for _ in range(warmup):
+            work()
+    rounds: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name, seconds in interleaved(configs, device, repeats=1, warmup=0).items():
+            rounds[name].append(seconds)
+    return {name: {"median": statistics.median(v), "min": min(v)} for name, v in rounds.items()}
+
+
 def table(title: str, rows: list[tuple], header: tuple[str, ...]) -> str:
     """A plain-text table with a title line."""
     cells = [header, *[tuple(str(c) for c in row) for row in rows]]

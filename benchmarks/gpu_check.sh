@@ -3,9 +3,10 @@
 # are already installed (bnvit itself is used from src/, nothing is installed):
 #
 #   1. the tests that need CUDA (fp16/bf16 autocast keeps BatchNorm statistics in fp32, ...);
-#   2. the benchmark suite on CUDA: training step (with the fp32 agreement check against the
-#      straightforward model), inference, one epoch end to end, deployment, and the wall time of
-#      the article's whole sweep (20 runs of 10 epochs) with its final accuracies.
+#   2. the benchmark suite on CUDA: training step and inference against the straightforward model
+#      at equal precision (fp32 vs fp32, bf16 vs bf16, with the fp32 agreement check), one epoch end
+#      to end, deployment (the article's size, and ViT-S/16 at 224), and the wall time of the
+#      article's whole sweep (20 runs of 10 epochs) with its final accuracies.
 #
 # Everything lands in OUT_DIR: cuda.json (the benchmark results), bench.log, tests.log.
 #
@@ -33,6 +34,6 @@ EOF
 # The CUDA tests, and the fit()/precision tests that pick CUDA when it is there.
 "$python" -m pytest -q -p no:cacheprovider tests/test_bn_edge_cases.py tests/test_precision.py 2>&1 | tee "$out/tests.log"
 
-sections=${SECTIONS:-train,infer,epoch,deploy,sweep}
+sections=${SECTIONS:-train,infer,epoch,deploy,small,sweep}
 "$python" benchmarks/run.py --device "$device" --only "$sections" --json "$out/$device.json" ${SMOKE:+--smoke} \
     2>&1 | tee "$out/bench.log"

@@ -38,13 +38,20 @@ def test_gpu_check_script_rehearses_on_cpu(mnist_root, tmp_path):
     assert " passed" in (out / "tests.log").read_text()
     assert " failed" not in (out / "tests.log").read_text()
     results = json.loads((out / "cpu.json").read_text())
-    assert {"machine", "train", "infer", "epoch", "deploy", "sweep"} <= results.keys()
+    assert {"machine", "train", "infer", "epoch", "deploy", "small", "sweep"} <= results.keys()
     for model in ("ViTBNFFN", "ViT"):
         step = results["train"][model]
         assert step["reference_ms"] > 0 and step["bnvit_fp32_ms"] > 0 and step["bnvit_default_ms"] > 0
+        # Every ratio is at equal precision: both models timed in fp32 and in the default precision.
+        assert {"fp32", step["default_precision"]} == step["precisions"].keys()
+        for timing in step["precisions"].values():
+            assert timing["reference_ms"] > 0 and timing["bnvit_ms"] > 0 and timing["speedup"] > 0
         # Same weights, same batches: bnvit in fp32 computes what the straightforward model does.
         assert step["loss_max_abs_diff"] < 1e-5
         assert step["weight_max_abs_diff"] < 1e-3
+    for row in results["infer"].values():
+        assert any(name.endswith(", fp32") for name in row["ratios"])
+    assert results["small"]["runtimes"]["eager"]["batch 2"]["ratios"]["folded ViTBN / ViT"] > 0
     assert results["epoch"]["images"] == 200 and results["epoch"]["speedup"] > 0
     sweep = results["sweep"]
     assert sweep["runs"] == len(sweep["final_val_acc"]) == 2
