@@ -292,19 +292,21 @@ def _factored_attention(
         b_out = proj_bias
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         # One fused attention for all heads, keys and values `x` shared by the heads (as in multi-query attention).
-        q = F.linear(x, w_scores, b_scores).view(B, N, heads, C).transpose(1, 2)
+        # Tokens as one (B * N, dim) matrix: the bias of each projection is part of its product
+        # (an ONNX Gemm) instead of a separate pass over the output.
+        q = F.linear(x.reshape(B * N, C), w_scores, b_scores).view(B, N, heads, C).transpose(1, 2)
         kv = x.unsqueeze(1).expand(B, heads, N, C)
         mixed = attend(q, kv, kv, dropout_p, scale=1.0).transpose(1, 2).reshape(B, N, heads * C)
-        return F.linear(mixed, w_out, b_out)
+        return F.linear(mixed.view(B * N, heads * C), w_out, b_out).view(B, N, C)
     # Eager CPU: two batched products, no copy (a few dozen tokens are too few for the fused kernel).
     if torch.is_autocast_enabled("cpu"):
         x = x.to(torch.get_autocast_dtype("cpu"))  # cast once for the three products that read it
-    t = F.linear(x, w_scores, b_scores)  # (B, N, heads * dim): row (i, h) of a (B, N * heads, dim) view
+    t = F.linear(x.reshape(B * N, C), w_scores, b_scores)  # (B * N, heads * dim) = (B, N * heads, dim)
     scores = t.view(B, N * heads, C) @ x.transpose(1, 2)  # (B, N * heads, N): scores[b, i * heads + h, j]
     weights = F.dropout(scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)), dropout_p)
     weights = weights.to(x.dtype)
     mixed = weights @ x  # (B, N * heads, dim) = (B, N, heads * dim): sum_j a_ij x_j for every head
-    return F.linear(mixed.view(B, N, heads * C), w_out, b_out)
+    return F.linear(mixed.view(B * N, heads * C), w_out, b_out).view(B, N, C)
 
 
 def attend(
