@@ -11,8 +11,10 @@ two models, not to reach the best accuracy. This recipe keeps the article's mode
 - 40 epochs of batch 100 over the 60,000 training images.
 
 It scores the last epoch on the clean MNIST test set and on the article's frozen augmented
-test set (no early stopping on either), and writes `<out>/<model>.safetensors` with a JSON
-description of the run beside it.
+test set (no early stopping on either), and writes `<out>/<model>.safetensors` (its metadata
+carries the sha256 of its tensors, which bnvit's loaders verify) with a JSON description of the
+run beside it. Copied into `src/bnvit/weights/`, the file is what
+`timm.create_model(model, pretrained=True)` loads.
 
     python examples/train_weights.py --model vitbnffn_mnist --out runs/weights
     python examples/train_weights.py --model vit_mnist --out runs/weights --epochs 40
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ import torch
 from safetensors.torch import save_file
 
 import bnvit
+from bnvit._io import tensors_sha256
+from bnvit.article.results import machine
 from bnvit.data import DeviceLoader, apply_augment, augmented_test_set, load_mnist, sample_augment_params
 from bnvit.device import resolve_device, resolve_precision
 
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights = out / f"{args.model}.safetensors"
-    save_file(state, str(weights), metadata={"format": "pt", "model": args.model})
+    save_file(state, str(weights), metadata={"format": "pt", "model": args.model, "sha256": tensors_sha256(state)})
     card = dict(
         model=args.model,
         params=sum(p.numel() for p in model.parameters()),
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         precision=resolve_precision(args.precision, device),
         train_images=len(labels),
         wall_seconds=round(seconds),
-        machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}",
+        machine=machine(device),
         torch=torch.__version__,
         command="python examples/train_weights.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         history=[{"epoch": r.epoch, "train_loss": r.train_loss, "val_acc": r.val_acc} for r in history.records],
