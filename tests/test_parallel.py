@@ -250,11 +250,14 @@ def test_ray_not_installed_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_workers_auto_picks_the_fastest_measurement_and_prints_it(monkeypatch):
-    measured = {1: 800.0, 2: 1030.0}
-    monkeypatch.setattr(estimate, "measure_workers", lambda cell, settings, device, n, threads: measured[n])
+    measured = {(1, 2): 800.0, (2, 1): 1030.0, (1, 1): 900.0}
+    monkeypatch.setattr(estimate, "measure_workers", lambda cell, settings, device, n, threads: measured[(n, threads)])
     logged = []
     cells = [Cell("vit_mnist", 1, 0.003, 0), Cell("vitbnffn_mnist", 6, 0.003, 0)]
-    assert estimate.choose_workers(cells, Settings(precision="fp32"), "cpu", cores=2, log=logged.append) == 2
+    assert estimate.choose_workers(cells, Settings(precision="fp32"), "cpu", cores=2, log=logged.append) == (2, 1)
     (line,) = logged
-    assert "--workers auto: 2" in line and "vitbnffn_mnist depth 6" in line and "fp32" in line
+    assert line.startswith("--workers auto: 2 x 1 thread") and "vitbnffn_mnist depth 6 in fp32" in line
     assert "1 x 2 threads: 800 images/s" in line and "2 x 1 thread: 1030 images/s" in line
+    assert "1 x 1 thread: 900 images/s" in line
+    measured[(1, 1)] = 2000.0  # a busy machine: one single-thread process beats both
+    assert estimate.choose_workers(cells, Settings(precision="fp32"), "cpu", cores=2, log=logged.append) == (1, 1)

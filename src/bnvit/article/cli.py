@@ -115,16 +115,17 @@ def check_parallel(args: argparse.Namespace) -> None:
 
 def parallel_options(args: argparse.Namespace, cells: Sequence[Cell], settings: Settings, device: torch.device):
     """`run_sweep`'s keyword arguments for running cells at once (`--workers auto` measured here)."""
-    workers = args.workers or 1
+    workers, threads = args.workers or 1, args.threads
     if workers == "auto" and cells:
         largest = max(cells, key=lambda c: (c.depth, c.model))
         measured = vars(args).setdefault("measured_workers", {})  # one measurement per model and precision
         key = (largest.model, largest.depth, settings.precision)
         if key not in measured:
             measured[key] = choose_workers([largest], settings, device)
-        workers = measured[key]
+        workers, chosen = measured[key]
+        threads = threads or chosen
     workers = 1 if workers == "auto" else workers
-    return dict(workers=workers, threads=args.threads, ray=args.ray, cells_per_gpu=args.cells_per_gpu)
+    return dict(workers=workers, threads=threads, ray=args.ray, cells_per_gpu=args.cells_per_gpu)
 
 
 def add_common_arguments(

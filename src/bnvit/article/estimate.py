@@ -127,24 +127,26 @@ def choose_workers(
     device: str | torch.device = "auto",
     cores: int | None = None,
     log: Callable[[str], object] = print,
-) -> int:
-    """The number of workers that trains the most images per second (`--workers auto`).
+) -> tuple[int, int]:
+    """The workers and threads per worker that train the most images per second (`--workers auto`).
 
-    Times the sweep's largest model at the sweep's precision with 1, 2, 4... processes (up to the
-    cores), each with the cores divided among them, and prints the numbers and the choice.
+    Times the sweep's largest model at the sweep's precision in 1, 2, 4... processes at once (up to
+    the cores), each with the cores divided among them, and in 1 process with 1 thread (on a busy
+    machine, threads of one process can stall each other); prints the numbers and the choice.
+
+    Returns:
+        `(workers, threads per worker)`.
     """
     cores = cores or available_cores()
     largest = max(cells, key=lambda c: (c.depth, c.model))
     counts = sorted({n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= cores} | {cores})
-    rates = {}
-    for n in counts:
-        rates[n] = measure_workers(largest, settings, device, n, max(1, cores // n))
+    candidates = [(n, max(1, cores // n)) for n in counts] + ([(1, 1)] if cores > 1 else [])
+    rates = {(n, t): measure_workers(largest, settings, device, n, t) for n, t in candidates}
     best = max(rates, key=rates.get)
-    measured = "; ".join(
-        f"{n} x {max(1, cores // n)} thread{'s' * (cores // n > 1)}: {rate:.0f} images/s" for n, rate in rates.items()
-    )
+    measured = "; ".join(f"{n} x {t} thread{'s' * (t > 1)}: {rate:.0f} images/s" for (n, t), rate in rates.items())
+    precision = resolve_precision(settings.precision, resolve_device(device))
     log(
-        f"--workers auto: {best} (processes x threads each, {largest.model} depth {largest.depth}, "
-        f"{resolve_precision(settings.precision, resolve_device(device))}: {measured})"
+        f"--workers auto: {best[0]} x {best[1]} thread{'s' * (best[1] > 1)} (processes x threads each, for "
+        f"{largest.model} depth {largest.depth} in {precision}; measured: {measured})"
     )
     return best

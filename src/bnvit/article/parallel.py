@@ -160,9 +160,14 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
+def _exit_cleanly(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # not an Exception: the cell is not reported as failed, the process just ends
+
+
 def _worker(run: Callable[[Any], str], conn, parent: int) -> None:
     """A worker process: `run` each job the driver sends, send back its line or its traceback, until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the driver ends the workers
+    signal.signal(signal.SIGTERM, _exit_cleanly)  # ... with SIGTERM, after which Python cleans up as usual
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     while True:
         try:

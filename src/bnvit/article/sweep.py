@@ -171,7 +171,9 @@ def run_sweep(
         progress: Show progress bars (one process only).
         download: Download MNIST with torchvision if it is not found.
         log: Where to print one line per cell.
-        workers: Cells trained at once, each in its own process (1: in this process, one after another).
+        workers: Cells trained at once, in worker processes (1: in this process, one after another). The
+            workers are spawned, which imports the calling script again: call from under
+            `if __name__ == "__main__":`.
         threads: CPU threads per cell (`torch.set_num_threads`); default: the cores divided among the
             workers, 1 per Ray task. `None` with one worker leaves this process's setting alone.
         ray: Run the cells as Ray tasks: `"local"` (a Ray instance on this machine, or the one already
