@@ -164,7 +164,7 @@ def _time_batch(
     return row
 
 
-def build_small_models(device: torch.device | None = None) -> dict[str, ViT]:
+def build_small_models(device: torch.device | None = None, depth: int | None = None) -> dict[str, ViT]:
     """ViT-S/16 at 224: `vitln_small_patch16_224` and `vitbn_small_patch16_224` (BatchNorm calibrated), eval mode."""
     from bnvit import registry  # the timm builders; only this section needs them
 
@@ -172,7 +172,7 @@ def build_small_models(device: torch.device | None = None) -> dict[str, ViT]:
     builders = {"ViT": registry.vitln_small_patch16_224, "ViTBN folded": registry.vitbn_small_patch16_224}
     for name, builder in builders.items():
         torch.manual_seed(0)
-        model = builder().train()
+        model = (builder() if depth is None else builder(depth=depth)).train()
         with torch.no_grad():
             for _ in range(2):
                 model(torch.rand(8, 3, 224, 224))
@@ -181,7 +181,12 @@ def build_small_models(device: torch.device | None = None) -> dict[str, ViT]:
 
 
 def run_small(
-    device: torch.device, repeats: int, *, batches: tuple[int, ...] = (1, 16), runtimes: tuple[str, ...] = RUNTIMES
+    device: torch.device,
+    repeats: int,
+    *,
+    batches: tuple[int, ...] = (1, 16),
+    runtimes: tuple[str, ...] = RUNTIMES,
+    depth: int | None = None,
 ) -> dict:
     """Folded ViTBN-S/16 against the LayerNorm ViT-S/16 at 224 pixels (197 tokens, dim 384, 6 heads)."""
     out = run(
@@ -189,12 +194,12 @@ def run_small(
         repeats,
         batches=batches,
         runtimes=runtimes,
-        models=build_small_models(device),
+        models=build_small_models(device, depth),
         image_shape=(3, 224, 224),
         diagnosis=False,
     )
     out["models"] = {"ViT": "vitln_small_patch16_224", "ViTBN folded": "vitbn_small_patch16_224"}
-    out["depth"] = 12
+    out["depth"] = depth or 12
     return out
 
 

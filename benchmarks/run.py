@@ -80,7 +80,7 @@ def _print_train(result: dict) -> None:
                 )
             )
     header = ("model", "precision", "straightforward ms (median / min)", "bnvit ms", "ratio", "ratio of minimums")
-    print(table("Training step (depth 6, batch 100, Adam), both models in the same precision", rows, header))
+    print(table("Training step (Adam), both models in the same precision", rows, header))
     default = next(iter(result.values()))["default_precision"]
     rows = []
     for kind, r in result.items():
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["allocator"] = {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ} or "malloc defaults"
     print(f"bnvit benchmarks on {results['machine']['cpu']} ({device}), {repeats} rounds, medians\n")
     if "train" in sections:
-        results["train"] = model_speed.training_step(device, repeats, depth=depth)
+        results["train"] = model_speed.training_step(device, repeats, depth=depth, batch=20 if args.smoke else 100)
         _print_train(results["train"])
         print()
     if "infer" in sections:
@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
         print()
     if "small" in sections:
         runtimes, batches = (("eager",), (1, 2)) if args.smoke else (("eager", "onnxruntime"), (1, 16))
-        results["small"] = deploy_speed.run_small(device, repeats, batches=batches, runtimes=runtimes)
+        small = dict(batches=batches, runtimes=runtimes, depth=1 if args.smoke else None)
+        results["small"] = deploy_speed.run_small(device, repeats, **small)
         _print_deploy(results["small"], "ViT-S/16 at 224, folded ViTBN vs LayerNorm ViT")
         print()
     if "sweep" in sections:
