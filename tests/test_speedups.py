@@ -139,3 +139,19 @@ def test_fx_traced_model_keeps_the_runtime_choice():
         for batch in (1, 16):  # standard, then factored
             x = torch.rand(batch, 1, 28, 28)
             torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_the_fused_kernel_branch_equals_the_textbook_formula(monkeypatch, qkv_bias):
+    """The branch taken on GPUs and when compiling or exporting: one fused attention over all heads."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    dim, heads, dim_head, B, N = 24, 3, 16, 5, 9
+    x = torch.randn(B, N, dim, dtype=torch.float64, requires_grad=True)
+    params = _params(dim, heads, dim_head, qkv_bias)
+    out = _factored_attention(x, *params, heads, 0.0)
+    expected = _textbook(x, *params, heads)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    leaves = [x, *[p for p in params if p is not None]]
+    grads, expected_grads = (torch.autograd.grad(y.sum(), leaves) for y in (out, expected))
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-11)
