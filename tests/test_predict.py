@@ -318,14 +318,19 @@ def test_predict_errors_name_the_file(tmp_path, digit_files, reference_checkpoin
             assert needle in captured.err, (needle, captured.err)
 
 
-@pytest.mark.parametrize(
-    "argv", [[], ["predict"], ["predict", "a.png"], ["predict", "a.png", "--checkpoint", "c.pth", "--top-k", "0"]]
-)
+@pytest.mark.parametrize("argv", [[], ["predict"], ["predict", "a.png", "--checkpoint", "c.pth", "--top-k", "0"]])
 def test_usage_errors_exit_with_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
     assert "usage: bnvit" in capsys.readouterr().err
+
+
+def test_without_a_checkpoint_the_shipped_weights_classify(tmp_path, capsys):
+    """`--checkpoint` may be omitted: the trained weights shipped with bnvit are used."""
+    missing = tmp_path / "missing.png"
+    assert main(["predict", str(missing)]) == 2
+    assert f"image {missing}" in capsys.readouterr().err
 
 
 def test_the_parser_accepts_the_documented_command():

@@ -90,7 +90,7 @@ def test_mnist_and_cifar_builders_use_the_article_config():
     assert timm.get_pretrained_cfg_value("vit_mnist", "std") == (1.0,)
 
 
-@pytest.mark.parametrize("name", ["vitbnffn_mnist", "vitln_tiny_patch16_224"])
+@pytest.mark.parametrize("name", ["vitbn_mnist", "vitln_tiny_patch16_224"])  # no weights shipped for these
 def test_pretrained_without_a_file_raises(name):
     with pytest.raises(ValueError, match=rf"{name}.*pretrained_cfg_overlay"):
         timm.create_model(name, pretrained=True)

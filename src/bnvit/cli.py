@@ -8,7 +8,7 @@ Commands:
 Usage:
 
 ```bash
-bnvit predict IMAGE... --checkpoint PATH [--device cpu] [--top-k 3] [--json]
+bnvit predict IMAGE... [--checkpoint PATH] [--device cpu] [--top-k 3] [--json]
 python -m bnvit predict IMAGE... --checkpoint PATH
 bnvit reproduce all --seeds 3 --out docs/results/article
 bnvit reproduce depths --quick
@@ -30,6 +30,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import timm
 import torch
 
 from . import __version__
@@ -81,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict_parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     predict_parser.add_argument(
-        "--checkpoint", required=True, metavar="PATH", help="a bnvit or reference ViT checkpoint (.pth/.pt)"
+        "--checkpoint",
+        metavar="PATH",
+        help="a bnvit or reference ViT checkpoint (.pth/.pt); default: the vitbnffn_mnist weights shipped with bnvit",
     )
     predict_parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     predict_parser.add_argument(
@@ -202,6 +205,13 @@ def _load_classifier(path: str, device: torch.device) -> ViT:
     return model
 
 
+def _load_shipped(device: torch.device) -> ViT:
+    try:
+        return timm.create_model("vitbnffn_mnist", pretrained=True).to(device).eval()
+    except (ValueError, OSError) as err:
+        raise CommandError(f"no --checkpoint given, and the shipped weights cannot be used: {err}") from err
+
+
 def _prepare_all(paths: Sequence[str]) -> torch.Tensor:
     images, errors = [], []
     for path in paths:
@@ -216,7 +226,7 @@ def _prepare_all(paths: Sequence[str]) -> torch.Tensor:
 
 def predict(
     images: Sequence[str],
-    checkpoint: str,
+    checkpoint: str | None = None,
     *,
     device: str = "cpu",
     top_k: int = 3,
@@ -225,7 +235,8 @@ def predict(
 
     Args:
         images: Image files.
-        checkpoint: A bnvit or reference ViT checkpoint for 28x28x1 images with 10 classes.
+        checkpoint: A bnvit or reference ViT checkpoint for 28x28x1 images with 10 classes;
+            `None` uses the trained `vitbnffn_mnist` weights shipped with bnvit.
         device: Where to run the model (`"cpu"`, `"cuda"`, `"auto"`, ...).
         top_k: How many classes to list per image (at most 10).
 
@@ -248,7 +259,7 @@ def predict(
         raise CommandError(f"--device: {err}") from err
     if top_k > 10:
         raise CommandError(f"--top-k {top_k}: there are only 10 digits; use 1 to 10")
-    model = for_inference(_load_classifier(checkpoint, target))
+    model = for_inference(_load_shipped(target) if checkpoint is None else _load_classifier(checkpoint, target))
     batch = _prepare_all(images).to(target)
     with torch.inference_mode():
         probabilities = model(batch).float().softmax(dim=1).cpu()

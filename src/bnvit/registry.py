@@ -105,9 +105,20 @@ _IMAGENET_CFG = _cfg(
 )
 
 
+# What each shipped weight file scores and how it was made (docs/weights.md is its model card).
+SHIPPED_NOTES = {
+    "vitbnffn_mnist": (
+        "MNIST test accuracy 99.44% (clean), 80.20% (the article's frozen augmented test set), last epoch",
+        "trained by examples/train_weights.py: 40 epochs, AdamW lr 2e-3 wd 0.05, 2 warm-up epochs then cosine, "
+        "label smoothing 0.1, the article's rotation and translation at half strength, bf16 autocast",
+    ),
+}
+
+
 def shipped_cfg(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """`cfg` for the weights of `name` shipped in the package (`WEIGHTS_DIR/<name>.safetensors`)."""
-    return dict(cfg, file=str(_PACKAGED_WEIGHTS / f"{name}.safetensors"))
+    notes = SHIPPED_NOTES.get(name)
+    return dict(cfg, file=str(_PACKAGED_WEIGHTS / f"{name}.safetensors"), **({"notes": notes} if notes else {}))
 
 
 default_cfgs = generate_default_cfgs(
