@@ -7,7 +7,6 @@ is reported, and ratios are taken between medians measured in the same process.
 
 from __future__ import annotations
 
-import os
 import platform
 import statistics
 import sys
@@ -17,29 +16,20 @@ from collections.abc import Callable, Mapping
 import torch
 import torchvision
 
+from bnvit.device import describe_machine
+
 
 def machine(device: torch.device) -> dict:
-    """A description of where the numbers were measured."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {
+    """A description of where the numbers were measured: bnvit's, plus versions and the CPU's vector unit."""
+    return {
+        **describe_machine(device),
         "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "device": str(device),
     }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def synchronize(device: torch.device) -> None:

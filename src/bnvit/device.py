@@ -7,12 +7,15 @@ resolve devices here, so inference never imports the training package.
 from __future__ import annotations
 
 import contextlib
+import os
+import platform
+from typing import Any
 
 import torch
 
 from . import _checks
 
-__all__ = ["PRECISIONS", "autocast", "cpu_has_fast_bf16", "resolve_device", "resolve_precision"]
+__all__ = ["PRECISIONS", "autocast", "cpu_has_fast_bf16", "describe_machine", "resolve_device", "resolve_precision"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -71,3 +74,28 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+def describe_machine(device: torch.device) -> dict[str, Any]:
+    """What a result was measured on: CPU model, core count, torch threads and version, the GPU if any.
+
+    Examples:
+        >>> sorted(describe_machine(torch.device("cpu")))
+        ['cpu', 'cpu_count', 'platform', 'torch', 'torch_threads']
+    """
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__.split("+")[0],
+        "platform": platform.system(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

@@ -12,13 +12,11 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ..device import describe_machine
 from ..training.history import EpochRecord, History
 
 __all__ = ["RESULTS", "SCHEMA", "describe_machines", "load_results", "machine", "results_sha256"]
@@ -29,24 +27,7 @@ _RECORD_FIELDS = {f.name for f in dataclasses.fields(EpochRecord)}
 _CELL_FIELDS = {"model": str, "depth": int, "lr": (int, float), "seed": int}
 
 
-def machine(device: torch.device) -> dict[str, Any]:
-    """A description of the machine a cell ran on, recorded with its results."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__.split("+")[0],
-        "platform": platform.system(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+machine = describe_machine  # what each results line records about where it ran
 
 
 def _refuse(path: Path, number: int, why: str) -> ValueError:
