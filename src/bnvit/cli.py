@@ -37,10 +37,10 @@ from . import __version__
 from .data.digits import MNIST_SIZE, prepare_digit
 from .deploy import for_inference
 from .device import resolve_device
-from .registry import load_model
+from .registry import SHIPPED_TAG, WEIGHTS_DIR, load_model
 from .vit import ViT
 
-__all__ = ["build_parser", "demo", "main", "predict", "reproduce"]
+__all__ = ["build_parser", "demo", "list_models", "main", "predict", "reproduce"]
 
 USAGE_ERROR = 2
 """Exit status for bad input: unreadable images, wrong checkpoints, invalid options."""
@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reproduce_parser.add_argument("what", choices=REPRODUCE, help="depths, lr, mlp, lr-window or all")
     reproduce_parser.add_argument("flags", nargs=argparse.REMAINDER, help="the experiment's flags")
+    list_parser = commands.add_parser(
+        "list",
+        help="the models bnvit registers in timm",
+        description="The models bnvit registers in timm: parameters, input, configuration, and trained weights.",
+    )
+    list_parser.add_argument("--json", action="store_true", help="print the list as JSON")
     demo_parser = commands.add_parser(
         "demo",
         help="draw digits in the browser and watch a model classify them",
@@ -278,6 +284,48 @@ def predict(
     return results
 
 
+def list_models() -> list[dict]:
+    """The models bnvit registers in timm, each with its parameters, input, configuration and weights.
+
+    Models are built on the `meta` device: no memory is allocated and no weight initialized.
+
+    Examples:
+        >>> rows = {row["name"]: row for row in list_models()}
+        >>> rows["vitbnffn_mnist"]["params"], rows["vitbnffn_mnist"]["trained_weights"]
+        (893932, True)
+    """
+    rows = []
+    for name in timm.list_models():
+        if not timm.models.model_entrypoint(name).__module__.startswith("bnvit."):
+            continue
+        with torch.device("meta"):
+            model = timm.create_model(name)
+        cfg = model.pretrained_cfg
+        shipped = cfg.get("tag") == SHIPPED_TAG and Path(cfg.get("file") or "").name
+        config = {k: v for k, v in model.config.items() if k in ("norm", "depth", "dim", "heads", "patch_size")}
+        rows.append(
+            dict(
+                name=name,
+                params=sum(p.numel() for p in model.parameters()),
+                input_size=list(cfg["input_size"]),
+                config=config,
+                trained_weights=bool(shipped) and (WEIGHTS_DIR / shipped).is_file(),
+            )
+        )
+    return rows
+
+
+def _print_models(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        config = ", ".join(f"{k} {v}" for k, v in row["config"].items())
+        size = "x".join(map(str, row["input_size"]))
+        weights = "trained weights" if row["trained_weights"] else "-"
+        print(f"{row['name']:<28} {row['params']:>12,} params  {size:<10} {config:<45} {weights}")
+
+
 def _print_text(results: list[dict]) -> None:
     for r in results:
         ranked = ", ".join(f"{t['digit']} {100 * t['probability']:.1f}%" for t in r["top_k"])
@@ -304,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(results, indent=2))
             else:
                 _print_text(results)
+        elif args.command == "list":
+            _print_models(list_models(), as_json=args.json)
         elif args.command == "demo":
             return demo(args.checkpoint, args.compare, host=args.host, port=args.port, device=args.device)
     except CommandError as err:

@@ -349,7 +349,9 @@ class ViT(nn.Module):
                 qkv_bias=cfg.qkv_bias,
                 drop_path=rate,
             )
-            for rate in torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+            for rate in torch.linspace(
+                0, cfg.drop_path_rate, cfg.depth, device="cpu"
+            ).tolist()  # also under a meta device
         )
         self.norm = token_norm(cfg.block_norm, cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
