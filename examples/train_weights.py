@@ -35,9 +35,8 @@ from safetensors.torch import save_file
 
 import bnvit
 from bnvit._io import tensors_sha256
-from bnvit.article.results import machine
 from bnvit.data import DeviceLoader, apply_augment, augmented_test_set, load_mnist, sample_augment_params
-from bnvit.device import resolve_device, resolve_precision
+from bnvit.device import describe_machine, resolve_device, resolve_precision
 
 RECIPE = dict(optimizer="adamw", lr=2e-3, weight_decay=0.05, warmup_epochs=2, label_smoothing=0.1, max_grad_norm=1.0)
 
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         precision=resolve_precision(args.precision, device),
         train_images=len(labels),
         wall_seconds=round(seconds),
-        machine=machine(device),
+        machine=describe_machine(device),
         torch=torch.__version__,
         command="python examples/train_weights.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         history=[{"epoch": r.epoch, "train_loss": r.train_loss, "val_acc": r.val_acc} for r in history.records],
