@@ -30,6 +30,7 @@ in there, and `timm.create_model(name, pretrained=True)` loads them offline.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -105,23 +106,40 @@ _IMAGENET_CFG = _cfg(
 )
 
 
-# What each shipped weight file scores and how it was made (docs/weights.md is its model card).
-SHIPPED_NOTES = {
-    "vit_mnist": (
-        "MNIST test accuracy 99.44% (clean), 79.04% (the article's frozen augmented test set), last epoch",
-        "trained by examples/train_weights.py with the vitbnffn_mnist recipe (see docs/weights.md)",
-    ),
-    "vitbnffn_mnist": (
-        "MNIST test accuracy 99.44% (clean), 80.20% (the article's frozen augmented test set), last epoch",
-        "trained by examples/train_weights.py: 40 epochs, AdamW lr 2e-3 wd 0.05, 2 warm-up epochs then cosine, "
-        "label smoothing 0.1, the article's rotation and translation at half strength, bf16 autocast",
-    ),
-}
+def shipped_record(name: str) -> dict[str, Any] | None:
+    """The training run behind the weights of `name` shipped in the package, or None if none ship.
+
+    `WEIGHTS_DIR/<name>.json`, written by examples/train_weights.py beside the weights: recipe,
+    command, machine, wall time, per-epoch history and the test accuracies (docs/weights.md).
+
+    Examples:
+        >>> f"{shipped_record('vitbnffn_mnist')['clean_test_acc']:.2%}"
+        '99.44%'
+        >>> shipped_record("vit_cifar") is None
+        True
+    """
+    try:
+        return json.loads((_PACKAGED_WEIGHTS / f"{name}.json").read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _shipped_notes(record: Mapping[str, Any]) -> tuple[str, str]:
+    """The two lines a shipped weight's pretrained cfg carries: what it scores and how it was made."""
+    r = record["recipe"]
+    return (
+        f"MNIST test accuracy {record['clean_test_acc']:.2%} (clean), {record['augmented_test_acc']:.2%} "
+        "(the article's frozen augmented test set), last epoch",
+        f"trained by examples/train_weights.py: {r['epochs']} epochs, AdamW lr {r['lr']:g} wd {r['weight_decay']:g}, "
+        f"{r['warmup_epochs']} warm-up epochs then cosine, label smoothing {r['label_smoothing']:g}, "
+        f"stochastic depth {r.get('drop_path_rate', 0.0):g}, {r['augment']}, {record['precision']}",
+    )
 
 
 def shipped_cfg(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """`cfg` for the weights of `name` shipped in the package (`WEIGHTS_DIR/<name>.safetensors`)."""
-    notes = SHIPPED_NOTES.get(name)
+    record = shipped_record(name)
+    notes = _shipped_notes(record) if record else None
     return dict(cfg, file=str(_PACKAGED_WEIGHTS / f"{name}.safetensors"), **({"notes": notes} if notes else {}))
 
 

@@ -1,0 +1,83 @@
+"""Model cards in timm's format and the Hub folder that `bnvit.hub.save_for_hf` writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from timm.models._hub import generate_readme
+
+import bnvit.hub as hub
+from bnvit.registry import SHIPPED, WEIGHTS_DIR, shipped_record
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_record_is_the_run_behind_the_weights(name):
+    record = shipped_record(name)
+    assert record["model"] == name
+    assert record["train_images"] == 60_000
+    assert len(record["history"]) == record["recipe"]["epochs"]
+    assert record["history"][-1]["val_acc"] == pytest.approx(record["clean_test_acc"], abs=1e-4)
+    notes = timm.get_pretrained_cfg(name).notes
+    assert f"{record['clean_test_acc']:.2%} (clean)" in notes[0]
+    assert f"{record['recipe']['epochs']} epochs" in notes[1]
+
+
+def test_model_stats_count_what_the_model_has():
+    model = timm.create_model("vitbnffn_mnist")
+    stats = hub.model_stats("vitbnffn_mnist")
+    assert stats["Params (M)"] == round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    assert stats["Image size"] == "28 x 28, 1 channel"
+    # timm's published figure for the same-shaped ViT-S/16 at 224 is 4.6 GMACs.
+    assert hub.model_stats("vitln_small_patch16_224")["GMACs"] == pytest.approx(4.6, abs=0.01)
+
+
+def test_card_of_shipped_weights_names_dataset_recipe_and_accuracy():
+    record = shipped_record("vitbnffn_mnist")
+    readme = generate_readme(hub.model_card("vitbnffn_mnist.bnvit_mnist"), "vitbnffn_mnist.bnvit_mnist")
+    assert readme.startswith("---\ntags:\n- image-classification\n- timm\n")
+    assert "datasets:\n- mnist\n" in readme
+    assert f"MNIST test set: {record['clean_test_acc']:.2%}" in readme
+    assert record["command"] in readme
+    assert 'timm.create_model("vitbnffn_mnist.bnvit_mnist", pretrained=True)' in readme
+
+
+def test_card_without_shipped_weights_claims_no_accuracy():
+    card = hub.model_card("vitbn_cifar")
+    assert "Accuracy" not in card["details"] and "Dataset" not in card["details"]
+    assert "pretrained=False" in card["usage"]
+    assert card["details"]["Model Stats"]["Image size"] == "32 x 32, 3 channels"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vitbnffn_nope"])
+def test_card_of_unknown_model_says_where_to_look(name):
+    with pytest.raises(ValueError, match=rf"unknown bnvit model '{name}'; `bnvit list`"):
+        hub.model_card(name)
+
+
+def test_save_for_hf_round_trip_with_readme(tmp_path):
+    model = timm.create_model("vitbnffn_mnist", pretrained=True).eval()
+    folder = hub.save_for_hf(model, tmp_path / "hub")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert (folder / "README.md").read_text().startswith("---\n")
+    assert "# Model card for vitbnffn_mnist.bnvit_mnist\n" in (folder / "README.md").read_text()
+    assert json.loads((folder / "config.json").read_text())["architecture"] == "vitbnffn_mnist"
+    again = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    images = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(images), again(images))
+
+
+def test_save_for_hf_of_an_unnamed_model_says_what_to_pass(tmp_path):
+    from bnvit import ViTBNFFN
+
+    with pytest.raises(ValueError, match=r"ViTBNFFN was not built by timm\.create_model.*pass model_name="):
+        hub.save_for_hf(ViTBNFFN(), tmp_path / "hub")
+    assert not (tmp_path / "hub").exists()
+
+
+def test_weights_folder_ships_a_record_for_each_weight_file():
+    files = {p.stem for p in WEIGHTS_DIR.glob("*.safetensors")}
+    assert files == set(SHIPPED) == {p.stem for p in WEIGHTS_DIR.glob("*.json")}
