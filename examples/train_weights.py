@@ -38,7 +38,15 @@ from bnvit._io import tensors_sha256
 from bnvit.data import DeviceLoader, apply_augment, augmented_test_set, load_mnist, sample_augment_params
 from bnvit.device import describe_machine, resolve_device, resolve_precision
 
-RECIPE = dict(optimizer="adamw", lr=2e-3, weight_decay=0.05, warmup_epochs=2, label_smoothing=0.1, max_grad_norm=1.0)
+RECIPE = dict(
+    optimizer="adamw",
+    lr=2e-3,
+    weight_decay=0.05,
+    warmup_epochs=2,
+    label_smoothing=0.1,
+    max_grad_norm=1.0,
+    drop_path_rate=0.0,
+)
 
 
 def mild_augment(images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -68,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/weights", help="output folder")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--drop-path", type=float, default=RECIPE["drop_path_rate"], help="stochastic depth rate")
+    parser.add_argument("--warmup-epochs", type=int, default=RECIPE["warmup_epochs"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--data-dir", help="folder with MNIST/raw/ (default: $BNVIT_DATA, else the cache folder)")
@@ -85,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     clean = DeviceLoader(test_images, test_labels, batch_size=5000, shuffle=False, device=device)
 
     torch.manual_seed(args.seed)
-    model = timm.create_model(args.model)
+    recipe = dict(RECIPE, warmup_epochs=args.warmup_epochs, drop_path_rate=args.drop_path)
+    model = timm.create_model(args.model, drop_path_rate=recipe["drop_path_rate"])
     began = time.perf_counter()
     history = bnvit.fit(
         model,
@@ -95,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=RECIPE["lr"],
         optimizer=RECIPE["optimizer"],
         weight_decay=RECIPE["weight_decay"],
-        scheduler=warmup_cosine(args.epochs, RECIPE["warmup_epochs"]),
+        scheduler=warmup_cosine(args.epochs, recipe["warmup_epochs"]),
         loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=RECIPE["label_smoothing"]),
         max_grad_norm=RECIPE["max_grad_norm"],
         device=device,
@@ -121,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model,
         params=sum(p.numel() for p in model.parameters()),
         recipe=dict(
-            RECIPE, epochs=args.epochs, batch_size=100, augment="article rotation/translation at half strength"
+            recipe, epochs=args.epochs, batch_size=100, augment="article rotation/translation at half strength"
         ),
         seed=args.seed,
         precision=resolve_precision(args.precision, device),
