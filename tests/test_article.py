@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bnvit.article import cli, study
 from bnvit.article import sweep as article_sweep
@@ -424,3 +425,20 @@ def test_the_lr_window_command_line_defaults_to_its_seeds_and_is_reachable_from_
     with pytest.raises(SystemExit) as exit_:
         bnvit_cli.main(["reproduce", "lr-window", "--seeds", "0"])
     assert exit_.value.code == 2 and "--seeds must be an int >= 1, got 0" in capsys.readouterr().err
+
+
+def test_estimate_times_cells_with_the_threads_they_will_use(monkeypatch):
+    from bnvit.article import estimate
+
+    seen = []
+
+    def timed(cell, settings, device, batches):
+        seen.append(torch.get_num_threads())
+        return 1e-3, 1e-4
+
+    monkeypatch.setattr(estimate, "_timed_epochs", timed)
+    before = torch.get_num_threads()
+    cells = [Cell("vit_mnist", 3, 1e-3, 0), Cell("vitbnffn_mnist", 3, 1e-3, 0)]
+    seconds = estimate.estimate_seconds(cells, Settings(epochs=2, train_subset=1000, test_subset=100), "cpu", threads=1)
+    assert seen == [1, 1] and torch.get_num_threads() == before
+    assert seconds == pytest.approx(2 * (2 * (1000 * 1e-3 + 100 * 1e-4) + 100 * 1e-4))

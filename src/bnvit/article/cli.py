@@ -282,7 +282,7 @@ def _run(experiment: Experiment, args, settings: Settings, cells, out: Path, dev
     state = f"{len(remaining)} not finished; report only" if args.report_only else f"{len(remaining)} to do"
     print(f"{experiment.name}: {len(cells)} runs ({state}) on {device}, output in {out}")
     if remaining and not args.report_only:
-        seconds = estimate_seconds(remaining, settings, device)
+        seconds = estimate_seconds(remaining, settings, device, threads=args.threads)
         print(f"estimated time: {duration(seconds)} (measured by fit() on a few batches of each model on {device})")
     if args.estimate:
         return 0

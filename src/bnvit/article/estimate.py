@@ -63,7 +63,11 @@ def _timed_epochs(cell: Cell, settings: Settings, device: torch.device, batches:
 
 
 def estimate_seconds(
-    cells: Sequence[Cell], settings: Settings, device: str | torch.device = "auto", batches: int = 3
+    cells: Sequence[Cell],
+    settings: Settings,
+    device: str | torch.device = "auto",
+    batches: int = 3,
+    threads: int | None = None,
 ) -> float:
     """Seconds the cells will take: each (model, depth) timed by `fit` on a few batches, extrapolated.
 
@@ -72,14 +76,21 @@ def estimate_seconds(
         settings: Their settings (epochs, batch size, subsets, precision).
         device: Where they will run.
         batches: Training batches per timed epoch.
+        threads: The CPU threads each cell will use (`--threads`); timed with that many, since on
+            a busy machine more threads than free cores can be several times slower, not faster.
     """
     device = resolve_device(device)
     n_train = settings.train_subset or MNIST_TRAIN
     n_test = settings.test_subset or MNIST_TEST
-    per_image = {
-        (model, depth): _timed_epochs(Cell(model, depth, 1e-3, 0), settings, device, batches)
-        for model, depth in sorted({(c.model, c.depth) for c in cells})
-    }
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        per_image = {
+            (model, depth): _timed_epochs(Cell(model, depth, 1e-3, 0), settings, device, batches)
+            for model, depth in sorted({(c.model, c.depth) for c in cells})
+        }
+    finally:
+        torch.set_num_threads(before)
     total = 0.0
     for cell in cells:
         per_train, per_eval = per_image[(cell.model, cell.depth)]

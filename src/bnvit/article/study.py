@@ -133,7 +133,7 @@ def _run(args, plan, device: torch.device) -> int:
         state = f"{len(remaining)} not finished; report only" if args.report_only else f"{len(remaining)} to do"
         line = f"{part}: {len(cells)} runs ({state}) in {folder}"
         if remaining and not args.report_only:
-            seconds = estimate_seconds(remaining, settings, device)
+            seconds = estimate_seconds(remaining, settings, device, threads=args.threads)
             total += seconds
             line += f", about {duration(seconds)}"
         print(line)
