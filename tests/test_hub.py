@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -81,3 +82,28 @@ def test_save_for_hf_of_an_unnamed_model_says_what_to_pass(tmp_path):
 def test_weights_folder_ships_a_record_for_each_weight_file():
     files = {p.stem for p in WEIGHTS_DIR.glob("*.safetensors")}
     assert files == set(SHIPPED) == {p.stem for p in WEIGHTS_DIR.glob("*.json")}
+
+
+def test_timm_suite_gives_timms_tests_every_bnvit_model_and_nothing_else(tmp_path, monkeypatch):
+    """tests/timm_suite.py: the filters of timm's test_models.py, read for bnvit's models."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("timm_suite", Path(__file__).with_name("timm_suite.py"))
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    test_file = tmp_path / "tests" / "test_models.py"
+    test_file.parent.mkdir()
+    test_file.write_text("NON_STD_FILTERS = [\n    'vit_*', 'deit*',\n]\nEXCLUDE_FILTERS = ['*huge*']\n")
+    families = suite.non_std_filters(test_file)
+    assert families == {"vit_*", "deit*"}
+    monkeypatch.setattr(timm, "list_models", timm.list_models)  # restored after the test
+    plugin = suite.BnvitOnly(families)
+    plugin.pytest_configure(None)
+    everything = timm.list_models()
+    assert len(everything) == 17 and "resnet18" not in everything and "vit_base_patch16_224" not in everything
+    assert timm.list_models(filter=["vit_*", "deit*"]) == everything  # a family filter keeps all of bnvit
+    assert timm.list_models(exclude_filters=["*huge*", "vit_*"]) == everything  # ... and so does its exclusion
+    assert "vit_mnist" not in timm.list_models(exclude_filters=["vit_mnist"])  # other filters apply as written
+    assert sorted(timm.list_models(pretrained=True)) == sorted(f"{n}.bnvit_mnist" for n in SHIPPED)
+    (tmp_path / "empty").mkdir()
+    assert suite.main([str(tmp_path / "empty")]) == 2
