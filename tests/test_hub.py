@@ -107,3 +107,25 @@ def test_timm_suite_gives_timms_tests_every_bnvit_model_and_nothing_else(tmp_pat
     assert sorted(timm.list_models(pretrained=True)) == sorted(f"{n}.bnvit_mnist" for n in SHIPPED)
     (tmp_path / "empty").mkdir()
     assert suite.main([str(tmp_path / "empty")]) == 2
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_weights_score_what_their_record_says(name, mnist_root):
+    """The clean accuracy in the card is recomputed here from the shipped file and the MNIST test set."""
+    from bnvit import evaluate
+    from bnvit.data import load_mnist
+
+    model = timm.create_model(name, pretrained=True)
+    accuracy = evaluate(model, load_mnist(mnist_root, train=False), device="cpu")["acc"]
+    assert accuracy == pytest.approx(shipped_record(name)["clean_test_acc"], abs=1.5e-4)  # within 1 image
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_weights_score_their_augmented_accuracy(name, mnist_root):
+    from bnvit import evaluate
+    from bnvit.data import augmented_test_set
+
+    model = timm.create_model(name, pretrained=True)
+    accuracy = evaluate(model, augmented_test_set(mnist_root), device="cpu")["acc"]
+    assert accuracy == pytest.approx(shipped_record(name)["augmented_test_acc"], abs=1.5e-4)
