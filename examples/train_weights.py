@@ -8,7 +8,11 @@ two models, not to reach the best accuracy. This recipe keeps the article's mode
   10% of the side), no zoom-out; the same batched code (`sample_augment_params`, `apply_augment`);
 - AdamW (lr 2e-3, weight decay 0.05, none on biases, norms and embeddings), linear warm-up for
   2 epochs then cosine decay to zero, label smoothing 0.1, gradient norm clipped at 1.0;
-- 40 epochs of batch 100 over the 60,000 training images.
+- 40 epochs of batch 100 over the 60,000 training images (the defaults).
+
+The shipped `vitbnffn_mnist` weights use a longer run of the same recipe with stochastic depth:
+100 epochs, 5 warm-up epochs, drop-path rate 0.1 (99.56% on the clean test set, against 99.44%
+for the 40-epoch defaults; docs/weights.md). The shipped `vit_mnist` weights use the defaults.
 
 It scores the last epoch on the clean MNIST test set and on the article's frozen augmented
 test set (no early stopping on either), and writes `<out>/<model>.safetensors` (its metadata
@@ -16,7 +20,8 @@ carries the sha256 of its tensors, which bnvit's loaders verify) with a JSON des
 run beside it. Copied into `src/bnvit/weights/`, the file is what
 `timm.create_model(model, pretrained=True)` loads.
 
-    python examples/train_weights.py --model vitbnffn_mnist --out runs/weights
+    python examples/train_weights.py --model vitbnffn_mnist --out runs/weights \
+        --epochs 100 --drop-path 0.1 --warmup-epochs 5
     python examples/train_weights.py --model vit_mnist --out runs/weights --epochs 40
 """
 
