@@ -131,8 +131,15 @@ def main(argv: list[str] | None = None) -> int:
         "augmented_test_acc": bnvit.evaluate(model, augmented, device=device)["acc"],
     }
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    command = "python examples/train_weights.py " + " ".join(argv if argv is not None else sys.argv[1:])
     weights = out / f"{args.model}.safetensors"
-    save_file(state, str(weights), metadata={"format": "pt", "model": args.model, "sha256": tensors_sha256(state)})
+    metadata = {
+        "format": "pt",
+        "model": args.model,
+        "sha256": tensors_sha256(state),
+        "recipe": command[len("python ") :],
+    }
+    save_file(state, str(weights), metadata=dict(metadata, **{k: str(v) for k, v in scores.items()}))
     card = dict(
         model=args.model,
         params=sum(p.numel() for p in model.parameters()),
@@ -145,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         wall_seconds=round(seconds),
         machine=describe_machine(device),
         torch=torch.__version__,
-        command="python examples/train_weights.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        command=command,
         history=[{"epoch": r.epoch, "train_loss": r.train_loss, "val_acc": r.val_acc} for r in history.records],
         **scores,
     )
