@@ -442,3 +442,43 @@ def test_estimate_times_cells_with_the_threads_they_will_use(monkeypatch):
     seconds = estimate.estimate_seconds(cells, Settings(epochs=2, train_subset=1000, test_subset=100), "cpu", threads=1)
     assert seen == [1, 1] and torch.get_num_threads() == before
     assert seconds == pytest.approx(2 * (2 * (1000 * 1e-3 + 100 * 1e-4) + 100 * 1e-4))
+
+
+def test_fp32_report_of_a_folder_holding_one_model_of_its_cell_so_far(tmp_path):
+    """While the fp32 part fills up, its report compares nothing yet rather than failing."""
+    reference, folder = tmp_path / "article", tmp_path / "article-fp32"
+    line = {
+        "key": "vit_mnist-d4-lr0.005-s0",
+        "cell": {"model": "vit_mnist", "depth": 4, "lr": 0.005, "seed": 0},
+        "settings": dataclasses.asdict(ARTICLE_FP32.settings),
+        "history": {
+            "records": [
+                dict(
+                    epoch=1,
+                    train_loss=1.0,
+                    train_acc=0.5,
+                    val_loss=1.0,
+                    val_acc=0.5,
+                    lr=0.005,
+                    seconds=1.0,
+                    images_per_sec=100.0,
+                )
+            ]
+        },
+        "test_acc": 0.5,
+        "clean_test_acc": 0.6,
+    }
+    for path, lines in (
+        (
+            reference,
+            [
+                line,
+                {**line, "key": "vitbnffn_mnist-d4-lr0.005-s0", "cell": {**line["cell"], "model": "vitbnffn_mnist"}},
+            ],
+        ),
+        (folder, [line]),
+    ):
+        path.mkdir()
+        (path / "results.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    report = report_folder(folder, ARTICLE_FP32, dest=tmp_path / "out", figures=False, reference=reference)
+    assert "| depth 4, lr 0.005 | none in common | – | – | – | – (0 seeds) |" in report.read_text()

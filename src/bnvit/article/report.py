@@ -84,7 +84,7 @@ def _fmt_points(values: Sequence[float]) -> str:
 def _fmt_interval(values: Sequence[float]) -> str:
     interval = t_interval(values)
     if interval is None:
-        return "– (1 seed)"
+        return f"– ({len(values)} seed{'s' if len(values) != 1 else ''})"
     low, high = (round(end, 2) + 0.0 for end in interval)
     return f"[{low:+.2f}, {high:+.2f}]"
 
@@ -207,7 +207,8 @@ def precision_section(results: Sequence[Mapping[str, Any]], reference: Sequence[
     header = ["cell", "seeds", "gap here", "gap in the reference", "here minus reference", "95% t-interval"]
     header += ["verdict here", "verdict in the reference", "clean test here", "clean test there"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    models = sorted({k[0] for k in groups}, key=lambda m: "bn" in m)
+    # The pair from both folders: a folder still filling up may hold one model of a cell so far.
+    models = sorted({k[0] for k in groups} | {k[0] for k in ref_groups}, key=lambda m: "bn" in m)
     for depth, lr in sorted({k[1:] for k in groups}, key=lambda k: (k[1], k[0])):
         seeds, gaps = paired(groups, tuple(models), depth, lr, _mean_over_epochs)
         ref_seeds, ref_gaps = paired(ref_groups, tuple(models), depth, lr, _mean_over_epochs)
