@@ -84,7 +84,7 @@ def _fmt_points(values: Sequence[float]) -> str:
 def _fmt_interval(values: Sequence[float]) -> str:
     interval = t_interval(values)
     if interval is None:
-        return f"– ({len(values)} seed{'s' if len(values) != 1 else ''})"
+        return "– (1 seed)"
     low, high = (round(end, 2) + 0.0 for end in interval)
     return f"[{low:+.2f}, {high:+.2f}]"
 
