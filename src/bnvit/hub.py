@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._io import atomic_write_text
-from .registry import SHIPPED_TAG, shipped_record
+from .registry import SHIPPED_TAG, recipe_summary, shipped_record
 
 __all__ = ["model_card", "model_stats", "save_for_hf"]
 
@@ -170,18 +170,12 @@ def _description(arch: str) -> str:
 
 
 def _recipe_lines(record: dict[str, Any]) -> dict[str, str]:
-    r = record["recipe"]
     machine = record.get("machine")
     if isinstance(machine, dict):
         machine = f"{machine.get('cpu')}, {machine.get('torch_threads')} torch threads"
     return {
         "images": f"the {record['train_images']:,} MNIST training images",
-        "recipe": (
-            f"{r['epochs']} epochs of batch {r['batch_size']}; AdamW, lr {r['lr']:g}, weight decay "
-            f"{r['weight_decay']:g}, {r['warmup_epochs']} warm-up epochs then cosine to zero; label smoothing "
-            f"{r['label_smoothing']:g}; stochastic depth {r.get('drop_path_rate', 0.0):g}; gradient norm clipped at "
-            f"{r['max_grad_norm']:g}; {r['augment']}; {record['precision']}; seed {record['seed']}"
-        ),
+        "recipe": recipe_summary(record),
         "command": f"`{record['command']}`",
         "wall time": f"{record['wall_seconds'] / 60:.0f} minutes on {machine}",
     }

@@ -124,15 +124,23 @@ def shipped_record(name: str) -> dict[str, Any] | None:
         return None
 
 
+def recipe_summary(record: Mapping[str, Any]) -> str:
+    """One line saying how shipped weights were trained, from their record (cfg notes and model card)."""
+    r = record["recipe"]
+    return (
+        f"{r['epochs']} epochs of batch {r['batch_size']}; AdamW, lr {r['lr']:g}, weight decay "
+        f"{r['weight_decay']:g}, {r['warmup_epochs']} warm-up epochs then cosine to zero; label smoothing "
+        f"{r['label_smoothing']:g}; stochastic depth {r.get('drop_path_rate', 0.0):g}; gradient norm clipped at "
+        f"{r['max_grad_norm']:g}; {r['augment']}; {record['precision']}; seed {record['seed']}"
+    )
+
+
 def _shipped_notes(record: Mapping[str, Any]) -> tuple[str, str]:
     """The two lines a shipped weight's pretrained cfg carries: what it scores and how it was made."""
-    r = record["recipe"]
     return (
         f"MNIST test accuracy {record['clean_test_acc']:.2%} (clean), {record['augmented_test_acc']:.2%} "
         "(the article's frozen augmented test set), last epoch",
-        f"trained by examples/train_weights.py: {r['epochs']} epochs, AdamW lr {r['lr']:g} wd {r['weight_decay']:g}, "
-        f"{r['warmup_epochs']} warm-up epochs then cosine, label smoothing {r['label_smoothing']:g}, "
-        f"stochastic depth {r.get('drop_path_rate', 0.0):g}, {r['augment']}, {record['precision']}",
+        f"trained by examples/train_weights.py: {recipe_summary(record)}",
     )
 
 
