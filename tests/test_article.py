@@ -96,6 +96,17 @@ def test_report_shows_paired_gaps_t_interval_and_the_source_hash(tmp_path):
     assert "Machine: not recorded with these results." in text and "precision auto" in text
 
 
+def test_report_names_the_cells_that_got_extra_seeds(tmp_path):
+    results = depth4_results([0.01, 0.02, 0.03, 0.02], Settings())
+    results += [fake_result(m, 3, 0.005, s, [0.8] * 10) for s in range(3) for m in ("vit_mnist", "vitbnffn_mnist")]
+    write_folder(tmp_path, results, Settings())
+    text = report_folder(tmp_path, dataclasses.replace(COMPARE_LR, claims=(2,)), figures=False).read_text()
+    assert "14 runs; 3 to 4 seeds per cell" in text
+    assert "vit_mnist depth 4 lr 0.005 (4 seeds), vitbnffn_mnist depth 4 lr 0.005 (4 seeds)." in text
+    assert "depth 3 lr 0.005 (" not in text  # the cells with the base count are not listed
+    assert "s0: +1.00, s1: +2.00, s2: +3.00, s3: +2.00" in text
+
+
 def test_a_report_older_than_its_results_is_detected(tmp_path):
     results = depth4_results([0.01, 0.02], Settings())
     write_folder(tmp_path, results[:2], Settings())

@@ -89,6 +89,19 @@ def _fmt_interval(values: Sequence[float]) -> str:
     return f"[{low:+.2f}, {high:+.2f}]"
 
 
+def _extra_seeds_note(groups: Mapping[tuple[str, int, float], dict], base: int) -> list[str]:
+    """The cells that got more seeds than the rest (close calls, `--extra-seeds-for-close-calls`)."""
+    extra = [(key, len(g["curves"])) for key, g in sorted(groups.items()) if len(g["curves"]) > base]
+    if not extra:
+        return []
+    cells = ", ".join(f"{model} depth {depth} lr {lr:g} ({n} seeds)" for (model, depth, lr), n in extra)
+    return [
+        f"More seeds where the first {base} straddled a claim's threshold (one seed at a time, up to 5, "
+        f"for the cells of that close call only): {cells}.",
+        "",
+    ]
+
+
 def _header(results: Sequence[Mapping[str, Any]], machine_note: str | None, source: str) -> list[str]:
     groups = summarize(results)
     counts = sorted({len(g["curves"]) for g in groups.values()}) or [0]
@@ -116,6 +129,7 @@ def _header(results: Sequence[Mapping[str, Any]], machine_note: str | None, sour
         f"test subset {settings.get('test_subset') or 'all 10,000'}; "
         f"device {devices}; precision {precision}.",
         "",
+        *_extra_seeds_note(groups, counts[0]),
         f"Machine: {machine}.",
         "",
         source,
@@ -191,10 +205,11 @@ def _figures(out: Path, results: Sequence[Mapping[str, Any]]) -> list[str]:
     figures = sorted(p.name for p in out.glob("*.png"))
     if not figures:
         return []
-    seeds = max((len(g["curves"]) for g in summarize(results).values()), default=1)
+    counts = sorted({len(g["curves"]) for g in summarize(results).values()}) or [1]
+    seeds = str(counts[-1]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
     caption = (
         f"Lines: the mean over {seeds} seeds; bands: ± one standard deviation over seeds."
-        if seeds > 1
+        if counts[-1] > 1
         else "One seed per curve."
     )
     return ["", "## Figures", "", caption, ""] + [f"![{name}]({name})" for name in figures]
