@@ -77,7 +77,7 @@ def test_two_workers_give_the_sequential_runners_numbers(mnist_root, tmp_path, s
     assert numbers(results) == sequential
     assert sorted(r["key"] for r in lines(tmp_path)) == sorted(c.key for c in CELLS)
     assert all(r["machine"]["torch_threads"] == 1 for r in results)  # recorded by the worker that trained it
-    assert any("2 at once in worker processes (1 threads each" in line for line in logged), logged
+    assert any("2 at once in worker processes (1 thread each" in line for line in logged), logged
     assert not (tmp_path / FAILURES).exists()
     assert sweep(tmp_path, mnist_root, workers=2) == results  # resumable: nothing left to train
 

@@ -261,7 +261,9 @@ def _run_parallel(
         backend = LocalProcesses(workers, devices)
         jobs = [dataclasses.replace(j, threads=threads) for j in jobs]
         where = ", ".join(devices)
-        log(f"{len(jobs)} cells, {workers} at once in worker processes ({threads} threads each, on {where})")
+        log(
+            f"{len(jobs)} cells, {workers} at once in worker processes ({threads} thread{'s' * (threads > 1)} each, on {where})"
+        )
     run_jobs(jobs, backend, train_cell, out, key=lambda j: j.cell.key, done=done, log=log)
 
 
