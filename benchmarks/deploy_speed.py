@@ -14,8 +14,9 @@ folded weights have realistic magnitudes. Each model runs in three runtimes:
 Measured: latency at batch 1 (ms per image) and throughput at batches 64, 256 and 5000 (images/s);
 per runtime and batch, the throughput ratios "folded ViTBN / ViT" and "folded ViTBNFFN / ViT".
 All models of one runtime and batch are timed in interleaved rounds (common.interleaved); the
-ratios are of medians, and, as a check on a machine shared with other work (where load only ever
-adds time), also of minimums.
+ratios are of medians, of minimums (on a machine shared with other work load only ever adds
+time), and paired: the median over rounds of each round's ratio, whose models ran back to back,
+so that load drifting from one round to the next cancels.
 
 `diagnose` explains the ratios: the torch.profiler breakdown of the eager ViT's time, the speed of
 the ViT with its LayerNorms simply deleted (the most any normalization-free model can gain), and
@@ -159,6 +160,11 @@ def _time_batch(
     row["ratios"] = {label: median["ViT"] / median[name] for label, name in RATIOS.items() if name in runners}
     row["ratios_of_minimums"] = {
         label: fastest["ViT"] / fastest[name] for label, name in RATIOS.items() if name in runners
+    }
+    row["ratios_paired"] = {  # per round, then the median: load that drifts between rounds cancels
+        label: statistics.median(v / w for v, w in zip(per_round["ViT"], per_round[name], strict=True))
+        for label, name in RATIOS.items()
+        if name in runners
     }
     row["rounds"] = rounds
     return row

@@ -126,12 +126,20 @@ def _print_deploy(result: dict, title: str = "Deploy") -> None:
         for batch, row in by_batch.items():
             for name, v in row.items():
                 if isinstance(v, dict) and "ms" in v:
-                    rows.append((batch, name, f"{v['ms']:.2f}", f"{v['images_per_s']:,.0f}", "", ""))
+                    rows.append((batch, name, f"{v['ms']:.2f}", f"{v['images_per_s']:,.0f}", "", "", ""))
             rows += [
-                (batch, label, "", "", f"{ratio:.2f}x", f"{row['ratios_of_minimums'][label]:.2f}x")
+                (
+                    batch,
+                    label,
+                    "",
+                    "",
+                    f"{ratio:.2f}x",
+                    f"{row['ratios_of_minimums'][label]:.2f}x",
+                    f"{row['ratios_paired'][label]:.2f}x",
+                )
                 for label, ratio in row["ratios"].items()
             ]
-        header = ("batch", "model", "ms / batch", "images/s", "ratio (medians)", "ratio (minimums)")
+        header = ("batch", "model", "ms / batch", "images/s", "ratio (medians)", "(minimums)", "(paired)")
         print(table(f"{title}, {runtime} (depth {result['depth']}, medians)", rows, header))
         print()
     if "diagnosis" not in result:

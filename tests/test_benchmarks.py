@@ -51,7 +51,9 @@ def test_gpu_check_script_rehearses_on_cpu(mnist_root, tmp_path):
         assert step["weight_max_abs_diff"] < 1e-3
     for row in results["infer"].values():
         assert any(name.endswith(", fp32") for name in row["ratios"])
-    assert results["small"]["runtimes"]["eager"]["batch 2"]["ratios"]["folded ViTBN / ViT"] > 0
+    small = results["small"]["runtimes"]["eager"]["batch 2"]
+    assert small["ratios"]["folded ViTBN / ViT"] > 0
+    assert small["ratios_paired"].keys() == small["ratios"].keys() == small["ratios_of_minimums"].keys()
     assert results["epoch"]["images"] == 200 and results["epoch"]["speedup"] > 0
     sweep = results["sweep"]
     assert sweep["runs"] == len(sweep["final_val_acc"]) == 2
