@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -366,3 +367,54 @@ def test_published_report_is_computed_from_its_results(folder, tmp_path):
         f"{report} was computed from other results than {published / RESULTS} holds now: regenerate it"
     )
     assert recomputed.read_text() == report.read_text()
+
+
+def _markdown_rows(text: str, first_cell: str) -> list[list[str]]:
+    """The rows of the Markdown tables in `text` whose first cell starts with `first_cell`."""
+    rows = [
+        [c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines() if line.startswith("|")
+    ]
+    return [row for row in rows if row[0].startswith(first_cell)]
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(n) for n in re.findall(r"[-+]?\d+\.\d+", text)]
+
+
+def _agree(shown: str, computed: str) -> bool:
+    """Every number in `shown` is the one in `computed` rounded to the decimals shown."""
+    decimals = [len(n.partition(".")[2]) for n in re.findall(r"[-+]?\d+\.\d+", shown)]
+    pairs = zip(_numbers(shown), _numbers(computed), decimals, strict=True)
+    return all(abs(a - b) <= 0.5 * 10.0**-d + 1e-9 for a, b, d in pairs)
+
+
+def test_readme_three_seed_table_is_the_reports():
+    """The README's three-seed table (gaps, intervals, verdicts, final accuracies) says what the
+    published study reports say, cell by cell: the numbers there are copied, so they are checked."""
+    readme = (RESULTS_DIR.parents[1] / "README.md").read_text()
+    reports = {part: (RESULTS_DIR / part / "report.md").read_text() for part in ("article", "article-mlp")}
+    per_cell = {(row[0], row[1]): row for text in reports.values() for row in _markdown_rows(text, "") if len(row) == 7}
+    accuracy = {  # (model, depth, lr) -> the last epoch's accuracy column, "mean ± std"
+        (row[0], row[1], row[2]): row[-3]
+        for text in reports.values()
+        for row in _markdown_rows(text, "")
+        if row[0] in ("vit_mnist", "vitbnffn_mnist", "dnn_mnist", "dnnbn_mnist")
+    }
+    rows = [row for row in _markdown_rows(readme, "") if re.match(r"[1-4]: ", row[0]) and len(row) == 7]
+    assert len(rows) == 11, rows  # claims 1 and 2 at four cells each, claim 3, claim 4 at two rates
+    for row in rows:
+        claim, _, cell = row[0].partition(": ")
+        cell = cell.removeprefix("MLP, ")
+        matches = [v for (c, name), v in per_cell.items() if c == claim and name.startswith(cell)]
+        assert len(matches) == 1, f"README row {row[0]!r}: no single report row for it"
+        _, _, _, _, mean_std, interval, verdict = matches[0]
+        assert _agree(row[3].replace("ViT loses", "").replace("more", ""), mean_std), (row, matches[0])
+        assert _agree(row[4], interval) and row[6] == verdict.strip("*"), (row, matches[0])
+        if claim in "12":
+            lr, depth = _numbers(cell)[0], int(cell.rpartition(" ")[2])
+            for model, shown in (("vit_mnist", row[1]), ("vitbnffn_mnist", row[2])):
+                assert _agree(shown, accuracy[(model, str(depth), f"{lr:g}")]), (row, model)
+        if claim == "3":
+            for model, shown in (("vit_mnist", row[1]), ("vitbnffn_mnist", row[2])):
+                before, after = accuracy[(model, "3", "0.003")], accuracy[(model, "3", "0.005")]
+                assert _agree(shown, f"{_numbers(before)[0]} {_numbers(after)[0]}"), (row, model)
