@@ -17,6 +17,10 @@ Sections (all by default, or pick with `--only`):
    "folded ViTBN / ViT" and "folded ViTBNFFN / ViT", and the LayerNorm share of the ViT's time.
 6. `small`: ViT-S/16 at 224 pixels, folded `vitbn_small_patch16_224` against `vitln_small_patch16_224`,
    batch 1 and 16, eager and onnxruntime.
+
+   On a CPU both deploy sections run with `--deploy-threads` threads (default 1: one serving
+   process per core). On a 2-core machine two threads made onnxruntime slower than one (42 ms
+   against 27 ms at batch 64) and the ratios swing with the scheduler, not the model.
 7. `sweep` (CUDA only): the wall time of the article's whole sweep.
 
 Every timing is the median (and minimum) of interleaved rounds after a warm-up, in one process.
@@ -31,6 +35,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -140,7 +145,8 @@ def _print_deploy(result: dict, title: str = "Deploy") -> None:
                 for label, ratio in row["ratios"].items()
             ]
         header = ("batch", "model", "ms / batch", "images/s", "ratio (medians)", "(minimums)", "(paired)")
-        print(table(f"{title}, {runtime} (depth {result['depth']}, medians)", rows, header))
+        where = f"depth {result['depth']}, {result['threads']} thread{'s' * (result['threads'] > 1)}, medians"
+        print(table(f"{title}, {runtime} ({where})", rows, header))
         print()
     if "diagnosis" not in result:
         return
@@ -155,6 +161,18 @@ def _print_deploy(result: dict, title: str = "Deploy") -> None:
     print(table("The most a normalization-free model can gain, and the allocator's page faults", rows, header))
 
 
+@contextlib.contextmanager
+def _threads(n: int | None, device: torch.device):
+    """Run a section with `n` PyTorch threads on a CPU (None: leave them), then restore them."""
+    before = torch.get_num_threads()
+    if n is not None and device.type == "cpu":
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="bnvit benchmarks: measured ratios in one process")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -166,11 +184,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check that every section runs")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: PyTorch's choice)")
     parser.add_argument(
+        "--deploy-threads",
+        default="1",
+        help="threads of the deploy and small sections on a CPU (default 1; 'same': as --threads)",
+    )
+    parser.add_argument(
         "--system-allocator",
         action="store_true",
         help=f"keep malloc's defaults (otherwise the script restarts itself with {' '.join(ALLOCATOR_ENV)} set)",
     )
     args = parser.parse_args(argv)
+    if args.deploy_threads != "same" and not (args.deploy_threads.isdigit() and int(args.deploy_threads) > 0):
+        parser.error(f"--deploy-threads {args.deploy_threads!r}: give a positive number of threads or 'same'")
+    deploy_threads = None if args.deploy_threads == "same" else int(args.deploy_threads)
     if not args.system_allocator:
         _steady_allocator(argv)
     if args.threads is not None:
@@ -212,13 +238,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"speedup {r['speedup']:.2f}x\n")
     if "deploy" in sections:
         batches = (1, 8) if args.smoke else (1, 64, 256, 5000)
-        results["deploy"] = deploy_speed.run(device, repeats, depth=depth, batches=batches)
+        with _threads(deploy_threads, device):
+            results["deploy"] = deploy_speed.run(device, repeats, depth=depth, batches=batches)
+            results["deploy"]["threads"] = torch.get_num_threads()
         _print_deploy(results["deploy"])
         print()
     if "small" in sections:
         runtimes, batches = (("eager",), (1, 2)) if args.smoke else (("eager", "onnxruntime"), (1, 16))
         small = dict(batches=batches, runtimes=runtimes, depth=1 if args.smoke else None)
-        results["small"] = deploy_speed.run_small(device, repeats, **small)
+        with _threads(deploy_threads, device):
+            results["small"] = deploy_speed.run_small(device, repeats, **small)
+            results["small"]["threads"] = torch.get_num_threads()
         _print_deploy(results["small"], "ViT-S/16 at 224, folded ViTBN vs LayerNorm ViT")
         print()
     if "sweep" in sections:
