@@ -172,7 +172,8 @@ def _description(arch: str) -> str:
 def _recipe_lines(record: dict[str, Any]) -> dict[str, str]:
     machine = record.get("machine")
     if isinstance(machine, dict):
-        machine = f"{machine.get('cpu')}, {machine.get('torch_threads')} torch threads"
+        threads = machine.get("torch_threads")
+        machine = f"{machine.get('cpu')}, {threads} torch thread{'' if threads == 1 else 's'}"
     return {
         "images": f"the {record['train_images']:,} MNIST training images",
         "recipe": recipe_summary(record),

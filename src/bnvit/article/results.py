@@ -122,9 +122,10 @@ def describe_machines(results: list[Mapping[str, Any]]) -> list[str]:
         m = r.get("machine")
         if not isinstance(m, dict):
             continue
+        threads = m.get("torch_threads")
         phrase = (
             f"{m.get('gpu') or m.get('cpu')} ({m.get('cpu_count')} logical CPUs, "
-            f"{m.get('torch_threads')} torch threads), torch {m.get('torch')}"
+            f"{threads} torch thread{'' if threads == 1 else 's'}), torch {m.get('torch')}"
         )
         if phrase not in phrases:
             phrases.append(phrase)
