@@ -124,7 +124,7 @@ def _header(results: Sequence[Mapping[str, Any]], machine_note: str | None, sour
     return [
         f"{len(results)} runs; "
         + (f"{per_cell} seeds per cell (mean ± std over seeds); " if seeds > 1 else "1 seed per cell; ")
-        + f"{epochs} epochs; augmentation {settings.get('augment')}; "
+        + f"{epochs} epoch{'s' * (epochs != 1)}; augmentation {settings.get('augment')}; "
         f"train subset {settings.get('train_subset') or 'all 60,000'}; "
         f"test subset {settings.get('test_subset') or 'all 10,000'}; "
         f"device {devices}; precision {precision}.",
