@@ -21,7 +21,7 @@ from bnvit.article import cli, study
 from bnvit.article import sweep as article_sweep
 from bnvit.article.claims import verdicts
 from bnvit.article.folder import LOCK, FolderLock, FolderLockedError, prepare_folder
-from bnvit.article.grid import ARTICLE_FP32, ARTICLE_MLP, ARTICLE_VIT, COMPARE_LR, Cell, Settings
+from bnvit.article.grid import ARTICLE_FP32, ARTICLE_MLP, ARTICLE_VIT, COMPARE_LR, LR_WINDOW, Cell, Settings
 from bnvit.article.report import report_folder, report_source
 from bnvit.article.results import load_results, results_sha256
 from bnvit.article.stats import t_interval, t_quantile
@@ -105,6 +105,16 @@ def test_report_names_the_cells_that_got_extra_seeds(tmp_path):
     assert "vit_mnist depth 4 lr 0.005 (4 seeds), vitbnffn_mnist depth 4 lr 0.005 (4 seeds)." in text
     assert "depth 3 lr 0.005 (" not in text  # the cells with the base count are not listed
     assert "s0: +1.00, s1: +2.00, s2: +3.00, s3: +2.00" in text
+
+
+@pytest.mark.parametrize("experiment", [ARTICLE_VIT, ARTICLE_MLP, LR_WINDOW], ids=lambda e: e.name)
+def test_a_run_is_quick_only_when_smaller_than_its_experiments_full_setting(experiment):
+    full = experiment.settings
+    assert not experiment.is_reduced(full)  # the learning-rate window's full run trains on a subset by design
+    assert experiment.is_reduced(experiment.quick_settings)
+    assert experiment.is_reduced(dataclasses.replace(full, epochs=full.epochs - 1))
+    assert experiment.is_reduced(dataclasses.replace(full, test_subset=(full.test_subset or 10_000) - 1))
+    assert not experiment.is_reduced(dataclasses.replace(full, epochs=full.epochs + 1))
 
 
 def test_a_report_older_than_its_results_is_detected(tmp_path):

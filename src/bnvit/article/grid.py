@@ -124,8 +124,15 @@ class Experiment:
     def is_reduced(self, settings: Settings | Mapping[str, Any]) -> bool:
         """Whether `settings` is smaller than the experiment's full setting (a quick run)."""
         values = dataclasses.asdict(settings) if isinstance(settings, Settings) else settings
-        return bool(
-            values.get("train_subset") or values.get("test_subset") or values.get("epochs", 0) < self.settings.epochs
+        full = self.settings
+
+        def smaller(subset: int | None, full_subset: int | None) -> bool:  # None: the whole split
+            return subset is not None and (full_subset is None or subset < full_subset)
+
+        return (
+            smaller(values.get("train_subset"), full.train_subset)
+            or smaller(values.get("test_subset"), full.test_subset)
+            or values.get("epochs", 0) < full.epochs
         )
 
 
