@@ -102,8 +102,12 @@ def test_report_names_the_cells_that_got_extra_seeds(tmp_path):
     write_folder(tmp_path, results, Settings())
     text = report_folder(tmp_path, dataclasses.replace(COMPARE_LR, claims=(2,)), figures=False).read_text()
     assert "14 runs; 3 to 4 seeds per cell" in text
-    assert "vit_mnist depth 4 lr 0.005 (4 seeds), vitbnffn_mnist depth 4 lr 0.005 (4 seeds)." in text
-    assert "depth 3 lr 0.005 (" not in text  # the cells with the base count are not listed
+    assert "for the cells of that close call only): lr 0.005 depth 4 (4 seeds).\n" in text
+    assert "depth 3 (" not in text  # the cells with the base count are not listed
+    results.append(fake_result("vit_mnist", 4, 0.005, 4, [0.8] * 10))  # a seed one model has so far
+    write_folder(tmp_path, results, Settings())
+    text = report_folder(tmp_path, dataclasses.replace(COMPARE_LR, claims=(2,)), figures=False).read_text()
+    assert "lr 0.005 depth 4 (vit_mnist 5, vitbnffn_mnist 4 seeds)." in text
     assert "s0: +1.00, s1: +2.00, s2: +3.00, s3: +2.00" in text
 
 

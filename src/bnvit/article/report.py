@@ -91,10 +91,19 @@ def _fmt_interval(values: Sequence[float]) -> str:
 
 def _extra_seeds_note(groups: Mapping[tuple[str, int, float], dict], base: int) -> list[str]:
     """The cells that got more seeds than the rest (close calls, `--extra-seeds-for-close-calls`)."""
-    extra = [(key, len(g["curves"])) for key, g in sorted(groups.items()) if len(g["curves"]) > base]
+    counts: dict[tuple[float, int], dict[str, int]] = {}
+    for (model, depth, lr), g in sorted(groups.items()):
+        counts.setdefault((lr, depth), {})[model] = len(g["curves"])
+    extra = {cell: n for cell, n in counts.items() if max(n.values()) > base}
     if not extra:
         return []
-    cells = ", ".join(f"{model} depth {depth} lr {lr:g} ({n} seeds)" for (model, depth, lr), n in extra)
+
+    def seeds(n: dict[str, int]) -> str:  # "4 seeds" when every model has as many, else per model
+        if len(set(n.values())) == 1:
+            return f"{next(iter(n.values()))} seeds"
+        return ", ".join(f"{model} {k}" for model, k in n.items()) + " seeds"
+
+    cells = "; ".join(f"lr {lr:g} depth {depth} ({seeds(n)})" for (lr, depth), n in sorted(extra.items()))
     return [
         f"More seeds where the first {base} straddled a claim's threshold (one seed at a time, up to 5, "
         f"for the cells of that close call only): {cells}.",

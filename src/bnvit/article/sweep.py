@@ -261,9 +261,8 @@ def _run_parallel(
         backend = LocalProcesses(workers, devices)
         jobs = [dataclasses.replace(j, threads=threads) for j in jobs]
         where = ", ".join(devices)
-        log(
-            f"{len(jobs)} cells, {workers} at once in worker processes ({threads} thread{'s' * (threads > 1)} each, on {where})"
-        )
+        each = f"{threads} thread{'s' * (threads > 1)} each"
+        log(f"{len(jobs)} cells, {workers} at once in worker processes ({each}, on {where})")
     run_jobs(jobs, backend, train_cell, out, key=lambda j: j.cell.key, done=done, log=log)
 
 
