@@ -28,19 +28,16 @@ import torch
 from PIL import Image
 
 from bnvit.data import DeviceLoader, MNISTDataset, article_transform, augment_batch, load_mnist
+from bnvit.device import torch_threads
 from common import machine
 
 
 def _rate(work: Callable[[], int], threads: int) -> float:
     """Images per second of one call of ``work`` (which returns how many images it processed)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         start = time.perf_counter()
         images = work()
         return images / (time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -35,7 +35,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -51,6 +50,7 @@ import augment_throughput
 import deploy_speed
 import epoch
 import model_speed
+from bnvit.device import torch_threads
 from bnvit.training import resolve_device
 from common import machine, table
 
@@ -161,18 +161,6 @@ def _print_deploy(result: dict, title: str = "Deploy") -> None:
     print(table("The most a normalization-free model can gain, and the allocator's page faults", rows, header))
 
 
-@contextlib.contextmanager
-def _threads(n: int | None, device: torch.device):
-    """Run a section with `n` PyTorch threads on a CPU (None: leave them), then restore them."""
-    before = torch.get_num_threads()
-    if n is not None and device.type == "cpu":
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="bnvit benchmarks: measured ratios in one process")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -238,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"speedup {r['speedup']:.2f}x\n")
     if "deploy" in sections:
         batches = (1, 8) if args.smoke else (1, 64, 256, 5000)
-        with _threads(deploy_threads, device):
+        with torch_threads(deploy_threads if device.type == "cpu" else None):
             results["deploy"] = deploy_speed.run(device, repeats, depth=depth, batches=batches)
             results["deploy"]["threads"] = torch.get_num_threads()
         _print_deploy(results["deploy"])
@@ -246,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "small" in sections:
         runtimes, batches = (("eager",), (1, 2)) if args.smoke else (("eager", "onnxruntime"), (1, 16))
         small = dict(batches=batches, runtimes=runtimes, depth=1 if args.smoke else None)
-        with _threads(deploy_threads, device):
+        with torch_threads(deploy_threads if device.type == "cpu" else None):
             results["small"] = deploy_speed.run_small(device, repeats, **small)
             results["small"]["threads"] = torch.get_num_threads()
         _print_deploy(results["small"], "ViT-S/16 at 224, folded ViTBN vs LayerNorm ViT")

@@ -9,13 +9,22 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from . import _checks
 
-__all__ = ["PRECISIONS", "autocast", "cpu_has_fast_bf16", "describe_machine", "resolve_device", "resolve_precision"]
+__all__ = [
+    "PRECISIONS",
+    "autocast",
+    "cpu_has_fast_bf16",
+    "describe_machine",
+    "resolve_device",
+    "resolve_precision",
+    "torch_threads",
+]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -74,6 +83,27 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with `threads` PyTorch CPU threads (None: as they are), then restore the count.
+
+    Example:
+        >>> before = torch.get_num_threads()
+        >>> with torch_threads(1):
+        ...     torch.get_num_threads()
+        1
+        >>> torch.get_num_threads() == before
+        True
+    """
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def describe_machine(device: torch.device) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..data import DeviceLoader
-from ..device import resolve_device, resolve_precision
+from ..device import resolve_device, resolve_precision, torch_threads
 from ..training import fit
 from .grid import Cell, Settings
 from .parallel import available_cores
@@ -82,15 +82,11 @@ def estimate_seconds(
     device = resolve_device(device)
     n_train = settings.train_subset or MNIST_TRAIN
     n_test = settings.test_subset or MNIST_TEST
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
-    try:
+    with torch_threads(threads or None):
         per_image = {
             (model, depth): _timed_epochs(Cell(model, depth, 1e-3, 0), settings, device, batches)
             for model, depth in sorted({(c.model, c.depth) for c in cells})
         }
-    finally:
-        torch.set_num_threads(before)
     total = 0.0
     for cell in cells:
         per_train, per_eval = per_image[(cell.model, cell.depth)]
