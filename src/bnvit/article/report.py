@@ -111,11 +111,16 @@ def _extra_seeds_note(groups: Mapping[tuple[str, int, float], dict], base: int) 
     ]
 
 
+def _seed_counts(groups: Mapping[tuple[str, int, float], dict], empty: int) -> tuple[list[int], str]:
+    """The distinct numbers of seeds per cell, sorted, and how to say them ("3", or "3 to 5")."""
+    counts = sorted({len(g["curves"]) for g in groups.values()}) or [empty]
+    return counts, str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+
+
 def _header(results: Sequence[Mapping[str, Any]], machine_note: str | None, source: str) -> list[str]:
     groups = summarize(results)
-    counts = sorted({len(g["curves"]) for g in groups.values()}) or [0]
+    counts, per_cell = _seed_counts(groups, empty=0)
     seeds = counts[-1]
-    per_cell = f"{counts[0]} to {seeds}" if len(counts) > 1 else str(seeds)
     settings = results[0]["settings"] if results else {}
     epochs = max((r["settings"]["epochs"] for r in results), default=0)
     precisions = sorted({r["precision"] for r in results if r.get("precision")})
@@ -214,8 +219,7 @@ def _figures(out: Path, results: Sequence[Mapping[str, Any]]) -> list[str]:
     figures = sorted(p.name for p in out.glob("*.png"))
     if not figures:
         return []
-    counts = sorted({len(g["curves"]) for g in summarize(results).values()}) or [1]
-    seeds = str(counts[-1]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
+    counts, seeds = _seed_counts(summarize(results), empty=1)
     caption = (
         f"Lines: the mean over {seeds} seeds; bands: ± one standard deviation over seeds."
         if counts[-1] > 1
