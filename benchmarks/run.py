@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    deploy_threads = deploy_threads if device.type == "cpu" else None  # threads are a CPU setting
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"speedup {r['speedup']:.2f}x\n")
     if "deploy" in sections:
         batches = (1, 8) if args.smoke else (1, 64, 256, 5000)
-        with torch_threads(deploy_threads if device.type == "cpu" else None):
+        with torch_threads(deploy_threads):
             results["deploy"] = deploy_speed.run(device, repeats, depth=depth, batches=batches)
             results["deploy"]["threads"] = torch.get_num_threads()
         _print_deploy(results["deploy"])
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "small" in sections:
         runtimes, batches = (("eager",), (1, 2)) if args.smoke else (("eager", "onnxruntime"), (1, 16))
         small = dict(batches=batches, runtimes=runtimes, depth=1 if args.smoke else None)
-        with torch_threads(deploy_threads if device.type == "cpu" else None):
+        with torch_threads(deploy_threads):
             results["small"] = deploy_speed.run_small(device, repeats, **small)
             results["small"]["threads"] = torch.get_num_threads()
         _print_deploy(results["small"], "ViT-S/16 at 224, folded ViTBN vs LayerNorm ViT")
