@@ -30,6 +30,7 @@ __all__ = [
     "SLIGHTLY",
     "VIT_MODELS",
     "Part",
+    "claim_cells",
     "Verdict",
     "judge",
     "verdicts",
@@ -133,6 +134,19 @@ CLAIMS = {
     LR_DROP_CLAIM.number: LR_DROP_CLAIM.text,
     MLP_CLAIM.number: MLP_CLAIM.text,
 }
+
+
+def claim_cells(claims: Iterable[int]) -> set[tuple[float, int]]:
+    """The `(lr, depth)` cells the given claims judge (claim 4's MLP cells included)."""
+    cells: set[tuple[float, int]] = set()
+    for number in claims:
+        if number in DEPTH_CLAIMS:
+            cells.update((DEPTH_CLAIMS[number].lr, depth) for depth in DEPTH_CLAIMS[number].expect)
+        elif number == LR_DROP_CLAIM.number:
+            cells.update((lr, LR_DROP_CLAIM.depth) for lr in LR_DROP_CLAIM.lrs)
+        elif number == MLP_CLAIM.number:
+            cells.update((lr, MLP_CLAIM.depth) for lr in MLP_CLAIM.lrs)
+    return cells
 
 
 @dataclass

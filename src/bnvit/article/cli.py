@@ -198,7 +198,8 @@ def _settings_from_args(experiment: Experiment, args: argparse.Namespace) -> Set
 
 def check_inputs(args: argparse.Namespace, all_settings: Sequence[Settings]) -> torch.device:
     """Validate device, precision, seeds and data before anything runs; returns the device."""
-    _checks.positive_int("--seeds", args.seeds)
+    if args.seeds is not None:  # None: each experiment's own (the study's protocol)
+        _checks.positive_int("--seeds", args.seeds)
     check_parallel(args)
     device = resolve_device(args.device)
     for settings in all_settings:

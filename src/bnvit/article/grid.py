@@ -183,7 +183,7 @@ DNN_BATCHNORM = Experiment(
     claims=(MLP_CLAIM.number,),
 )
 
-# The three-seed study's parts (see `bnvit.article.study`): the ViT cells of both ViT experiments in one folder
+# The seed study's parts (see `bnvit.article.study`): the ViT cells of both ViT experiments in one folder
 # (the cells they share trained once), the MLPs, and an fp32 check of one ViT cell.
 ARTICLE_VIT = Experiment(
     name="article",
@@ -195,8 +195,10 @@ ARTICLE_VIT = Experiment(
     plots=("depths", "lr"),
     claims=COMPARE_DEPTHS.claims + COMPARE_LR.claims,
     figure_grids={"depths": COMPARE_DEPTHS.grid, "lr": COMPARE_LR.grid},
+    seeds=10,  # the protocol (docs/reproducing.md): ten paired seeds per cell, fixed before the runs
+    quick_seeds=2,
 )
-ARTICLE_MLP = dataclasses.replace(DNN_BATCHNORM, name="article-mlp")
+ARTICLE_MLP = dataclasses.replace(DNN_BATCHNORM, name="article-mlp", seeds=10, quick_seeds=2)
 ARTICLE_FP32 = Experiment(
     name="article-fp32",
     description="ViT vs ViTBNFFN in fp32: does bf16 autocast change a gap? (depth 4, lr 0.005)",
@@ -206,6 +208,8 @@ ARTICLE_FP32 = Experiment(
     quick_grid={0.005: (3,)},  # a cell the quick ViT grid holds, so the quick report has something to compare
     quick_settings=dataclasses.replace(QUICK_VIT, precision="fp32"),
     plots=("depths",),
+    seeds=3,  # a check of one cell's precision, not a claim
+    quick_seeds=2,
 )
 # Beyond the article: the range of learning rates each model tolerates (see `bnvit.article.window`).
 LR_WINDOW_LRS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)  # 1-2-5 steps: about 0.3 decades apart

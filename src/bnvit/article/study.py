@@ -1,4 +1,4 @@
-"""The three-seed study: every cell of the article's three experiments, in three folders, one command.
+"""The seed study: every cell of the article's three experiments, in three folders, one command.
 
 The ViT cells of both ViT experiments (`COMPARE_DEPTHS` and `COMPARE_LR`; the cells they share
 are trained once) go into one folder, recorded in its `sweep.json` as the experiment
@@ -8,8 +8,10 @@ ViT cell into `<out>-fp32`, whose report compares it with the same cell at the d
 A folder belongs to one experiment, so `compare_depths` and `compare_lr` share a folder only as
 parts of this study.
 
-With `extra_seeds_for_close_calls`, a part of a claim whose seeds straddle its threshold gets
-one more seed at a time, for its cells only, up to `MAX_SEEDS`.
+The protocol is fixed before any run (docs/reproducing.md): every cell gets the seeds its
+experiment declares (`Experiment.seeds`: ten for the ViT cells and the MLPs, three for the fp32
+check), always seeds `0 .. n-1`, and nothing depends on the results so far. The cells the claims
+judge run first, one cell (both models, every seed) after another, so cells land whole.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .claims import close_calls
+from .claims import claim_cells
 from .cli import (
     _Parser,
     _settings_from_args,
@@ -40,9 +42,7 @@ from .report import report_folder
 from .results import load_results
 from .sweep import run_sweep, todo
 
-__all__ = ["MAX_SEEDS", "PARTS", "build_parser", "main", "reference_folder", "study_folders"]
-
-MAX_SEEDS = 5
+__all__ = ["PARTS", "build_parser", "main", "plan_cells", "reference_folder", "study_folders"]
 
 PARTS = {"mlp": ("-mlp", ARTICLE_MLP), "vit": ("", ARTICLE_VIT), "fp32": ("-fp32", ARTICLE_FP32)}
 """Part -> (suffix of its folder's name, experiment), in the order they run."""
@@ -71,43 +71,43 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--report-to", help="with --report-only: write reports and figures under this folder instead")
     parser.add_argument(
-        "--extra-seeds-for-close-calls",
-        action="store_true",
-        help=f"where the seeds straddle a claim's threshold, add seeds to those cells only, up to {MAX_SEEDS}",
+        "--parts",
+        type=_parse_parts,
+        default=tuple(PARTS),
+        help=f"comma-separated parts to run: {', '.join(PARTS)} (default: all, in that order)",
     )
-    add_common_arguments(parser)
+    seeds = ", ".join(f"{part} {experiment.seeds}" for part, (_, experiment) in PARTS.items())
+    add_common_arguments(parser, seeds=None, seeds_help=f"the protocol's: {seeds}")
     return parser
+
+
+def _parse_parts(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"{text!r}: the study's parts are {', '.join(PARTS)}")
+    return tuple(p for p in PARTS if p in parts)
+
+
+def plan_cells(experiment: Experiment, grid, seeds: int) -> list[Cell]:
+    """The cells of a part in the order they run: the claims' cells first, each cell whole (seeds, models)."""
+    judged = claim_cells(experiment.claims)
+    cells = experiment.cells(grid, seeds)
+    return sorted(cells, key=lambda c: (c.lr, c.depth) not in judged)  # stable: grid order otherwise
 
 
 def _plan(args) -> list[tuple[str, Experiment, Settings, list[Cell], Path]]:
     base = Path(args.out or f"runs/article{'-quick' if args.quick else ''}")
     plan = []
     for part, folder in study_folders(base).items():
+        if part not in args.parts:
+            continue
         experiment = PARTS[part][1]
         settings = _settings_from_args(experiment, args)
         grid = (experiment.quick_grid or experiment.grid) if args.quick else experiment.grid
-        plan.append((part, experiment, settings, experiment.cells(grid, args.seeds), folder))
+        seeds = args.seeds or (args.quick and experiment.quick_seeds) or experiment.seeds
+        plan.append((part, experiment, settings, plan_cells(experiment, grid, seeds), folder))
     return plan
-
-
-def extra_seed_cells(results: Sequence[dict], claims: Sequence[int], max_seeds: int = MAX_SEEDS) -> list[Cell]:
-    """The next seed of every cell in a close call (its seeds straddle a threshold), below `max_seeds` seeds."""
-    seeds: dict[tuple[str, int, float], set[int]] = {}
-    for r in results:
-        c = r["cell"]
-        seeds.setdefault((c["model"], c["depth"], c["lr"]), set()).add(c["seed"])
-    return [
-        Cell(model, depth, lr, max(seeds[(model, depth, lr)]) + 1)
-        for model, depth, lr in sorted(close_calls(results, claims))
-        if (model, depth, lr) in seeds and len(seeds[(model, depth, lr)]) < max_seeds
-    ]
-
-
-def _extra_seeds(experiment: Experiment, settings: Settings, folder: Path, args, device: torch.device) -> None:
-    """One more seed at a time for the cells of every close call, up to `MAX_SEEDS` seeds."""
-    while extra := extra_seed_cells(load_results(folder, complete=True), experiment.claims):
-        print(f"{experiment.name}: close calls: {len(extra)} more runs ({', '.join(c.key for c in extra)})")
-        _sweep(experiment, settings, extra, folder, args, device)
 
 
 def _sweep(experiment: Experiment, settings: Settings, cells, folder: Path, args, device: torch.device) -> None:
@@ -139,15 +139,11 @@ def _run(args, plan, device: torch.device) -> int:
         print(line)
     if not args.report_only:
         print(f"estimated time: {duration(total)} on {device} (fit() timed on a few batches of each model)")
-    if args.extra_seeds_for_close_calls and not args.report_only:
-        print(f"close calls then get more seeds, up to {MAX_SEEDS} (not in the estimate)")
     if args.estimate:
         return 0
     for _, experiment, settings, cells, folder in plan:
         if not args.report_only:
             _sweep(experiment, settings, cells, folder, args, device)
-            if args.extra_seeds_for_close_calls and experiment.claims:
-                _extra_seeds(experiment, settings, folder, args, device)
     for _, experiment, _, _, folder in plan:
         if args.report_to:
             dest = Path(args.report_to) / folder.name
