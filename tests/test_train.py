@@ -71,6 +71,19 @@ def test_same_seed_gives_the_same_history():
     assert metrics(other) != metrics(first)
 
 
+def test_log_every_records_windows_that_add_up_to_the_epoch_and_leave_training_unchanged():
+    images, labels = toy_data(128)  # 4 steps of 32 per epoch
+    plain = fit(tiny_model(seed=3), (images, labels), **FIT)
+    logged = fit(tiny_model(seed=3), (images, labels), **FIT, log_every=2)
+    assert metrics(logged) == metrics(plain) and plain.steps == []
+    assert [(r.step, r.epoch) for r in logged.steps] == [(2, 1), (4, 1), (6, 2), (8, 2), (10, 3), (12, 3)]
+    for epoch, record in enumerate(logged.records, start=1):  # two windows of equal size: their mean is the epoch's
+        windows = [r for r in logged.steps if r.epoch == epoch]
+        assert sum(r.train_loss for r in windows) / 2 == pytest.approx(record.train_loss, rel=1e-12)
+        assert sum(r.train_acc for r in windows) / 2 == pytest.approx(record.train_acc, rel=1e-12)
+    assert History.from_dict(json.loads(json.dumps(logged.to_dict()))) == logged
+
+
 def test_progress_false_is_silent_and_true_reports(capsys):
     data = toy_data(32)
     fit(tiny_model(), data, epochs=1, lr=1e-3, device="cpu", progress=False)
@@ -186,6 +199,7 @@ def assert_untouched(model, before):
         (dict(precision="fp8"), "unknown precision 'fp8'; valid choices"),
         (dict(optimizer="adamx"), "unknown optimizer 'adamx'"),
         (dict(scheduler="linear"), "unknown scheduler 'linear'"),
+        (dict(log_every=0), "log_every must be an int >= 1, got 0"),
     ],
 )
 def test_bad_arguments_fail_before_training(kwargs, match):

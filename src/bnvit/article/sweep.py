@@ -118,6 +118,7 @@ def train_cell(job: Job) -> str:
         device=device,
         precision=settings.precision,
         seed=cell.seed,
+        log_every=settings.log_every,
         progress=job.progress,
         checkpoint_dir=Path(job.out) / "checkpoints" / cell.key,
         meta=dataclasses.asdict(cell),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..device import PRECISIONS, cpu_has_fast_bf16, resolve_device, resolve_precision
 from .callbacks import Callback, CSVLogger, JSONLLogger, MLflowLogger, TensorBoardLogger, TrainState
-from .history import EpochRecord, History
+from .history import EpochRecord, History, StepRecord
 from .loop import evaluate, fit, recalibrate_bn
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "Callback",
     "EpochRecord",
     "History",
+    "StepRecord",
     "JSONLLogger",
     "MLflowLogger",
     "TensorBoardLogger",

@@ -13,7 +13,7 @@ from typing import Any
 
 from .._io import atomic_write_text
 
-__all__ = ["EpochRecord", "History"]
+__all__ = ["EpochRecord", "History", "StepRecord"]
 
 
 @dataclass
@@ -35,6 +35,21 @@ class EpochRecord:
 
 
 @dataclass
+class StepRecord:
+    """Training loss and accuracy over the `fit(log_every=N)` steps that end at `step`.
+
+    `step` counts optimizer steps from 1 over the whole run (not within an epoch); the values
+    are means over the last N steps' images (of every process, in a distributed run), measured
+    in training mode as the steps were taken.
+    """
+
+    step: int
+    epoch: int
+    train_loss: float
+    train_acc: float
+
+
+@dataclass
 class History:
     """Per-epoch measurements of a `fit()` run.
 
@@ -44,6 +59,7 @@ class History:
             The records of the epochs before it are kept; the diverged epoch has none.
         diverged_step: The step (counted from 1 within that epoch) where it was detected.
         meta: Free-form run information (learning rate, batch size, model, device...).
+        steps: With `fit(log_every=N)`, one `StepRecord` every N training steps; else empty.
 
     Examples:
         >>> h = History()
@@ -58,6 +74,7 @@ class History:
     diverged_at: int | None = None
     diverged_step: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    steps: list[StepRecord] = field(default_factory=list)
 
     # -------------------------------------------------------------- access
 
@@ -114,6 +131,7 @@ class History:
             diverged_at=self.diverged_at,
             diverged_step=self.diverged_step,
             meta=dict(self.meta),
+            steps=[asdict(r) for r in self.steps],
         )
 
     @classmethod
@@ -121,6 +139,7 @@ class History:
         """Inverse of `to_dict`."""
         try:
             records = [EpochRecord(**r) for r in data["records"]]
+            steps = [StepRecord(**r) for r in data.get("steps") or ()]
         except (KeyError, TypeError) as err:
             raise ValueError(f"not a History dict: {err}") from err
         return cls(
@@ -128,6 +147,7 @@ class History:
             diverged_at=data.get("diverged_at"),
             diverged_step=data.get("diverged_step"),
             meta=dict(data.get("meta") or {}),
+            steps=steps,
         )
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:

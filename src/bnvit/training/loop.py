@@ -36,7 +36,7 @@ from ..device import autocast, resolve_device, resolve_precision
 from . import checkpoint, inputs
 from . import distributed as _ddp
 from .callbacks import Callback, CallbackList, TrainState
-from .history import EpochRecord, History
+from .history import EpochRecord, History, StepRecord
 
 __all__ = ["evaluate", "fit", "recalibrate_bn"]
 
@@ -83,6 +83,7 @@ class Settings:
         progress: Show a progress bar (rank 0 only).
         dtype: The model's dtype, which floating-point images are cast to.
         num_classes: The model's number of outputs: labels must lie in `[0, num_classes)`.
+        log_every: Record the training loss and accuracy every this many steps, or None.
     """
 
     world: _ddp.Distributed
@@ -93,6 +94,7 @@ class Settings:
     progress: bool = False
     dtype: torch.dtype = torch.float32
     num_classes: int = 0
+    log_every: int | None = None
 
     @property
     def device(self) -> torch.device:
@@ -191,6 +193,7 @@ def fit(
     meta: dict[str, Any] | None = None,
     distributed: bool | str = "auto",
     sync_bn: bool = True,
+    log_every: int | None = None,
 ) -> History:
     """Train `model` on `train` for `epochs` epochs, evaluating on `val` after each.
 
@@ -244,6 +247,8 @@ def fit(
             `WORLD_SIZE > 1` (or inside an initialized process group of several processes);
             `True` to require it, `False` to train this process alone.
         sync_bn: In a distributed run, synchronize the BatchNorm statistics across processes.
+        log_every: Also record the training loss and accuracy every `log_every` steps, as means
+            over those steps, in `History.steps` (how fast a model learns within an epoch).
 
     Returns:
         The `History` of the run. A run whose loss becomes non-finite (on any process) stops
@@ -280,6 +285,7 @@ def fit(
     s = Settings(world, resolve_precision(precision, device), loss_fn or F.cross_entropy, None, r.max_grad_norm)
     s.dtype = inputs.model_dtype(model)
     s.progress, hooks = progress and main, CallbackList(callbacks if main else ())
+    s.log_every = None if log_every is None else _checks.positive_int("log_every", log_every)
     run = r.record(s.precision)
     history = History(meta={**run, "epochs": r.epochs, **world.describe(sync_bn), **(meta or {})})
 
@@ -310,6 +316,8 @@ def fit(
             current_lr, began = opt.param_groups[0]["lr"], time.perf_counter()
             result = _train_epoch(step_model, train_loader, opt, s, f"epoch {epoch}/{r.epochs}")
             train_seconds = time.perf_counter() - began
+            first = (epoch - 1) * len(train_loader)  # steps before this epoch
+            history.steps += [StepRecord(first + step, epoch, loss, acc) for step, loss, acc in result["steps"]]
             if result["diverged_step"] is not None:
                 history.diverged_at, history.diverged_step = epoch, result["diverged_step"]
                 if checkpoint_dir is not None:
@@ -443,6 +451,8 @@ def _train_epoch(model: nn.Module, loader: Any, opt: torch.optim.Optimizer, s: S
     correct = torch.zeros((), device=s.device, dtype=torch.int64)
     finite = torch.ones((), device=s.device, dtype=torch.bool)
     n, check = 0, not inputs.checked_up_front(loader)  # tensor data was checked whole before training
+    steps: list[tuple[int, float, float]] = []  # (step in this epoch, loss, accuracy) every s.log_every steps
+    mark = (loss_sum.clone(), correct.clone(), 0)
     bar = tqdm(total=len(loader), desc=desc, leave=False, disable=not s.progress, unit="batch")
     try:
         for step, (images, labels) in enumerate(loader, start=1):
@@ -459,18 +469,22 @@ def _train_epoch(model: nn.Module, loader: Any, opt: torch.optim.Optimizer, s: S
             loss_sum += loss.double() * len(labels)
             correct += (logits.detach().argmax(1) == labels).sum()
             n += len(labels)
+            if s.log_every and step % s.log_every == 0:  # the means over the last log_every steps
+                window = s.world.sum(loss_sum - mark[0], correct - mark[1], n - mark[2])
+                steps.append((step, window[0] / window[2], window[1] / window[2]))
+                mark = (loss_sum.clone(), correct.clone(), n)
             if step % check_every == 0 or step == len(loader):
                 if not s.world.all_true(finite):
                     if s.progress:
                         tqdm.write(f"{desc}: loss became non-finite at step {step}; stopping")
-                    return {"diverged_step": step, "loss": float("nan"), "acc": float("nan"), "n": n}
+                    return {"diverged_step": step, "loss": float("nan"), "acc": float("nan"), "n": n, "steps": steps}
                 if s.progress:
                     bar.update(step - bar.n)
                     bar.set_postfix(loss=f"{float(loss_sum) / n:.4f}", acc=f"{int(correct) / n:.2%}", refresh=False)
     finally:
         bar.close()
     loss_total, hits, n = s.world.sum(loss_sum, correct, n)
-    return {"diverged_step": None, "loss": loss_total / n, "acc": hits / n, "n": int(n)}
+    return {"diverged_step": None, "loss": loss_total / n, "acc": hits / n, "n": int(n), "steps": steps}
 
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, s: Settings) -> None:
