@@ -1,5 +1,6 @@
-"""The three-seed study's command and statistics: t-intervals, resuming the study's folders without
-retraining, one experiment and one process per folder, reports that cannot go stale, bad input."""
+"""The seed study's command and statistics: t-tests, intervals and Holm's correction, the protocol's
+fixed plan, resuming the study's folders without retraining, one experiment and one process per
+folder, reports that cannot go stale, bad input."""
 
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ import torch
 
 from bnvit.article import cli, study
 from bnvit.article import sweep as article_sweep
-from bnvit.article.claims import verdicts
+from bnvit.article.claims import EXPECTATIONS, judge, verdicts
 from bnvit.article.folder import LOCK, FolderLock, FolderLockedError, prepare_folder
 from bnvit.article.grid import ARTICLE_FP32, ARTICLE_MLP, ARTICLE_VIT, COMPARE_LR, LR_WINDOW, Cell, Settings
 from bnvit.article.report import report_folder, report_source
 from bnvit.article.results import load_results, results_sha256
-from bnvit.article.stats import t_interval, t_quantile
+from bnvit.article.stats import holm, seeds_needed, t_interval, t_quantile, t_test
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"
 
@@ -52,6 +53,45 @@ def test_t_interval_of_three_paired_seeds():
     low, high = t_interval([1.0, 2.0, 3.0])  # mean 2, std 1, n 3: 2 ± 4.303 / sqrt(3)
     assert (low, high) == pytest.approx((2 - 2.4843, 2 + 2.4843), abs=1e-3)
     assert t_interval([1.0]) is None
+
+
+def test_t_test_matches_scipy():
+    values = [0.3, 1.2, 2.5, 1.1, 0.9]  # scipy.stats.ttest_1samp(values, b, alternative=...).pvalue
+    assert t_test(values, 1.5, "less") == pytest.approx(0.2260850355533946, rel=1e-9)
+    assert t_test(values, 0.2, "greater") == pytest.approx(0.025075444715859662, rel=1e-9)
+    assert t_test([1.0], 0.0, "greater") == 1.0  # one value shows nothing
+    assert t_test([2.0, 2.0], 1.0, "greater") == 0.0 and t_test([2.0, 2.0], 1.0, "less") == 1.0
+    with pytest.raises(ValueError, match="alternative must be 'greater' or 'less', got 'two'"):
+        t_test(values, 0.0, "two")
+
+
+def test_holm_adjusts_step_down_and_keeps_the_order():
+    assert holm([0.01, 0.04, 0.03]) == [0.03, 0.06, 0.06]
+    assert holm([0.5, 0.001]) == [0.5, 0.002]
+    assert holm([0.9, 0.8]) == [0.9, 0.9]  # monotone: never below an earlier step
+    assert holm([]) == []
+
+
+def test_seeds_needed_is_the_first_count_that_would_decide():
+    n = seeds_needed(mean=1.0, std=1.0, distance=1.0)
+    for k, decides in ((n - 1, False), (n, True)):
+        assert (t_quantile(0.95, k - 1) / math.sqrt(k) < 1.0) is decides
+    assert seeds_needed(1.0, 1.0, 0.0) is None  # the mean on the bound: no number of seeds decides
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_no_verdict_contradicts_its_printed_interval(seed):
+    """The verdict is exactly where the 90% interval lies against the expectation's bounds."""
+    rng = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 12, (), generator=rng))
+    values = (torch.randn(n, generator=rng, dtype=torch.float64) * 3 + torch.rand((), generator=rng) * 8 - 2).tolist()
+    for expect, bounds in EXPECTATIONS.items():
+        test = judge(values, expect)
+        low, high = test.interval
+        inside = all(low > b if side == "above" else high < b for side, b in bounds)
+        outside = any(high < b if side == "above" else low > b for side, b in bounds)
+        assert (test.verdict == "reproduced") == inside, (expect, values)
+        assert (test.verdict == "not reproduced") == outside, (expect, values)
 
 
 def fake_result(model, depth, lr, seed, accs, settings=None, diverged_at=None) -> dict:
@@ -90,24 +130,24 @@ def test_report_shows_paired_gaps_t_interval_and_the_source_hash(tmp_path):
     text = report_folder(tmp_path, dataclasses.replace(COMPARE_LR, claims=(2,)), figures=False)
     text = text.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| 2 | lr 0.005, depth 4 |"))
-    assert "s0: +1.00, s1: +2.00, s2: +3.00" in row and "+2.00 ± 1.00" in row and "[-0.48, +4.48]" in row
-    assert "**inconclusive**" in row  # clearly ahead (>= 2): the range 2 ± 1 straddles the threshold
+    assert "s0: +1.00, s1: +2.00, s2: +3.00" in row and "+2.00 ± 1.00" in row and "[+0.31, +3.69]" in row
+    assert "**inconclusive**" in row  # clearly ahead (>= 2): the 90% interval holds the threshold
     assert report_source(tmp_path / "report.md") == {"results.jsonl": results_sha256(tmp_path)}
     assert "Machine: not recorded with these results." in text and "precision auto" in text
 
 
-def test_report_names_the_cells_that_got_extra_seeds(tmp_path):
+def test_report_says_how_far_a_folder_is_from_the_protocols_seeds(tmp_path):
     results = depth4_results([0.01, 0.02, 0.03, 0.02], Settings())
     results += [fake_result(m, 3, 0.005, s, [0.8] * 10) for s in range(3) for m in ("vit_mnist", "vitbnffn_mnist")]
     write_folder(tmp_path, results, Settings())
-    text = report_folder(tmp_path, dataclasses.replace(COMPARE_LR, claims=(2,)), figures=False).read_text()
+    experiment = dataclasses.replace(COMPARE_LR, claims=(2,), seeds=4)
+    text = report_folder(tmp_path, experiment, figures=False).read_text()
     assert "14 runs; 3 to 4 seeds per cell" in text
-    assert "for the cells of that close call only): lr 0.005 depth 4 (4 seeds).\n" in text
-    assert "depth 3 (" not in text  # the cells with the base count are not listed
-    results.append(fake_result("vit_mnist", 4, 0.005, 4, [0.8] * 10))  # a seed one model has so far
+    assert "1 of 2 cells have them. Cells with fewer so far (paired seeds): lr 0.005 depth 3: 3." in text
+    results += [fake_result(m, 3, 0.005, 3, [0.8] * 10) for m in ("vit_mnist", "vitbnffn_mnist")]
     write_folder(tmp_path, results, Settings())
-    text = report_folder(tmp_path, dataclasses.replace(COMPARE_LR, claims=(2,)), figures=False).read_text()
-    assert "lr 0.005 depth 4 (vit_mnist 5, vitbnffn_mnist 4 seeds)." in text
+    text = report_folder(tmp_path, experiment, figures=False).read_text()
+    assert "Protocol: 4 paired seeds per cell (seeds 0-3), every cell complete." in text
     assert "s0: +1.00, s1: +2.00, s2: +3.00, s3: +2.00" in text
 
 
@@ -143,14 +183,25 @@ def test_fp32_report_compares_gaps_and_verdicts_with_the_bf16_folder(tmp_path):
     assert set(report_source(tmp_path / "article-fp32" / "report.md")) == {"results.jsonl", "../article/results.jsonl"}
 
 
-def test_close_calls_get_one_more_seed_for_their_cells_only():
-    straddling = depth4_results([0.01, 0.035, 0.02], Settings())  # 2.2 ± 1.3 against "clearly" (>= 2)
-    assert verdicts(straddling, [2])[0].parts[3].straddles
-    cells = study.extra_seed_cells(straddling, [2])
-    assert cells == [Cell("vit_mnist", 4, 0.005, 3), Cell("vitbnffn_mnist", 4, 0.005, 3)]
-    five = depth4_results([0.01, 0.035, 0.02, 0.01, 0.035], Settings())
-    assert study.extra_seed_cells(five, [2]) == []  # at most five seeds
-    assert study.extra_seed_cells(depth4_results([0.05, 0.06, 0.07], Settings()), [2]) == []  # decided
+def test_the_protocol_plan_is_fixed_ten_seeds_claims_first_and_cells_whole(tmp_path):
+    args = study.build_parser().parse_args(["--out", str(tmp_path / "article")])
+    plan = {part: cells for part, _, _, cells, _ in study._plan(args)}
+    vit = plan["vit"]
+    assert len(vit) == 2 * 10 * 10 and {c.seed for c in vit} == set(range(10))
+    assert {c.seed for c in plan["mlp"]} == set(range(10)) and {c.seed for c in plan["fp32"]} == set(range(3))
+    order = list(dict.fromkeys((c.lr, c.depth) for c in vit))  # each cell whole, in this order
+    assert order[-1] == (0.003, 2)  # the cell no claim judges comes last
+    assert order[0] == (0.003, 3) and len(order) == 10
+    first = vit[:20]
+    assert {(c.lr, c.depth) for c in first} == {(0.003, 3)} and {c.seed for c in first} == set(range(10))
+    only_vit = study.build_parser().parse_args(["--out", str(tmp_path / "article"), "--parts", "vit"])
+    assert [part for part, *_ in study._plan(only_vit)] == ["vit"]
+
+
+def test_a_study_part_that_does_not_exist_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        study.build_parser().parse_args(["--parts", "vit,cnn"])
+    assert "the study's parts are mlp, vit, fp32" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- results lines
@@ -180,7 +231,7 @@ def background_job_cells() -> dict[str, tuple[list[Cell], Settings]]:
     return {
         "mlp": (
             [Cell(m, 3, lr, s) for s in range(3) for lr in (0.01, 0.1) for m in ("dnn_mnist", "dnnbn_mnist")],
-            Settings(epochs=15, augment="none", test="clean"),
+            Settings(epochs=15, augment="none", test="clean", log_every=20),
         ),
         "vit": ([Cell(m, d, lr, s) for s in range(3) for lr, ds in grid.items() for d in ds for m in vit], Settings()),
         "fp32": ([Cell(m, 4, 0.005, s) for s in range(3) for m in vit], Settings(precision="fp32")),
@@ -219,9 +270,9 @@ def test_the_published_study_folders_are_accepted_by_the_study_command(folder, t
     experiment, settings, cells, _ = study_plan(tmp_path / "article")[part]
     cli.check_folder(copy, settings, experiment.name)  # same settings, no other owner
     planned = {(c.model, c.depth, c.lr) for c in cells}
-    for r in load_results(copy):  # the planned cells, close calls with extra seeds up to MAX_SEEDS
+    for r in load_results(copy):  # the planned cells, with the protocol's seeds only
         cell = r["cell"]
-        assert (cell["model"], cell["depth"], cell["lr"]) in planned and cell["seed"] < study.MAX_SEEDS, r["key"]
+        assert (cell["model"], cell["depth"], cell["lr"]) in planned and cell["seed"] < experiment.seeds, r["key"]
 
 
 def test_a_finished_study_trains_nothing_and_writes_every_report(mnist_root, tmp_path, monkeypatch, capsys):

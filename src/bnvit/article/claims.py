@@ -11,28 +11,39 @@ accuracy points. A verdict per cell is `reproduced`, `not reproduced` or `inconc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .stats import fmt, summarize
+from .stats import fmt, holm, mean_std, seeds_needed, summarize, t_interval, t_test
 
 __all__ = [
+    "ALPHA",
     "CLAIMS",
     "CLEARLY",
     "COMPARABLE",
     "DEPTH_CLAIMS",
+    "EXPECTATIONS",
+    "FASTER",
+    "LEVEL",
     "LR_DROP",
     "LR_DROP_CLAIM",
     "MLP_CLAIM",
+    "NOT_JUDGED",
     "SLIGHTLY",
+    "TARGET_ACC",
     "VIT_MODELS",
     "Part",
-    "claim_cells",
+    "Test",
     "Verdict",
+    "claim_cells",
+    "describe",
+    "interval_text",
     "judge",
+    "steps_to",
     "verdicts",
 ]
 
@@ -41,26 +52,33 @@ MLP_MODELS = ("dnn_mnist", "dnnbn_mnist")
 LABELS = {"vit_mnist": "ViT", "vitbnffn_mnist": "ViTBNFFN", "dnn_mnist": "DNN_d3", "dnnbn_mnist": "DNNBN_d3"}
 
 # Thresholds, in accuracy points, applied to the mean over epochs of the validation-accuracy gap.
-COMPARABLE = 1.5
-SLIGHTLY = 0.5
-CLEARLY = 2.0
+COMPARABLE = 1.5  # the equivalence margin: "comparable" is a gap inside (-1.5, +1.5)
+SLIGHTLY = 0.5  # "slightly ahead" is a gap in [+0.5, +2.0)
+CLEARLY = 2.0  # "clearly ahead" is a gap of +2.0 or more
 # Claim 3: how many points more ViT must lose than ViTBNFFN when the learning rate goes up.
 LR_DROP = 5.0
+# Claim 4 at the low rate: "faster" is at most this fraction of the plain MLP's steps to `TARGET_ACC`.
+FASTER = 0.8
+TARGET_ACC = 0.9
+ALPHA = 0.05  # every one-sided test; the printed intervals are two-sided at 1 - 2 * ALPHA (90%)
+LEVEL = 1 - 2 * ALPHA
 
-# What each expectation asks of a gap, as the interval [low, high) of gaps that satisfy it
-# ("comparable" is the open interval (-COMPARABLE, COMPARABLE)).
-EXPECTATIONS = {
-    "comparable": (-COMPARABLE, COMPARABLE),
-    "slightly": (SLIGHTLY, math.inf),
-    "clearly": (CLEARLY, math.inf),
-    "lr_drop": (LR_DROP, math.inf),
+# What each expectation needs of the mean of a part's per-seed values: each bound is
+# (side, value): the mean must be shown "above" or "below" the value, all of them at once.
+EXPECTATIONS: dict[str, tuple[tuple[str, float], ...]] = {
+    "comparable": (("above", -COMPARABLE), ("below", COMPARABLE)),
+    "slightly": (("above", SLIGHTLY), ("below", CLEARLY)),
+    "clearly": (("above", CLEARLY),),
+    "lr_drop": (("above", LR_DROP),),
+    "faster": (("below", math.log(FASTER)),),
 }
 
 EXPECTATION_TEXT = {
     "comparable": f"comparable (gap within ±{COMPARABLE})",
-    "slightly": f"slightly ahead (gap >= {SLIGHTLY})",
-    "clearly": f"clearly ahead (gap >= {CLEARLY})",
+    "slightly": f"slightly ahead (gap in [+{SLIGHTLY}, +{CLEARLY}))",
+    "clearly": f"clearly ahead (gap >= +{CLEARLY})",
     "lr_drop": f"ViT loses >= {LR_DROP} pts more",
+    "faster": f"DNNBN needs <= {FASTER:.0%} of DNN's steps to {TARGET_ACC:.0%} train accuracy",
 }
 
 
@@ -96,7 +114,7 @@ class MlpClaim:
     lrs: tuple[float, float]
     text: str
     models: tuple[str, str] = MLP_MODELS
-    early_divisor: int = 3  # "faster": the gap over the first third (1 / early_divisor) of training
+    early_divisor: int = 3  # the epoch-level row shown for reference: the first third of training
     stable: float = 0.9  # final accuracy the BatchNorm MLP must reach at the high rate
     broken_margin: float = 0.10  # how far below it the plain MLP must end (or diverge)
 
@@ -149,19 +167,49 @@ def claim_cells(claims: Iterable[int]) -> set[tuple[float, int]]:
     return cells
 
 
+@dataclass(frozen=True)
+class Test:
+    """A part's per-seed values judged by the protocol's one-sided t-tests (see `judge`).
+
+    Attributes:
+        n: Number of values (paired seeds).
+        mean: Their mean.
+        std: Their sample standard deviation (`None` for one value).
+        interval: The 90% two-sided t-interval of the mean: its ends are the bounds of the
+            one-sided 5% tests, so the verdict can be read off it (`None` for one value).
+        p_hold: p-value for "the expectation holds" (the largest of the one-sided tests it needs).
+        p_fail: p-value for "it does not" (the smallest of the tests that could show the opposite).
+        verdict: `reproduced`, `not reproduced` or `inconclusive`.
+        needed: For an inconclusive part, the number of seeds at which the same mean and standard
+            deviation would decide it (`None`: decided, or no number would).
+    """
+
+    n: int
+    mean: float
+    std: float | None
+    interval: tuple[float, float] | None
+    p_hold: float
+    p_fail: float
+    verdict: str
+    needed: int | None = None
+
+
 @dataclass
 class Part:
     """One judged piece of a claim (a depth, a learning-rate change, one half of claim 4).
 
     Attributes:
         label: Which cell(s): `"lr 0.003, depth 4"`.
-        expect: The expectation (`"comparable"`, `"slightly"`, `"clearly"`, `"lr_drop"`, or a
-            description for parts judged on means).
-        values: Per-seed values judged, in accuracy points (gaps, or extra drops).
+        expect: The expectation (a key of `EXPECTATIONS`, or a description).
+        values: Per-seed values judged (gaps in accuracy points, extra drops, log step ratios).
         seeds: The seeds of `values`.
-        verdict: `reproduced`, `not reproduced` or `inconclusive`.
-        cells: `(model, depth, lr)` of every cell the part needs (more seeds go there).
-        straddles: The seeds' spread straddles the threshold (a close call: more seeds help).
+        verdict: `reproduced`, `not reproduced`, `inconclusive`, or `not judged` for a row shown
+            to help the reader that takes no part in the claim's verdict.
+        cells: `(model, depth, lr)` of every cell the part needs.
+        test: The tests' numbers (`None` when nothing could be tested).
+        note: What else the reader needs (a second sample's interval, a run that never got there).
+        p_hold_holm: `test.p_hold` after Holm's correction over the claim's judged parts.
+        p_fail_holm: `test.p_fail` after Holm's correction over the claim's judged parts.
     """
 
     label: str
@@ -170,7 +218,17 @@ class Part:
     seeds: list[int]
     verdict: str
     cells: tuple[tuple[str, int, float], ...] = ()
-    straddles: bool = False
+    test: Test | None = None
+    note: str = ""
+    p_hold_holm: float | None = None
+    p_fail_holm: float | None = None
+
+    @property
+    def judged(self) -> bool:
+        return self.verdict != NOT_JUDGED
+
+
+NOT_JUDGED = "not judged"
 
 
 @dataclass
@@ -184,40 +242,72 @@ class Verdict:
     parts: list[Part] = field(default_factory=list)
 
 
-def _satisfies(gap: float, expect: str) -> bool:
-    low, high = EXPECTATIONS[expect]
-    return abs(gap) < COMPARABLE if expect == "comparable" else low <= gap < high
-
-
-def judge(gaps: Sequence[float], expect: str) -> tuple[str, str]:
-    """Verdict on per-seed gaps: do they show what the article says (`expect`)?
-
-    With one seed the mean decides. With several, the verdict is `reproduced` only when the
-    whole range mean ± standard deviation satisfies the expectation, `not reproduced` when none
-    of it does, and `inconclusive` when the range straddles the threshold: the seeds' spread
-    covers the difference between the measured gap and the one the claim needs.
-
-    Returns:
-        `(verdict, text)`, the text being `"+1.2 ± 0.3 pts"`.
-    """
-    mean = statistics.fmean(gaps)
-    spread = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
-    text = f"{mean:+.1f}" + (f" ± {spread:.1f}" if len(gaps) > 1 else "") + " pts"
-    ends = (mean - spread, mean + spread)
-    if all(_satisfies(end, expect) for end in ends):
-        return "reproduced", text
-    low, high = EXPECTATIONS[expect]
-    if ends[1] <= low or ends[0] >= high:
-        return "not reproduced", text
-    return "inconclusive", text
-
-
-def _combine(parts: Sequence[str]) -> str:
-    if not parts:
-        return "inconclusive"
-    if all(p == "reproduced" for p in parts):
+def _decide(p_hold: float, p_fail: float) -> str:
+    if p_hold < ALPHA:
         return "reproduced"
-    if "not reproduced" in parts:
+    if p_fail < ALPHA:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def judge(values: Sequence[float], bounds: Sequence[tuple[str, float]] | str) -> Test:
+    """The protocol's verdict on per-seed values: is their mean shown on the expected side of every bound?
+
+    Each bound `("above", b)` or `("below", b)` is one one-sided t-test at 5% (Student's t,
+    n - 1 degrees of freedom). The expectation is `reproduced` when every bound's test rejects
+    (an intersection-union test: TOST for "comparable"), `not reproduced` when the test against
+    some bound rejects the other way, and `inconclusive` otherwise, as always with one value.
+
+    Args:
+        values: The per-seed values.
+        bounds: The bounds, or the name of an expectation in `EXPECTATIONS`.
+
+    Examples:
+        >>> judge([2.5, 3.0, 3.5, 3.0], "clearly").verdict  # mean 3.0, 90% interval [2.52, 3.48]
+        'reproduced'
+        >>> judge([0.5, -0.4, 2.0, 1.1], "comparable").verdict  # [-0.41, +2.01] reaches past +1.5
+        'inconclusive'
+    """
+    bounds = EXPECTATIONS[bounds] if isinstance(bounds, str) else tuple(bounds)
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return Test(0, math.nan, None, None, 1.0, 1.0, "inconclusive")
+    mean, std = mean_std(values)
+    interval = t_interval(values, level=LEVEL)
+    opposite = {"above": "less", "below": "greater"}
+    p_hold = max(t_test(values, b, "greater" if side == "above" else "less") for side, b in bounds)
+    p_fail = min(t_test(values, b, opposite[side]) for side, b in bounds)
+    verdict = _decide(p_hold, p_fail)
+    needed = None
+    if verdict == "inconclusive" and std is not None:
+        # How far the mean lies from the bound that must be cleared: the nearest one if it is on the
+        # expected side of all of them, else the farthest one it is on the wrong side of.
+        signed = [(mean - b) if side == "above" else (b - mean) for side, b in bounds]
+        distance = min(signed) if min(signed) > 0 else max(-d for d in signed)
+        needed = seeds_needed(mean, std, distance, ALPHA)
+    return Test(len(values), mean, std, interval, p_hold, p_fail, verdict, needed)
+
+
+def _both(first: Test, second: Test) -> Test:
+    """Two tests that must both hold (on different samples): the first's numbers, the joint p-values."""
+    p_hold, p_fail = max(first.p_hold, second.p_hold), min(first.p_fail, second.p_fail)
+    verdict = _decide(p_hold, p_fail)
+    needed = max(t.needed or 0 for t in (first, second)) or None if verdict == "inconclusive" else None
+    return dataclasses.replace(first, p_hold=p_hold, p_fail=p_fail, verdict=verdict, needed=needed)
+
+
+def _combine(parts: Sequence[Part]) -> str:
+    """A claim's verdict from its judged parts, with Holm's correction over them (stored on the parts)."""
+    judged = [p for p in parts if p.judged]
+    if not judged:
+        return "inconclusive"
+    holds = holm([p.test.p_hold if p.test else 1.0 for p in judged])
+    fails = holm([p.test.p_fail if p.test else 1.0 for p in judged])
+    for part, p_hold, p_fail in zip(judged, holds, fails, strict=True):
+        part.p_hold_holm, part.p_fail_holm = p_hold, p_fail
+    if all(p < ALPHA for p in holds):
+        return "reproduced"
+    if any(p < ALPHA for p in fails):
         return "not reproduced"
     return "inconclusive"
 
@@ -247,12 +337,31 @@ def final(curve: Sequence[float]) -> float:
     return finite[-1] if finite else math.nan
 
 
+def describe(test: Test | None, unit: str = " pts") -> str:
+    """`"+1.37 ± 1.02 pts, 90% CI [+0.39, +2.35]"`: every number rounded once, from the exact value."""
+    if test is None or test.n == 0:
+        return "not run"
+    text = f"{_signed(test.mean)}" + (f" ± {test.std:.2f}" if test.std is not None else "") + unit
+    if test.interval is None:
+        return text + " (1 seed: nothing can be tested)"
+    return text + f", 90% CI {interval_text(test.interval)}"
+
+
+def interval_text(interval: tuple[float, float] | None) -> str:
+    """`"[-0.41, +2.01]"` (two decimals, rounded once; never "-0.00")."""
+    if interval is None:
+        return "–"
+    return f"[{_signed(interval[0])}, {_signed(interval[1])}]"
+
+
+def _signed(x: float) -> str:
+    return f"{round(x, 2) + 0.0:+.2f}"
+
+
 def _judged_part(label: str, expect: str, seeds, values, cells) -> tuple[Part, str]:
-    if not values:
-        return Part(label, expect, [], [], "inconclusive", cells), f"{label.split(', ')[-1]}: not run"
-    verdict, text = judge(values, expect)
-    straddles = verdict == "inconclusive"
-    return Part(label, expect, values, seeds, verdict, cells, straddles), text
+    test = judge(values, expect) if values else None
+    part = Part(label, expect, values, seeds, test.verdict if test else "inconclusive", cells, test)
+    return part, describe(test)
 
 
 def _depth_claim(groups, claim: DepthClaim) -> Verdict:
@@ -262,8 +371,8 @@ def _depth_claim(groups, claim: DepthClaim) -> Verdict:
         cells = tuple((m, depth, claim.lr) for m in claim.models)
         part, text = _judged_part(f"lr {claim.lr:g}, depth {depth}", expect, seeds, gaps, cells)
         parts.append(part)
-        texts.append(text if not gaps else f"depth {depth}: {text} ({expect} expected: {part.verdict})")
-    return Verdict(claim.number, claim.text, "; ".join(texts), _combine([p.verdict for p in parts]), parts)
+        texts.append(f"depth {depth}: not run" if not gaps else f"depth {depth}: {text} ({expect}: {part.verdict})")
+    return Verdict(claim.number, claim.text, "; ".join(texts), _combine(parts), parts)
 
 
 def _lr_drop_claim(groups, claim: LrDropClaim = LR_DROP_CLAIM) -> Verdict:
@@ -276,13 +385,8 @@ def _lr_drop_claim(groups, claim: LrDropClaim = LR_DROP_CLAIM) -> Verdict:
         low, high = groups.get((model, claim.depth, low_lr)), groups.get((model, claim.depth, high_lr))
         if not low or not high:
             measured = f"depth {claim.depth} at lr {low_lr:g} and {high_lr:g} not both run"
-            return Verdict(
-                claim.number,
-                claim.text,
-                measured,
-                "inconclusive",
-                [Part(label, "lr_drop", [], [], "inconclusive", cells)],
-            )
+            part = Part(label, "lr_drop", [], [], "inconclusive", cells)
+            return Verdict(claim.number, claim.text, measured, _combine([part]), [part])
         low_by, high_by = _by_seed(low), _by_seed(high)
         drops[model] = {s: 100 * (final(low_by[s]) - final(high_by[s])) for s in sorted(set(low_by) & set(high_by))}
         texts.append(
@@ -293,7 +397,47 @@ def _lr_drop_claim(groups, claim: LrDropClaim = LR_DROP_CLAIM) -> Verdict:
     extra = [base[s] - bn[s] for s in seeds]
     part, text = _judged_part(label, "lr_drop", seeds, extra, cells)
     texts.append(f"ViT loses {text} more")
-    return Verdict(claim.number, claim.text, "; ".join(texts), part.verdict, [part])
+    return Verdict(claim.number, claim.text, "; ".join(texts), _combine([part]), [part])
+
+
+def steps_to(result: Mapping[str, Any], target: float = TARGET_ACC) -> int | None:
+    """The first recorded step (`fit(log_every=...)`) whose training accuracy reaches `target`, or None."""
+    for record in result["history"].get("steps") or ():
+        if record["train_acc"] is not None and record["train_acc"] >= target:
+            return record["step"]
+    return None
+
+
+def _speed_part(groups, claim: MlpClaim, lr: float) -> tuple[Part, str]:
+    """Claim 4 at the low rate: the paired log-ratio of the MLPs' steps to `TARGET_ACC` training accuracy."""
+    base, bn = claim.models
+    cells = tuple((m, claim.depth, lr) for m in claim.models)
+    label = f"lr {lr:g}, steps to {TARGET_ACC:.0%} train accuracy"
+    a, b = groups.get((base, claim.depth, lr)), groups.get((bn, claim.depth, lr))
+    if not a or not b:
+        return Part(label, "faster", [], [], "inconclusive", cells), f"lr {lr:g} not run"
+    runs = {m: {r["cell"]["seed"]: r for r in g["results"]} for m, g in ((base, a), (bn, b))}
+    seeds = sorted(set(runs[base]) & set(runs[bn]))
+    if not all(runs[m][s]["history"].get("steps") for m in (base, bn) for s in seeds):
+        note = "no per-step record in these runs (they predate `log_every`)"
+        return Part(label, "faster", [], [], "inconclusive", cells, note=note), f"{label}: {note}"
+    steps = {m: {s: steps_to(runs[m][s]) for s in seeds} for m in (base, bn)}
+    missing = [f"{LABELS[m]} seed {s}" for m in (base, bn) for s in seeds if steps[m][s] is None]
+    if missing:
+        note = f"never reached {TARGET_ACC:.0%} in the recorded steps: {', '.join(missing)}"
+        return Part(label, "faster", [], [], "inconclusive", cells, note=note), f"{label}: {note}"
+    ratios = [math.log(steps[bn][s] / steps[base][s]) for s in seeds]
+    test = judge(ratios, "faster")
+    median = {m: statistics.median(steps[m].values()) for m in (base, bn)}
+    ratio = f"{math.exp(test.mean):.2f}" + (
+        f", 90% CI [{math.exp(test.interval[0]):.2f}, {math.exp(test.interval[1]):.2f}]" if test.interval else ""
+    )
+    note = (
+        f"median steps {LABELS[base]} {median[base]:g}, {LABELS[bn]} {median[bn]:g}; "
+        f"{LABELS[bn]} / {LABELS[base]} (geometric mean) {ratio}"
+    )
+    part = Part(label, "faster", ratios, seeds, test.verdict, cells, test, note=note)
+    return part, f"{label}: {note} ({test.verdict})"
 
 
 def _mlp_claim(groups, claim: MlpClaim = MLP_CLAIM) -> Verdict:
@@ -301,42 +445,52 @@ def _mlp_claim(groups, claim: MlpClaim = MLP_CLAIM) -> Verdict:
     low_lr, high_lr = claim.lrs
     texts, parts = [], []
 
+    speed, text = _speed_part(groups, claim, low_lr)
+    parts.append(speed)
+    texts.append(text)
+
     def early(c: Sequence[float]) -> float:
         return mean_over_epochs(c[: max(1, len(c) // claim.early_divisor)])
 
     seeds, gaps = paired(groups, claim.models, claim.depth, low_lr, early)
-    label = f"lr {low_lr:g}, first third of training"
-    part, text = _judged_part(label, "clearly", seeds, gaps, tuple((m, claim.depth, low_lr) for m in claim.models))
-    texts.append(f"{label}: BN {text} ({part.verdict})" if gaps else f"lr {low_lr:g} not run")
-    parts.append(part)
-    low, high = groups.get((base, claim.depth, high_lr)), groups.get((bn, claim.depth, high_lr))
+    if gaps:  # the epoch-level measure, shown beside the per-step one: both MLPs pass 95% in epoch 1
+        label = f"lr {low_lr:g}, validation accuracy over the first third of training"
+        test = judge(gaps, "clearly")
+        cells = tuple((m, claim.depth, low_lr) for m in claim.models)
+        parts.append(Part(label, "gap, shown for reference", gaps, seeds, NOT_JUDGED, cells, test))
+
     label = f"lr {high_lr:g}, final"
-    expect = f"BN ends >= {100 * claim.stable:.0f}%, plain {100 * claim.broken_margin:.0f} pts lower or diverged"
-    if not low or not high:
+    expect = f"DNNBN ends above {100 * claim.stable:.0f}%, and {100 * claim.broken_margin:.0f} pts above DNN"
+    seeds, finals = paired(groups, claim.models, claim.depth, high_lr, final)
+    if not finals:
         texts.append(f"lr {high_lr:g} not run")
         parts.append(Part(label, expect, [], [], "inconclusive"))
     else:
-        plain = [final(c) for c in low["curves"]]
-        with_bn = [final(c) for c in high["curves"]]
-        stable = statistics.fmean(with_bn) >= claim.stable
-        broke = statistics.fmean(plain) <= statistics.fmean(with_bn) - claim.broken_margin or any(
-            r["history"]["diverged_at"] for r in low["results"]
+        by_seed = _by_seed(groups[(bn, claim.depth, high_lr)])
+        with_bn = [100 * final(by_seed[s]) for s in seeds]
+        stable = judge(with_bn, (("above", 100 * claim.stable),))
+        broke = judge(finals, (("above", 100 * claim.broken_margin),))
+        test = _both(broke, stable)
+        note = f"DNNBN final {describe(stable, '%')}"
+        cells = tuple((m, claim.depth, high_lr) for m in claim.models)
+        parts.append(Part(label, expect, finals, seeds, test.verdict, cells, test, note=note))
+        plain = [final(c) for c in groups[(base, claim.depth, high_lr)]["curves"]]
+        texts.append(
+            f"lr {high_lr:g}, final: DNN {fmt(plain)}%, DNNBN {fmt([v / 100 for v in with_bn])}%; "
+            f"gap {describe(broke)} ({test.verdict})"
         )
-        verdict = "reproduced" if stable and broke else "not reproduced"
-        texts.append(f"lr {high_lr:g}, final: DNN {fmt(plain)}%, DNNBN {fmt(with_bn)}% ({verdict})")
-        seeds, finals = paired(groups, claim.models, claim.depth, high_lr, final)
-        parts.append(Part(label, expect, finals, seeds, verdict))
-    return Verdict(claim.number, claim.text, "; ".join(texts), _combine([p.verdict for p in parts]), parts)
+    return Verdict(claim.number, claim.text, "; ".join(texts), _combine(parts), parts)
 
 
 def verdicts(results: Sequence[Mapping[str, Any]], claims: Iterable[int] = (1, 2, 3, 4)) -> list[Verdict]:
-    """The article's claims, each with what the results show and a verdict computed from them.
+    """The article's claims, each with what the results show and the protocol's verdict.
 
-    A verdict is `reproduced`, `not reproduced`, or `inconclusive` (data missing, or the
-    range mean ± std over seeds straddles the threshold the claim needs). Claims about curves
-    use the mean over epochs of the validation-accuracy gap, paired by seed; thresholds are
-    `COMPARABLE`, `SLIGHTLY` and `CLEARLY` points, and `LR_DROP` for claim 3. A claim judged at
-    several depths is reproduced when every depth is, not reproduced when any depth is not.
+    Every part of a claim (a depth, claim 3's change of rate, claim 4's two rates) is judged by
+    `judge`: one-sided t-tests at 5% against the expectation's bounds (`EXPECTATIONS`), on the
+    per-seed values paired by seed; the printed interval is the 90% t-interval those tests use.
+    A claim is reproduced when every judged part's "holds" p-value stays below 5% after Holm's
+    correction over the claim's parts, not reproduced when some part's "fails" p-value does, and
+    inconclusive otherwise. See docs/reproducing.md, "The protocol".
     """
     groups = summarize(results)
     out = []
@@ -350,8 +504,3 @@ def verdicts(results: Sequence[Mapping[str, Any]], claims: Iterable[int] = (1, 2
         else:
             raise ValueError(f"unknown claim {claim!r}; the article's claims are {sorted(CLAIMS)}")
     return out
-
-
-def close_calls(results: Sequence[Mapping[str, Any]], claims: Iterable[int]) -> set[tuple[str, int, float]]:
-    """The `(model, depth, lr)` cells of every part whose seeds straddle its threshold."""
-    return {cell for v in verdicts(results, claims) for part in v.parts if part.straddles for cell in part.cells}

@@ -21,11 +21,15 @@ from .claims import (
     COMPARABLE,
     DEPTH_CLAIMS,
     EXPECTATION_TEXT,
+    FASTER,
+    LEVEL,
     LR_DROP,
     LR_DROP_CLAIM,
     MLP_CLAIM,
     SLIGHTLY,
+    TARGET_ACC,
     Verdict,
+    interval_text,
     judge,
     paired,
     verdicts,
@@ -38,7 +42,7 @@ from .results import RESULTS, describe_machines, load_results, results_sha256
 from .stats import fmt, mean_std, summarize, t_interval
 from .window import window_section
 
-__all__ = ["RULES", "describe_reduced", "report_folder", "report_source", "write_report"]
+__all__ = ["RULES", "describe_reduced", "report_folder", "report_source", "summary_table", "write_report"]
 
 _TEST_SETS = {
     "augmented": "the augmented test set (augmented once with a fixed seed: identical images for every model)",
@@ -49,17 +53,22 @@ _PRECISION_AUTO = "auto (bf16 autocast on CUDA and on CPUs with native bf16, els
 _LO, _HI = LR_DROP_CLAIM.lrs
 _MLO, _MHI = MLP_CLAIM.lrs
 RULES = (
-    "Gaps are ViTBNFFN minus ViT (DNNBN minus DNN), in accuracy points: the validation accuracy averaged over "
-    f"epochs, paired by seed. 'comparable': |gap| < {COMPARABLE}; 'slightly ahead': gap >= {SLIGHTLY}; "
-    f"'clearly ahead': gap >= {CLEARLY}. Claim 3: ViT's drop in final accuracy from lr {_LO:g} to {_HI:g} at "
-    f"depth {LR_DROP_CLAIM.depth}, minus ViTBNFFN's, must be >= {LR_DROP}. Claim 4: at lr {_MLO:g} the gap over "
-    f"the first third of training must be clearly ahead; at lr {_MHI:g} the MLP with BatchNorm must end at "
-    f">= {100 * MLP_CLAIM.stable:.0f}% and the plain MLP {100 * MLP_CLAIM.broken_margin:.0f} points lower or "
-    "diverge (judged on the means). With several seeds a verdict needs the whole range mean ± std to agree, is "
-    "'not reproduced' when none of it does, and is 'inconclusive' when that range straddles the threshold (or a "
-    "cell was not run). A claim judged at several cells is reproduced when every cell is, not reproduced when "
-    "any is not. The 95% t-interval (Student t with n - 1 degrees of freedom over the n paired seeds) is shown "
-    "beside the verdict; it does not change the verdict. A diverged run counts as chance accuracy after it diverged."
+    "The protocol (docs/reproducing.md), fixed before the ten-seed runs. Gaps are ViTBNFFN minus ViT, in accuracy "
+    "points: the validation accuracy averaged over epochs, paired by seed. Every part is judged by one-sided "
+    "one-sample t-tests at 5% (Student's t, n - 1 degrees of freedom) on its per-seed values: 'comparable' "
+    f"needs the gap shown inside (-{COMPARABLE}, +{COMPARABLE}) (TOST), 'slightly ahead' inside [+{SLIGHTLY}, "
+    f"+{CLEARLY}), 'clearly ahead' above +{CLEARLY}; claim 3 needs ViT's drop in final accuracy from lr {_LO:g} "
+    f"to {_HI:g} at depth {LR_DROP_CLAIM.depth}, minus ViTBNFFN's, shown above {LR_DROP}; claim 4 needs, at lr "
+    f"{_MLO:g}, the MLP with BatchNorm shown to reach {TARGET_ACC:.0%} training accuracy in at most {FASTER:.0%} "
+    f"of the plain MLP's steps (the paired log-ratio of steps, recorded every 20 steps), and at lr {_MHI:g} its "
+    f"final accuracy shown above {100 * MLP_CLAIM.stable:.0f}% and {100 * MLP_CLAIM.broken_margin:.0f} points "
+    "above the plain MLP's. A part is 'reproduced' when every test it needs rejects, 'not reproduced' when a "
+    "test shows the opposite at the same level, and 'inconclusive' otherwise. The interval shown is the 90% "
+    "t-interval, whose ends are the bounds of those one-sided tests: a verdict can be read off it. A claim of "
+    "several parts is reproduced when every part's p-value for 'holds' stays below 5% after Holm's correction "
+    "over the claim's parts, not reproduced when some part's p-value for 'fails' does. 'Seeds needed': for an "
+    "inconclusive part, the seeds at which the same mean and standard deviation would decide it. Numbers are "
+    "rounded once, from exact values. A diverged run counts as chance accuracy after it diverged."
 )
 
 
@@ -82,31 +91,25 @@ def _fmt_points(values: Sequence[float]) -> str:
 
 
 def _fmt_interval(values: Sequence[float]) -> str:
-    interval = t_interval(values)
-    if interval is None:
-        return "– (1 seed)"
-    low, high = (round(end, 2) + 0.0 for end in interval)
-    return f"[{low:+.2f}, {high:+.2f}]"
+    interval = t_interval(values, level=LEVEL)
+    return "– (1 seed)" if interval is None else interval_text(interval)
 
 
-def _extra_seeds_note(groups: Mapping[tuple[str, int, float], dict], base: int) -> list[str]:
-    """The cells that got more seeds than the rest (close calls, `--extra-seeds-for-close-calls`)."""
-    counts: dict[tuple[float, int], dict[str, int]] = {}
-    for (model, depth, lr), g in sorted(groups.items()):
-        counts.setdefault((lr, depth), {})[model] = len(g["curves"])
-    extra = {cell: n for cell, n in counts.items() if max(n.values()) > base}
-    if not extra:
+def _progress_note(groups: Mapping[tuple[str, int, float], dict], planned: int | None) -> list[str]:
+    """How far the folder is from the protocol's seeds per cell (nothing to say once every cell has them)."""
+    if not planned or planned < 2:
         return []
-
-    def seeds(n: dict[str, int]) -> str:  # "4 seeds" when every model has as many, else per model
-        if len(set(n.values())) == 1:
-            return f"{next(iter(n.values()))} seeds"
-        return ", ".join(f"{model} {k}" for model, k in n.items()) + " seeds"
-
-    cells = "; ".join(f"lr {lr:g} depth {depth} ({seeds(n)})" for (lr, depth), n in sorted(extra.items()))
+    counts: dict[tuple[float, int], int] = {}
+    for (_, depth, lr), g in groups.items():
+        counts[(lr, depth)] = min(counts.get((lr, depth), planned), len(g["curves"]))
+    short = {cell: n for cell, n in counts.items() if n < planned}
+    if not short:
+        return [f"Protocol: {planned} paired seeds per cell (seeds 0-{planned - 1}), every cell complete.", ""]
+    cells = "; ".join(f"lr {lr:g} depth {depth}: {n}" for (lr, depth), n in sorted(short.items()))
     return [
-        f"More seeds where the first {base} straddled a claim's threshold (one seed at a time, up to 5, "
-        f"for the cells of that close call only): {cells}.",
+        f"**In progress.** The protocol asks {planned} paired seeds per cell (seeds 0-{planned - 1}); "
+        f"{len(counts) - len(short)} of {len(counts)} cells have them. Cells with fewer so far (paired seeds): "
+        f"{cells}. Their verdicts are provisional until the cell is complete.",
         "",
     ]
 
@@ -117,7 +120,9 @@ def _seed_counts(groups: Mapping[tuple[str, int, float], dict], empty: int) -> t
     return counts, str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
 
 
-def _header(results: Sequence[Mapping[str, Any]], machine_note: str | None, source: str) -> list[str]:
+def _header(
+    results: Sequence[Mapping[str, Any]], machine_note: str | None, source: str, planned: int | None = None
+) -> list[str]:
     groups = summarize(results)
     counts, per_cell = _seed_counts(groups, empty=0)
     seeds = counts[-1]
@@ -143,7 +148,7 @@ def _header(results: Sequence[Mapping[str, Any]], machine_note: str | None, sour
         f"test subset {settings.get('test_subset') or 'all 10,000'}; "
         f"device {devices}; precision {precision}.",
         "",
-        *_extra_seeds_note(groups, counts[0]),
+        *_progress_note(groups, planned),
         f"Machine: {machine}.",
         "",
         source,
@@ -191,28 +196,46 @@ def _claims_tables(vs: Sequence[Verdict], reduced: str | None) -> list[str]:
     lines += [f"| {v.claim} | {v.article} | {v.measured} | {_show(v.verdict, bool(reduced))} |" for v in vs]
     lines += [
         "",
-        "### Per cell: the paired seeds",
+        "### Per part: the paired seeds and the tests",
         "",
-        "Per-seed values in accuracy points (gaps; for claim 3 the extra drop; for claim 4 at the high rate the "
-        "difference of final accuracies), their mean ± std, and the 95% t-interval of the mean.",
+        "Per-seed values (gaps in accuracy points; for claim 3 the extra drop; for claim 4 at the low rate the "
+        "log-ratio of steps, at the high rate the gap in final accuracy), their mean ± std, the 90% t-interval, "
+        "the one-sided p-values for 'holds' and 'fails' (raw, then after Holm's correction over the claim's "
+        "parts), the verdict, and for an inconclusive part the seeds that would decide it at this mean and std.",
         "",
-        "| claim | cell | expected | per seed | mean ± std | 95% t-interval | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "| claim | part | expected | per seed | mean ± std | 90% t-interval | p holds / fails | Holm | verdict "
+        "| seeds needed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in vs:
         for p in v.parts:
             per_seed = ", ".join(f"s{s}: {x:+.2f}" for s, x in zip(p.seeds, p.values, strict=True)) or "not run"
+            t = p.test
+            pvalues = f"{_p(t.p_hold)} / {_p(t.p_fail)}" if t and p.judged else "–"
+            holm = f"{_p(p.p_hold_holm)} / {_p(p.p_fail_holm)}" if p.p_hold_holm is not None else "–"
+            needed = "–" if not t or t.verdict != "inconclusive" or not p.judged else str(t.needed or "none would")
+            note = f" ({p.note})" if p.note else ""
             cells = [
                 v.claim,
-                p.label,
+                p.label + note,
                 EXPECTATION_TEXT.get(p.expect, p.expect),
                 per_seed,
                 _fmt_points(p.values),
-                _fmt_interval(p.values),
+                interval_text(t.interval) if t else "–",
+                pvalues,
+                holm,
             ]
-            lines.append("| " + " | ".join(map(str, cells)) + f" | {_show(p.verdict, bool(reduced))} |")
+            verdict = p.verdict if not p.judged else _show(p.verdict, bool(reduced))
+            lines.append("| " + " | ".join(map(str, cells)) + f" | {verdict} | {needed} |")
     lines += ["", "### How the verdicts are computed", "", RULES]
     return lines
+
+
+def _p(p: float | None) -> str:
+    """A p-value, rounded once: `"0.003"`, `"<0.001"`."""
+    if p is None:
+        return "–"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _figures(out: Path, results: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -232,7 +255,7 @@ def precision_section(results: Sequence[Mapping[str, Any]], reference: Sequence[
     """This folder's gaps (e.g. fp32) beside the same cells' gaps in a reference folder (e.g. bf16), per seed."""
     lines = ["", "## Against the same cells at the study's default precision", ""]
     groups, ref_groups = summarize(results), summarize(reference)
-    header = ["cell", "seeds", "gap here", "gap in the reference", "here minus reference", "95% t-interval"]
+    header = ["cell", "seeds", "gap here", "gap in the reference", "here minus reference", "90% t-interval"]
     header += ["verdict here", "verdict in the reference", "clean test here", "clean test there"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     # The pair from both folders: a folder still filling up may hold one model of a cell so far.
@@ -251,13 +274,13 @@ def precision_section(results: Sequence[Mapping[str, Any]], reference: Sequence[
         row += [_fmt_points(gaps), _fmt_points([ref[s] for s in common]), _fmt_points(diff), _fmt_interval(diff)]
         expect = next((c.expect.get(depth) for c in DEPTH_CLAIMS.values() if c.lr == lr), None)
         for values in (gaps, [ref[s] for s in common]):
-            row.append(f"{judge(values, expect)[0]} ({expect} expected)" if expect and values else "–")
+            row.append(f"{judge(values, expect).verdict} ({expect} expected)" if expect and values else "–")
         lines.append("| " + " | ".join(row + clean) + " |")
     lines += [
         "",
         "Gaps as above (mean over epochs of ViTBNFFN minus ViT), paired by seed; 'here minus reference' is the "
-        "per-seed difference of the gaps, with its 95% t-interval: an interval holding 0 means the precision "
-        "does not change the gap measurably. Verdicts follow the rules above for the claim that covers the cell "
+        "per-seed difference of the gaps, with its 90% t-interval: an interval holding 0 means no change of the "
+        "gap is shown at 5% on either side. Verdicts follow the rules above for the claim that covers the cell "
         "(only the gaps of the seeds both folders hold are compared; the verdict in the reference uses those seeds). "
         "Clean test accuracies pool both models.",
     ]
@@ -274,6 +297,7 @@ def write_report(
     machine_note: str | None = None,
     source: str = "",
     extra: Sequence[str] = (),
+    planned_seeds: int | None = None,
 ) -> Path:
     """Write `out/report.md`: every cell's accuracies and the article's claims with verdicts.
 
@@ -286,12 +310,14 @@ def write_report(
         machine_note: What to say about the machine when the results do not record it.
         source: The line naming the results file and its sha256 (see `report_folder`).
         extra: More Markdown lines, before the figures.
+        planned_seeds: The seeds per cell the experiment's protocol asks for (the header says how
+            far the folder is).
     """
     out = Path(out)
     lines = [f"# {title}", ""]
     if reduced:
         lines += [f"> Quick run ({reduced}): a smoke test of the command, not a reproduction.", ""]
-    lines += _header(results, machine_note, source) + _cells_table(results)
+    lines += _header(results, machine_note, source, planned_seeds) + _cells_table(results)
     claims = list(claims)
     if claims:
         lines += _claims_tables(verdicts(results, claims), reduced)
@@ -358,4 +384,73 @@ def report_folder(
         machine_note=machine_note or read_folder(folder).get("machine_note"),
         source=source,
         extra=extra,
+        planned_seeds=(reduced and experiment.quick_seeds) or experiment.seeds,
     )
+
+
+_EXPECT_SHORT = {
+    "comparable": "comparable",
+    "slightly": "slightly ahead",
+    "clearly": "clearly ahead",
+    "lr_drop": ">= 5 more",
+    "faster": "BN faster",
+}
+
+
+def summary_table(vit: Sequence[Mapping[str, Any]], mlp: Sequence[Mapping[str, Any]] = ()) -> list[str]:
+    """The README's table of the study: one row per judged part, every number rounded once from exact values.
+
+    `vit`: the results of the study's ViT folder (claims 1-3); `mlp`: those of its MLP folder
+    (claim 4). `bnvit reproduce all --report-only` prints it; a test checks the README holds it.
+    """
+    lines = [
+        "| claim, cell | seeds | ViT, epoch 10 | ViTBNFFN, epoch 10 | measured | 90% interval | article expects "
+        "| verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    groups = summarize(vit)
+
+    def last(model: str, depth: int, lr: float) -> str:
+        group = groups.get((model, depth, lr))
+        return fmt([c[-1] for c in group["curves"]]) + "%" if group else "–"
+
+    def seeds(part) -> str:
+        return str(part.test.n) if part.test else "0"
+
+    vit_claims = verdicts(vit, (1, 2, 3)) if vit else []
+    mlp_claims = verdicts(mlp, (4,)) if mlp else []
+    for v in vit_claims:
+        for part in v.parts:
+            t = part.test
+            measured = "–" if t is None else f"{_signed(t.mean)}" + (f" ± {t.std:.2f}" if t.std is not None else "")
+            if v.claim == 3:
+                (lo, hi), depth = LR_DROP_CLAIM.lrs, LR_DROP_CLAIM.depth
+                accs = [f"{last(m, depth, lo)} -> {last(m, depth, hi)}" for m in LR_DROP_CLAIM.models]
+                measured = f"ViT loses {measured} more"
+            else:
+                depth, lr = part.cells[0][1], part.cells[0][2]
+                accs = [last(m, depth, lr) for m in DEPTH_CLAIMS[v.claim].models]
+            row = [f"{v.claim}: {part.label}", seeds(part), *accs, measured, interval_text(t.interval if t else None)]
+            lines.append("| " + " | ".join(row + [_EXPECT_SHORT[part.expect], part.verdict]) + " |")
+    for v in mlp_claims:
+        for part in (p for p in v.parts if p.judged):
+            t = part.test
+            if part.expect == "faster" and t is not None and t.interval is not None:
+                measured = f"DNNBN / DNN steps to 90%: {math.exp(t.mean):.2f}"
+                interval = f"[{math.exp(t.interval[0]):.2f}, {math.exp(t.interval[1]):.2f}]"
+                expect = f"<= {FASTER:.2f}"
+            elif t is not None and t.interval is not None:
+                measured = f"final gap {_signed(t.mean)} ± {t.std:.2f}"
+                interval = interval_text(t.interval)
+                expect = "BN stable"
+            else:
+                measured, interval, expect = part.note or "not run", "–", _EXPECT_SHORT.get(part.expect, "")
+            row = [f"4: MLP, {part.label}", seeds(part), "", "", measured, interval, expect, part.verdict]
+            lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "| claim | verdict (Holm's correction over its parts) |", "|---|---|"]
+    lines += [f"| {v.claim}: {v.article} | {v.verdict} |" for v in vit_claims + mlp_claims]
+    return lines
+
+
+def _signed(x: float) -> str:
+    return f"{round(x, 2) + 0.0:+.2f}"
