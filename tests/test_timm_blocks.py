@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import json
 import math
 
 import pytest
@@ -22,6 +23,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import bnvit
 from bnvit import BatchNormFFN, BatchNormMlp, BNFFNBlock, ViT, ViTBNFFN, fold_batchnorm, to_bn_ffn
 from bnvit import layers as bnvit_layers
+from bnvit.article import TRANSFER, cli, load_results
+from bnvit.article.report import gaps_section
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
 
@@ -308,7 +311,6 @@ def test_torch_compile_in_training_and_in_eval():
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_onnx_export_runs_in_onnxruntime_without_batchnorm(tmp_path):
     pytest.importorskip("onnxscript")
     onnx = pytest.importorskip("onnx")
@@ -454,3 +456,67 @@ def test_layer_norm_and_batchnorm_twins_differ_only_in_the_ffn_norm():
     extra = sum(v.numel() for k, v in bn.items() if ".mlp.norm.bn." in k and v.is_floating_point())
     assert extra == 2 * 4 * 128  # per block: weight, bias, running mean and variance of 128 features
     assert math.isclose(sum(v.numel() for k, v in ln.items() if ".norm2." in k), 2 * 2 * 64)
+
+
+# ---------------------------------------------------------------------------- the transfer study
+
+
+def _result(model: str, depth: int, lr: float, seed: int, accs: list[float]) -> dict:
+    records = [
+        dict(epoch=i + 1, train_loss=1.0, train_acc=a, val_loss=1.0, val_acc=a, lr=lr, seconds=1.0, images_per_sec=1.0)
+        for i, a in enumerate(accs)
+    ]
+    key = f"{model}-d{depth}-lr{lr:g}-s{seed}"
+    history = dict(records=records, diverged_at=None, diverged_step=None, meta={})
+    cell = dict(model=model, depth=depth, lr=lr, seed=seed)
+    return dict(key=key, cell=cell, settings=dict(epochs=len(accs)), history=history, clean_test_acc=0.9)
+
+
+def test_transfer_study_is_declared_as_asked():
+    assert TRANSFER.models == ("timmvit_mnist", "timmvit_bnffn_mnist")
+    assert TRANSFER.grid == {0.003: (4, 6), 0.005: (4, 6)} and TRANSFER.seeds == 3
+    assert len(TRANSFER.cells(seeds=TRANSFER.seeds)) == 24
+    settings = TRANSFER.settings
+    assert (settings.epochs, settings.augment, settings.train_subset, settings.precision) == (10, "fast", None, "fp32")
+    args = cli.build_parser(TRANSFER).parse_args(["--quick"])
+    assert cli._grid_from_args(TRANSFER, args) == {0.003: (4,), 0.005: (4,)}
+    assert cli._settings_from_args(TRANSFER, args).epochs == 3
+
+
+def test_gaps_section_pairs_the_seeds_of_each_cell():
+    results = []
+    for seed, gap in enumerate([0.02, 0.03, 0.04]):
+        results.append(_result("timmvit_mnist", 4, 0.005, seed, [0.80, 0.90]))
+        results.append(_result("timmvit_bnffn_mnist", 4, 0.005, seed, [0.80 + gap, 0.90 + 2 * gap]))
+    results.append(_result("timmvit_mnist", 6, 0.005, 0, [0.5, 0.6]))  # its twin not run yet
+    lines = gaps_section(results, TRANSFER.models)
+    assert "## timm ViT + BNFFNBlock minus timm ViT, per cell" in lines
+    (row,) = [line for line in lines if line.startswith("| lr 0.005, depth 4")]
+    # over epochs: (gap + 2 gap) / 2 = 1.5 gap per seed: 3, 4.5, 6 points; at the last epoch 4, 6, 8.
+    assert "| 0, 1, 2 | +4.50 ± 1.50 | [+0.77, +8.23] | +6.00 ± 2.00 | [+1.03, +10.97] |" in row
+    assert any(line.startswith("| lr 0.005, depth 6 | not both run |") for line in lines)
+
+
+@pytest.mark.slow
+def test_transfer_example_quick_run_writes_results_figures_and_gaps(mnist_root, tmp_path, capsys):
+    out = tmp_path / "transfer"
+    tiny = ["--train-subset", "200", "--test-subset", "100", "--no-progress", "--no-download", "--device", "cpu"]
+    assert cli.run_cli(TRANSFER, ["--quick", "--epochs", "1", "--seeds", "1", "--out", str(out), *tiny]) == 0
+    results = load_results(out)
+    assert sorted(r["key"] for r in results) == sorted(c.key for c in TRANSFER.cells(TRANSFER.quick_grid, 1))
+    for figure in ("depths_lr0.003.png", "depths_lr0.005.png", "lr_comparison.png"):
+        assert (out / figure).read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    assert "## timm ViT + BNFFNBlock minus timm ViT, per cell" in report and "| lr 0.003, depth 4 | 0 |" in report
+    assert "estimated time" in capsys.readouterr().out
+
+
+def test_block_speed_benchmark_runs_at_a_tiny_size(tmp_path):
+    """The benchmark runs end to end (and checks that the folded stack equals the unfolded one); no timing asserted."""
+    import block_speed  # benchmarks/, on the path through conftest.py
+
+    result = block_speed.main(["--smoke", "--json", str(tmp_path / "speed.json")])
+    assert set(result["batches"]) == {"batch 1", "batch 4"}
+    for row in result["batches"].values():
+        assert row["timm_ms"] > 0 and row["folded_ms"] > 0 and row["ratio_paired"] > 0 and row["rounds"] == 2
+    assert json.loads((tmp_path / "speed.json").read_text())["size"] == block_speed.PRESETS["smoke"]

@@ -28,17 +28,26 @@ __all__ = [
     "LR_DROP_CLAIM",
     "MLP_CLAIM",
     "SLIGHTLY",
+    "TIMM_MODELS",
     "VIT_MODELS",
     "Part",
-    "claim_cells",
     "Verdict",
+    "claim_cells",
     "judge",
     "verdicts",
 ]
 
 VIT_MODELS = ("vit_mnist", "vitbnffn_mnist")
 MLP_MODELS = ("dnn_mnist", "dnnbn_mnist")
-LABELS = {"vit_mnist": "ViT", "vitbnffn_mnist": "ViTBNFFN", "dnn_mnist": "DNN_d3", "dnnbn_mnist": "DNNBN_d3"}
+TIMM_MODELS = ("timmvit_mnist", "timmvit_bnffn_mnist")  # the transfer study: timm's ViT, timm's Block vs BNFFNBlock
+LABELS = {
+    "vit_mnist": "ViT",
+    "vitbnffn_mnist": "ViTBNFFN",
+    "dnn_mnist": "DNN_d3",
+    "dnnbn_mnist": "DNNBN_d3",
+    "timmvit_mnist": "timm ViT",
+    "timmvit_bnffn_mnist": "timm ViT + BNFFNBlock",
+}
 
 # Thresholds, in accuracy points, applied to the mean over epochs of the validation-accuracy gap.
 COMPARABLE = 1.5

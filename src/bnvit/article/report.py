@@ -21,11 +21,13 @@ from .claims import (
     COMPARABLE,
     DEPTH_CLAIMS,
     EXPECTATION_TEXT,
+    LABELS,
     LR_DROP,
     LR_DROP_CLAIM,
     MLP_CLAIM,
     SLIGHTLY,
     Verdict,
+    final,
     judge,
     paired,
     verdicts,
@@ -38,7 +40,7 @@ from .results import RESULTS, describe_machines, load_results, results_sha256
 from .stats import fmt, mean_std, summarize, t_interval
 from .window import window_section
 
-__all__ = ["RULES", "describe_reduced", "report_folder", "report_source", "write_report"]
+__all__ = ["RULES", "describe_reduced", "gaps_section", "report_folder", "report_source", "write_report"]
 
 _TEST_SETS = {
     "augmented": "the augmented test set (augmented once with a fixed seed: identical images for every model)",
@@ -264,6 +266,36 @@ def precision_section(results: Sequence[Mapping[str, Any]], reference: Sequence[
     return lines
 
 
+def gaps_section(results: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list[str]:
+    """Per cell, the second model's accuracy minus the first's, paired by seed: over all epochs and at the last.
+
+    For an experiment whose cells no claim of the article covers (the transfer study): the same
+    gap as the claims use (mean over epochs), and the last epoch's, each with its 95% t-interval.
+    """
+    base, other = models
+    groups = summarize(results)
+    lines = [
+        "",
+        f"## {LABELS.get(other, other)} minus {LABELS.get(base, base)}, per cell",
+        "",
+        "| cell | seeds | gap over epochs | 95% t-interval | gap at the last epoch | 95% t-interval |",
+        "|---|---|---|---|---|---|",
+    ]
+    for depth, lr in sorted({k[1:] for k in groups}, key=lambda k: (k[1], k[0])):
+        seeds, gaps = paired(groups, (base, other), depth, lr, _mean_over_epochs)
+        _, last = paired(groups, (base, other), depth, lr, final)
+        row = [f"lr {lr:g}, depth {depth}", ", ".join(map(str, seeds)) or "not both run"]
+        row += [_fmt_points(gaps), _fmt_interval(gaps), _fmt_points(last), _fmt_interval(last)]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "Gaps in accuracy points of the validation accuracy, paired by seed, mean ± std over seeds; 'over "
+        "epochs' is the mean of each seed's curve, as the article's claims are judged. An interval that "
+        "excludes 0 says the difference is not seed noise.",
+    ]
+    return lines
+
+
 def write_report(
     results: Sequence[Mapping[str, Any]],
     out: str | Path,
@@ -349,6 +381,8 @@ def report_folder(
         extra = precision_section(results, load_results(reference, complete=True))
     if "window" in experiment.plots and results:
         extra += window_section(results)
+    if "gaps" in experiment.sections and results:
+        extra += gaps_section(results, experiment.models)
     return write_report(
         results,
         dest,
