@@ -443,6 +443,14 @@ def test_timmvit_names_build_timms_vit_at_the_articles_scale(name, block):
     assert model.pretrained_cfg["input_size"] == (1, 28, 28)
 
 
+def test_timmvit_model_cards_say_which_blocks():
+    from bnvit.hub import model_card, model_stats
+
+    assert "BNFFNBlock" in model_card("timmvit_bnffn_mnist")["description"]
+    assert "timm's LayerNorm Block" in model_card("timmvit_mnist")["description"]
+    assert model_stats("timmvit_mnist")["Params (M)"] == 0.2
+
+
 def test_timmvit_names_refuse_weights_they_do_not_have_and_another_block():
     with pytest.raises(ValueError, match="ships no trained weights; build it with pretrained=False"):
         timm.create_model("timmvit_bnffn_mnist", pretrained=True)
