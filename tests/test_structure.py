@@ -5,9 +5,11 @@ Layers, each importing only the ones below it (docs/architecture.md draws the pi
     cli, __init__, __main__, demo    what a person runs
     article                          the reproduction harness
     training                         the loop, checkpoints, history, callbacks, distributed
-    registry, mlp, deploy, hub       timm builders (mlp.py: the MLPs and their builders), inference,
-                                     model cards: never training
-    layers, vit  |  data             the models and the data, independent of each other
+    registry, mlp, timmvit, deploy,  timm builders (mlp.py: the MLPs and their builders; timmvit.py:
+    hub                              timm's ViT at the article's scale), inference, model cards:
+                                     never training
+    layers, vit, timm_blocks | data  the models (timm_blocks: the BatchNorm FFN in timm's ViTs) and
+                                     the data, independent of each other
     _io, _checks, device, fuse       the bottom (fuse: the float64 folding arithmetic; each module
                                      that folds owns its fuse() and calls it)
 
@@ -25,8 +27,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bnvit"
 
 # What each group of modules may import from bnvit (besides itself).
 BOTTOM = {"_io", "_checks", "device", "fuse"}
-MODELS = {"layers", "vit"}
-INFERENCE = {"registry", "mlp", "deploy", "hub"}
+MODELS = {"layers", "vit", "timm_blocks"}
+INFERENCE = {"registry", "mlp", "timmvit", "deploy", "hub"}
 ALLOWED = {
     "bottom": {"bottom"},
     "models": {"bottom", "models"},

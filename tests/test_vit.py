@@ -312,8 +312,21 @@ def test_grad_checkpointing_is_exact_including_batchnorm_stats(norm):
         assert all(int(bn.num_batches_tracked) == 2 for bn in _bn_modules(ckpt))
 
 
-def test_naive_checkpointing_would_double_count_batchnorm_stats():
-    """Control for the test above: without bnvit's context_fn the running statistics do differ."""
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_plain_checkpointing_is_exact_too(reentrant):
+    """Without bnvit's context_fn (timm's checkpoint passes none) the recomputation is recognised as well."""
+    block = EncoderBlock(16, 2, 8, 32, norm="bn_ffn").train()
+    plain = copy.deepcopy(block)
+    x = torch.randn(4, 5, 16, requires_grad=True)
+    block(x).sum().backward()
+    checkpoint(plain, x, use_reentrant=reentrant).sum().backward()
+    for b, b_plain in zip(block.buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(b_plain, b, rtol=0, atol=0)
+
+
+def test_naive_checkpointing_would_double_count_batchnorm_stats(monkeypatch):
+    """Control for the tests above: were the recomputation not recognised, the running statistics would differ."""
+    monkeypatch.setattr(bnvit.layers, "in_recomputation", lambda: False)
     block = EncoderBlock(16, 2, 8, 32, norm="bn_ffn").train()
     naive = copy.deepcopy(block)
     x = torch.randn(4, 5, 16, requires_grad=True)

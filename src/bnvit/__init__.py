@@ -20,11 +20,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import mlp as _mlp  # noqa: F401  (registers dnn_mnist, dnnbn_mnist)
 from . import registry as _registry  # noqa: F401  (registers the timm builders)
+from . import timmvit as _timmvit  # noqa: F401  (registers timmvit_mnist, timmvit_bnffn_mnist)
 from .deploy import export_onnx, for_inference
 from .fuse import fold_batchnorm
 from .layers import Attention, BatchNormFFN, EncoderBlock, FeedForward, TokenBatchNorm
 from .mlp import MLP
 from .registry import checkpoint_filter_fn, load_model
+from .timm_blocks import BatchNormMlp, BNFFNBlock, to_bn_ffn
 from .training import Callback, CSVLogger, EpochRecord, History, JSONLLogger, evaluate, fit, recalibrate_bn
 from .vit import ViT, ViTBN, ViTBNFFN, ViTConfig
 
@@ -36,7 +38,9 @@ except PackageNotFoundError:  # running from a source tree without installing
 __all__ = [
     "MLP",
     "Attention",
+    "BNFFNBlock",
     "BatchNormFFN",
+    "BatchNormMlp",
     "CSVLogger",
     "Callback",
     "EncoderBlock",
@@ -58,4 +62,5 @@ __all__ = [
     "for_inference",
     "load_model",
     "recalibrate_bn",
+    "to_bn_ffn",
 ]

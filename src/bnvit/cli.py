@@ -38,6 +38,7 @@ from .data.digits import MNIST_SIZE, prepare_digit
 from .deploy import for_inference
 from .device import resolve_device
 from .registry import SHIPPED_TAG, WEIGHTS_DIR, load_model
+from .timm_blocks import BNFFNBlock
 from .vit import ViT
 
 __all__ = ["build_parser", "demo", "list_models", "main", "predict", "reproduce"]
@@ -302,7 +303,7 @@ def list_models() -> list[dict]:
             model = timm.create_model(name)
         cfg = model.pretrained_cfg
         shipped = cfg.get("tag") == SHIPPED_TAG and Path(cfg.get("file") or "").name
-        config = {k: v for k, v in model.config.items() if k in ("norm", "depth", "dim", "heads", "patch_size")}
+        config = _summary(model)
         rows.append(
             dict(
                 name=name,
@@ -313,6 +314,20 @@ def list_models() -> list[dict]:
             )
         )
     return rows
+
+
+def _summary(model: torch.nn.Module) -> dict:
+    """Norm, depth, width, heads and patch of a bnvit model, or of timm's ViT as `timmvit_*` builds it."""
+    if hasattr(model, "config"):
+        return {k: v for k, v in model.config.items() if k in ("norm", "depth", "dim", "heads", "patch_size")}
+    block = model.blocks[0]
+    return dict(
+        norm="bn_ffn" if isinstance(block, BNFFNBlock) else "ln",
+        depth=len(model.blocks),
+        dim=model.embed_dim,
+        heads=block.attn.num_heads,
+        patch_size=model.patch_embed.patch_size[0],
+    )
 
 
 def _print_models(rows: list[dict], as_json: bool) -> None:

@@ -159,6 +159,9 @@ def _is_bnvit(arch: str) -> bool:
 def _description(arch: str) -> str:
     if arch.startswith(("dnn", "mlp")):
         kind = "A multilayer perceptron from the article's MLP comparison"
+    elif arch.startswith("timmvit"):
+        blocks = "bnvit's BNFFNBlock (BatchNorm inside the FFN)" if "bnffn" in arch else "timm's LayerNorm Block"
+        kind = f"timm's VisionTransformer at the article's MNIST scale with {blocks}, from the transfer study"
     elif arch.startswith("vitbnffn"):
         kind = "A ViTBNFFN: a Vision Transformer whose feed-forward network is Linear -> BatchNorm -> GELU -> Linear"
         kind += " (no LayerNorm before it; attention keeps its LayerNorm)"

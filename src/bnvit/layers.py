@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.fx
@@ -39,6 +39,7 @@ __all__ = [
     "TokenBatchNorm",
     "attend",
     "bn_safe_context_fn",
+    "in_recomputation",
     "self_attention",
     "token_norm",
 ]
@@ -67,8 +68,34 @@ def bn_safe_context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.
     then update its running statistics twice per step; during the recomputation this context
     makes every `TokenBatchNorm` restore its statistics after the pass, so a model
     trained with checkpointing ends with the same running statistics as one trained without.
+    `TokenBatchNorm` also recognises a recomputation without it (see `in_recomputation`), so
+    timm's `checkpoint` / `checkpoint_seq`, which take no `context_fn`, are exact too.
     """
     return contextlib.nullcontext(), _recomputing()
+
+
+def in_recomputation() -> bool:
+    """Whether the forward pass running now is activation checkpointing's recomputation.
+
+    True inside `bn_safe_context_fn`'s recomputation context, and for any forward pass run by the
+    autograd engine during a backward pass: that is where `torch.utils.checkpoint` recomputes
+    (reentrant or not, whoever calls it: bnvit's ViT, timm's `checkpoint` and `checkpoint_seq`).
+    Under `torch.compile` / `torch.export` it is False: a compiled graph applies the running-statistics
+    update of its forward once.
+
+    Examples:
+        >>> in_recomputation()
+        False
+    """
+    if getattr(_recompute, "active", False):
+        return True
+    return not torch.compiler.is_compiling() and _graph_task_id() != -1
+
+
+# The id of the autograd graph task this thread is executing, -1 outside a backward pass (what
+# torch.utils.checkpoint itself asks). Should a PyTorch release drop it, only `bn_safe_context_fn` is
+# recognised, and tests/test_timm_blocks.py says so.
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 class TokenBatchNorm(nn.Module):
@@ -79,10 +106,16 @@ class TokenBatchNorm(nn.Module):
     `torch.nn.BatchNorm1d` is kept as `self.bn` so that
     `torch.nn.SyncBatchNorm.convert_sync_batchnorm` converts it correctly.
 
+    In training mode under activation checkpointing, the recomputation of the forward pass
+    leaves the running statistics as the first pass left them (`in_recomputation`): they are
+    updated once per step, as without checkpointing.
+
     Args:
         num_features: Size `C` of the last axis.
         eps: Added to the variance for numerical stability.
         momentum: Momentum of the running statistics.
+        device: Device of the parameters and statistics.
+        dtype: Floating-point type of the parameters and statistics.
 
     Examples:
         >>> norm = TokenBatchNorm(64)
@@ -90,14 +123,22 @@ class TokenBatchNorm(nn.Module):
         torch.Size([8, 17, 64])
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        self.bn = nn.BatchNorm1d(num_features, eps=eps, momentum=momentum)
+        self.bn = nn.BatchNorm1d(num_features, eps=eps, momentum=momentum, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if self.training and getattr(_recompute, "active", False):
-            with _frozen_running_stats(self.bn):
+        if self.training and in_recomputation():
+            with _scratch_running_stats(self.bn):
                 out = self.bn(flat)
         else:
             out = self.bn(flat)
@@ -105,15 +146,22 @@ class TokenBatchNorm(nn.Module):
 
 
 @contextlib.contextmanager
-def _frozen_running_stats(bn: nn.modules.batchnorm._BatchNorm) -> Iterator[None]:
-    buffers = [b for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None]
-    saved = [b.clone() for b in buffers]
+def _scratch_running_stats(bn: nn.modules.batchnorm._BatchNorm) -> Iterator[None]:
+    """Let `bn` update copies of its running statistics, dropped after: the originals are not touched.
+
+    Not even their version counter moves, so a graph that saved them (the recomputation of a
+    reentrant checkpoint backpropagates through it right after) stays valid.
+    """
+    originals = {
+        n: b for n in ("running_mean", "running_var", "num_batches_tracked") if (b := getattr(bn, n)) is not None
+    }
+    for name, buffer in originals.items():
+        setattr(bn, name, buffer.clone())
     try:
         yield
     finally:
-        with torch.no_grad():
-            for buffer, value in zip(buffers, saved, strict=True):
-                buffer.copy_(value)
+        for name, buffer in originals.items():
+            setattr(bn, name, buffer)
 
 
 def token_norm(kind: str, dim: int) -> nn.Module:
@@ -373,10 +421,18 @@ class BatchNormFFN(nn.Module):
     The BatchNorm normalizes each of the `mlp_dim` features over batch x tokens. In eval mode
     it is a fixed affine map that `bnvit.fold_batchnorm` folds into `fc1`.
 
+    The keyword-only arguments generalise it to any FFN of this form (`bnvit.BatchNormMlp`
+    builds it from timm's `Mlp` arguments).
+
     Args:
         dim: Token width.
         mlp_dim: Hidden width.
-        dropout: Dropout after the activation and after `fc2`.
+        dropout: Dropout after the activation and after `fc2`, or a pair `(after act, after fc2)`.
+        out_dim: Output width (default: `dim`).
+        bias: Give `fc1` and `fc2` a bias, or a pair `(fc1, fc2)`.
+        act_layer: The activation's class (called without arguments).
+        device: Device of the parameters.
+        dtype: Floating-point type of the parameters.
 
     Examples:
         >>> ffn = BatchNormFFN(64, 128)
@@ -384,14 +440,28 @@ class BatchNormFFN(nn.Module):
         torch.Size([2, 17, 64])
     """
 
-    def __init__(self, dim: int, mlp_dim: int, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        mlp_dim: int,
+        dropout: float | tuple[float, float] = 0.0,
+        *,
+        out_dim: int | None = None,
+        bias: bool | tuple[bool, bool] = True,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, mlp_dim)
-        self.norm = TokenBatchNorm(mlp_dim)
-        self.act = nn.GELU()
-        self.drop1 = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(mlp_dim, dim)
-        self.drop2 = nn.Dropout(dropout)
+        drop1, drop2 = dropout if isinstance(dropout, tuple) else (dropout, dropout)
+        bias1, bias2 = bias if isinstance(bias, tuple) else (bias, bias)
+        dd = dict(device=device, dtype=dtype)
+        self.fc1 = nn.Linear(dim, mlp_dim, bias=bias1, **dd)
+        self.norm = TokenBatchNorm(mlp_dim, **dd)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop1)
+        self.fc2 = nn.Linear(mlp_dim, dim if out_dim is None else out_dim, bias=bias2, **dd)
+        self.drop2 = nn.Dropout(drop2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.drop1(self.act(self.norm(self.fc1(x))))

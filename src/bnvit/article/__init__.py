@@ -9,6 +9,7 @@ Modules, each one idea, importing training, data and the models, never imported 
 - `estimate`: how long cells take, timed with `fit()` itself;
 - `stats`, `claims`: curves, means, t-intervals; the claims and their verdicts;
 - `window`: the learning-rate window each model tolerates (`LR_WINDOW`, beyond the article);
+  `TRANSFER`, also beyond it, asks whether the effect holds in timm's own ViT layout;
 - `report`, `plots`: `report.md` and the figures;
 - `cli`, `study`: the examples' command line, and the three-seed study's one command
   (`bnvit reproduce`).
@@ -29,6 +30,7 @@ from .grid import (
     DNN_BATCHNORM,
     EXPERIMENTS,
     LR_WINDOW,
+    TRANSFER,
     Cell,
     Experiment,
     Settings,
@@ -49,6 +51,7 @@ __all__ = [
     "DNN_BATCHNORM",
     "EXPERIMENTS",
     "LR_WINDOW",
+    "TRANSFER",
     "Cell",
     "Experiment",
     "FolderLock",

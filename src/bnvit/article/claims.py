@@ -35,6 +35,7 @@ __all__ = [
     "NOT_JUDGED",
     "SLIGHTLY",
     "TARGET_ACC",
+    "TIMM_MODELS",
     "VIT_MODELS",
     "Part",
     "Test",
@@ -49,7 +50,15 @@ __all__ = [
 
 VIT_MODELS = ("vit_mnist", "vitbnffn_mnist")
 MLP_MODELS = ("dnn_mnist", "dnnbn_mnist")
-LABELS = {"vit_mnist": "ViT", "vitbnffn_mnist": "ViTBNFFN", "dnn_mnist": "DNN_d3", "dnnbn_mnist": "DNNBN_d3"}
+TIMM_MODELS = ("timmvit_mnist", "timmvit_bnffn_mnist")  # the transfer study: timm's ViT, timm's Block vs BNFFNBlock
+LABELS = {
+    "vit_mnist": "ViT",
+    "vitbnffn_mnist": "ViTBNFFN",
+    "dnn_mnist": "DNN_d3",
+    "dnnbn_mnist": "DNNBN_d3",
+    "timmvit_mnist": "timm ViT",
+    "timmvit_bnffn_mnist": "timm ViT + BNFFNBlock",
+}
 
 # Thresholds, in accuracy points, applied to the mean over epochs of the validation-accuracy gap.
 COMPARABLE = 1.5  # the equivalence margin: "comparable" is a gap inside (-1.5, +1.5)

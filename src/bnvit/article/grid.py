@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .claims import DEPTH_CLAIMS, LR_DROP_CLAIM, MLP_CLAIM, VIT_MODELS
+from .claims import DEPTH_CLAIMS, LR_DROP_CLAIM, MLP_CLAIM, TIMM_MODELS, VIT_MODELS
 
 __all__ = [
     "ARTICLE_FP32",
@@ -26,6 +26,7 @@ __all__ = [
     "EXPERIMENTS",
     "LR_WINDOW",
     "QUICK_VIT",
+    "TRANSFER",
     "Cell",
     "Experiment",
     "Settings",
@@ -94,6 +95,8 @@ class Experiment:
             one figure shows: the study's ViT folder holds both ViT grids). Empty: all cells.
         seeds: Seeds per cell when `--seeds` is not given.
         quick_seeds: The same for `--quick` (default: `seeds`).
+        sections: More report sections: `"gaps"` (the second model minus the first, per cell,
+            paired by seed, for an experiment without claims of the article to judge).
     """
 
     name: str
@@ -108,6 +111,7 @@ class Experiment:
     figure_grids: Mapping[str, Grid] = field(default_factory=dict)
     seeds: int = 1
     quick_seeds: int | None = None
+    sections: tuple[str, ...] = ()
 
     def cells(
         self, grid: Mapping[float, Sequence[int]] | None = None, seeds: int = 1, models: Sequence[str] | None = None
@@ -234,7 +238,25 @@ LR_WINDOW = Experiment(
     seeds=3,
     quick_seeds=2,
 )
+# Beyond the article: does its effect hold in timm's standard ViT layout (head width dim / heads)?
+# timm's VisionTransformer at the article's scale, timm's LayerNorm Block against bnvit's BNFFNBlock
+# (`bnvit.timmvit`), at two of the article's depths and both of its learning rates. In fp32: under
+# CPU bf16 autocast timm's attention (the fused kernel, 17 tokens) made a training step 3x slower.
+TRANSFER = Experiment(
+    name="transfer",
+    description="timm's ViT at the article's scale: LayerNorm blocks vs BNFFNBlock (does the effect transfer?)",
+    models=TIMM_MODELS,
+    grid=dict.fromkeys(LR_DROP_CLAIM.lrs, (4, 6)),
+    settings=Settings(precision="fp32"),
+    quick_grid=dict.fromkeys(LR_DROP_CLAIM.lrs, (4,)),
+    quick_settings=dataclasses.replace(QUICK_VIT, precision="fp32"),
+    plots=("depths", "lr"),
+    seeds=3,
+    quick_seeds=2,
+    sections=("gaps",),
+)
 EXPERIMENTS: dict[str, Experiment] = {
-    e.name: e for e in (COMPARE_DEPTHS, COMPARE_LR, DNN_BATCHNORM, ARTICLE_VIT, ARTICLE_MLP, ARTICLE_FP32, LR_WINDOW)
+    e.name: e
+    for e in (COMPARE_DEPTHS, COMPARE_LR, DNN_BATCHNORM, ARTICLE_VIT, ARTICLE_MLP, ARTICLE_FP32, LR_WINDOW, TRANSFER)
 }
 """Every experiment by name: what a folder's `sweep.json` may record as its owner."""

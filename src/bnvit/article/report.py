@@ -22,6 +22,7 @@ from .claims import (
     DEPTH_CLAIMS,
     EXPECTATION_TEXT,
     FASTER,
+    LABELS,
     LEVEL,
     LR_DROP,
     LR_DROP_CLAIM,
@@ -29,6 +30,7 @@ from .claims import (
     SLIGHTLY,
     TARGET_ACC,
     Verdict,
+    final,
     interval_text,
     judge,
     paired,
@@ -42,7 +44,15 @@ from .results import RESULTS, describe_machines, load_results, results_sha256
 from .stats import fmt, mean_std, summarize, t_interval
 from .window import window_section
 
-__all__ = ["RULES", "describe_reduced", "report_folder", "report_source", "summary_table", "write_report"]
+__all__ = [
+    "RULES",
+    "describe_reduced",
+    "gaps_section",
+    "report_folder",
+    "report_source",
+    "summary_table",
+    "write_report",
+]
 
 _TEST_SETS = {
     "augmented": "the augmented test set (augmented once with a fixed seed: identical images for every model)",
@@ -287,6 +297,37 @@ def precision_section(results: Sequence[Mapping[str, Any]], reference: Sequence[
     return lines
 
 
+def gaps_section(results: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list[str]:
+    """Per cell, the second model's accuracy minus the first's, paired by seed: over all epochs and at the last.
+
+    For an experiment whose cells no claim of the article covers (the transfer study): the same
+    gap as the claims use (mean over epochs), and the last epoch's, each with its 90% t-interval
+    (the one every report prints).
+    """
+    base, other = models
+    groups = summarize(results)
+    lines = [
+        "",
+        f"## {LABELS.get(other, other)} minus {LABELS.get(base, base)}, per cell",
+        "",
+        "| cell | seeds | gap over epochs | 90% t-interval | gap at the last epoch | 90% t-interval |",
+        "|---|---|---|---|---|---|",
+    ]
+    for depth, lr in sorted({k[1:] for k in groups}, key=lambda k: (k[1], k[0])):
+        seeds, gaps = paired(groups, (base, other), depth, lr, _mean_over_epochs)
+        _, last = paired(groups, (base, other), depth, lr, final)
+        row = [f"lr {lr:g}, depth {depth}", ", ".join(map(str, seeds)) or "not both run"]
+        row += [_fmt_points(gaps), _fmt_interval(gaps), _fmt_points(last), _fmt_interval(last)]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "Gaps in accuracy points of the validation accuracy, paired by seed, mean ± std over seeds; 'over "
+        "epochs' is the mean of each seed's curve, as the article's claims are judged. An interval that "
+        "excludes 0 shows a difference in that direction (one-sided test at 5%).",
+    ]
+    return lines
+
+
 def write_report(
     results: Sequence[Mapping[str, Any]],
     out: str | Path,
@@ -375,6 +416,8 @@ def report_folder(
         extra = precision_section(results, load_results(reference, complete=True))
     if "window" in experiment.plots and results:
         extra += window_section(results)
+    if "gaps" in experiment.sections and results:
+        extra += gaps_section(results, experiment.models)
     return write_report(
         results,
         dest,
