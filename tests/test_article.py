@@ -68,7 +68,8 @@ def test_t_test_matches_scipy():
 def test_holm_adjusts_step_down_and_keeps_the_order():
     assert holm([0.01, 0.04, 0.03]) == [0.03, 0.06, 0.06]
     assert holm([0.5, 0.001]) == [0.5, 0.002]
-    assert holm([0.9, 0.8]) == [0.9, 0.9]  # monotone: never below an earlier step
+    assert holm([0.04, 0.03]) == [0.06, 0.06]  # monotone: 0.04 alone would stay 0.04, below the earlier step
+    assert holm([0.9, 0.8]) == [1.0, 1.0]  # capped at 1
     assert holm([]) == []
 
 
