@@ -18,7 +18,7 @@ import pytest
 from bnvit.article import EXPERIMENTS, Cell, Settings, cli, load_results, report_folder, run_sweep, verdicts
 from bnvit.article import sweep as ex
 from bnvit.article.claims import judge
-from bnvit.article.report import report_source
+from bnvit.article.report import report_source, summary_table
 from bnvit.article.results import RESULTS, results_sha256
 from bnvit.article.study import reference_folder
 
@@ -407,66 +407,45 @@ def test_published_report_is_computed_from_its_results(folder, tmp_path):
     if folder in ("compare_depths", "compare_lr", "dnn_batchnorm") or folder.endswith("-quick"):
         expected = (experiment.quick_seeds if reduced else None) or 1
         assert keys == {c.key for c in experiment.cells(grid, expected)}  # the whole grid, the run's seeds
-    for figure in published.glob("*.png"):
-        (tmp_path / figure.name).write_bytes(b"")
-    reference = reference_folder(published, experiment)
-    recomputed = report_folder(published, experiment, dest=tmp_path, figures=False, reference=reference)
-    report = published / "report.md"
-    if not report.exists():
+    if not (published / "report.md").exists():
         return
-    sources = report_source(report)
-    assert sources.get(RESULTS) == results_sha256(published), (
-        f"{report} was computed from other results than {published / RESULTS} holds now: regenerate it"
-    )
-    assert recomputed.read_text() == report.read_text()
+    problem = report_problem(published, experiment, tmp_path)
+    assert problem is None, problem
 
 
-def _markdown_rows(text: str, first_cell: str) -> list[list[str]]:
-    """The rows of the Markdown tables in `text` whose first cell starts with `first_cell`."""
-    rows = [
-        [c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines() if line.startswith("|")
-    ]
-    return [row for row in rows if row[0].startswith(first_cell)]
+def report_problem(published: Path, experiment, scratch: Path) -> str | None:
+    """Why `published/report.md` is not what `report_folder` makes of the results beside it (None: it is)."""
+    for figure in published.glob("*.png"):
+        (scratch / figure.name).write_bytes(b"")
+    reference = reference_folder(published, experiment)
+    recomputed = report_folder(published, experiment, dest=scratch, figures=False, reference=reference)
+    report = published / "report.md"
+    if report_source(report).get(RESULTS) != results_sha256(published):
+        return f"{report} was computed from other results than {published / RESULTS} holds now: regenerate it"
+    if recomputed.read_text() != report.read_text():
+        return f"{report} differs from what its results give: regenerate it, never edit it"
+    return None
 
 
-def _numbers(text: str) -> list[float]:
-    return [float(n) for n in re.findall(r"[-+]?\d+\.\d+", text)]
-
-
-def _agree(shown: str, computed: str) -> bool:
-    """Every number in `shown` is the one in `computed` rounded to the decimals shown."""
-    decimals = [len(n.partition(".")[2]) for n in re.findall(r"[-+]?\d+\.\d+", shown)]
-    pairs = zip(_numbers(shown), _numbers(computed), decimals, strict=True)
-    return all(abs(a - b) <= 0.5 * 10.0**-d + 1e-9 for a, b, d in pairs)
-
-
-def test_readme_three_seed_table_is_the_reports():
-    """The README's three-seed table (gaps, intervals, verdicts, final accuracies) says what the
-    published study reports say, cell by cell: the numbers there are copied, so they are checked."""
+def test_readme_study_table_is_computed_from_the_published_results():
+    """The README's study table is what `summary_table` makes of the published results, line for
+    line: every number rounded once from exact values, every verdict the protocol's."""
     readme = (RESULTS_DIR.parents[1] / "README.md").read_text()
-    reports = {part: (RESULTS_DIR / part / "report.md").read_text() for part in ("article", "article-mlp")}
-    per_cell = {(row[0], row[1]): row for text in reports.values() for row in _markdown_rows(text, "") if len(row) == 7}
-    accuracy = {  # (model, depth, lr) -> the last epoch's accuracy column, "mean ± std"
-        (row[0], row[1], row[2]): row[-3]
-        for text in reports.values()
-        for row in _markdown_rows(text, "")
-        if row[0] in ("vit_mnist", "vitbnffn_mnist", "dnn_mnist", "dnnbn_mnist")
-    }
-    rows = [row for row in _markdown_rows(readme, "") if re.match(r"[1-4]: ", row[0]) and len(row) == 7]
-    assert len(rows) == 11, rows  # claims 1 and 2 at four cells each, claim 3, claim 4 at two rates
-    for row in rows:
-        claim, _, cell = row[0].partition(": ")
-        cell = cell.removeprefix("MLP, ")
-        matches = [v for (c, name), v in per_cell.items() if c == claim and name.startswith(cell)]
-        assert len(matches) == 1, f"README row {row[0]!r}: no single report row for it"
-        _, _, _, _, mean_std, interval, verdict = matches[0]
-        assert _agree(row[3].replace("ViT loses", "").replace("more", ""), mean_std), (row, matches[0])
-        assert _agree(row[4], interval) and row[6] == verdict.strip("*"), (row, matches[0])
-        if claim in "12":
-            lr, depth = _numbers(cell)[0], int(cell.rpartition(" ")[2])
-            for model, shown in (("vit_mnist", row[1]), ("vitbnffn_mnist", row[2])):
-                assert _agree(shown, accuracy[(model, str(depth), f"{lr:g}")]), (row, model)
-        if claim == "3":
-            for model, shown in (("vit_mnist", row[1]), ("vitbnffn_mnist", row[2])):
-                before, after = accuracy[(model, "3", "0.003")], accuracy[(model, "3", "0.005")]
-                assert _agree(shown, f"{_numbers(before)[0]} {_numbers(after)[0]}"), (row, model)
+    shown = readme.split("<!-- study table:", 1)[1].split("\n", 1)[1].split("<!-- end of study table -->")[0]
+    vit, mlp = (load_results(RESULTS_DIR / name, complete=True) for name in ("article", "article-mlp"))
+    assert shown.strip().splitlines() == summary_table(vit, mlp), "README's study table: regenerate it"
+
+
+def test_an_edited_verdict_in_a_published_report_is_caught(tmp_path):
+    published = tmp_path / "article"
+    published.mkdir()
+    for name in ("results.jsonl", "sweep.json", "report.md"):
+        (published / name).write_bytes((RESULTS_DIR / "article" / name).read_bytes())
+    for figure in (RESULTS_DIR / "article").glob("*.png"):  # the report lists them
+        (published / figure.name).write_bytes(b"")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    assert report_problem(published, EXPERIMENTS["article"], scratch) is None
+    text = (published / "report.md").read_text()
+    (published / "report.md").write_text(text.replace("| **inconclusive** |", "| **reproduced** |", 1))
+    assert "never edit it" in report_problem(published, EXPERIMENTS["article"], scratch)

@@ -38,7 +38,7 @@ from .cli import (
 from .estimate import estimate_seconds
 from .folder import check_folder
 from .grid import ARTICLE_FP32, ARTICLE_MLP, ARTICLE_VIT, Cell, Experiment, Settings
-from .report import report_folder
+from .report import report_folder, summary_table
 from .results import load_results
 from .sweep import run_sweep, todo
 
@@ -153,6 +153,11 @@ def _run(args, plan, device: torch.device) -> int:
                 print(f"report: {report}")
         else:
             write_outputs(experiment, folder, args, device, reference_folder(folder, experiment))
+    folders = {part: folder for part, *_, folder in plan}
+    if "vit" in folders and not args.quick:  # the README's table, computed from the folders as they are now
+        mlp = study_folders(folders["vit"])["mlp"]
+        print("README study table:")
+        print("\n".join(summary_table(load_results(folders["vit"], complete=True), load_results(mlp, complete=True))))
     return 0
 
 
