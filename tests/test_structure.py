@@ -5,8 +5,9 @@ Layers, each importing only the ones below it (docs/architecture.md draws the pi
     cli, __init__, __main__, demo    what a person runs
     article                          the reproduction harness
     training                         the loop, checkpoints, history, callbacks, distributed
-    registry, mlp, deploy, hub       timm builders (mlp.py: the MLPs and their builders), inference,
-                                     model cards: never training
+    registry, mlp, _builder,         timm entry points and pretrained cfgs (mlp.py: the MLPs and their
+    loading, convert, deploy, hub    builders), the shared builder, weights in, foreign checkpoints,
+                                     inference, model cards: never training
     layers, vit  |  data             the models and the data, independent of each other
     _io, _checks, device, fuse       the bottom (fuse: the float64 folding arithmetic; each module
                                      that folds owns its fuse() and calls it)
@@ -26,7 +27,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bnvit"
 # What each group of modules may import from bnvit (besides itself).
 BOTTOM = {"_io", "_checks", "device", "fuse"}
 MODELS = {"layers", "vit"}
-INFERENCE = {"registry", "mlp", "deploy", "hub"}
+INFERENCE = {"registry", "_builder", "loading", "convert", "mlp", "deploy", "hub"}
 ALLOWED = {
     "bottom": {"bottom"},
     "models": {"bottom", "models"},

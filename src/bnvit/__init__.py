@@ -20,11 +20,12 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import mlp as _mlp  # noqa: F401  (registers dnn_mnist, dnnbn_mnist)
 from . import registry as _registry  # noqa: F401  (registers the timm builders)
+from .convert import checkpoint_filter_fn
 from .deploy import export_onnx, for_inference
 from .fuse import fold_batchnorm
 from .layers import Attention, BatchNormFFN, EncoderBlock, FeedForward, TokenBatchNorm
+from .loading import load_model
 from .mlp import MLP
-from .registry import checkpoint_filter_fn, load_model
 from .training import Callback, CSVLogger, EpochRecord, History, JSONLLogger, evaluate, fit, recalibrate_bn
 from .vit import ViT, ViTBN, ViTBNFFN, ViTConfig
 
