@@ -8,7 +8,8 @@ Layers, each importing only the ones below it (docs/architecture.md draws the pi
     registry, mlp, _builder,         timm entry points and pretrained cfgs (mlp.py: the MLPs and their
     loading, convert, deploy, hub    builders), the shared builder, weights in, foreign checkpoints,
                                      inference, model cards: never training
-    layers, vit  |  data             the models and the data, independent of each other
+    layers, vit, factored, kernels   the models (attention's factored form and its kernels beside
+      |  data                        the layers) and the data, independent of each other
     _io, _checks, device, fuse       the bottom (fuse: the float64 folding arithmetic; each module
                                      that folds owns its fuse() and calls it)
 
@@ -26,7 +27,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bnvit"
 
 # What each group of modules may import from bnvit (besides itself).
 BOTTOM = {"_io", "_checks", "device", "fuse"}
-MODELS = {"layers", "vit"}
+MODELS = {"layers", "vit", "factored", "kernels"}
 INFERENCE = {"registry", "_builder", "loading", "convert", "mlp", "deploy", "hub"}
 ALLOWED = {
     "bottom": {"bottom"},

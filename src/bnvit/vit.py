@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import _checks
 from .fuse import fold_bn_after_linear, fold_bn_before_linear
-from .layers import NORMS, EncoderBlock, TokenBatchNorm, bn_safe_context_fn, token_norm
+from .layers import ATTN_IMPLS, NORMS, EncoderBlock, TokenBatchNorm, bn_safe_context_fn, token_norm
 
 __all__ = [
     "POOLS",
@@ -211,6 +211,9 @@ class ViTConfig:
             embedding from N(0, 1)) or `"timm"` (truncated normal, std 0.02, for Linear
             weights and the positional embedding, zero biases, a near-zero CLS token; what
             large ViTs are usually trained with).
+        attn_impl: How attention is computed, never what: `"auto"` (the factored form where it
+            takes fewer multiply-adds), `"standard"` (the textbook form) or `"factored"`; see
+            `bnvit.layers.Attention`.
 
     Raises:
         ValueError: A value out of range or an unknown choice; the message names the value and
@@ -245,6 +248,7 @@ class ViTConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     weight_init: str = "reference"
+    attn_impl: str = "auto"
 
     def __post_init__(self) -> None:
         img_size = _checks.pair("img_size", self.img_size)
@@ -261,6 +265,7 @@ class ViTConfig:
         for name, choices in (("norm", NORMS), ("pool", POOLS), ("pos_embed", POS_EMBEDS)):
             _checks.choice(name, getattr(self, name), choices)
         _checks.choice("weight_init", self.weight_init, WEIGHT_INITS)
+        _checks.choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         for name in ("drop_rate", "pos_drop_rate", "attn_drop_rate", "drop_path_rate"):
             _checks.rate(name, getattr(self, name))
         if self.pos_embed == "sincos" and self.dim % 2:
@@ -348,6 +353,7 @@ class ViT(nn.Module):
                 attn_dropout=cfg.attn_drop_rate,
                 qkv_bias=cfg.qkv_bias,
                 drop_path=rate,
+                attn_impl=cfg.attn_impl,
             )
             for rate in torch.linspace(
                 0, cfg.drop_path_rate, cfg.depth, device="cpu"
