@@ -155,7 +155,6 @@ def factored_attention(
         b_out = b_out if proj_bias is None else b_out + proj_bias
     else:
         b_out = proj_bias
-    # Tokens as one (B * N, dim) matrix: the bias of each projection is part of its product (an ONNX Gemm).
-    q = F.linear(x.reshape(B * N, C), w_scores, b_scores).view(B, N, heads, C)
-    mixed = attend_shared_kv(q, x, dropout_p).reshape(B * N, heads * C)
-    return F.linear(mixed, w_out, b_out).view(B, N, C)
+    mixed = attend_shared_kv(x, w_scores, b_scores, heads, dropout_p)  # (B, N, heads * dim)
+    # Tokens as one (B * N, heads * dim) matrix: the bias is part of the product (an ONNX Gemm).
+    return F.linear(mixed.view(B * N, heads * C), w_out, b_out).view(B, N, C)

@@ -54,28 +54,34 @@ def _cpu_autocast_attention(
     return weights.to(v.dtype) @ v
 
 
-def attend_shared_kv(q: torch.Tensor, kv: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
-    """`softmax(q_h kv^T) kv` for every head `h`: queries `(B, N, heads, C)` already scaled, `kv (B, N, C)` shared.
+def attend_shared_kv(
+    x: torch.Tensor, w_query: torch.Tensor, b_query: torch.Tensor | None, heads: int, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """`softmax(q_h x^T) x` for every head `h`: queries `q = x w_query^T + b_query`, keys and values `x (B, N, C)`.
 
-    The heads share their keys and values, as in multi-query attention. On GPUs, and while
-    compiling or exporting, one fused attention runs over all heads (the keys and values expanded
-    as a view); in eager CPU code, two batched products with no copy (a few dozen tokens are too
-    few for the fused kernel), the softmax in float32 or wider. Under CPU autocast `kv` is cast
-    once for the two products that read it.
+    The heads share their keys and values, the tokens themselves, as in multi-query attention;
+    `w_query` is `(heads * C, C)`, the scale already in it. On GPUs, and while compiling or
+    exporting, one fused attention runs over all heads (the keys and values expanded as a view);
+    in eager CPU code, two batched products with no copy (a few dozen tokens are too few for the
+    fused kernel), the softmax in float32 or wider. Under CPU autocast `x` is cast once, for the
+    three products that read it. The tokens are one `(B * N, C)` matrix for the query projection,
+    so its bias is part of the product (an ONNX `Gemm`).
 
     Returns:
-        `(B, N, heads, C)`.
+        `(B, N, heads * C)`: for each token, the mixed tokens of every head.
 
     Examples:
-        >>> attend_shared_kv(torch.randn(2, 17, 8, 64), torch.randn(2, 17, 64)).shape
-        torch.Size([2, 17, 8, 64])
+        >>> attend_shared_kv(torch.randn(2, 17, 64), torch.randn(8 * 64, 64), None, heads=8).shape
+        torch.Size([2, 17, 512])
     """
-    B, N, heads, C = q.shape
-    if q.device.type != "cpu" or torch.compiler.is_compiling():
-        kv = kv.unsqueeze(1).expand(B, heads, N, C)
-        return attend(q.transpose(1, 2), kv, kv, dropout_p, scale=1.0).transpose(1, 2)
+    B, N, C = x.shape
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        q = F.linear(x.reshape(B * N, C), w_query, b_query).view(B, N, heads, C).transpose(1, 2)
+        kv = x.unsqueeze(1).expand(B, heads, N, C)
+        return attend(q, kv, kv, dropout_p, scale=1.0).transpose(1, 2).reshape(B, N, heads * C)
     if torch.is_autocast_enabled("cpu"):
-        kv = kv.to(torch.get_autocast_dtype("cpu"))
-    scores = q.reshape(B, N * heads, C) @ kv.transpose(1, 2)  # (B, N * heads, N): scores[b, i * heads + h, j]
+        x = x.to(torch.get_autocast_dtype("cpu"))
+    q = F.linear(x.reshape(B * N, C), w_query, b_query)  # (B * N, heads * C) = (B, N * heads, C)
+    scores = q.view(B, N * heads, C) @ x.transpose(1, 2)  # (B, N * heads, N): scores[b, i * heads + h, j]
     weights = F.dropout(scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)), dropout_p)
-    return (weights.to(kv.dtype) @ kv).view(B, N, heads, C)  # sum_j a_ij kv_j for every query and head
+    return (weights.to(x.dtype) @ x).view(B, N, heads * C)  # sum_j a_ij x_j for every token and head
