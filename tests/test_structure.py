@@ -27,7 +27,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bnvit"
 
 # What each group of modules may import from bnvit (besides itself).
 BOTTOM = {"_io", "_checks", "device", "fuse"}
-MODELS = {"layers", "vit", "factored", "kernels"}
+MODELS = {"layers", "vit", "factored", "kernels", "batchnorm", "features"}
 INFERENCE = {"registry", "_builder", "loading", "convert", "mlp", "deploy", "hub"}
 ALLOWED = {
     "bottom": {"bottom"},

@@ -20,8 +20,8 @@ from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from timm.models._builder import pretrained_cfg_for_features
 
 from .convert import checkpoint_filter_fn
+from .features import feature_take_indices
 from .loading import locate_shipped, read_state_dict
-from .vit import feature_take_indices
 
 __all__ = ["build_with_weights", "pretrained_cfg", "pretrained_state_dict"]
 

@@ -10,9 +10,9 @@ takes the normalization as one argument:
 | `"bn_ffn"` | LayerNorm          | `BatchNormFFN`                    |
 | `"bn"`     | `TokenBatchNorm`   | `BatchNormFFN`                    |
 
-BatchNorm on tokens normalizes each feature over the batch *and* the token axis: a
-`(B, N, C)` tensor is normalized as its `(B * N, C)` view, with no copy to a
-channels-first layout.
+BatchNorm on tokens (`TokenBatchNorm`, in `bnvit.batchnorm` with the rest of the BatchNorm
+code) normalizes each feature over the batch *and* the token axis: a `(B, N, C)` tensor is
+normalized as its `(B * N, C)` view, with no copy to a channels-first layout.
 
 `Attention` is the textbook pre-norm multi-head self-attention; the same function in fewer
 multiply-adds (`bnvit.factored`) runs where it pays, as `attn_impl` says, and the choice of
@@ -21,16 +21,14 @@ kernel by device and precision is `bnvit.kernels`'.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
-
 import torch
 import torch.fx
+from einops import rearrange
 from timm.layers import DropPath
 from torch import nn
 
 from . import _checks
+from .batchnorm import TokenBatchNorm, bn_safe_context_fn
 from .factored import ATTN_IMPLS, self_attention, takes_factored
 from .fuse import fold_bn_after_linear, fold_bn_before_linear
 from .kernels import attend
@@ -42,84 +40,18 @@ __all__ = [
     "BatchNormFFN",
     "EncoderBlock",
     "FeedForward",
+    "PatchEmbed",
     "TokenBatchNorm",
     "attend",
     "bn_safe_context_fn",
+    "patchify",
     "self_attention",
+    "sincos_pos_embed",
     "token_norm",
 ]
 
 NORMS = ("ln", "bn_ffn", "bn")
 """The valid values of `norm` for `EncoderBlock` and `ViT`."""
-
-_recompute = threading.local()
-
-
-@contextlib.contextmanager
-def _recomputing() -> Iterator[None]:
-    """Mark the recomputation pass of activation checkpointing (see `bn_safe_checkpoint`)."""
-    previous = getattr(_recompute, "active", False)
-    _recompute.active = True
-    try:
-        yield
-    finally:
-        _recompute.active = previous
-
-
-def bn_safe_context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """`context_fn` for `torch.utils.checkpoint.checkpoint` that keeps BatchNorm exact.
-
-    Activation checkpointing runs a block's forward twice. A BatchNorm in training mode would
-    then update its running statistics twice per step; during the recomputation this context
-    makes every `TokenBatchNorm` restore its statistics after the pass, so a model
-    trained with checkpointing ends with the same running statistics as one trained without.
-    """
-    return contextlib.nullcontext(), _recomputing()
-
-
-class TokenBatchNorm(nn.Module):
-    """BatchNorm of the last (feature) axis, with statistics over every other axis.
-
-    A `(B, N, C)` token tensor is normalized as its `(B * N, C)` view: each feature gets one
-    mean and variance computed over the batch and the tokens. The wrapped
-    `torch.nn.BatchNorm1d` is kept as `self.bn` so that
-    `torch.nn.SyncBatchNorm.convert_sync_batchnorm` converts it correctly.
-
-    Args:
-        num_features: Size `C` of the last axis.
-        eps: Added to the variance for numerical stability.
-        momentum: Momentum of the running statistics.
-
-    Examples:
-        >>> norm = TokenBatchNorm(64)
-        >>> norm(torch.randn(8, 17, 64)).shape
-        torch.Size([8, 17, 64])
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
-        super().__init__()
-        self.bn = nn.BatchNorm1d(num_features, eps=eps, momentum=momentum)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if self.training and getattr(_recompute, "active", False):
-            with _frozen_running_stats(self.bn):
-                out = self.bn(flat)
-        else:
-            out = self.bn(flat)
-        return out.view(x.shape)
-
-
-@contextlib.contextmanager
-def _frozen_running_stats(bn: nn.modules.batchnorm._BatchNorm) -> Iterator[None]:
-    buffers = [b for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None]
-    saved = [b.clone() for b in buffers]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in zip(buffers, saved, strict=True):
-                buffer.copy_(value)
 
 
 def token_norm(kind: str, dim: int) -> nn.Module:
@@ -131,6 +63,85 @@ def token_norm(kind: str, dim: int) -> nn.Module:
     """
     _checks.choice("token norm", kind, ("ln", "bn"))
     return nn.LayerNorm(dim) if kind == "ln" else TokenBatchNorm(dim)
+
+
+def sincos_pos_embed(num_tokens: int, dim: int) -> torch.Tensor:
+    """The article's fixed sine-cosine positional embedding, shape `(1, num_tokens, dim)`.
+
+    For token position `t` and `i = 1 .. dim/2`, `w_i = 10000 ** (-i / (dim/2))` and the
+    embedding is `[sin(t w_1), ..., sin(t w_{dim/2}), cos(t w_1), ..., cos(t w_{dim/2})]`.
+
+    Examples:
+        >>> sincos_pos_embed(17, 64).shape
+        torch.Size([1, 17, 64])
+    """
+    if dim % 2:
+        raise ValueError(f"the sincos positional embedding needs an even dim, got dim={dim}")
+    half = dim // 2
+    omega = 10000.0 ** (-torch.arange(1, half + 1, dtype=torch.float64) / half)
+    angles = torch.arange(num_tokens, dtype=torch.float64)[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float().unsqueeze(0)
+
+
+class PatchEmbed(nn.Module):
+    """Split an image into `p x p` patches and embed each: `norm -> Linear -> norm`.
+
+    Each patch is flattened in (row, column, channel) order, as in the reference
+    implementation's `Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)")`.
+
+    Args:
+        img_size: Input height and width.
+        patch_size: Patch side `p`; must divide both image sides.
+        in_chans: Input channels.
+        dim: Embedding width.
+        norm: `"ln"` or `"bn"` for both norms.
+
+    Examples:
+        >>> embed = PatchEmbed((28, 28), 7, 1, 64)
+        >>> embed(torch.rand(2, 1, 28, 28)).shape
+        torch.Size([2, 16, 64])
+    """
+
+    def __init__(self, img_size: tuple[int, int], patch_size: int, in_chans: int, dim: int, norm: str = "ln") -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        patch_dim = patch_size * patch_size * in_chans
+        self.pre_norm = token_norm(norm, patch_dim)
+        self.proj = nn.Linear(patch_dim, dim)
+        self.norm = token_norm(norm, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(self.pre_norm(patchify(x, self.patch_size))))
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Fold BatchNorm norms into the projection, in place (eval mode only)."""
+        if isinstance(self.norm, TokenBatchNorm):
+            self.proj = fold_bn_after_linear(self.proj, self.norm.bn)
+            self.norm = nn.Identity()
+        if isinstance(self.pre_norm, TokenBatchNorm):
+            self.proj = fold_bn_before_linear(self.pre_norm.bn, self.proj)
+            self.pre_norm = nn.Identity()
+
+
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Images `(B, C, H, W)` -> patches `(B, (H/p)(W/p), p * p * C)`, in (row, column, channel) order.
+
+    A leaf for `torch.fx` (registered with `torch.fx.wrap`): tracing records one call instead
+    of following einops' Python code.
+
+    Examples:
+        >>> patchify(torch.rand(2, 3, 8, 8), 4).shape
+        torch.Size([2, 4, 48])
+    """
+    return rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
+
+
+# A leaf for torch.fx where `PatchEmbed.forward` calls it: tracing records one call, not einops' code.
+torch.fx.wrap("patchify")
 
 
 class Attention(nn.Module):

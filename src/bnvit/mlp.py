@@ -19,8 +19,8 @@ from torch import nn
 
 from . import _checks
 from ._builder import MNIST_INPUT, build_with_weights, pretrained_cfg
+from .features import feature_take_indices
 from .fuse import fold_sequential
-from .vit import feature_take_indices
 
 __all__ = ["MLP", "dnn_mnist", "dnnbn_mnist"]
 

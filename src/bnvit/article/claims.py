@@ -30,8 +30,8 @@ __all__ = [
     "SLIGHTLY",
     "VIT_MODELS",
     "Part",
-    "claim_cells",
     "Verdict",
+    "claim_cells",
     "judge",
     "verdicts",
 ]

@@ -28,8 +28,8 @@ from torch import nn
 
 from .. import _checks
 from .._io import atomic_torch_save, tensors_sha256, verify_checkpoint_file
-from .distributed import Distributed
 from .history import History
+from .world import World
 
 __all__ = ["Resumable", "load_checkpoint", "restore", "rng_state", "save_checkpoint", "save_state", "set_rng_state"]
 
@@ -172,7 +172,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy(), *others))
 
 
-def save_state(folder: Path, epoch: int, parts: Resumable, history: History, world: Distributed) -> None:
+def save_state(folder: Path, epoch: int, parts: Resumable, history: History, world: World) -> None:
     """Rank 0 saves the state after `epoch`; the others wait until the file is complete, so any may read it next."""
     if world.is_main:
         _save(folder, epoch, parts, history)

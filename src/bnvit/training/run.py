@@ -1,0 +1,111 @@
+"""What defines a run of `fit`: its arguments, checked once, and the optimizer and scheduler they make."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from timm.optim import create_optimizer_v2, list_optimizers
+from torch import nn
+
+from .. import _checks
+
+__all__ = ["OptimizerFactory", "Run", "SchedulerFactory", "optimizer_and_scheduler"]
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Run:
+    """The arguments that define a run, checked once; `record` is what History.meta and checkpoints keep of them.
+
+    Examples:
+        >>> Run(epochs=2, lr=1e-3, batch_size=100, eval_batch_size=5000, optimizer="adam", weight_decay=0.0,
+        ...     scheduler=None, seed=0, max_grad_norm=None).record("fp32")["optimizer"]
+        'adam'
+        >>> Run(epochs=0, lr=1e-3, batch_size=100, eval_batch_size=5000, optimizer="adam", weight_decay=0.0,
+        ...     scheduler=None, seed=None, max_grad_norm=None)
+        Traceback (most recent call last):
+        ...
+        ValueError: epochs must be an int >= 1, got 0
+    """
+
+    epochs: int
+    lr: float
+    batch_size: int
+    eval_batch_size: int
+    optimizer: str | OptimizerFactory
+    weight_decay: float
+    scheduler: str | SchedulerFactory | None
+    seed: int | None
+    max_grad_norm: float | None
+
+    def __post_init__(self) -> None:
+        checked = dict(
+            epochs=_checks.positive_int("epochs", self.epochs),
+            lr=_checks.positive_float("lr", self.lr),
+            batch_size=_checks.positive_int("batch_size", self.batch_size),
+            eval_batch_size=_checks.positive_int("eval_batch_size", self.eval_batch_size),
+        )
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None:
+            checked["max_grad_norm"] = _checks.positive_float("max_grad_norm", self.max_grad_norm)
+        if self.seed is not None:
+            checked["seed"] = _checks.positive_int("seed", self.seed, minimum=0)
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    def record(self, precision: str) -> dict[str, Any]:
+        """The run's arguments as plain values (factories by their qualified names); a resume must repeat them."""
+        return dict(
+            lr=self.lr,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer if isinstance(self.optimizer, str) else _qualname(self.optimizer),
+            weight_decay=self.weight_decay,
+            scheduler=self.scheduler
+            if self.scheduler is None or isinstance(self.scheduler, str)
+            else _qualname(self.scheduler),
+            seed=self.seed,
+            max_grad_norm=self.max_grad_norm,
+            precision=precision,
+        )
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def optimizer_and_scheduler(model: nn.Module, r: Run) -> tuple[torch.optim.Optimizer, Any]:
+    """The run's optimizer (timm's weight-decay groups for a name) and its per-epoch scheduler, or None."""
+    optimizer = _make_optimizer(model, r.optimizer, r.lr, r.weight_decay)
+    return optimizer, _make_scheduler(r.scheduler, optimizer, r.epochs)
+
+
+def _make_optimizer(
+    model: nn.Module, optimizer: str | OptimizerFactory, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    if callable(optimizer):
+        opt = optimizer(model.parameters())
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"the optimizer factory must return a torch.optim.Optimizer, got {type(opt).__name__}")
+        return opt
+    if not isinstance(optimizer, str):
+        raise TypeError(f"optimizer must be a name or a factory, got {optimizer!r}")
+    names = list_optimizers()
+    if optimizer.lower() not in names:
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid: 'adam', 'adamw', 'sgd', ... ({len(names)} in timm)")
+    return create_optimizer_v2(model, opt=optimizer, lr=lr, weight_decay=weight_decay)
+
+
+def _make_scheduler(scheduler: str | SchedulerFactory | None, opt: torch.optim.Optimizer, epochs: int) -> Any:
+    if scheduler is None:
+        return None
+    if scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    if isinstance(scheduler, str):
+        raise ValueError(f"unknown scheduler {scheduler!r}; valid: None, 'cosine', or a factory optimizer -> scheduler")
+    return scheduler(opt)
