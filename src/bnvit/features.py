@@ -1,14 +1,24 @@
-"""timm's feature-extraction API for bnvit's models: which blocks to take features from.
+"""timm's feature-extraction API for bnvit's models: which blocks to take features from, and taking them.
 
-`feature_take_indices` resolves `forward_intermediates`' `indices` with a clear error. Shared by
-the ViT, the MLP and the builders (`features_only=True`).
+`feature_take_indices` resolves `forward_intermediates`' `indices` with a clear error;
+`forward_blocks` is the loop of every model's `forward_intermediates`. Shared by the ViT, the MLP
+and the builders (`features_only=True`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-__all__ = ["feature_take_indices"]
+import torch
+from torch import nn
+
+from . import _checks
+
+__all__ = ["OUTPUT_FMTS", "feature_take_indices", "forward_blocks"]
+
+OUTPUT_FMTS = ("NCHW", "NLC")
+"""The valid values of `output_fmt` for `forward_intermediates`."""
 
 
 def feature_take_indices(num_blocks: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
@@ -49,3 +59,40 @@ def feature_take_indices(num_blocks: int, indices: int | Sequence[int] | None = 
             )
         take = [i % num_blocks for i in indices]
     return take, max(take)
+
+
+def forward_blocks(
+    x: torch.Tensor,
+    *,
+    stem: Callable[[torch.Tensor], torch.Tensor],
+    blocks: Sequence[nn.Module],
+    indices: int | Sequence[int] | None,
+    stop_early: bool,
+    output_fmt: str,
+    keep: Callable[[torch.Tensor], Any],
+    run: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, list[Any]]:
+    """`stem(x)` through `blocks`, keeping `keep(output)` of those `indices` names: `forward_intermediates`' loop.
+
+    `output_fmt` and `indices` are checked before anything runs. With `stop_early` the blocks
+    after the last one taken are skipped. `run(block, x)` runs a block (default `block(x)`).
+
+    Returns:
+        The output of the last block run, and what `keep` made of the blocks taken, in order.
+
+    Examples:
+        >>> blocks = [nn.Linear(4, 4) for _ in range(3)]
+        >>> x, kept = forward_blocks(torch.randn(2, 4), stem=torch.relu, blocks=blocks, indices=[0, 2],
+        ...                          stop_early=False, output_fmt="NLC", keep=lambda y: y.shape)
+        >>> kept
+        [torch.Size([2, 4]), torch.Size([2, 4])]
+    """
+    _checks.choice("output_fmt", output_fmt, OUTPUT_FMTS)
+    take, last = feature_take_indices(len(blocks), indices)
+    x = stem(x)
+    kept = []
+    for i, block in enumerate(blocks[: last + 1] if stop_early else blocks):
+        x = block(x) if run is None else run(block, x)
+        if i in take:
+            kept.append(keep(x))
+    return x, kept

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import _checks
 from ._builder import MNIST_INPUT, build_with_weights, pretrained_cfg
-from .features import feature_take_indices
+from .features import feature_take_indices, forward_blocks
 from .fuse import fold_sequential
 
 __all__ = ["MLP", "dnn_mnist", "dnnbn_mnist"]
@@ -162,16 +162,15 @@ class MLP(nn.Module):
             >>> final.shape, [tuple(f.shape) for f in feats]
             (torch.Size([2, 100]), [(2, 100, 1, 1), (2, 100, 1, 1), (2, 100, 1, 1)])
         """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"unknown output_fmt {output_fmt!r}; valid choices: 'NCHW', 'NLC'")
-        groups = self._hidden_layers()
-        take, last = feature_take_indices(len(groups), indices)
-        x = check_flat_inputs(x, self.in_features)
-        intermediates = []
-        for i, group in enumerate(groups[: last + 1] if stop_early else groups):
-            x = group(x)
-            if i in take:
-                intermediates.append(x[:, :, None, None] if output_fmt == "NCHW" else x[:, None, :])
+        x, intermediates = forward_blocks(
+            x,
+            stem=lambda images: check_flat_inputs(images, self.in_features),
+            blocks=self._hidden_layers(),
+            indices=indices,
+            stop_early=stop_early,
+            output_fmt=output_fmt,
+            keep=lambda y: y[:, :, None, None] if output_fmt == "NCHW" else y[:, None, :],
+        )
         return intermediates if intermediates_only else (x, intermediates)
 
     def prune_intermediate_layers(

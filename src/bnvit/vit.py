@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import _checks
 from .batchnorm import TokenBatchNorm, bn_safe_context_fn
-from .features import feature_take_indices
+from .features import feature_take_indices, forward_blocks
 from .fuse import fold_bn_before_linear
 from .layers import ATTN_IMPLS, NORMS, EncoderBlock, PatchEmbed, patchify, sincos_pos_embed, token_norm  # noqa: F401
 
@@ -352,15 +352,16 @@ class ViT(nn.Module):
             >>> final.shape, [f.shape for f in feats]
             (torch.Size([2, 17, 64]), [torch.Size([2, 64, 4, 4]), torch.Size([2, 64, 4, 4])])
         """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"unknown output_fmt {output_fmt!r}; valid choices: 'NCHW', 'NLC'")
-        take, last = feature_take_indices(len(self.blocks), indices)
-        x = self._embed(x)
-        intermediates = []
-        for i, block in enumerate(self.blocks[: last + 1] if stop_early else self.blocks):
-            x = self._run_block(block, x)
-            if i in take:
-                intermediates.append(self.norm(x) if norm else x)
+        x, intermediates = forward_blocks(
+            x,
+            stem=self._embed,
+            blocks=self.blocks,
+            indices=indices,
+            stop_early=stop_early,
+            output_fmt=output_fmt,
+            keep=self.norm if norm else lambda y: y,
+            run=self._run_block,
+        )
         prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
         intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
         if output_fmt == "NCHW":

@@ -105,7 +105,7 @@ def _reason(err: Exception, path: Path) -> str:
     """One line saying why a file could not be read, instead of torch's message (which may be several
     lines, end in ': ' for an empty file, or advise unpickling with `weights_only=False`)."""
     text = str(err).strip()
-    first = text.splitlines()[0].strip() if text else ""
+    first = _checks.first_line(err).strip() if text else ""
     if isinstance(err, ValueError) and first:  # from verify_checkpoint_file: already one clear line
         return first.removeprefix(f"{path} is ").removeprefix(f"{path} ")
     if "weights_only" in text.lower() or "weights only" in text.lower():
