@@ -1,4 +1,4 @@
-"""`fit()`: train a classifier and return its `History`; `evaluate()` and `recalibrate_bn()`.
+"""`fit()`: train a classifier and return its `History` (`evaluate()` and `recalibrate_bn()` import from here too).
 
 `fit` is deliberately small: cross-entropy, top-1 accuracy, one optimizer, an optional
 per-epoch scheduler. What it adds over a hand-written loop is what the article's
@@ -17,7 +17,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +30,13 @@ from .._io import check_writable
 from ..device import autocast, resolve_precision
 from . import checkpoint, inputs
 from .callbacks import Callback, CallbackList, TrainState
+from .evaluation import evaluate
+from .evaluation import evaluate_loader as _evaluate
 from .history import EpochRecord, History
 from .inputs import TrainData
 from .recalibrate import recalibrate_bn
-from .run import OptimizerFactory, Run, SchedulerFactory, optimizer_and_scheduler
-from .world import World, alone, setup
+from .run import OptimizerFactory, Run, SchedulerFactory, Settings, optimizer_and_scheduler
+from .world import World, setup
 
 __all__ = ["evaluate", "fit", "recalibrate_bn"]
 
@@ -60,111 +61,6 @@ def _seed_everything(seed: int) -> None:
 def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     """The seed of one epoch; each process of a distributed run gets its own (dropout, augmentation)."""
     return (seed * 1_000_003 + epoch + rank * 0x9E3779B97F4A7C15) % 2**63
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-@dataclass(frozen=True, kw_only=True)
-class Settings:
-    """How every step of a run is taken, besides the model, the data and the optimizer; set once.
-
-    Attributes:
-        world: The processes training together (a world of one for one process).
-        precision: `"fp32"`, `"bf16"` or `"fp16"` (resolved).
-        loss_fn: `(logits, labels) -> loss`.
-        max_grad_norm: Clip the gradient norm to this, or None.
-        progress: Show a progress bar (rank 0 only).
-        dtype: The model's dtype, which floating-point images are cast to.
-        num_classes: The model's number of outputs: labels must lie in `[0, num_classes)`.
-        scaler: The gradient scaler, made from `precision`: enabled for fp16 only.
-    """
-
-    world: World
-    precision: str = "fp32"
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
-    max_grad_norm: float | None = None
-    progress: bool = False
-    dtype: torch.dtype = torch.float32
-    num_classes: int = 0
-    scaler: torch.amp.GradScaler = field(init=False)
-
-    def __post_init__(self) -> None:
-        enabled = self.precision == "fp16"  # a disabled scaler passes every call through: no branch in the step
-        object.__setattr__(self, "scaler", torch.amp.GradScaler(self.device.type, enabled=enabled))
-
-    @property
-    def device(self) -> torch.device:
-        return self.world.device
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    data: TrainData,
-    *,
-    batch_size: int = 5000,
-    device: str | torch.device = "auto",
-    precision: str = "fp32",
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-) -> dict[str, float]:
-    """Mean loss and top-1 accuracy of `model` on `data`, in eval mode.
-
-    Args:
-        model: A classifier returning `(batch, num_classes)` logits.
-        data: Anything `fit` accepts as data.
-        batch_size: Batch size for datasets and tensors.
-        device: Where to evaluate; the model is moved there.
-        precision: `"fp32"`, `"bf16"`, `"fp16"` or `"auto"`.
-        loss_fn: Loss; cross-entropy by default.
-
-    Returns:
-        `{"loss": ..., "acc": ..., "n": ...}`.
-
-    Examples:
-        >>> from bnvit import ViTBNFFN
-        >>> images, labels = torch.rand(20, 1, 28, 28), torch.randint(0, 10, (20,))
-        >>> sorted(evaluate(ViTBNFFN(depth=1), (images, labels), device="cpu"))
-        ['acc', 'loss', 'n']
-    """
-    world = alone(device)
-    loader = inputs.as_loader(data, name="data", batch_size=batch_size, shuffle=False, device=world.device, seed=0)
-    settings = Settings(
-        world=world,
-        precision=resolve_precision(precision, world.device),
-        loss_fn=loss_fn or F.cross_entropy,
-        dtype=inputs.model_dtype(model),
-        num_classes=inputs.preflight(model.to(world.device), loader, "data", world.device),
-    )
-    return _evaluate(model, loader, settings, "evaluation")
-
-
-def _evaluate(model: nn.Module, loader: Any, s: Settings, split: str = "validation") -> dict:
-    """Loss and accuracy over `loader`, summed over every process of the world."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=s.device, dtype=torch.float64)
-    correct = torch.zeros((), device=s.device, dtype=torch.int64)
-    n, check, problem, where = 0, not inputs.checked_up_front(loader), None, f"{split} data"
-    try:
-        with torch.no_grad():
-            for step, (images, labels) in enumerate(loader, start=1):
-                problem = inputs.batch_problem(images, labels, s.num_classes) if check else None
-                if problem is not None:  # the processes may hold different numbers of batches: agree after the loop
-                    where = f"{split} data, batch {step}"
-                    break
-                images, labels = inputs.to_device(images, labels, s.device, s.dtype)
-                with autocast(s.device, s.precision):
-                    logits = model(images)
-                loss_sum += s.loss_fn(logits.float(), labels).double() * len(labels)
-                correct += (logits.argmax(1) == labels).sum()
-                n += len(labels)
-    finally:
-        model.train(was_training)
-    if check:
-        inputs.raise_together(s.world, problem, where)
-    loss, hits, n = s.world.sum(loss_sum, correct, n)
-    return {"loss": loss / n, "acc": hits / n, "n": int(n)}
 
 
 # ----------------------------------------------------------------------------- training

@@ -1,18 +1,20 @@
-"""What defines a run of `fit`: its arguments, checked once, and the optimizer and scheduler they make."""
+"""What defines a run of `fit`: its arguments, checked once, how each step is taken, and the optimizer and scheduler."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.optim import create_optimizer_v2, list_optimizers
 from torch import nn
 
 from .. import _checks
+from .world import World
 
-__all__ = ["OptimizerFactory", "Run", "SchedulerFactory", "optimizer_and_scheduler"]
+__all__ = ["OptimizerFactory", "Run", "SchedulerFactory", "Settings", "optimizer_and_scheduler"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -77,6 +79,39 @@ class Run:
 
 def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """How every step of a run is taken, besides the model, the data and the optimizer; set once.
+
+    Attributes:
+        world: The processes training together (a world of one for one process).
+        precision: `"fp32"`, `"bf16"` or `"fp16"` (resolved).
+        loss_fn: `(logits, labels) -> loss`.
+        max_grad_norm: Clip the gradient norm to this, or None.
+        progress: Show a progress bar (rank 0 only).
+        dtype: The model's dtype, which floating-point images are cast to.
+        num_classes: The model's number of outputs: labels must lie in `[0, num_classes)`.
+        scaler: The gradient scaler, made from `precision`: enabled for fp16 only.
+    """
+
+    world: World
+    precision: str = "fp32"
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    max_grad_norm: float | None = None
+    progress: bool = False
+    dtype: torch.dtype = torch.float32
+    num_classes: int = 0
+    scaler: torch.amp.GradScaler = field(init=False)
+
+    def __post_init__(self) -> None:
+        enabled = self.precision == "fp16"  # a disabled scaler passes every call through: no branch in the step
+        object.__setattr__(self, "scaler", torch.amp.GradScaler(self.device.type, enabled=enabled))
+
+    @property
+    def device(self) -> torch.device:
+        return self.world.device
 
 
 def optimizer_and_scheduler(model: nn.Module, r: Run) -> tuple[torch.optim.Optimizer, Any]:
