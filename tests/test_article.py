@@ -20,7 +20,7 @@ import torch
 
 from bnvit.article import cli, study
 from bnvit.article import sweep as article_sweep
-from bnvit.article.claims import EXPECTATIONS, judge, verdicts
+from bnvit.article.claims import EXPECTATIONS, judge
 from bnvit.article.folder import LOCK, FolderLock, FolderLockedError, prepare_folder
 from bnvit.article.grid import ARTICLE_FP32, ARTICLE_MLP, ARTICLE_VIT, COMPARE_LR, LR_WINDOW, Cell, Settings
 from bnvit.article.report import report_folder, report_source

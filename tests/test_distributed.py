@@ -312,12 +312,31 @@ def no_torchrun(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+def _alone_on_cpu(world: Distributed) -> bool:
+    return (world.rank, world.world_size, world.device, world.backend) == (0, 1, torch.device("cpu"), "none")
+
+
 def test_auto_is_a_single_process_without_torchrun(no_torchrun, monkeypatch):
-    assert setup("auto", "cpu") is None
+    assert _alone_on_cpu(setup("auto", "cpu"))
+    assert _alone_on_cpu(setup(False, "cpu"))
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    assert setup("auto", "cpu") is None  # torchrun with one process: nothing to distribute
+    assert _alone_on_cpu(setup("auto", "cpu"))  # torchrun with one process: nothing to distribute
+
+
+def test_a_world_of_one_answers_every_call_at_once():
+    """The loop never asks how many processes there are: a world of one does each thing the trivial way."""
+    world = setup(False, "cpu")
+    model, loader = nn.Linear(2, 2), DeviceLoader(*toy_data(8), batch_size=4)
+    assert world.wrap(model) is model and world.shard(loader, name="train", train=True, seed=0) is loader
+    assert world.sum(torch.tensor(2.0), 3) == (2.0, 3.0) and world.gather(5) == [5] and world.all_true(True)
+    with world.synced_batchnorm(bn := nn.Sequential(nn.BatchNorm1d(2)), enabled=True):
+        assert type(bn[0]) is nn.BatchNorm1d  # nothing to synchronize with
+    with pytest.raises(KeyError, match="raised as it is"), world.fail_together():
+        raise KeyError("raised as it is")
+    many = fake(0)
+    assert world.describe(True) == {"device": "cpu"} and many.describe(True)["world_size"] == 2
 
 
 def test_distributed_arguments_are_checked(no_torchrun, monkeypatch):

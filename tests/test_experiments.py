@@ -6,7 +6,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -327,6 +326,7 @@ def mlp_result(model: str, lr: float, seed: int, accs: list[float], steps_acc: l
 def mlp_results(bn_steps_to_90: list[int], plain_steps_to_90: list[int], bn_final_at_01=0.97) -> list[dict]:
     out = []
     for seed, (bn, plain) in enumerate(zip(bn_steps_to_90, plain_steps_to_90, strict=True)):
+
         def curve(k):  # reaches 0.9 at the k-th record (step 20 k)
             return [0.5] * (k - 1) + [0.92] * (30 - k + 1)
 
@@ -344,7 +344,9 @@ def test_claim_4_is_judged_on_the_steps_to_90_percent():
     (v,) = verdicts(results, [4])
     assert v.verdict == "reproduced", v.measured
     speed, early, reference, stable = v.parts
-    assert speed.values == pytest.approx([math.log(b / p) for b, p in [(100, 300), (120, 260), (80, 320), (100, 280), (140, 300)]])
+    assert speed.values == pytest.approx(
+        [math.log(b / p) for b, p in [(100, 300), (120, 260), (80, 320), (100, 280), (140, 300)]]
+    )
     assert "median steps DNN_d3 300, DNNBN_d3 100" in speed.note
     assert reference.verdict == "not judged" and not reference.judged and reference.p_hold_holm is None
     assert early.verdict == "not judged" and "exploratory" in early.label

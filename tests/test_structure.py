@@ -1,19 +1,24 @@
-"""The shape of the package, read from its source: one-way imports and functions that fit on a screen.
+"""The shape of the package, read from its source: one-way imports, functions that fit on a screen, short modules.
 
 Layers, each importing only the ones below it (docs/architecture.md draws the picture):
 
     cli, __init__, __main__, demo    what a person runs
     article                          the reproduction harness
-    training                         the loop, checkpoints, history, callbacks, distributed
-    registry, mlp, timmvit, deploy,  timm builders (mlp.py: the MLPs and their builders; timmvit.py:
-    hub                              timm's ViT at the article's scale), inference, model cards:
-                                     never training
-    layers, vit, timm_blocks | data  the models (timm_blocks: the BatchNorm FFN in timm's ViTs) and
-                                     the data, independent of each other
+    training                         the loop, the run's settings, evaluation, checkpoints, history,
+                                     callbacks, the world of processes and its sharding
+    registry, mlp, timmvit,          timm entry points and pretrained cfgs (mlp.py: the MLPs and their
+    _builder, loading, convert,      builders; timmvit.py: timm's ViT at the article's scale), the
+    deploy, hub                      shared builder, weights in, foreign checkpoints, inference,
+                                     model cards: never training
+    layers, vit, factored, kernels,  the models: blocks, the ViT, attention's factored form and its
+    batchnorm, features,             kernels, BatchNorm, timm's feature API, the BatchNorm FFN in
+    timm_blocks  |  data             timm's ViTs; and the data, each independent of the other
     _io, _checks, device, fuse       the bottom (fuse: the float64 folding arithmetic; each module
                                      that folds owns its fuse() and calls it)
 
 Every import counts, including those inside functions: a deferred import is still a dependency.
+A module over 500 lines is doing more than one job: split it by job (docs/architecture.md says
+which module owns what).
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bnvit"
 
 # What each group of modules may import from bnvit (besides itself).
 BOTTOM = {"_io", "_checks", "device", "fuse"}
-MODELS = {"layers", "vit", "timm_blocks"}
-INFERENCE = {"registry", "mlp", "timmvit", "deploy", "hub"}
+MODELS = {"layers", "vit", "factored", "kernels", "batchnorm", "features", "timm_blocks"}
+INFERENCE = {"registry", "_builder", "loading", "convert", "mlp", "timmvit", "deploy", "hub"}
 ALLOWED = {
     "bottom": {"bottom"},
     "models": {"bottom", "models"},
@@ -39,6 +44,7 @@ ALLOWED = {
     "top": {"bottom", "models", "data", "inference", "training", "article", "top"},
 }
 MAX_FUNCTION_LINES = 100
+MAX_MODULE_LINES = 500
 
 
 def _module_name(path: Path) -> str:
@@ -149,6 +155,15 @@ def test_functions_fit_on_a_screen():
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines (docstrings not counted):\n  " + "\n  ".join(long)
 
 
+def _module_lengths() -> dict[str, int]:
+    return {str(path.relative_to(SRC)): len(path.read_text().splitlines()) for path in sorted(SRC.rglob("*.py"))}
+
+
+def test_modules_hold_one_job():
+    long = [f"{name}: {lines} lines" for name, lines in _module_lengths().items() if lines > MAX_MODULE_LINES]
+    assert not long, f"modules over {MAX_MODULE_LINES} lines (split them by job):\n  " + "\n  ".join(long)
+
+
 def test_the_checks_see_what_they_check():
     """The graph is not empty and knows the layers: a broken parser would make the tests above pass vacuously."""
     graph = _graph()
@@ -157,6 +172,8 @@ def test_the_checks_see_what_they_check():
     assert "device" in graph["training.loop"]
     lengths = dict(_function_lengths())
     assert len(lengths) > 100
+    modules = _module_lengths()
+    assert len(modules) > 50 and modules["vit.py"] > 100 and modules["training/loop.py"] > 100
 
 
 @pytest.mark.parametrize(

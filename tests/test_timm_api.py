@@ -25,6 +25,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import bnvit
 from bnvit import MLP, ViT
+from bnvit import loading as bnvit_loading
 from bnvit import registry as bnvit_registry
 from bnvit.vit import ViTConfig
 
@@ -318,7 +319,7 @@ def test_three_channel_weights_on_one_channel(tmp_path):
 def test_shipped_weights_load_offline_from_the_package_folder(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    monkeypatch.setattr(bnvit_registry, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(bnvit_loading, "WEIGHTS_DIR", tmp_path)
     assert timm.get_pretrained_cfg("vitbnffn_mnist").tag == bnvit_registry.SHIPPED_TAG
     with pytest.raises(ValueError, match=r"vitbnffn_mnist\.bnvit_mnist are not shipped in this build.*file=PATH"):
         timm.create_model("vitbnffn_mnist", pretrained=True)
@@ -327,6 +328,37 @@ def test_shipped_weights_load_offline_from_the_package_folder(tmp_path, monkeypa
     shipped = timm.create_model("vitbnffn_mnist.bnvit_mnist", pretrained=True)
     assert shipped.config["depth"] == 3 and shipped.pretrained_cfg["tag"] == "bnvit_mnist"
     assert _same_outputs(trained, shipped, torch.rand(2, 1, 28, 28))
+
+
+@pytest.mark.parametrize("name", ["vitbnffn_mnist", "dnnbn_mnist"])
+def test_pretrained_weights_are_read_once(name, tmp_path, monkeypatch):
+    """The builder reads the weights for the architecture they hold; timm loads that same state dict."""
+    trained = timm.create_model(name, depth=2).eval()
+    path = tmp_path / "weights.pth"
+    torch.save(trained.state_dict(), path)
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *args, **kw: reads.append(f) or load(f, *args, **kw))
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert [str(f) for f in reads] == [str(path)]
+    assert _same_outputs(trained, model, torch.rand(2, 1, 28, 28))
+    assert model.pretrained_cfg["file"] == str(path) and "state_dict" not in model.pretrained_cfg
+    assert "source" not in model.pretrained_cfg
+
+
+def test_local_dir_weights_are_read_once(tmp_path, monkeypatch):
+    trained = timm.create_model("vitbnffn_mnist", depth=2).eval()
+    save_for_hf(trained, tmp_path, safe_serialization=True)
+
+    def second_read(path, *args, **kwargs):
+        raise AssertionError(f"timm read {path} a second time")
+
+    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_path", second_read)
+    model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    assert _same_outputs(trained, model, torch.rand(2, 1, 28, 28))
+    assert model.pretrained_cfg["source"] == "local-dir" and "state_dict" not in model.pretrained_cfg
+    features = timm.create_model(f"local-dir:{tmp_path}", pretrained=True, features_only=True)
+    cfgs = [m.pretrained_cfg for m in features.modules() if hasattr(m, "pretrained_cfg")]
+    assert len(cfgs) == 2 and not any("state_dict" in cfg for cfg in cfgs)  # the wrapper and the model it wraps
 
 
 def test_shipped_weights_live_inside_the_package():

@@ -21,11 +21,12 @@ from importlib.metadata import PackageNotFoundError, version
 from . import mlp as _mlp  # noqa: F401  (registers dnn_mnist, dnnbn_mnist)
 from . import registry as _registry  # noqa: F401  (registers the timm builders)
 from . import timmvit as _timmvit  # noqa: F401  (registers timmvit_mnist, timmvit_bnffn_mnist)
+from .convert import checkpoint_filter_fn
 from .deploy import export_onnx, for_inference
 from .fuse import fold_batchnorm
 from .layers import Attention, BatchNormFFN, EncoderBlock, FeedForward, TokenBatchNorm
+from .loading import load_model
 from .mlp import MLP
-from .registry import checkpoint_filter_fn, load_model
 from .timm_blocks import BatchNormMlp, BNFFNBlock, to_bn_ffn
 from .training import Callback, CSVLogger, EpochRecord, History, JSONLLogger, evaluate, fit, recalibrate_bn
 from .vit import ViT, ViTBN, ViTBNFFN, ViTConfig

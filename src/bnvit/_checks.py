@@ -97,3 +97,19 @@ def _listed(what: str, keys: list[str]) -> str:
         return ""
     more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
     return f"{len(keys)} {what}s ({', '.join(keys[:3])}{more})" if len(keys) > 1 else f"{what} {keys[0]}"
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, or its type's name if it has none.
+
+    For messages shown on one line: torch's unpickling errors, for one, append paragraphs of
+    advice that do not apply.
+
+    Examples:
+        >>> first_line(ValueError("bad file\\nlong advice"))
+        'bad file'
+        >>> first_line(KeyError())
+        'KeyError'
+    """
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -37,7 +37,7 @@ from . import __version__
 from .data.digits import MNIST_SIZE, prepare_digit
 from .deploy import for_inference
 from .device import resolve_device
-from .registry import SHIPPED_TAG, WEIGHTS_DIR, load_model
+from .loading import SHIPPED_TAG, WEIGHTS_DIR, load_model
 from .timm_blocks import BNFFNBlock
 from .vit import ViT
 

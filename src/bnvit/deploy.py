@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._checks import first_line
 from ._io import atomic_path
 from .device import resolve_device
 from .fuse import fold_batchnorm
@@ -119,7 +120,7 @@ def _script(model: nn.Module) -> nn.Module:
             if isinstance(model, ViT)
             else "TorchScript does not support part of its code"
         )
-        detail = (str(err).strip().splitlines() or [""])[0].rstrip(":")
+        detail = first_line(err).rstrip(":")
         raise NotImplementedError(
             f"script=True: torch.jit.script cannot compile {type(model).__name__}: {why} "
             f"({type(err).__name__}: {detail}). TorchScript is deprecated in PyTorch; use "

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._io import atomic_write_text
-from .registry import SHIPPED_TAG, recipe_summary, shipped_record
+from .loading import SHIPPED_TAG, recipe_summary, shipped_record
 
 __all__ = ["model_card", "model_stats", "save_for_hf"]
 

@@ -9,7 +9,7 @@ one feature level per hidden layer) and `head` is the classifier.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,9 +18,9 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from . import _checks
+from ._builder import MNIST_INPUT, build_with_weights, pretrained_cfg
+from .features import feature_take_indices, forward_blocks
 from .fuse import fold_sequential
-from .registry import build_with_weights, pretrained_state_dict
-from .vit import feature_take_indices
 
 __all__ = ["MLP", "dnn_mnist", "dnnbn_mnist"]
 
@@ -162,16 +162,15 @@ class MLP(nn.Module):
             >>> final.shape, [tuple(f.shape) for f in feats]
             (torch.Size([2, 100]), [(2, 100, 1, 1), (2, 100, 1, 1), (2, 100, 1, 1)])
         """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"unknown output_fmt {output_fmt!r}; valid choices: 'NCHW', 'NLC'")
-        groups = self._hidden_layers()
-        take, last = feature_take_indices(len(groups), indices)
-        x = check_flat_inputs(x, self.in_features)
-        intermediates = []
-        for i, group in enumerate(groups[: last + 1] if stop_early else groups):
-            x = group(x)
-            if i in take:
-                intermediates.append(x[:, :, None, None] if output_fmt == "NCHW" else x[:, None, :])
+        x, intermediates = forward_blocks(
+            x,
+            stem=lambda images: check_flat_inputs(images, self.in_features),
+            blocks=self._hidden_layers(),
+            indices=indices,
+            stop_early=stop_early,
+            output_fmt=output_fmt,
+            keep=lambda y: y[:, :, None, None] if output_fmt == "NCHW" else y[:, None, :],
+        )
         return intermediates if intermediates_only else (x, intermediates)
 
     def prune_intermediate_layers(
@@ -206,30 +205,18 @@ class MLP(nn.Module):
 
 
 default_cfgs = generate_default_cfgs(
-    {
-        name: dict(
-            input_size=(1, 28, 28),
-            mean=(0.0,),
-            std=(1.0,),
-            num_classes=10,
-            fixed_input_size=True,
-            interpolation="bilinear",
-            crop_pct=1.0,
-            first_conv="layers.0",
-            classifier="head",
-            paper_name="Vision Transformer with BatchNorm",
-            license="mit",
-        )
-        for name in ("dnn_mnist", "dnnbn_mnist")
-    }
+    {name: pretrained_cfg(first_conv="layers.0", **MNIST_INPUT) for name in ("dnn_mnist", "dnnbn_mnist")}
 )
 
 
-def _args_from_weights(variant: str, defaults: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Depth and width of the MLP weights `pretrained=True` will load."""
-    state_dict, source = pretrained_state_dict(
-        variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay")
-    )
+def _args_from_weights(
+    state_dict: dict[str, torch.Tensor],
+    source: str,
+    variant: str,
+    defaults: Mapping[str, Any],
+    kwargs: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Depth and width of the MLP weights `pretrained=True` loads."""
     linears = sorted(int(k.split(".")[1]) for k in state_dict if k.startswith("layers.") and k.endswith(".weight"))
     has_bn = any(k.endswith(".running_mean") for k in state_dict)
     if has_bn != (defaults["norm"] == "bn"):

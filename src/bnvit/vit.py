@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 import torch.fx
-from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import _checks
-from .fuse import fold_bn_after_linear, fold_bn_before_linear
-from .layers import NORMS, EncoderBlock, TokenBatchNorm, bn_safe_context_fn, token_norm
+from .batchnorm import TokenBatchNorm, bn_safe_context_fn
+from .features import feature_take_indices, forward_blocks
+from .fuse import fold_bn_before_linear
+from .layers import ATTN_IMPLS, NORMS, EncoderBlock, PatchEmbed, patchify, sincos_pos_embed, token_norm  # noqa: F401
 
 __all__ = [
     "POOLS",
@@ -42,81 +43,6 @@ WEIGHT_INITS = ("reference", "timm")
 _TIMM_POOL_NAMES = {"token": "cls", "avg": "mean"}
 
 
-def sincos_pos_embed(num_tokens: int, dim: int) -> torch.Tensor:
-    """The article's fixed sine-cosine positional embedding, shape `(1, num_tokens, dim)`.
-
-    For token position `t` and `i = 1 .. dim/2`, `w_i = 10000 ** (-i / (dim/2))` and the
-    embedding is `[sin(t w_1), ..., sin(t w_{dim/2}), cos(t w_1), ..., cos(t w_{dim/2})]`.
-
-    Examples:
-        >>> sincos_pos_embed(17, 64).shape
-        torch.Size([1, 17, 64])
-    """
-    if dim % 2:
-        raise ValueError(f"the sincos positional embedding needs an even dim, got dim={dim}")
-    half = dim // 2
-    omega = 10000.0 ** (-torch.arange(1, half + 1, dtype=torch.float64) / half)
-    angles = torch.arange(num_tokens, dtype=torch.float64)[:, None] * omega[None, :]
-    return torch.cat([angles.sin(), angles.cos()], dim=1).float().unsqueeze(0)
-
-
-class PatchEmbed(nn.Module):
-    """Split an image into `p x p` patches and embed each: `norm -> Linear -> norm`.
-
-    Each patch is flattened in (row, column, channel) order, as in the reference
-    implementation's `Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)")`.
-
-    Args:
-        img_size: Input height and width.
-        patch_size: Patch side `p`; must divide both image sides.
-        in_chans: Input channels.
-        dim: Embedding width.
-        norm: `"ln"` or `"bn"` for both norms.
-
-    Examples:
-        >>> embed = PatchEmbed((28, 28), 7, 1, 64)
-        >>> embed(torch.rand(2, 1, 28, 28)).shape
-        torch.Size([2, 16, 64])
-    """
-
-    def __init__(self, img_size: tuple[int, int], patch_size: int, in_chans: int, dim: int, norm: str = "ln") -> None:
-        super().__init__()
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        patch_dim = patch_size * patch_size * in_chans
-        self.pre_norm = token_norm(norm, patch_dim)
-        self.proj = nn.Linear(patch_dim, dim)
-        self.norm = token_norm(norm, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(self.pre_norm(patchify(x, self.patch_size))))
-
-    @torch.no_grad()
-    def fuse(self) -> None:
-        """Fold BatchNorm norms into the projection, in place (eval mode only)."""
-        if isinstance(self.norm, TokenBatchNorm):
-            self.proj = fold_bn_after_linear(self.proj, self.norm.bn)
-            self.norm = nn.Identity()
-        if isinstance(self.pre_norm, TokenBatchNorm):
-            self.proj = fold_bn_before_linear(self.pre_norm.bn, self.proj)
-            self.pre_norm = nn.Identity()
-
-
-def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Images `(B, C, H, W)` -> patches `(B, (H/p)(W/p), p * p * C)`, in (row, column, channel) order.
-
-    A leaf for `torch.fx` (registered with `torch.fx.wrap`): tracing records one call instead
-    of following einops' Python code.
-
-    Examples:
-        >>> patchify(torch.rand(2, 3, 8, 8), 4).shape
-        torch.Size([2, 4, 48])
-    """
-    return rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
-
-
 def check_images(x: torch.Tensor, in_chans: int, img_size: tuple[int, int]) -> torch.Tensor:
     """Return `x` if it is a float `(B, in_chans, *img_size)` batch; raise a clear error otherwise.
 
@@ -134,48 +60,7 @@ def check_images(x: torch.Tensor, in_chans: int, img_size: tuple[int, int]) -> t
     return x
 
 
-torch.fx.wrap("patchify")
 torch.fx.wrap("check_images")
-
-
-def feature_take_indices(num_blocks: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
-    """The blocks to take features from, as timm's `feature_take_indices`, with a clear error.
-
-    Args:
-        num_blocks: Number of blocks of the model.
-        indices: `None` (all blocks), an int `n` (the last `n` blocks) or block indices
-            (negative ones count from the end).
-
-    Returns:
-        The absolute indices, and the largest of them.
-
-    Raises:
-        ValueError: If an index is out of range; the message names the valid range.
-
-    Examples:
-        >>> feature_take_indices(6, 3)
-        ([3, 4, 5], 5)
-        >>> feature_take_indices(6, [0, -1])
-        ([0, 5], 5)
-    """
-    if indices is None:
-        indices = num_blocks
-    if isinstance(indices, int) and not isinstance(indices, bool):
-        if not 0 < indices <= num_blocks:
-            raise ValueError(
-                f"cannot take the last {indices} of the model's {num_blocks} blocks: an int must be in 1..{num_blocks}"
-            )
-        take = list(range(num_blocks - indices, num_blocks))
-    else:
-        indices = list(indices)
-        wrong = [i for i in indices if not -num_blocks <= i < num_blocks]
-        if wrong or not indices:
-            raise ValueError(
-                f"block indices {indices} out of range: the model has {num_blocks} blocks, "
-                f"valid indices are 0..{num_blocks - 1} (or -{num_blocks}..-1 from the end)"
-            )
-        take = [i % num_blocks for i in indices]
-    return take, max(take)
 
 
 @dataclass(frozen=True)
@@ -211,6 +96,9 @@ class ViTConfig:
             embedding from N(0, 1)) or `"timm"` (truncated normal, std 0.02, for Linear
             weights and the positional embedding, zero biases, a near-zero CLS token; what
             large ViTs are usually trained with).
+        attn_impl: How attention is computed, never what: `"auto"` (the factored form where it
+            takes fewer multiply-adds), `"standard"` (the textbook form) or `"factored"`; see
+            `bnvit.layers.Attention`.
 
     Raises:
         ValueError: A value out of range or an unknown choice; the message names the value and
@@ -245,6 +133,7 @@ class ViTConfig:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     weight_init: str = "reference"
+    attn_impl: str = "auto"
 
     def __post_init__(self) -> None:
         img_size = _checks.pair("img_size", self.img_size)
@@ -261,6 +150,7 @@ class ViTConfig:
         for name, choices in (("norm", NORMS), ("pool", POOLS), ("pos_embed", POS_EMBEDS)):
             _checks.choice(name, getattr(self, name), choices)
         _checks.choice("weight_init", self.weight_init, WEIGHT_INITS)
+        _checks.choice("attn_impl", self.attn_impl, ATTN_IMPLS)
         for name in ("drop_rate", "pos_drop_rate", "attn_drop_rate", "drop_path_rate"):
             _checks.rate(name, getattr(self, name))
         if self.pos_embed == "sincos" and self.dim % 2:
@@ -348,6 +238,7 @@ class ViT(nn.Module):
                 attn_dropout=cfg.attn_drop_rate,
                 qkv_bias=cfg.qkv_bias,
                 drop_path=rate,
+                attn_impl=cfg.attn_impl,
             )
             for rate in torch.linspace(
                 0, cfg.drop_path_rate, cfg.depth, device="cpu"
@@ -461,15 +352,16 @@ class ViT(nn.Module):
             >>> final.shape, [f.shape for f in feats]
             (torch.Size([2, 17, 64]), [torch.Size([2, 64, 4, 4]), torch.Size([2, 64, 4, 4])])
         """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"unknown output_fmt {output_fmt!r}; valid choices: 'NCHW', 'NLC'")
-        take, last = feature_take_indices(len(self.blocks), indices)
-        x = self._embed(x)
-        intermediates = []
-        for i, block in enumerate(self.blocks[: last + 1] if stop_early else self.blocks):
-            x = self._run_block(block, x)
-            if i in take:
-                intermediates.append(self.norm(x) if norm else x)
+        x, intermediates = forward_blocks(
+            x,
+            stem=self._embed,
+            blocks=self.blocks,
+            indices=indices,
+            stop_early=stop_early,
+            output_fmt=output_fmt,
+            keep=self.norm if norm else lambda y: y,
+            run=self._run_block,
+        )
         prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
         intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
         if output_fmt == "NCHW":

@@ -16,30 +16,23 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_text
-from .claims import (
-    CLEARLY,
-    COMPARABLE,
-    DEPTH_CLAIMS,
-    EXPECTATION_TEXT,
-    FASTER,
-    LABELS,
-    LEVEL,
-    LR_DROP,
-    LR_DROP_CLAIM,
-    MLP_CLAIM,
-    SLIGHTLY,
-    TARGET_ACC,
-    Verdict,
-    final,
-    interval_text,
-    judge,
-    paired,
-    verdicts,
-)
+from .claims import DEPTH_CLAIMS, LABELS, LR_DROP_CLAIM, MLP_CLAIM, Verdict, final, paired, verdicts
 from .claims import mean_over_epochs as _mean_over_epochs
 from .folder import read_folder
 from .grid import Experiment
 from .plots import PLOTS
+from .protocol import (
+    CLEARLY,
+    COMPARABLE,
+    EXPECTATION_TEXT,
+    FASTER,
+    LEVEL,
+    LR_DROP,
+    SLIGHTLY,
+    TARGET_ACC,
+    interval_text,
+    judge,
+)
 from .results import RESULTS, describe_machines, load_results, results_sha256
 from .stats import fmt, mean_std, summarize, t_interval
 from .window import window_section
@@ -474,7 +467,7 @@ def summary_table(vit: Sequence[Mapping[str, Any]], mlp: Sequence[Mapping[str, A
                 depth, lr = part.cells[0][1], part.cells[0][2]
                 accs = [last(m, depth, lr) for m in DEPTH_CLAIMS[v.claim].models]
             row = [f"{v.claim}: {part.label}", seeds(part), *accs, measured, interval_text(t.interval if t else None)]
-            lines.append("| " + " | ".join(row + [_EXPECT_SHORT[part.expect], part.verdict]) + " |")
+            lines.append("| " + " | ".join([*row, _EXPECT_SHORT[part.expect], part.verdict]) + " |")
     for v in mlp_claims:
         for part in (p for p in v.parts if p.judged):
             t = part.test

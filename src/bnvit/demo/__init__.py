@@ -23,6 +23,7 @@ import timm
 from torch import nn
 
 from .. import registry as _registry  # noqa: F401  (registers vitbnffn_mnist with timm)
+from .._checks import first_line
 from .server import (
     MAX_BODY_BYTES,
     MAX_IMAGE_SIDE,
@@ -70,12 +71,8 @@ def shipped_model() -> nn.Module:
     except (OSError, RuntimeError) as err:
         problem = err
     raise ValueError(
-        f"cannot load the weights shipped with bnvit: {_first_line(problem)}; {_ASK_FOR_CHECKPOINT}"
+        f"cannot load the weights shipped with bnvit: {first_line(problem)}; {_ASK_FOR_CHECKPOINT}"
     ) from problem
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def serve(server: DemoServer) -> None:

@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Deferred: only this command loads checkpoints and MNIST; the test imports the functions above.
     from ..data.mnist import load_mnist
     from ..deploy import for_inference
-    from ..registry import load_model
+    from ..loading import load_model
 
     parser = argparse.ArgumentParser(prog="python -m bnvit.demo.browser", description=main.__doc__)
     parser.add_argument("--checkpoint", required=True, help="the model to show")

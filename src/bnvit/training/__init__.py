@@ -1,4 +1,4 @@
-"""Training: the loop (`fit`, `evaluate`), checkpoint/resume, history, callbacks, distributed.
+"""Training: the loop (`fit`, `evaluate`), checkpoint/resume, history, callbacks, the world of processes.
 
 Imports the models' and data's layers, never the article harness. Device and precision
 resolution lives one layer down in `bnvit.device`, so that inference needs no training code.
@@ -17,9 +17,9 @@ __all__ = [
     "Callback",
     "EpochRecord",
     "History",
-    "StepRecord",
     "JSONLLogger",
     "MLflowLogger",
+    "StepRecord",
     "TensorBoardLogger",
     "TrainState",
     "cpu_has_fast_bf16",

@@ -28,8 +28,8 @@ from torch import nn
 
 from .. import _checks
 from .._io import atomic_torch_save, tensors_sha256, verify_checkpoint_file
-from .distributed import Distributed
 from .history import History
+from .world import World
 
 __all__ = ["Resumable", "load_checkpoint", "restore", "rng_state", "save_checkpoint", "save_state", "set_rng_state"]
 
@@ -105,7 +105,7 @@ def _reason(err: Exception, path: Path) -> str:
     """One line saying why a file could not be read, instead of torch's message (which may be several
     lines, end in ': ' for an empty file, or advise unpickling with `weights_only=False`)."""
     text = str(err).strip()
-    first = text.splitlines()[0].strip() if text else ""
+    first = _checks.first_line(err).strip() if text else ""
     if isinstance(err, ValueError) and first:  # from verify_checkpoint_file: already one clear line
         return first.removeprefix(f"{path} is ").removeprefix(f"{path} ")
     if "weights_only" in text.lower() or "weights only" in text.lower():
@@ -172,7 +172,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy(), *others))
 
 
-def save_state(folder: Path, epoch: int, parts: Resumable, history: History, world: Distributed) -> None:
+def save_state(folder: Path, epoch: int, parts: Resumable, history: History, world: World) -> None:
     """Rank 0 saves the state after `epoch`; the others wait until the file is complete, so any may read it next."""
     if world.is_main:
         _save(folder, epoch, parts, history)

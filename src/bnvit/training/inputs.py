@@ -21,7 +21,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -30,9 +30,23 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import DeviceLoader
-from .distributed import Distributed
+from .world import World
 
-__all__ = ["as_loader", "batch_problem", "model_dtype", "preflight", "raise_together", "to_device", "without_last_one"]
+__all__ = [
+    "TrainData",
+    "as_loader",
+    "batch_problem",
+    "images_to",
+    "model_dtype",
+    "preflight",
+    "raise_together",
+    "to_device",
+    "without_last_one",
+]
+
+
+TrainData = Dataset | DataLoader | Iterable | tuple[torch.Tensor, torch.Tensor]
+"""What `fit`, `evaluate` and `recalibrate_bn` accept as data."""
 
 
 def as_loader(data: Any, *, name: str, batch_size: int, shuffle: bool, device: torch.device, seed: int) -> Any:
@@ -68,10 +82,15 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def images_to(images: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Images on `device`, floating-point ones in the model's `dtype` (uint8 ones stay uint8)."""
+    dtype = dtype if images.is_floating_point() else images.dtype
+    return images.to(device, dtype, non_blocking=True)
+
+
 def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> tuple:
     """A batch on `device`, floating-point images in the model's `dtype`."""
-    dtype = dtype if images.is_floating_point() else images.dtype
-    return images.to(device, dtype, non_blocking=True), labels.to(device, non_blocking=True)
+    return images_to(images, device, dtype), labels.to(device, non_blocking=True)
 
 
 def preflight(model: nn.Module, loader: Any, name: str, device: torch.device) -> int:
@@ -89,7 +108,7 @@ def preflight(model: nn.Module, loader: Any, name: str, device: torch.device) ->
     model.eval()
     try:
         with torch.no_grad():
-            out = model(to_device(images[:2], labels[:2], device, model_dtype(model))[0])
+            out = model(images_to(images[:2], device, model_dtype(model)))
     finally:
         model.train(was_training)
     if out.ndim != 2 or out.shape[0] != min(2, len(images)):
@@ -143,7 +162,7 @@ def batch_problem(images: torch.Tensor, labels: torch.Tensor, num_classes: int) 
     return None
 
 
-def raise_together(world: Distributed, problem: str | None, where: str) -> None:
+def raise_together(world: World, problem: str | None, where: str) -> None:
     """Raise on every process if `problem` is set on any (a collective): `ValueError` where it was found."""
     failed = [rank for rank, flag in enumerate(world.gather(problem is not None)) if flag]
     if problem is not None:
@@ -198,7 +217,7 @@ def _trains_on_one_image(model: nn.Module, images: torch.Tensor, device: torch.d
     model.eval()
     try:
         with torch.no_grad():
-            model(to_device(images[:1], images[:1], device, model_dtype(model))[0])
+            model(images_to(images[:1], device, model_dtype(model)))
     finally:
         model.train(was_training)
         for hook in hooks:

@@ -1,4 +1,4 @@
-"""`fit()`: train a classifier and return its `History`; `evaluate()` and `recalibrate_bn()`.
+"""`fit()`: train a classifier and return its `History` (`evaluate()` and `recalibrate_bn()` import from here too).
 
 `fit` is deliberately small: cross-entropy, top-1 accuracy, one optimizer, an optional
 per-epoch scheduler. What it adds over a hand-written loop is what the article's
@@ -16,33 +16,29 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2, list_optimizers
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .. import _checks
 from .._io import check_writable
-from ..device import autocast, resolve_device, resolve_precision
+from ..device import autocast, resolve_precision
 from . import checkpoint, inputs
-from . import distributed as _ddp
 from .callbacks import Callback, CallbackList, TrainState
+from .evaluation import evaluate
+from .evaluation import evaluate_loader as _evaluate
 from .history import EpochRecord, History, StepRecord
+from .inputs import TrainData
+from .recalibrate import recalibrate_bn
+from .run import OptimizerFactory, Run, SchedulerFactory, Settings, optimizer_and_scheduler
+from .world import World, setup
 
 __all__ = ["evaluate", "fit", "recalibrate_bn"]
-
-TrainData = Dataset | DataLoader | Iterable | tuple[torch.Tensor, torch.Tensor]
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 # ----------------------------------------------------------------------------- data
@@ -65,105 +61,6 @@ def _seed_everything(seed: int) -> None:
 def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     """The seed of one epoch; each process of a distributed run gets its own (dropout, augmentation)."""
     return (seed * 1_000_003 + epoch + rank * 0x9E3779B97F4A7C15) % 2**63
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-@dataclass
-class Settings:
-    """How every step of a run is taken, besides the model, the data and the optimizer.
-
-    Attributes:
-        world: The processes training together (`distributed.alone` for one process).
-        precision: `"fp32"`, `"bf16"` or `"fp16"` (resolved).
-        loss_fn: `(logits, labels) -> loss`.
-        scaler: The fp16 gradient scaler, or None.
-        max_grad_norm: Clip the gradient norm to this, or None.
-        progress: Show a progress bar (rank 0 only).
-        dtype: The model's dtype, which floating-point images are cast to.
-        num_classes: The model's number of outputs: labels must lie in `[0, num_classes)`.
-        log_every: Record the training loss and accuracy every this many steps, or None.
-    """
-
-    world: _ddp.Distributed
-    precision: str = "fp32"
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
-    scaler: torch.amp.GradScaler | None = None
-    max_grad_norm: float | None = None
-    progress: bool = False
-    dtype: torch.dtype = torch.float32
-    num_classes: int = 0
-    log_every: int | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.world.device
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    data: TrainData,
-    *,
-    batch_size: int = 5000,
-    device: str | torch.device = "auto",
-    precision: str = "fp32",
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-) -> dict[str, float]:
-    """Mean loss and top-1 accuracy of `model` on `data`, in eval mode.
-
-    Args:
-        model: A classifier returning `(batch, num_classes)` logits.
-        data: Anything `fit` accepts as data.
-        batch_size: Batch size for datasets and tensors.
-        device: Where to evaluate; the model is moved there.
-        precision: `"fp32"`, `"bf16"`, `"fp16"` or `"auto"`.
-        loss_fn: Loss; cross-entropy by default.
-
-    Returns:
-        `{"loss": ..., "acc": ..., "n": ...}`.
-
-    Examples:
-        >>> from bnvit import ViTBNFFN
-        >>> images, labels = torch.rand(20, 1, 28, 28), torch.randint(0, 10, (20,))
-        >>> sorted(evaluate(ViTBNFFN(depth=1), (images, labels), device="cpu"))
-        ['acc', 'loss', 'n']
-    """
-    world = _ddp.alone(device)
-    settings = Settings(world, resolve_precision(precision, world.device), loss_fn or F.cross_entropy)
-    loader = inputs.as_loader(data, name="data", batch_size=batch_size, shuffle=False, device=world.device, seed=0)
-    settings.num_classes = inputs.preflight(model.to(world.device), loader, "data", world.device)
-    settings.dtype = inputs.model_dtype(model)
-    return _evaluate(model, loader, settings, "evaluation")
-
-
-def _evaluate(model: nn.Module, loader: Any, s: Settings, split: str = "validation") -> dict:
-    """Loss and accuracy over `loader`, summed over every process of the world."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=s.device, dtype=torch.float64)
-    correct = torch.zeros((), device=s.device, dtype=torch.int64)
-    n, check, problem, where = 0, not inputs.checked_up_front(loader), None, f"{split} data"
-    try:
-        with torch.no_grad():
-            for step, (images, labels) in enumerate(loader, start=1):
-                problem = inputs.batch_problem(images, labels, s.num_classes) if check else None
-                if problem is not None:  # the processes may hold different numbers of batches: agree after the loop
-                    where = f"{split} data, batch {step}"
-                    break
-                images, labels = inputs.to_device(images, labels, s.device, s.dtype)
-                with autocast(s.device, s.precision):
-                    logits = model(images)
-                loss_sum += s.loss_fn(logits.float(), labels).double() * len(labels)
-                correct += (logits.argmax(1) == labels).sum()
-                n += len(labels)
-    finally:
-        model.train(was_training)
-    if check:
-        inputs.raise_together(s.world, problem, where)
-    loss, hits, n = s.world.sum(loss_sum, correct, n)
-    return {"loss": loss / n, "acc": hits / n, "n": int(n)}
 
 
 # ----------------------------------------------------------------------------- training
@@ -203,12 +100,12 @@ def fit(
     returns the same `History`. `batch_size` is the *global* batch (each of `W` processes
     takes `batch_size / W`), so `batch_size=100` means the same training at any world size.
     With `sync_bn=True` the model's BatchNorms compute their statistics over the global batch
-    too (torch's `SyncBatchNorm` on CUDA, `bnvit.training.distributed.CPUSyncBatchNorm` on the CPU); they are swapped in
+    too (torch's `SyncBatchNorm` on CUDA, `bnvit.batchnorm.CPUSyncBatchNorm` on the CPU); they are swapped in
     the model you pass for the duration of `fit` and swapped back at the end, so the trained
     weights are in your model, as plain BatchNorms, and the checkpoints load into a plain
     model. Only rank 0 writes checkpoints, shows progress and runs the callbacks;
     `checkpoint_dir` must be a folder every process can read (a shared filesystem), as every
-    process resumes from it. See `bnvit.training.distributed` for how loaders are sharded.
+    process resumes from it. See `bnvit.training.sharding` for how loaders are sharded.
 
     Args:
         model: A classifier returning `(batch, num_classes)` logits; moved to `device`.
@@ -248,7 +145,8 @@ def fit(
             `True` to require it, `False` to train this process alone.
         sync_bn: In a distributed run, synchronize the BatchNorm statistics across processes.
         log_every: Also record the training loss and accuracy every `log_every` steps, as means
-            over those steps, in `History.steps` (how fast a model learns within an epoch).
+            over those steps (windows restart at each epoch), in `History.steps`: how fast a model
+            learns within an epoch.
 
     Returns:
         The `History` of the run. A run whose loss becomes non-finite (on any process) stops
@@ -275,31 +173,33 @@ def fit(
         `torchrun --standalone --nproc_per_node=2 examples/train_ddp.py --epochs 1 --quick`.
     """
     # -- arguments, before anything expensive
-    r = _Run(epochs, lr, batch_size, eval_batch_size, optimizer, weight_decay, scheduler, seed, max_grad_norm)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(sync_bn, bool):
-        raise TypeError(f"sync_bn must be a bool, got {sync_bn!r}")
-    world = _ddp.setup(distributed, device) or _ddp.alone(device)
+    _check_types(model=model, sync_bn=sync_bn)
+    r = Run(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        scheduler=scheduler,
+        seed=seed,
+        max_grad_norm=max_grad_norm,
+        log_every=log_every,
+    )
+    world = setup(distributed, device)  # one process or many: the loop below never asks which
     device, main = world.device, world.is_main  # main: the process that writes, reports and runs callbacks
-    s = Settings(world, resolve_precision(precision, device), loss_fn or F.cross_entropy, None, r.max_grad_norm)
-    s.dtype = inputs.model_dtype(model)
-    s.progress, hooks = progress and main, CallbackList(callbacks if main else ())
-    s.log_every = None if log_every is None else _checks.positive_int("log_every", log_every)
-    run = r.record(s.precision)
+    precision, hooks = resolve_precision(precision, device), CallbackList(callbacks if main else ())
+    run = r.record(precision)
     history = History(meta={**run, "epochs": r.epochs, **world.describe(sync_bn), **(meta or {})})
 
-    model.to(device)
-    with _ddp.synced_batchnorm(model, enabled=world.world_size > 1 and sync_bn, device=device):
+    with world.synced_batchnorm(model.to(device), sync_bn):
         # -- data, model, optimizer, resume: anything that can fail, before any collective
-        with _ddp.fail_together(world):
+        with world.fail_together():
             checkpoint_dir = _checkpoint_folder(checkpoint_dir, main)
-            data_seed = 0 if r.seed is None else r.seed
-            train_loader = _prepared(model, train, "train", r.batch_size, True, data_seed, s)
-            val_loader = None if val is None else _prepared(model, val, "val", r.eval_batch_size, False, 0, s)
-            opt = _make_optimizer(model, r.optimizer, r.lr, r.weight_decay)
-            sched = _make_scheduler(r.scheduler, opt, r.epochs)
-            s.scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
+            train_loader, val_loader, s = _data_and_settings(
+                model, train, val, r, world, precision=precision, loss_fn=loss_fn, progress=progress and main
+            )
+            opt, sched = optimizer_and_scheduler(model, r)
             parts = checkpoint.Resumable(model, opt, sched, s.scaler, run)
             history = _resume(checkpoint_dir, parts, r.epochs, s) or history
 
@@ -314,10 +214,9 @@ def fit(
                 _seed_everything(_epoch_seed(r.seed, epoch, world.rank))
             _set_epoch(train_loader, epoch)
             current_lr, began = opt.param_groups[0]["lr"], time.perf_counter()
-            result = _train_epoch(step_model, train_loader, opt, s, f"epoch {epoch}/{r.epochs}")
+            result = _train_epoch(step_model, train_loader, opt, s, epoch, r.epochs)
             train_seconds = time.perf_counter() - began
-            first = (epoch - 1) * len(train_loader)  # steps before this epoch
-            history.steps += [StepRecord(first + step, epoch, loss, acc) for step, loss, acc in result["steps"]]
+            history.steps += result["steps"]
             if result["diverged_step"] is not None:
                 history.diverged_at, history.diverged_step = epoch, result["diverged_step"]
                 if checkpoint_dir is not None:
@@ -329,16 +228,7 @@ def fit(
                 sched.step()
             # the slowest process sets the pace; every History gets the same numbers
             train_seconds, seconds = world.max(train_seconds, time.perf_counter() - began)
-            record = EpochRecord(
-                epoch=epoch,
-                train_loss=result["loss"],
-                train_acc=result["acc"],
-                val_loss=val_metrics["loss"],
-                val_acc=val_metrics["acc"],
-                lr=current_lr,
-                seconds=seconds,
-                images_per_sec=result["n"] / train_seconds,
-            )
+            record = _epoch_record(epoch, result, val_metrics, current_lr, seconds, train_seconds)
             history.append(record)
             if checkpoint_dir is not None:
                 checkpoint.save_state(checkpoint_dir, epoch, parts, history, world)
@@ -352,46 +242,11 @@ def fit(
     return history
 
 
-@dataclass
-class _Run:
-    """The arguments that define a run, checked; `record` is what History.meta and checkpoints keep of them."""
-
-    epochs: int
-    lr: float
-    batch_size: int
-    eval_batch_size: int
-    optimizer: str | OptimizerFactory
-    weight_decay: float
-    scheduler: str | SchedulerFactory | None
-    seed: int | None
-    max_grad_norm: float | None
-
-    def __post_init__(self) -> None:
-        self.epochs = _checks.positive_int("epochs", self.epochs)
-        self.lr = _checks.positive_float("lr", self.lr)
-        self.batch_size = _checks.positive_int("batch_size", self.batch_size)
-        self.eval_batch_size = _checks.positive_int("eval_batch_size", self.eval_batch_size)
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.max_grad_norm is not None:
-            self.max_grad_norm = _checks.positive_float("max_grad_norm", self.max_grad_norm)
-        if self.seed is not None:
-            self.seed = _checks.positive_int("seed", self.seed, minimum=0)
-
-    def record(self, precision: str) -> dict[str, Any]:
-        """The run's arguments as plain values (factories by their qualified names); a resume must repeat them."""
-        return dict(
-            lr=self.lr,
-            batch_size=self.batch_size,
-            optimizer=self.optimizer if isinstance(self.optimizer, str) else _qualname(self.optimizer),
-            weight_decay=self.weight_decay,
-            scheduler=self.scheduler
-            if self.scheduler is None or isinstance(self.scheduler, str)
-            else _qualname(self.scheduler),
-            seed=self.seed,
-            max_grad_norm=self.max_grad_norm,
-            precision=precision,
-        )
+def _check_types(*, model: Any, sync_bn: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(sync_bn, bool):
+        raise TypeError(f"sync_bn must be a bool, got {sync_bn!r}")
 
 
 def _checkpoint_folder(folder: str | Path | None, main: bool) -> Path | None:
@@ -411,7 +266,7 @@ def _resume(folder: Path | None, parts: checkpoint.Resumable, epochs: int, s: Se
     return history
 
 
-def _agree(world: _ddp.Distributed, batches: int, history: History, checkpoint_dir: Path | None) -> None:
+def _agree(world: World, batches: int, history: History, checkpoint_dir: Path | None) -> None:
     """Check that every process found the same number of batches and the same epoch to resume from."""
     world.check_same("the number of training batches per epoch", batches)
     if checkpoint_dir is not None:
@@ -419,28 +274,76 @@ def _agree(world: _ddp.Distributed, batches: int, history: History, checkpoint_d
         world.check_same("the epoch to resume from", history.epochs_done, hint)
 
 
-def _prepared(model: nn.Module, data: Any, name: str, batch_size: int, train: bool, seed: int, s: Settings) -> Any:
-    """`data` as this process's loader, checked against the model (which sets `s.num_classes`)."""
-    loader = inputs.as_loader(data, name=name, batch_size=batch_size, shuffle=train, device=s.device, seed=seed)
-    loader = _ddp.shard(loader, s.world, name=name, train=train, seed=seed)
-    s.num_classes = inputs.preflight(model, loader, name, s.device)
-    return inputs.without_last_one(model, loader, s.device, warn=s.world.is_main) if train else loader
+def _data_and_settings(
+    model: nn.Module,
+    train: TrainData,
+    val: TrainData | None,
+    r: Run,
+    world: World,
+    *,
+    precision: str,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    progress: bool,
+) -> tuple[Any, Any, Settings]:
+    """This process's training and validation loaders, checked against the model, and the run's `Settings`."""
+    train_loader, num_classes = _prepared(
+        model, train, "train", r.batch_size, True, 0 if r.seed is None else r.seed, world
+    )
+    val_loader = None if val is None else _prepared(model, val, "val", r.eval_batch_size, False, 0, world)[0]
+    settings = Settings(
+        world=world,
+        precision=precision,
+        loss_fn=loss_fn or F.cross_entropy,
+        max_grad_norm=r.max_grad_norm,
+        progress=progress,
+        dtype=inputs.model_dtype(model),
+        num_classes=num_classes,
+        log_every=r.log_every,
+    )
+    return train_loader, val_loader, settings
 
 
-def _step_and_eval_models(model: nn.Module, world: _ddp.Distributed, compile: bool) -> tuple[nn.Module, nn.Module]:
+def _prepared(
+    model: nn.Module, data: Any, name: str, batch_size: int, train: bool, seed: int, world: World
+) -> tuple[Any, int]:
+    """`data` as this process's loader, checked against the model, and the model's number of classes."""
+    loader = inputs.as_loader(data, name=name, batch_size=batch_size, shuffle=train, device=world.device, seed=seed)
+    loader = world.shard(loader, name=name, train=train, seed=seed)
+    num_classes = inputs.preflight(model, loader, name, world.device)
+    return (inputs.without_last_one(model, loader, world.device, warn=world.is_main) if train else loader), num_classes
+
+
+def _step_and_eval_models(model: nn.Module, world: World, compile: bool) -> tuple[nn.Module, nn.Module]:
     """The module training steps go through (DDP-wrapped, compiled) and the one evaluation uses.
 
     Evaluation bypasses DistributedDataParallel: no collective per batch there.
     """
-    wrapped = _ddp.wrap(model, world)
+    wrapped = world.wrap(model)
     if not compile:
         return wrapped, model
     step_model = torch.compile(wrapped)
     return step_model, step_model if wrapped is model else torch.compile(model)
 
 
-def _train_epoch(model: nn.Module, loader: Any, opt: torch.optim.Optimizer, s: Settings, desc: str) -> dict[str, Any]:
-    """One pass over `loader`. Checks the loss for non-finite values every `check_every` steps.
+def _epoch_record(
+    epoch: int, result: dict[str, Any], val: dict[str, Any], lr: float, seconds: float, train_seconds: float
+) -> EpochRecord:
+    return EpochRecord(
+        epoch=epoch,
+        train_loss=result["loss"],
+        train_acc=result["acc"],
+        val_loss=val["loss"],
+        val_acc=val["acc"],
+        lr=lr,
+        seconds=seconds,
+        images_per_sec=result["n"] / train_seconds,
+    )
+
+
+def _train_epoch(
+    model: nn.Module, loader: Any, opt: torch.optim.Optimizer, s: Settings, epoch: int, epochs: int
+) -> dict[str, Any]:
+    """Epoch `epoch` of `epochs`: one pass over `loader`, checking the loss every `check_every` steps.
 
     The processes of the world agree at every check (a non-finite loss on one stops all of
     them at the same step) and the returned metrics are those of all processes.
@@ -451,7 +354,8 @@ def _train_epoch(model: nn.Module, loader: Any, opt: torch.optim.Optimizer, s: S
     correct = torch.zeros((), device=s.device, dtype=torch.int64)
     finite = torch.ones((), device=s.device, dtype=torch.bool)
     n, check = 0, not inputs.checked_up_front(loader)  # tensor data was checked whole before training
-    steps: list[tuple[int, float, float]] = []  # (step in this epoch, loss, accuracy) every s.log_every steps
+    desc, first = f"epoch {epoch}/{epochs}", (epoch - 1) * len(loader)  # first: the steps before this epoch
+    steps: list[StepRecord] = []  # every s.log_every steps: the means over those steps
     mark = (loss_sum.clone(), correct.clone(), 0)
     bar = tqdm(total=len(loader), desc=desc, leave=False, disable=not s.progress, unit="batch")
     try:
@@ -471,7 +375,7 @@ def _train_epoch(model: nn.Module, loader: Any, opt: torch.optim.Optimizer, s: S
             n += len(labels)
             if s.log_every and step % s.log_every == 0:  # the means over the last log_every steps
                 window = s.world.sum(loss_sum - mark[0], correct - mark[1], n - mark[2])
-                steps.append((step, window[0] / window[2], window[1] / window[2]))
+                steps.append(StepRecord(first + step, epoch, window[0] / window[2], window[1] / window[2]))
                 mark = (loss_sum.clone(), correct.clone(), n)
             if step % check_every == 0 or step == len(loader):
                 if not s.world.all_true(finite):
@@ -488,20 +392,14 @@ def _train_epoch(model: nn.Module, loader: Any, opt: torch.optim.Optimizer, s: S
 
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, s: Settings) -> None:
-    """Backward pass, optional gradient clipping and the optimizer step (through the fp16 scaler if any)."""
+    """Backward pass, optional gradient clipping and the optimizer step, through the scaler (a no-op but for fp16)."""
     opt.zero_grad(set_to_none=True)
-    if s.scaler is not None:
-        s.scaler.scale(loss).backward()
-        s.scaler.unscale_(opt)
-    else:
-        loss.backward()
+    s.scaler.scale(loss).backward()
+    s.scaler.unscale_(opt)
     if s.max_grad_norm is not None:
         nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
-    if s.scaler is not None:
-        s.scaler.step(opt)
-        s.scaler.update()
-    else:
-        opt.step()
+    s.scaler.step(opt)
+    s.scaler.update()
 
 
 def _summary(record: EpochRecord, epochs: int) -> str:
@@ -509,95 +407,3 @@ def _summary(record: EpochRecord, epochs: int) -> str:
     if record.val_acc is not None:
         text += f"  val_loss {record.val_loss:.4f}  val_acc {record.val_acc:.2%}"
     return text + f"  {record.seconds:.1f} s  {record.images_per_sec:.0f} img/s"
-
-
-def _qualname(obj: Any) -> str:
-    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
-
-
-def _make_optimizer(
-    model: nn.Module, optimizer: str | OptimizerFactory, lr: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    if callable(optimizer):
-        opt = optimizer(model.parameters())
-        if not isinstance(opt, torch.optim.Optimizer):
-            raise TypeError(f"the optimizer factory must return a torch.optim.Optimizer, got {type(opt).__name__}")
-        return opt
-    if not isinstance(optimizer, str):
-        raise TypeError(f"optimizer must be a name or a factory, got {optimizer!r}")
-    names = list_optimizers()
-    if optimizer.lower() not in names:
-        raise ValueError(f"unknown optimizer {optimizer!r}; valid: 'adam', 'adamw', 'sgd', ... ({len(names)} in timm)")
-    return create_optimizer_v2(model, opt=optimizer, lr=lr, weight_decay=weight_decay)
-
-
-def _make_scheduler(scheduler: str | SchedulerFactory | None, opt: torch.optim.Optimizer, epochs: int) -> Any:
-    if scheduler is None:
-        return None
-    if scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    if isinstance(scheduler, str):
-        raise ValueError(f"unknown scheduler {scheduler!r}; valid: None, 'cosine', or a factory optimizer -> scheduler")
-    return scheduler(opt)
-
-
-# ----------------------------------------------------------------------------- BatchNorm statistics
-
-
-@torch.no_grad()
-def recalibrate_bn(
-    model: nn.Module,
-    data: TrainData,
-    num_batches: int | None = None,
-    *,
-    batch_size: int = 100,
-    device: str | torch.device = "auto",
-) -> nn.Module:
-    """Recompute every BatchNorm's running statistics with the weights frozen ("precise BN").
-
-    The running statistics are reset and replaced by the exact average of the per-batch
-    statistics over `num_batches` batches (all of `data` if `None`), computed with the
-    model's other layers (dropout, ...) in eval mode. Useful after fine-tuning, before
-    `fold_batchnorm`, or when training ended with a large learning rate.
-
-    Args:
-        model: The model; modified in place and returned.
-        data: Anything `fit` accepts as data (use the training distribution).
-        num_batches: How many batches to average over.
-        batch_size: Batch size for datasets and tensors.
-        device: Where to run.
-
-    Returns:
-        `model`, in the mode it was in.
-
-    Examples:
-        >>> from bnvit import ViTBNFFN
-        >>> model = recalibrate_bn(ViTBNFFN(depth=1), (torch.rand(50, 1, 28, 28), torch.zeros(50, dtype=torch.long)),
-        ...                        device="cpu")
-        >>> int(model.blocks[0].ffn.norm.bn.num_batches_tracked)
-        1
-    """
-    if num_batches is not None:
-        num_batches = _checks.positive_int("num_batches", num_batches)
-    device = resolve_device(device)
-    loader = inputs.as_loader(data, name="data", batch_size=batch_size, shuffle=False, device=device, seed=0)
-    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    if not norms:
-        raise ValueError("the model has no BatchNorm layer with running statistics to recalibrate")
-    was_training = model.training
-    momenta = [m.momentum for m in norms]
-    model.to(device).eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: the exact mean over batches
-        m.train()
-    try:
-        for step, (images, _) in enumerate(loader, start=1):
-            model(inputs.to_device(images, images, device, inputs.model_dtype(model))[0])
-            if num_batches is not None and step >= num_batches:
-                break
-    finally:
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-        model.train(was_training)
-    return model
