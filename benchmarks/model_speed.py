@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bnvit import ViT, checkpoint_filter_fn, fold_batchnorm
+from bnvit.factored import takes_factored
 from bnvit.training import resolve_precision
 from common import interleaved_stats
 from reference_vit import ReferenceViT
@@ -199,5 +200,65 @@ def inference(device: torch.device, repeats: int, depth: int = 6, batches: tuple
                             seconds, f"{kind} {name} fp32", f"{kind} {name} {precision}"
                         )
         row["ratios"] = ratios
+        out[f"batch {batch}"] = row
+    return out
+
+
+def attention_forms(device: torch.device, repeats: int, depth: int = 6, batches: tuple[int, ...] = (1, 100)) -> dict:
+    """The two forms of attention (`attn_impl`) in the same ViTBNFFN, same weights, at equal precision.
+
+    Per batch: a training step (Adam) and an eval forward of `attn_impl="standard"` and
+    `"factored"`, in each precision of `precisions(device)`, medians and minimums of interleaved
+    rounds; the ratios standard / factored; and the form `attn_impl="auto"` (the default) takes
+    there, with the largest difference between the two forms' eval logits in fp32.
+    """
+    torch.manual_seed(0)
+    models = {impl: ViT(norm="bn_ffn", depth=depth, attn_impl=impl).to(device) for impl in ("standard", "factored")}
+    models["factored"].load_state_dict(models["standard"].state_dict())
+    block = models["standard"].blocks[0].attn
+    out = {}
+    for batch in batches:
+        images, labels = _batches(1, batch, device)[0]
+        inner = 20 if batch == 1 else 1  # batch 1 takes about a millisecond: time 20 calls per round
+        configs = {}
+        for precision in precisions(device):
+            for impl, model in models.items():
+                net = copy.deepcopy(model)
+                opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+
+                def step(net=net, opt=opt, precision=precision, images=images, labels=labels, inner=inner) -> None:
+                    net.train()
+                    for _ in range(inner):
+                        with _autocast(device, precision):
+                            logits = net(images)
+                        loss = F.cross_entropy(logits.float(), labels)
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+
+                @torch.inference_mode()
+                def forward(model=model, precision=precision, images=images, inner=inner) -> None:
+                    model.eval()
+                    for _ in range(inner):
+                        with _autocast(device, precision):
+                            model(images)
+
+                configs[f"{impl} step {precision}"] = step
+                configs[f"{impl} eval {precision}"] = forward
+        seconds = interleaved_stats(configs, device, repeats, warmup=2)
+        seconds = {n: {k: v / inner for k, v in s.items()} for n, s in seconds.items()}
+        row: dict = {name: {"ms": 1000 * s["median"], "min_ms": 1000 * s["min"]} for name, s in seconds.items()}
+        row["ratios"] = {
+            f"{what}, {precision}: standard / factored": _ratios(
+                seconds, f"standard {what} {precision}", f"factored {what} {precision}"
+            )
+            for precision in precisions(device)
+            for what in ("step", "eval")
+        }
+        tokens = torch.empty(batch, models["standard"].num_tokens, block.qkv.in_features, device="meta")
+        row["auto_takes"] = "factored" if takes_factored("auto", tokens, block.heads, block.dim_head) else "standard"
+        with torch.inference_mode():
+            logits = [m.eval()(images) for m in models.values()]
+        row["eval_max_abs_diff_fp32"] = float((logits[0] - logits[1]).abs().max())
         out[f"batch {batch}"] = row
     return out

@@ -22,6 +22,9 @@ Sections (all by default, or pick with `--only`):
    process per core). On a 2-core machine two threads made onnxruntime slower than one (42 ms
    against 27 ms at batch 64) and the ratios swing with the scheduler, not the model.
 7. `sweep` (CUDA only): the wall time of the article's whole sweep.
+8. `attention` (only when asked for): the two forms of attention, `attn_impl="standard"` and
+   `"factored"`, in the same ViTBNFFN with the same weights, at equal precision: a training step
+   and an eval forward at batch 1 and 100, and the form `"auto"` (the default) takes at each.
 
 Every timing is the median (and minimum) of interleaved rounds after a warm-up, in one process.
 On glibc the script first restarts itself with malloc told to keep freed memory (`ALLOCATOR_ENV`),
@@ -54,7 +57,7 @@ from bnvit.device import torch_threads
 from bnvit.training import resolve_device
 from common import machine, table
 
-SECTIONS = ("train", "infer", "augment", "epoch", "deploy", "small", "sweep")
+SECTIONS = ("train", "infer", "augment", "epoch", "deploy", "small", "sweep", "attention")
 
 # glibc's malloc returns every large buffer (activations of a big batch) to the OS when it is freed
 # and page-faults it back in on the next pass: at batch 5000 that was ~700,000 page faults and 1.7x
@@ -120,6 +123,22 @@ def _print_infer(result: dict) -> None:
         rows = [(name, f"{v['speedup']:.2f}x", f"{v['speedup_of_minimums']:.2f}x") for name, v in row["ratios"].items()]
         print(table(f"Inference ratios, {batch}", rows, ("ratio", "medians", "minimums")))
         print()
+
+
+def _print_attention(result: dict) -> None:
+    for batch, row in result.items():
+        rows = [
+            (name, f"{v['ms']:.2f}", f"{v['min_ms']:.2f}")
+            for name, v in row.items()
+            if isinstance(v, dict) and "ms" in v
+        ]
+        print(table(f"Attention forms, ViTBNFFN, {batch}", rows, ("form, work, precision", "ms (median)", "ms (min)")))
+        rows = [(name, f"{v['speedup']:.2f}x", f"{v['speedup_of_minimums']:.2f}x") for name, v in row["ratios"].items()]
+        print(table(f"standard / factored, {batch}", rows, ("ratio", "medians", "minimums")))
+        print(
+            f"attn_impl='auto' takes the {row['auto_takes']} form at {batch}; eval logits of the two forms differ "
+            f"by {row['eval_max_abs_diff_fp32']:.1e} at most (fp32)\n"
+        )
 
 
 def _print_deploy(result: dict, title: str = "Deploy") -> None:
@@ -247,6 +266,11 @@ def main(argv: list[str] | None = None) -> dict:
 
         results["sweep"] = sweep.run(device, args.data_dir, smoke=args.smoke)
         print(f"article sweep: {results['sweep']['runs']} runs in {results['sweep']['seconds'] / 60:.1f} min\n")
+    if "attention" in sections:
+        batches = (1, 8) if args.smoke else (1, 100)
+        results["attention"] = model_speed.attention_forms(device, repeats, depth=depth, batches=batches)
+        _print_attention(results["attention"])
+        print()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -13,6 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+import model_speed
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,3 +63,16 @@ def test_gpu_check_script_rehearses_on_cpu(mnist_root, tmp_path):
     sweep = results["sweep"]
     assert sweep["runs"] == len(sweep["final_val_acc"]) == 2
     assert all(0.0 <= acc <= 1.0 for acc in sweep["final_val_acc"].values())
+
+
+@pytest.mark.slow
+def test_attention_forms_section_reports_both_forms_and_autos_choice():
+    """`benchmarks/run.py --only attention`: both forms timed at equal precision, and the form "auto" takes."""
+    result = model_speed.attention_forms(torch.device("cpu"), repeats=1, depth=1, batches=(1, 8))
+    assert [result["batch 1"]["auto_takes"], result["batch 8"]["auto_takes"]] == ["standard", "factored"]
+    for row in result.values():
+        assert row["eval_max_abs_diff_fp32"] < 1e-5  # the same weights: the same function
+        assert all(
+            row[f"{impl} {work} fp32"]["ms"] > 0 for impl in ("standard", "factored") for work in ("step", "eval")
+        )
+        assert {"step, fp32: standard / factored", "eval, fp32: standard / factored"} <= row["ratios"].keys()
