@@ -5,8 +5,8 @@ Layers, each importing only the ones below it (docs/architecture.md draws the pi
     cli, __init__, __main__, demo    what a person runs
     article                          the reproduction harness
     training                         the loop, checkpoints, history, callbacks, distributed
-    registry, mlp, deploy, hub       timm builders (mlp.py: the MLPs and their builders), inference,
-                                     model cards: never training
+    registry, mlp, deploy, hub,      timm builders (mlp.py: the MLPs and their builders), inference,
+    calibration                      model cards, temperatures: never training
     layers, vit  |  data             the models and the data, independent of each other
     _io, _checks, device, fuse       the bottom (fuse: the float64 folding arithmetic; each module
                                      that folds owns its fuse() and calls it)
@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bnvit"
 # What each group of modules may import from bnvit (besides itself).
 BOTTOM = {"_io", "_checks", "device", "fuse"}
 MODELS = {"layers", "vit"}
-INFERENCE = {"registry", "mlp", "deploy", "hub"}
+INFERENCE = {"registry", "mlp", "deploy", "hub", "calibration"}
 ALLOWED = {
     "bottom": {"bottom"},
     "models": {"bottom", "models"},

@@ -135,13 +135,17 @@ def recipe_summary(record: Mapping[str, Any]) -> str:
     )
 
 
-def _shipped_notes(record: Mapping[str, Any]) -> tuple[str, str]:
-    """The two lines a shipped weight's pretrained cfg carries: what it scores and how it was made."""
-    return (
+def _shipped_notes(record: Mapping[str, Any]) -> tuple[str, ...]:
+    """The lines a shipped weight's pretrained cfg carries: what it scores, how it was made, its temperature."""
+    notes = (
         f"MNIST test accuracy {record['clean_test_acc']:.2%} (clean), {record['augmented_test_acc']:.2%} "
         "(the article's frozen augmented test set), last epoch",
         f"trained by examples/train_weights.py: {recipe_summary(record)}",
     )
+    if "calibration" in record:
+        t = record["calibration"]["temperature"]
+        notes += (f"calibrated probabilities: softmax(logits / {t}) (bnvit.calibration.shipped_temperature)",)
+    return notes
 
 
 def shipped_cfg(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
