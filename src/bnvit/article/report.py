@@ -49,7 +49,8 @@ _PRECISION_AUTO = "auto (bf16 autocast on CUDA and on CPUs with native bf16, els
 _LO, _HI = LR_DROP_CLAIM.lrs
 _MLO, _MHI = MLP_CLAIM.lrs
 RULES = (
-    "Gaps are ViTBNFFN minus ViT (DNNBN minus DNN), in accuracy points: the validation accuracy averaged over "
+    "Gaps are the BatchNorm model minus its plain twin (ViTBNFFN minus ViT; for the MLPs of claim 4, DNNBN minus "
+    "DNN), in accuracy points: the validation accuracy averaged over "
     f"epochs, paired by seed. 'comparable': |gap| < {COMPARABLE}; 'slightly ahead': gap >= {SLIGHTLY}; "
     f"'clearly ahead': gap >= {CLEARLY}. Claim 3: ViT's drop in final accuracy from lr {_LO:g} to {_HI:g} at "
     f"depth {LR_DROP_CLAIM.depth}, minus ViTBNFFN's, must be >= {LR_DROP}. Claim 4: at lr {_MLO:g} the gap over "
