@@ -271,6 +271,13 @@ def test_the_console_script_is_the_light_front():
     assert main is _bnvit_cli.main and build_parser is _bnvit_cli.build_parser
 
 
+def test_the_wheel_ships_the_front_and_the_type_marker():
+    """What `pip install bnvit` puts in site-packages: the package (with py.typed) and the front module."""
+    build = (ROOT / "pyproject.toml").read_text().split("[tool.hatch.build.targets.wheel]\n", 1)[1]
+    assert re.search(r'^packages = \["src/bnvit", "src/_bnvit_cli.py"\]$', build, flags=re.M)
+    assert (ROOT / "src" / "bnvit" / "py.typed").is_file() and (ROOT / "src" / "_bnvit_cli.py").is_file()
+
+
 def test_bnvit_predict_error_exit_code(tmp_path, digit_files, reference_checkpoints):
     """A bad file among good ones: its own line on stderr, the others classified, exit status 2."""
     (tmp_path / "notes.png").write_text("not an image")

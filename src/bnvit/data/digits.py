@@ -77,8 +77,8 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
                 image = Image.open(handle)
         except Image.DecompressionBombError as err:
             raise ValueError(f"{path} has too many pixels to read ({err})") from err
-        except UnidentifiedImageError as err:
-            raise ValueError(f"{path} is not an image file PIL can read: {err}") from err
+        except UnidentifiedImageError as err:  # PIL's own message names only the open file object
+            raise ValueError(f"{path} is not an image file PIL can read (PNG, JPEG, BMP, TIFF, ...)") from err
         except (OSError, SyntaxError, ValueError) as err:  # a header PIL cannot parse
             raise ValueError(f"cannot read the image {path}: {err}") from err
         with image:
