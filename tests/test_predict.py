@@ -325,6 +325,10 @@ def test_predict_errors_name_the_file(tmp_path, digit_files, reference_checkpoin
             ],
         ),
         (["predict", image, "--checkpoint", str(tmp_path / "missing.pth")], ["missing.pth: file not found"]),
+        (
+            ["predict", image, str(tmp_path / "gone.png"), "--checkpoint", str(tmp_path / "missing.pth")],
+            ["image " + str(tmp_path / "gone.png"), "missing.pth: file not found"],
+        ),
         (["predict", image, "--checkpoint", image], ["photo_0.png: not a PyTorch checkpoint file"]),
         (["predict", image, "--checkpoint", str(tmp_path / "mlp.pth")], ["mlp.pth: not a bnvit or reference ViT"]),
         (["predict", image, "--checkpoint", str(tmp_path / "five.pth")], ["five.pth: holds a model", "5 classes"]),

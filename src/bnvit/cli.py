@@ -39,7 +39,6 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import timm
 import torch
@@ -111,9 +110,9 @@ def demo(
             raise CommandError(str(err)) from err
         models = [DemoModel(SHIPPED_MODEL, model, temperature=shipped_temperature(SHIPPED_MODEL) or 1.0)]
     else:
-        models = [_demo_model(DemoModel, checkpoint, target)]
+        models = [DemoModel(*_served(checkpoint, target))]
     if compare is not None:
-        models.append(_demo_model(DemoModel, compare, target))
+        models.append(DemoModel(*_served(compare, target)))
     try:
         server = make_server(models, host, port)
     except OSError as err:
@@ -125,9 +124,9 @@ def demo(
     return 0
 
 
-def _demo_model(demo_model: type, path: str, device: torch.device) -> Any:
-    model = for_inference(_load_classifier(path, device))
-    return demo_model(Path(path).name, model, temperature=_checkpoint_temperature(path))
+def _served(path: str, device: torch.device) -> tuple[str, torch.nn.Module, str, float]:
+    """A checkpoint as the demo serves it: name, inference copy, description (default), temperature."""
+    return Path(path).name, for_inference(_load_classifier(path, device)), "", _checkpoint_temperature(path)
 
 
 def _device(device: str) -> torch.device:
@@ -217,7 +216,7 @@ def predict(
 
     Raises:
         CommandError: For an unsuitable checkpoint or an invalid option; the message names
-            the file or value.
+            the file or value (one line each, after the lines of any image that could not be used).
 
     Examples:
         >>> predict(["seven.png"], "FinOptAug1_ViT_30.pth")[0]["digit"]  # doctest: +SKIP
@@ -232,12 +231,15 @@ def predict(
     good = [x for x in prepared if isinstance(x, torch.Tensor)]
     probabilities: list[torch.Tensor] = []
     if good:
-        if checkpoint is None:
-            model = _load_shipped(target)
-            temperature = temperature or shipped_temperature(SHIPPED_MODEL) or 1.0
-        else:
-            model = _load_classifier(checkpoint, target)
-            temperature = temperature or _checkpoint_temperature(checkpoint)
+        try:
+            if checkpoint is None:
+                model = _load_shipped(target)
+                temperature = temperature or shipped_temperature(SHIPPED_MODEL) or 1.0
+            else:
+                model = _load_classifier(checkpoint, target)
+                temperature = temperature or _checkpoint_temperature(checkpoint)
+        except CommandError as err:  # the images' own errors are reported too, before the checkpoint's
+            raise CommandError("\n".join([*(x for x in prepared if isinstance(x, str)), str(err)])) from err
         with torch.inference_mode():
             logits = for_inference(model)(torch.stack(good).to(target)).float().cpu()
         probabilities = list((logits / temperature).softmax(dim=1))

@@ -486,7 +486,7 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
         The model, in eval mode.
 
     Examples:
-        >>> model = load_model("../shared/checkpoints/reference/VITBNFFN_d5_15.pth")  # doctest: +SKIP
+        >>> model = load_model(os.path.join(os.environ["BNVIT_REFERENCE"], "VITBNFFN_d5_15.pth"))  # doctest: +SKIP
         >>> model.config["norm"], model.config["depth"]  # doctest: +SKIP
         ('bn_ffn', 5)
     """
