@@ -195,8 +195,8 @@ def predict(
 ) -> list[dict]:
     """Classify digit pictures with a checkpoint: the work of `bnvit predict`.
 
-    Every image is read before the model is loaded; an image that cannot be used does not stop
-    the others.
+    An image that cannot be used does not stop the others; every image's problem and the
+    checkpoint's are reported together.
 
     Args:
         images: Image files.
@@ -228,18 +228,18 @@ def predict(
     if temperature is not None and not 0 < temperature < float("inf"):
         raise CommandError(f"--temperature {temperature}: use a positive finite number")
     prepared = _prepare_each(images)
+    try:  # the checkpoint is checked even when no image is usable: every problem is reported at once
+        if checkpoint is None:
+            model = _load_shipped(target)
+            temperature = temperature or shipped_temperature(SHIPPED_MODEL) or 1.0
+        else:
+            model = _load_classifier(checkpoint, target)
+            temperature = temperature or _checkpoint_temperature(checkpoint)
+    except CommandError as err:  # the images' own errors first, then the checkpoint's
+        raise CommandError("\n".join([*(x for x in prepared if isinstance(x, str)), str(err)])) from err
     good = [x for x in prepared if isinstance(x, torch.Tensor)]
     probabilities: list[torch.Tensor] = []
     if good:
-        try:
-            if checkpoint is None:
-                model = _load_shipped(target)
-                temperature = temperature or shipped_temperature(SHIPPED_MODEL) or 1.0
-            else:
-                model = _load_classifier(checkpoint, target)
-                temperature = temperature or _checkpoint_temperature(checkpoint)
-        except CommandError as err:  # the images' own errors are reported too, before the checkpoint's
-            raise CommandError("\n".join([*(x for x in prepared if isinstance(x, str)), str(err)])) from err
         with torch.inference_mode():
             logits = for_inference(model)(torch.stack(good).to(target)).float().cpu()
         probabilities = list((logits / temperature).softmax(dim=1))
