@@ -5,7 +5,8 @@ launches it (`from _bnvit_cli import main; sys.exit(main())`); this process impo
 heavy itself. The commands are interleaved round by round (A, B, C, A, B, C, ...), so a change
 in the machine's load hits all of them alike, and each is reported as the median of its rounds
 after one warm-up round (which fills the file cache). Peak memory is the process's maximum
-resident set size, from `wait4`. Ratios are taken between medians of the same run:
+resident set size, from `wait4` in a small launcher process (on Linux a child's peak starts from
+its parent's at the fork). Ratios are taken between medians of the same run:
 
 - `bnvit --help` against a bare `python -c pass`, and against the same help reached through the
   package (`from bnvit.cli import main`: what the entry point cost when it lived in the package);
@@ -27,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,19 +47,37 @@ def commands(image: Path) -> dict[str, list[str]]:
     }
 
 
+# Started by a small launcher process: on Linux a child's peak memory (ru_maxrss) starts from its parent's
+# at the fork, so a parent that has imported torch (a test, say) would add its gigabyte to every child's peak.
+LAUNCHER = """
+import json, os, sys, time
+argv, errors = json.loads(sys.argv[1]), sys.argv[2]
+actions = [
+    (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+    (os.POSIX_SPAWN_OPEN, 2, errors, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+]
+began = time.perf_counter()
+pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=actions)
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps([time.perf_counter() - began, usage.ru_maxrss, os.waitstatus_to_exitcode(status)]))
+"""
+
+
 def run_once(argv: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak resident memory (MB) of one run of `argv`; raises if it fails."""
-    with tempfile.TemporaryFile() as errors:
-        began = time.perf_counter()
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errors)
-        _, status, usage = os.wait4(process.pid, 0)  # the child's own resource usage, peak memory included
-        seconds = time.perf_counter() - began
-        process.returncode = os.waitstatus_to_exitcode(status)
-        if process.returncode != 0:
-            errors.seek(0)
-            message = errors.read().decode(errors="replace").strip()[-500:]
-            raise RuntimeError(f"{' '.join(argv)} exited with {process.returncode}: {message}")
-    return seconds, usage.ru_maxrss / 1024  # ru_maxrss is in KB on Linux
+    """Wall seconds and peak resident memory (MB) of one run of `argv` in a fresh process; raises if it fails."""
+    with tempfile.TemporaryDirectory() as folder:
+        errors = Path(folder) / "stderr"
+        done = subprocess.run(
+            [sys.executable, "-S", "-c", LAUNCHER, json.dumps(argv), str(errors)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        seconds, peak_kb, code = json.loads(done.stdout)
+        if code != 0:
+            message = errors.read_text(errors="replace").strip()[-500:]
+            raise RuntimeError(f"{' '.join(argv)} exited with {code}: {message}")
+    return seconds, peak_kb / 1024  # ru_maxrss is in KB on Linux
 
 
 def measure(repeats: int, image: Path, threads: int | None) -> dict:

@@ -194,3 +194,11 @@ def test_bnvit_calibrate_refuses_bad_ranges(checkpoint, mnist_root, flags, messa
         status = exit_.code
     assert status == 2 and message in capsys.readouterr().err
     assert not cal.calibration_path(checkpoint).exists()
+
+
+def test_bnvit_calibrate_without_mnist_says_where_it_looked(checkpoint, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["calibrate", str(checkpoint), "--data-dir", str(tmp_path / "empty")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("bnvit calibrate: error: MNIST training files not found") and "empty" in line
+    assert not cal.calibration_path(checkpoint).exists()
