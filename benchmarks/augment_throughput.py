@@ -13,7 +13,7 @@ configurations so that a change in machine load hits all of them alike, and the 
 is reported. The ratios to torchvision's one-thread rate are the numbers to quote.
 
 Usage:
-    BNVIT_DATA=../shared/data python benchmarks/augment_throughput.py [--repeats 7] [--json out.json]
+    python benchmarks/augment_throughput.py [--repeats 7] [--json out.json]
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ On glibc the script first restarts itself with malloc told to keep freed memory 
 so that large batches do not page-fault their activations back in on every pass.
 
 Usage:
-    BNVIT_DATA=../shared/data python benchmarks/run.py [--device cuda] [--json out.json] [--threads N]
+    python benchmarks/run.py [--device cuda] [--json out.json] [--threads N]
     python benchmarks/run.py --smoke        # every section at a tiny size, to check the script runs
 """
 

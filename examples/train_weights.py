@@ -20,6 +20,12 @@ carries the sha256 of its tensors, which bnvit's loaders verify) with a JSON des
 run beside it. Copied into `src/bnvit/weights/`, the file is what
 `timm.create_model(model, pretrained=True)` loads.
 
+Last, it fits the temperature that calibrates the model's probabilities (`calibration_record`:
+on the last 10,000 training images under a fresh draw of the training augmentation, never on
+the test set; docs/weights.md says why) and stores it in the record and in the file's metadata,
+where `bnvit predict`, `bnvit demo` and the model card read it. examples/calibrate_weights.py
+does the same for weights already trained.
+
     python examples/train_weights.py --model vitbnffn_mnist --out runs/weights \
         --epochs 100 --drop-path 0.1 --warmup-epochs 5
     python examples/train_weights.py --model vit_mnist --out runs/weights --epochs 40
@@ -33,6 +39,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -40,6 +47,7 @@ from safetensors.torch import save_file
 
 import bnvit
 from bnvit._io import tensors_sha256
+from bnvit.calibration import calibrate, expected_calibration_error, model_logits
 from bnvit.data import DeviceLoader, apply_augment, augmented_test_set, load_mnist, sample_augment_params
 from bnvit.device import describe_machine, resolve_device, resolve_precision
 
@@ -61,6 +69,82 @@ def mild_augment(images: torch.Tensor, generator: torch.Generator | None) -> tor
         angle=params.angle / 2, translate=torch.round(params.translate / 2), zoom=torch.zeros_like(params.zoom)
     )
     return apply_augment(images, params)
+
+
+CALIBRATION_IMAGES = (50_000, 60_000)
+"""The training images the temperature is fitted on (under a fresh augmentation draw)."""
+CALIBRATION_SEED = 0
+
+
+def calibration_images(data_dir: str | None) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The images the temperature is fitted on, their labels, and the sentence that says which they are."""
+    images, labels = load_mnist(data_dir, train=True)
+    start, stop = CALIBRATION_IMAGES
+    generator = torch.Generator().manual_seed(CALIBRATION_SEED)
+    augmented = mild_augment(images[start:stop, None], generator)
+    source = (
+        f"MNIST training images {start}-{stop - 1} under a fresh draw of the training augmentation "
+        f"(seed {CALIBRATION_SEED}); the weights were trained on all {len(labels):,} training images, "
+        "so none is held out from them"
+    )
+    return augmented, labels[start:stop], source
+
+
+def calibration_record(
+    model: torch.nn.Module,
+    data_dir: str | None,
+    test_logits: torch.Tensor,
+    test_labels: torch.Tensor,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """The `"calibration"` entry of the record: the temperature, its fit, and its effect on the test set.
+
+    The temperature is fitted on `calibration_images`, never on the test set; `test_logits`
+    (the model's logits of the clean test set) only measure the result, before and after.
+    """
+    images, labels, source = calibration_images(data_dir)
+    fitted = calibrate(model, images, labels, source=source, device=device)
+    seen_images, seen_labels = load_mnist(data_dir, train=True)
+    clean = calibrate(
+        model,
+        seen_images[CALIBRATION_IMAGES[0] : CALIBRATION_IMAGES[1]],
+        seen_labels[CALIBRATION_IMAGES[0] : CALIBRATION_IMAGES[1]],
+        source="clean",
+        device=device,
+    )
+    t = fitted.temperature
+
+    def on_test(temperature: float) -> dict[str, float]:
+        scaled = test_logits.double() / temperature
+        return dict(
+            ece=expected_calibration_error(scaled.softmax(1), test_labels),
+            nll=float(torch.nn.functional.cross_entropy(scaled, test_labels)),
+            mean_confidence=float(scaled.softmax(1).max(1).values.mean()),
+        )
+
+    return dict(
+        temperature=round(t, 4),
+        fitted_on=source,
+        images=fitted.images,
+        fit=dict(
+            nll_before=fitted.nll_before,
+            nll_after=fitted.nll_after,
+            ece_before=fitted.ece_before,
+            ece_after=fitted.ece_after,
+        ),
+        test=dict(
+            images=len(test_labels),
+            accuracy=float((test_logits.argmax(1) == test_labels).double().mean()),
+            before=on_test(1.0),
+            after=on_test(round(t, 4)),
+        ),
+        alternative=dict(
+            fitted_on=f"the same training images, clean (as the weights saw them): T {clean.temperature:.4f}",
+            temperature=round(clean.temperature, 4),
+            test=on_test(clean.temperature),
+        ),
+        command="python examples/calibrate_weights.py (or the end of examples/train_weights.py)",
+    )
 
 
 def warmup_cosine(epochs: int, warmup: int):
@@ -130,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         "clean_test_acc": bnvit.evaluate(model, clean, device=device)["acc"],
         "augmented_test_acc": bnvit.evaluate(model, augmented, device=device)["acc"],
     }
+    model.eval()
+    test_logits = model_logits(model, test_images, device=device)
+    calibration = calibration_record(model, args.data_dir, test_logits, test_labels.cpu(), device=device)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     command = "python examples/train_weights.py " + " ".join(argv if argv is not None else sys.argv[1:])
     weights = out / f"{args.model}.safetensors"
@@ -139,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "sha256": tensors_sha256(state),
         "recipe": command[len("python ") :],
     }
+    metadata["temperature"] = str(calibration["temperature"])
     save_file(state, str(weights), metadata=dict(metadata, **{k: str(v) for k, v in scores.items()}))
     card = dict(
         model=args.model,
@@ -155,9 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         command=command,
         history=[{"epoch": r.epoch, "train_loss": r.train_loss, "val_acc": r.val_acc} for r in history.records],
         **scores,
+        calibration=calibration,
     )
     (out / f"{args.model}.json").write_text(json.dumps(card, indent=2) + "\n")
-    print(f"{weights}: clean test {scores['clean_test_acc']:.2%}, augmented test {scores['augmented_test_acc']:.2%}")
+    print(
+        f"{weights}: clean test {scores['clean_test_acc']:.2%}, augmented test {scores['augmented_test_acc']:.2%}, "
+        f"temperature {calibration['temperature']:.4f}"
+    )
     return 0
 
 

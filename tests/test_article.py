@@ -22,7 +22,16 @@ from bnvit.article import cli, study
 from bnvit.article import sweep as article_sweep
 from bnvit.article.claims import EXPECTATIONS, judge
 from bnvit.article.folder import LOCK, FolderLock, FolderLockedError, prepare_folder
-from bnvit.article.grid import ARTICLE_FP32, ARTICLE_MLP, ARTICLE_VIT, COMPARE_LR, LR_WINDOW, Cell, Settings
+from bnvit.article.grid import (
+    ARTICLE_FP32,
+    ARTICLE_MLP,
+    ARTICLE_VIT,
+    COMPARE_DEPTHS,
+    COMPARE_LR,
+    LR_WINDOW,
+    Cell,
+    Settings,
+)
 from bnvit.article.report import report_folder, report_source
 from bnvit.article.results import load_results, results_sha256
 from bnvit.article.stats import holm, seeds_needed, t_interval, t_quantile, t_test
@@ -522,6 +531,26 @@ def test_estimate_times_cells_with_the_threads_they_will_use(monkeypatch):
     seconds = estimate.estimate_seconds(cells, Settings(epochs=2, train_subset=1000, test_subset=100), "cpu", threads=1)
     assert seen == [1, 1] and torch.get_num_threads() == before
     assert seconds == pytest.approx(2 * (2 * (1000 * 1e-3 + 100 * 1e-4) + 100 * 1e-4))
+
+
+def test_estimate_times_each_model_at_two_depths_and_interpolates_the_rest(monkeypatch):
+    """compare_depths' 14 (model, depth) pairs cost 4 timings; a cost linear in depth is extrapolated exactly."""
+    from bnvit.article import estimate
+
+    seen = []
+
+    def timed(cell, settings, device, batches):
+        seen.append((cell.model, cell.depth))
+        return 1e-3 * (2 + cell.depth), 1e-4 * (3 + cell.depth)
+
+    monkeypatch.setattr(estimate, "_timed_epochs", timed)
+    cells = COMPARE_DEPTHS.cells(COMPARE_DEPTHS.grid, 1)
+    settings = Settings(epochs=3, train_subset=1000, test_subset=100)
+    seconds = estimate.estimate_seconds(cells, settings, "cpu")
+    assert len({(c.model, c.depth) for c in cells}) == 14
+    assert sorted(seen) == [("vit_mnist", 1), ("vit_mnist", 7), ("vitbnffn_mnist", 1), ("vitbnffn_mnist", 7)]
+    per_cell = [(1e-3 * (2 + c.depth), 1e-4 * (3 + c.depth)) for c in cells]
+    assert seconds == pytest.approx(sum(3 * (1000 * t + 100 * e) + 100 * e for t, e in per_cell))
 
 
 def test_fp32_report_of_a_folder_holding_one_model_of_its_cell_so_far(tmp_path):

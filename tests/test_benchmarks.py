@@ -76,3 +76,27 @@ def test_attention_forms_section_reports_both_forms_and_autos_choice():
             row[f"{impl} {work} fp32"]["ms"] > 0 for impl in ("standard", "factored") for work in ("step", "eval")
         )
         assert {"step, fp32: standard / factored", "eval, fp32: standard / factored"} <= row["ratios"].keys()
+
+
+def test_cli_startup_measures_fresh_processes_and_their_peak_memory(tmp_path, monkeypatch, capsys):
+    """The start-up benchmark's machinery, on stand-in commands: one that allocates 200 MB must show it."""
+    import cli_startup
+
+    python = sys.executable
+    stand_ins = {
+        "python -c pass": [python, "-c", "pass"],
+        "bnvit --help": [python, "-c", "import sys; from _bnvit_cli import main; sys.exit(main())", "--help"],
+        "bnvit --help, entry point inside the package": [python, "-c", "pass"],
+        "import torch, timm": [python, "-c", "pass"],
+        "bnvit predict one.png": [python, "-c", "x = bytearray(200 * 2**20)"],
+    }
+    monkeypatch.setattr(cli_startup, "commands", lambda image: stand_ins)
+    result = cli_startup.main(["--repeats", "2", "--json", str(tmp_path / "startup.json")])
+    assert json.loads((tmp_path / "startup.json").read_text()) == result
+    rows = result["commands"]
+    assert set(rows) == set(stand_ins) and all(r["seconds"] >= r["min_seconds"] > 0 for r in rows.values())
+    assert rows["bnvit predict one.png"]["peak_mb"] > rows["python -c pass"]["peak_mb"] + 150
+    assert result["ratios"]["bnvit predict one.png / import torch, timm"]["peak_memory"] > 5
+    assert "bnvit --help" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        cli_startup.run_once([python, "-c", "import sys; sys.exit(3)"])

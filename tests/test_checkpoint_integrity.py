@@ -56,7 +56,9 @@ def test_flipped_bytes_are_refused_through_timm(checkpoint):
 def test_flipped_bytes_fail_bnvit_predict_in_one_line(checkpoint, tmp_path):
     _flip(checkpoint, 0.5)
     image = tmp_path / "digit.png"
-    Image.fromarray(np.zeros((28, 28), np.uint8)).save(image)
+    pixels = np.zeros((28, 28), np.uint8)
+    pixels[6:22, 12:16] = 255  # a "1": a usable image, so the checkpoint's error is the only one
+    Image.fromarray(pixels).save(image)
     run = subprocess.run(
         [sys.executable, "-m", "bnvit", "predict", str(image), "--checkpoint", str(checkpoint)],
         capture_output=True,

@@ -251,6 +251,30 @@ def test_cli_without_checkpoint_uses_the_shipped_weights_or_says_to_pass_one(no_
         assert len(err.strip().splitlines()) == 1 and "pass --checkpoint PATH" in err
 
 
+def test_the_probabilities_shown_are_calibrated_with_each_models_temperature(digit):
+    """One model served twice, raw and at temperature 0.5: the same digit, the softmax of logits / T."""
+    model = bnvit.for_inference(bnvit.ViTBNFFN(depth=1))
+    image = Image.fromarray(digit[0].numpy())
+    answer = bnvit.demo.classify_drawing([DemoModel("raw", model), DemoModel("sharp", model, temperature=0.5)], image)
+    raw, sharp = answer["models"]
+    with torch.inference_mode():
+        logits = model(prepare_digit(image)[None])[0]
+    torch.testing.assert_close(torch.tensor(raw["probabilities"]), logits.softmax(0))
+    torch.testing.assert_close(torch.tensor(sharp["probabilities"]), (logits / 0.5).softmax(0))
+    assert raw["digit"] == sharp["digit"]
+    for bad in (0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+            DemoModel("bad", model, temperature=bad)
+
+
+def test_cli_serves_the_shipped_weights_at_their_temperature(no_serving):
+    from bnvit.calibration import shipped_temperature
+
+    assert main(["demo", "--port", "0"]) == 0
+    (served,) = no_serving[0].models
+    assert served.temperature == shipped_temperature("vitbnffn_mnist") < 1
+
+
 def test_cli_errors(no_serving, tmp_path, capsys):
     assert main(["demo", "--checkpoint", str(tmp_path / "missing.pth")]) == 2
     assert "file not found" in capsys.readouterr().err

@@ -18,8 +18,14 @@ blocks, including blocks indented inside admonitions or lists.
   snippet reads it from the environment), or both names separated by a space. When the data
   is absent, the page's blocks up to that one still run and the rest of the page is skipped
   with a reason naming the variable.
-* `bash` / `sh` / `shell` / `console` blocks are not executed (they install packages or train
-  for minutes). Their commands (split at `&&`, `;`, `|` and line ends, `VAR=value` prefixes
+* `bash` / `sh` / `shell` blocks marked `<!-- run -->` on the line above the fence (or
+  `<!-- run; needs: BNVIT_REFERENCE -->`) are executed, as a newcomer would type them: with
+  `bash -e` from the root of the clone, with `bnvit` and `python` on the `PATH` running this
+  checkout's code, `BNVIT_DATA` / `BNVIT_REFERENCE` set as for the Python snippets, and a private
+  cache folder. They must be cheap (seconds) and write nothing. When a `text` block follows one
+  directly, it is the block's expected output, compared line by line.
+* Other `bash` / `sh` / `shell` / `console` blocks are not executed (they install packages or
+  train for minutes). Their commands (split at `&&`, `;`, `|` and line ends, `VAR=value` prefixes
   dropped) are checked instead:
   - `python <path>.py ...` and `torchrun ... <path>.py ...`: the script must exist; for
     `examples/*.py` the flags are parsed by the example's real argument parser (for a sweep,
@@ -39,6 +45,8 @@ import importlib.util
 import os
 import re
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +60,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 PYTHON = {"python", "py", "python3"}
 PYCON = {"pycon"}
 SHELL = {"bash", "sh", "shell", "console"}
-NEEDS = re.compile(r"^\s*<!--\s*needs:\s*([A-Z_ ]+?)\s*-->\s*$")
+NEEDS = re.compile(r"^\s*<!--\s*(?:run;\s*)?needs:\s*([A-Z_ ]+?)\s*-->\s*$")
+RUN = re.compile(r"^\s*<!--\s*run(?:;\s*needs:\s*[A-Z_ ]+?)?\s*-->\s*$")
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)")
 
 
@@ -63,6 +72,7 @@ class Block:
     lang: str
     code: str
     needs: tuple[str, ...]  # environment variables naming data the block needs
+    run: bool = False  # a shell block marked <!-- run -->: executed by test_marked_shell_blocks_run
 
 
 def code_blocks(page: Path) -> list[Block]:
@@ -85,7 +95,10 @@ def code_blocks(page: Path) -> list[Block]:
             j += 1
         if j == len(lines):
             raise ValueError(f"{page}:{i + 1}: code fence {fence} is never closed")
-        blocks.append(Block(page, i + 2, lang, "\n".join(body) + "\n", tuple(needs[1].split()) if needs else ()))
+        code = "\n".join(body) + "\n"
+        blocks.append(
+            Block(page, i + 2, lang, code, tuple(needs[1].split()) if needs else (), bool(RUN.match(previous)))
+        )
         i = j + 1
     return blocks
 
@@ -238,3 +251,113 @@ def test_shell_snippets_are_valid(page: Path):
                     check_example_flags(path, script[1], where)
             elif tokens[0] == "bnvit":
                 _parse(cli.build_parser(), tokens[1:], "bnvit", where)
+
+
+# ----------------------------------------------------------------------------- shell blocks that run
+
+
+def _marked_runs() -> list:
+    """`(page, block, expected output or None)` for every shell block marked `<!-- run -->`."""
+    params = []
+    for page in PAGES:
+        blocks = code_blocks(page)
+        for i, block in enumerate(blocks):
+            if not block.run:
+                continue
+            assert block.lang in {"bash", "sh", "shell"}, f"{page}:{block.line}: only shell blocks run"
+            following = blocks[i + 1] if i + 1 < len(blocks) else None
+            expected = None
+            if following is not None and following.lang == "text" and _adjacent(page, block, following):
+                expected = following.code
+            params.append(pytest.param(block, expected, id=f"{page.relative_to(ROOT)}:{block.line}"))
+    return params
+
+
+def _adjacent(page: Path, block: Block, following: Block) -> bool:
+    """Whether only blank lines separate the end of `block` from the fence of `following`."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    end = block.line - 1 + block.code.count("\n")  # the closing fence of `block`, 0-based
+    return all(not line.strip() for line in lines[end + 1 : following.line - 2])
+
+
+@pytest.fixture(scope="module")
+def commands_path(tmp_path_factory) -> str:
+    """A PATH whose `bnvit` and `python` run this checkout with the Python running the tests."""
+    folder = tmp_path_factory.mktemp("bin")
+    src = ROOT / "src"
+    front = f'exec "{sys.executable}" -c "import sys; from _bnvit_cli import main; sys.exit(main())" "$@"'
+    scripts = {"bnvit": front, "python": f'exec "{sys.executable}" "$@"'}
+    for name, line in scripts.items():
+        (folder / name).write_text(f'#!/bin/sh\nexport PYTHONPATH="{src}${{PYTHONPATH:+:$PYTHONPATH}}"\n{line}\n')
+        (folder / name).chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ['PATH']}"
+
+
+@pytest.mark.parametrize(("block", "expected"), _marked_runs())
+def test_marked_shell_blocks_run(block: Block, expected: str | None, commands_path, tmp_path):
+    for needs in block.needs:
+        if reason := _missing(needs):
+            pytest.skip(f"{block.page.relative_to(ROOT)}:{block.line}: {reason}")
+    env = {
+        **os.environ,
+        "PATH": commands_path,
+        "BNVIT_REFERENCE": str(REFERENCE_CHECKPOINTS),
+        "XDG_CACHE_HOME": str(tmp_path / "cache"),
+        "MPLBACKEND": "Agg",
+        "PYTHONWARNINGS": "ignore",
+    }
+    if os.environ.get("BNVIT_DATA"):
+        env["BNVIT_DATA"] = str(Path(os.environ["BNVIT_DATA"]).resolve())
+    before = _tree(ROOT)
+    done = subprocess.run(
+        ["bash", "-e", "-c", block.code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    where = f"{block.page.relative_to(ROOT)}:{block.line}"
+    assert done.returncode == 0, f"{where}: exit status {done.returncode}\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+    if expected is not None:
+        assert done.stdout.strip().splitlines() == expected.strip().splitlines(), f"{where}: other output"
+    assert _tree(ROOT) == before, f"{where}: the commands wrote into the clone"
+
+
+def _tree(root: Path) -> set[str]:
+    """The files of the clone outside .git, build outputs and caches: what a documented command must not add."""
+    skip = {".git", ".venv", "site", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis", "runs"}
+    return {str(p.relative_to(root)) for p in root.rglob("*") if not skip & set(p.relative_to(root).parts)}
+
+
+# ----------------------------------------------------------------------------- navigation
+
+LINK = re.compile(r"\]\(([^)#\s]+\.md)(?:#[^)]*)?\)")
+
+
+def test_every_page_is_reachable_from_the_index():
+    """Following the Markdown links from docs/index.md reaches every page of docs/."""
+    docs = ROOT / "docs"
+    seen, todo = set(), [docs / "index.md"]
+    while todo:
+        page = todo.pop()
+        if page in seen or not page.is_file():
+            continue
+        seen.add(page)
+        todo += [(page.parent / link).resolve() for link in LINK.findall(page.read_text(encoding="utf-8"))]
+    missing = sorted(str(p.relative_to(docs)) for p in docs.rglob("*.md") if p.resolve() not in seen)
+    assert not missing, f"pages no link from docs/index.md leads to: {missing}"
+
+
+def test_the_index_links_every_top_level_page():
+    docs = ROOT / "docs"
+    linked = set(LINK.findall((docs / "index.md").read_text(encoding="utf-8")))
+    missing = sorted(p.name for p in docs.glob("*.md") if p.name != "index.md" and p.name not in linked)
+    assert not missing, f"docs/index.md does not link {missing}"
+
+
+def test_the_readme_and_installation_give_the_same_cpu_only_pytorch_command():
+    """README.md and docs/installation.md give one CPU-only PyTorch command, and CI follows the default path."""
+    cpu = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+    for page in (ROOT / "README.md", ROOT / "docs" / "installation.md"):
+        commands = [" ".join(t) for b in code_blocks(page) if b.lang in SHELL for t in shell_commands(b.code)]
+        assert cpu in commands, f"{page.name} does not give the CPU-only PyTorch command: {cpu}"
+        assert "pip install -e ." in commands, f"{page.name}: no default install"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "download.pytorch.org" not in ci  # CI reaches package registries only
+    assert 'pip install -e ".[test]" && pytest' in ci

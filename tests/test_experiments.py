@@ -78,6 +78,14 @@ def test_example_quick_mode_writes_every_output(mnist_root, tmp_path, capsys, na
         assert "**" not in row, row
     printed = capsys.readouterr().out
     assert "estimated time" in printed and "report:" in printed
+    # It ends with what to look at, and says it was a smoke test; it prints no verdict.
+    *_, smoke, report_line, figures_line, checkpoints_line = printed.strip().splitlines()
+    assert smoke.startswith("This was a quick run: a smoke test") and "not a verdict" in smoke
+    assert report_line == f"report: {out / 'report.md'}"
+    assert figures_line == "figures: " + ", ".join(str(out / f) for f in sorted(figures))
+    assert checkpoints_line.startswith(f"checkpoints: {out / 'checkpoints'} (") and "MB)" in checkpoints_line
+    assert not any(line.startswith("claim ") for line in printed.splitlines())
+    assert "reproduced" not in printed and "inconclusive" not in printed
 
 
 def test_quick_mode_uses_fewer_depths_and_epochs():

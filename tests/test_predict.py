@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.metadata
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +16,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
+import _bnvit_cli
 import bnvit
+from bnvit.calibration import shipped_temperature
 from bnvit.cli import build_parser, main
 from bnvit.data import load_image, load_mnist, prepare_digit
+from conftest import ROOT
 
 N_PHOTOS = 20
 VIT_CHECKPOINT = "FinOptAug1_ViT_30.pth"
@@ -256,24 +261,41 @@ def test_predict_json(digit_files, reference_checkpoints, capsys):
     assert result["probability"] == max(result["probabilities"])
 
 
-def test_the_console_script_is_declared():
-    (script,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "bnvit"]
-    assert script.value == "bnvit.cli:main"
-    assert script.load() is main
+def test_the_console_script_is_the_light_front():
+    """pyproject.toml points `bnvit` at `_bnvit_cli:main`, which is `bnvit.cli.main`, and python -m bnvit runs it."""
+    section = (ROOT / "pyproject.toml").read_text().split("[project.scripts]\n", 1)[1].split("\n\n", 1)[0]
+    scripts = dict(re.findall(r'^(\S+) = "(.+)"$', section, flags=re.M))  # tomllib is Python >= 3.11 only
+    assert scripts == {"bnvit": "_bnvit_cli:main"}
+    module, _, name = scripts["bnvit"].partition(":")
+    assert getattr(importlib.import_module(module), name) is main
+    assert main is _bnvit_cli.main and build_parser is _bnvit_cli.build_parser
+
+
+def test_the_wheel_ships_the_front_and_the_type_marker():
+    """What `pip install bnvit` puts in site-packages: the package (with py.typed) and the front module."""
+    build = (ROOT / "pyproject.toml").read_text().split("[tool.hatch.build.targets.wheel]\n", 1)[1]
+    assert re.search(r'^packages = \["src/bnvit", "src/_bnvit_cli.py"\]$', build, flags=re.M)
+    assert (ROOT / "src" / "bnvit" / "py.typed").is_file() and (ROOT / "src" / "_bnvit_cli.py").is_file()
 
 
 def test_bnvit_predict_error_exit_code(tmp_path, digit_files, reference_checkpoints):
+    """A bad file among good ones: its own line on stderr, the others classified, exit status 2."""
     (tmp_path / "notes.png").write_text("not an image")
+    (path, label), (other, other_label) = digit_files[0], digit_files[1]
     done = _run(
         "predict",
-        str(digit_files[0][0]),
+        str(path),
         str(tmp_path / "notes.png"),
+        str(other),
         "--checkpoint",
         str(reference_checkpoints / VIT_CHECKPOINT),
     )
     assert done.returncode == 2
-    assert "notes.png" in done.stderr and "not an image file" in done.stderr
-    assert done.stdout == ""
+    (error,) = done.stderr.strip().splitlines()
+    assert error.startswith(f"bnvit predict: error: image {tmp_path / 'notes.png'}: ") and "not an image file" in error
+    lines = done.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(path), str(other)]
+    assert lines[0].startswith(f"{path}: {label} ") and lines[1].startswith(f"{other}: {other_label} ")
 
 
 def test_predict_in_process_with_every_reference_checkpoint(digit_files, reference_checkpoints, capsys):
@@ -294,7 +316,7 @@ def test_predict_errors_name_the_file(tmp_path, digit_files, reference_checkpoin
     torch.save({"epoch": 3}, tmp_path / "no_weights.pth")
     cases = [
         (
-            ["predict", image, str(tmp_path / "notes.png"), str(tmp_path / "gone.png"), "--checkpoint", good],
+            ["predict", str(tmp_path / "notes.png"), str(tmp_path / "gone.png"), "--checkpoint", good],
             [
                 "image " + str(tmp_path / "notes.png") + ": ",
                 "not an image file",
@@ -303,6 +325,10 @@ def test_predict_errors_name_the_file(tmp_path, digit_files, reference_checkpoin
             ],
         ),
         (["predict", image, "--checkpoint", str(tmp_path / "missing.pth")], ["missing.pth: file not found"]),
+        (
+            ["predict", image, str(tmp_path / "gone.png"), "--checkpoint", str(tmp_path / "missing.pth")],
+            ["image " + str(tmp_path / "gone.png"), "missing.pth: file not found"],
+        ),
         (["predict", image, "--checkpoint", image], ["photo_0.png: not a PyTorch checkpoint file"]),
         (["predict", image, "--checkpoint", str(tmp_path / "mlp.pth")], ["mlp.pth: not a bnvit or reference ViT"]),
         (["predict", image, "--checkpoint", str(tmp_path / "five.pth")], ["five.pth: holds a model", "5 classes"]),
@@ -353,3 +379,189 @@ def test_bnvit_list_names_every_registered_model_and_its_weights(capsys):
     assert rows["vitbnffn_mnist"]["config"]["norm"] == "bn_ffn"
     assert rows["timmvit_mnist"]["config"] == dict(norm="ln", depth=6, dim=64, heads=4, patch_size=7)
     assert rows["timmvit_bnffn_mnist"]["config"]["norm"] == "bn_ffn"
+
+
+# ---------------------------------------------------------------------- a command line that answers at once
+
+HEAVY = ("torch", "timm", "torchvision", "bnvit", "numpy", "PIL")
+WHAT_IS_IMPORTED = """
+import sys
+import _bnvit_cli
+try:
+    _bnvit_cli.main(sys.argv[1:])
+except SystemExit as exit_:
+    code = exit_.code
+print("\\nimported:", " ".join(m for m in {heavy!r} if m in sys.modules), "exit:", code)
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["--version"],
+        ["reproduce", "--help"],
+        ["list", "--help"],
+        ["predict", "--help"],
+        ["calibrate", "--help"],
+        ["demo", "--help"],
+        ["predict"],  # argument errors too
+        ["reproduce", "nope"],
+        ["predict", "a.png", "--top-k", "zero"],
+        ["frobnicate"],
+    ],
+)
+def test_help_and_argument_errors_import_neither_torch_nor_timm(argv):
+    """The console script parses before it imports: no torch, timm or bnvit for help and bad arguments."""
+    code = WHAT_IS_IMPORTED.format(heavy=HEAVY)
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    last = done.stdout.strip().splitlines()[-1]
+    assert last == f"imported:  exit: {0 if argv[-1] in ('--help', '--version') else 2}", (last, done.stderr)
+
+
+def test_reproduce_help_lists_every_experiment(capsys):
+    from bnvit.article import COMPARE_DEPTHS, COMPARE_LR, DNN_BATCHNORM, LR_WINDOW
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["reproduce", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    scripts = {"depths": COMPARE_DEPTHS, "lr": COMPARE_LR, "mlp": DNN_BATCHNORM, "lr-window": LR_WINDOW}
+    for what, experiment in scripts.items():
+        (line,) = [line for line in out.splitlines() if line.startswith(f"  {what} ")]
+        example = ROOT / line.rsplit("(", 1)[1].rstrip(")")
+        assert example.is_file() and f"EXPERIMENT = {experiment.name.upper()}" in example.read_text(), line
+    assert "  all " in out and "examples/reproduce.py" in out
+    assert set(_bnvit_cli.REPRODUCE) == {*scripts, "all"}
+
+
+def test_reproduce_without_an_experiment_names_what_is_missing(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["reproduce"])
+    assert exit_.value.code == 2
+    assert "the following arguments are required: WHAT\n" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- files that are not pictures of digits
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path, digit_files):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"pipe\.png is not a regular file \(a named pipe\)"):
+        load_image(fifo)
+    code = "import sys, _bnvit_cli; sys.exit(_bnvit_cli.main(sys.argv[1:]))"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "predict", str(fifo), str(digit_files[0][0]), "--top-k", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,  # a blocking open would hang here until the timeout
+    )
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip()
+        == f"bnvit predict: error: image {fifo}: {fifo} is not a regular file (a named pipe); "
+        + ("expected an image file")
+    )
+    assert done.stdout.startswith(f"{digit_files[0][0]}: {digit_files[0][1]}  (top 1: ")
+
+
+def _huge_png(path: Path, side: int) -> None:
+    """A real `side` x `side` grayscale PNG of zeros, written row by row (a few hundred KB for 13000)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    packer, row = zlib.compressobj(9), b"\0" * (side + 1)  # filter byte 0, then the row
+    body = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # 8-bit grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+def test_an_image_over_the_pixel_limit_is_refused_before_it_is_decoded(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    _huge_png(path, 13_000)  # 169 million pixels, 2.5 GB once decoded as RGB float
+    assert path.stat().st_size < 1_000_000
+    with pytest.warns(Image.DecompressionBombWarning), Image.open(path) as image:  # PIL itself only warns
+        assert image.size == (13_000, 13_000)
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("decoded before its size was checked")
+
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", no_decoding)
+    with pytest.raises(ValueError, match=r"huge\.png is 13000x13000 pixels \(169,000,000\); at most 50,000,000"):
+        load_image(path)
+    with pytest.raises(ValueError, match="at most 100"):
+        load_image(path, max_pixels=100)
+    with pytest.raises(ValueError, match="max_pixels must be a positive int"):
+        load_image(path, max_pixels=0)
+
+
+def test_several_files_each_error_on_its_own_line_the_rest_classified(tmp_path, digit_files, capsys):
+    """Missing, folder, not an image, blank: four lines on stderr; the two digits on stdout; exit status 2."""
+    (tmp_path / "notes.png").write_text("not an image")
+    Image.new("L", (40, 40), 128).save(tmp_path / "blank.png")
+    (tmp_path / "folder.png").mkdir()
+    (good, label), (other, other_label) = digit_files[0], digit_files[2]
+    bad = [tmp_path / name for name in ("gone.png", "folder.png", "notes.png", "blank.png")]
+    argv = ["predict", str(bad[0]), str(good), str(bad[1]), str(bad[2]), str(other), str(bad[3]), "--json"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    errors = captured.err.strip().splitlines()
+    assert [line.split(": ")[1] for line in errors] == ["error"] * 4
+    assert [line.split(": ", 2)[2].split(":")[0] for line in errors] == [f"image {path}" for path in bad]
+    results = json.loads(captured.out)
+    assert [r["file"] for r in results] == [str(bad[0]), str(good), str(bad[1]), str(bad[2]), str(other), str(bad[3])]
+    assert [r.get("digit") for r in results] == [None, label, None, None, other_label, None]
+    assert [f"bnvit predict: error: {r['error']}" for r in results if "error" in r] == errors
+
+
+# ---------------------------------------------------------------------- calibrated probabilities
+
+
+@pytest.fixture(scope="module")
+def clean_test_digits(tmp_path_factory, mnist_test) -> tuple[list[str], list[int]]:
+    """The first 30 MNIST test digits as PNG files, as they are in MNIST."""
+    folder = tmp_path_factory.mktemp("clean")
+    images, labels = mnist_test
+    paths = []
+    for i in range(30):
+        paths.append(str(folder / f"{i}.png"))
+        Image.fromarray(images[i].numpy()).save(paths[-1])
+    return paths, labels[:30].tolist()
+
+
+def test_clean_test_digits_get_calibrated_probabilities(clean_test_digits, capsys):
+    """The shipped weights are right on all 30 and say so: at least 99% for most, not label smoothing's 91%."""
+    paths, labels = clean_test_digits
+    assert main(["predict", *paths, "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["digit"] for r in results] == labels
+    t = shipped_temperature("vitbnffn_mnist")
+    assert all(r["temperature"] == t for r in results) and 0.3 < t < 0.7
+    confident = sorted(r["probability"] for r in results)
+    assert confident[len(confident) // 2] > 0.995 and confident[3] > 0.95, confident
+
+    assert main(["predict", *paths, "--json", "--temperature", "1"]) == 0  # the raw softmax, as before calibration
+    raw = json.loads(capsys.readouterr().out)
+    assert [r["digit"] for r in raw] == labels
+    assert all(0.8 < r["probability"] < 0.93 for r in raw), sorted(r["probability"] for r in raw)
+    for r, c in zip(raw, results, strict=True):  # one temperature for all: same order of the ten classes
+        assert np.argsort(r["probabilities"]).tolist() == np.argsort(c["probabilities"]).tolist()
+
+
+def test_text_output_shows_the_calibrated_probability(clean_test_digits, capsys):
+    paths, labels = clean_test_digits
+    assert main(["predict", paths[0], "--top-k", "2"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert re.fullmatch(
+        rf"{re.escape(paths[0])}: {labels[0]}  \(top 2: {labels[0]} (99\.\d|100\.0)%, \d [\d.]+%\)", line
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "warm"])
+def test_a_bad_temperature_is_a_usage_error(value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", "a.png", "--temperature", value])
+    assert exit_.value.code == 2 and "--temperature" in capsys.readouterr().err

@@ -8,8 +8,8 @@ Layers, each importing only the ones below it (docs/architecture.md draws the pi
                                      callbacks, the world of processes and its sharding
     registry, mlp, timmvit,          timm entry points and pretrained cfgs (mlp.py: the MLPs and their
     _builder, loading, convert,      builders; timmvit.py: timm's ViT at the article's scale), the
-    deploy, hub                      shared builder, weights in, foreign checkpoints, inference,
-                                     model cards: never training
+    deploy, hub, calibration         shared builder, weights in, foreign checkpoints, inference,
+                                     model cards, temperatures: never training
     layers, vit, factored, kernels,  the models: blocks, the ViT, attention's factored form and its
     batchnorm, features,             kernels, BatchNorm, timm's feature API, the BatchNorm FFN in
     timm_blocks  |  data             timm's ViTs; and the data, each independent of the other
@@ -33,7 +33,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bnvit"
 # What each group of modules may import from bnvit (besides itself).
 BOTTOM = {"_io", "_checks", "device", "fuse"}
 MODELS = {"layers", "vit", "factored", "kernels", "batchnorm", "features", "timm_blocks"}
-INFERENCE = {"registry", "_builder", "loading", "convert", "mlp", "timmvit", "deploy", "hub"}
+INFERENCE = {"registry", "_builder", "loading", "convert", "mlp", "timmvit", "deploy", "hub", "calibration"}
 ALLOWED = {
     "bottom": {"bottom"},
     "models": {"bottom", "models"},

@@ -1,25 +1,35 @@
-"""The `bnvit` command line.
+"""The `bnvit` command line: the work behind each command.
 
 Commands:
     predict: classify pictures of handwritten digits with a bnvit or reference checkpoint.
-    reproduce: run the article's experiments (`depths`, `lr`, `mlp`) or its three-seed study (`all`).
+    calibrate: fit a checkpoint's temperature, so that its probabilities mean what they say.
+    list: the models bnvit registers in timm.
+    reproduce: run the article's experiments (`depths`, `lr`, `mlp`, `lr-window`) or its seed study (`all`).
     demo: a web page to draw digits on and watch a model classify them (docs/demo.md).
 
 Usage:
 
 ```bash
-bnvit predict IMAGE... [--checkpoint PATH] [--device cpu] [--top-k 3] [--json]
+bnvit predict IMAGE... [--checkpoint PATH] [--device cpu] [--top-k 3] [--temperature T] [--json]
 python -m bnvit predict IMAGE... --checkpoint PATH
-bnvit reproduce all --seeds 3 --out docs/results/article
+bnvit calibrate CHECKPOINT [--images 50000:60000] [--data-dir DIR]
+bnvit reproduce all --out docs/results/article
 bnvit reproduce depths --quick
 bnvit demo --checkpoint PATH [--compare PATH] [--host 127.0.0.1] [--port 7860]
 ```
 
+The console script's entry point is `_bnvit_cli.main`, a top-level module that parses the
+arguments with the standard library alone and imports this module only once they are valid, so
+`bnvit --help` and argument errors answer without importing torch or timm. `main` and
+`build_parser` here are the same functions.
+
 Each picture is prepared the way MNIST digits were (`bnvit.data.prepare_digit`: inverted if
 the digit is dark on light, cropped, scaled to a 20-pixel box and centred by its centre of
-mass in 28x28), and the model's prediction and probabilities are printed per file. Errors
-(an unreadable image, a file that is not a suitable checkpoint, a bad option) are printed
-with the file they concern and end the command with exit status 2.
+mass in 28x28), and the model's prediction and probabilities are printed per file. The
+probabilities are `softmax(logits / T)` with the checkpoint's calibrated temperature T
+(`bnvit.calibration`). A file that cannot be used (missing, not a regular file, not an image,
+too many pixels) is reported on its own line and the others are still classified; any error
+ends the command with exit status 2.
 """
 
 from __future__ import annotations
@@ -33,7 +43,10 @@ from pathlib import Path
 import timm
 import torch
 
-from . import __version__
+from _bnvit_cli import REPRODUCE, USAGE_ERROR, build_parser, main
+
+from . import calibration
+from .calibration import Calibration, read_calibration, shipped_temperature
 from .data.digits import MNIST_SIZE, prepare_digit
 from .deploy import for_inference
 from .device import resolve_device
@@ -41,109 +54,31 @@ from .loading import SHIPPED_TAG, WEIGHTS_DIR, load_model
 from .timm_blocks import BNFFNBlock
 from .vit import ViT
 
-__all__ = ["build_parser", "demo", "list_models", "main", "predict", "reproduce"]
+__all__ = [
+    "USAGE_ERROR",
+    "CommandError",
+    "build_parser",
+    "calibrate",
+    "demo",
+    "list_models",
+    "main",
+    "predict",
+    "reproduce",
+    "run",
+]
 
-USAGE_ERROR = 2
-"""Exit status for bad input: unreadable images, wrong checkpoints, invalid options."""
+SHIPPED_MODEL = "vitbnffn_mnist"
+"""What `bnvit predict` uses without `--checkpoint`: bnvit's ViTBNFFN trained on MNIST."""
 
 
 class CommandError(Exception):
     """A user error to report in one message (exit status 2), without a traceback."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the `bnvit` command (all subcommands).
-
-    Examples:
-        >>> args = build_parser().parse_args(["predict", "digit.png", "--checkpoint", "model.pth", "--top-k", "2"])
-        >>> args.command, args.images, args.checkpoint, args.top_k, args.device, args.json
-        ('predict', ['digit.png'], 'model.pth', 2, 'cpu', False)
-    """
-    parser = argparse.ArgumentParser(prog="bnvit", description="Vision Transformers with BatchNorm: command line.")
-    parser.add_argument("--version", action="version", version=f"bnvit {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    predict_parser = commands.add_parser(
-        "predict",
-        help="classify pictures of handwritten digits",
-        description=(
-            "Classify pictures of handwritten digits (any format PIL reads; dark on light or light on dark) with "
-            "a bnvit checkpoint or one of the article's reference checkpoints. Each picture is prepared like an "
-            "MNIST digit: inverted if needed, cropped, scaled to 20 pixels and centred in 28x28."
-        ),
-    )
-    predict_parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    predict_parser.add_argument(
-        "--checkpoint",
-        metavar="PATH",
-        help="a bnvit or reference ViT checkpoint (.pth/.pt); default: the vitbnffn_mnist weights shipped with bnvit",
-    )
-    predict_parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    predict_parser.add_argument(
-        "--top-k", type=_positive_int, default=3, metavar="K", help="how many classes to list per image (default 3)"
-    )
-    predict_parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    reproduce_parser = commands.add_parser(
-        "reproduce",
-        help="run the article's experiments and write their reports",
-        description=(
-            "Run one of the article's experiments (depths, lr, mlp, and lr-window beyond it: the examples' "
-            "command line) or the whole "
-            "three-seed study (all), resumably, and write reports and figures. `bnvit reproduce WHAT --help` "
-            "lists the flags."
-        ),
-        add_help=False,
-    )
-    reproduce_parser.add_argument("what", choices=REPRODUCE, help="depths, lr, mlp, lr-window or all")
-    reproduce_parser.add_argument("flags", nargs=argparse.REMAINDER, help="the experiment's flags")
-    list_parser = commands.add_parser(
-        "list",
-        help="the models bnvit registers in timm",
-        description="The models bnvit registers in timm: parameters, input, configuration, and trained weights.",
-    )
-    list_parser.add_argument("--json", action="store_true", help="print the list as JSON")
-    demo_parser = commands.add_parser(
-        "demo",
-        help="draw digits in the browser and watch a model classify them",
-        description=(
-            "Serve a web page where you draw a digit with the mouse or a finger and see the model's ten class "
-            "probabilities as you draw. Without --checkpoint it shows the weights shipped with bnvit."
-        ),
-    )
-    demo_parser.add_argument("--checkpoint", metavar="PATH", help="a bnvit or reference ViT checkpoint (.pth/.pt)")
-    demo_parser.add_argument("--compare", metavar="PATH", help="a second checkpoint, shown side by side")
-    demo_parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)"
-    )
-    demo_parser.add_argument("--port", type=_port, default=7860, help="TCP port (default 7860; 0: any free port)")
-    demo_parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-    return parser
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, 0 to 65535, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number, 0 to 65535, got {value}")
-    return value
-
-
-REPRODUCE = ("depths", "lr", "mlp", "lr-window", "all")
-
-
 def reproduce(what: str, flags: Sequence[str]) -> int:
-    """`bnvit reproduce WHAT FLAGS...`: an article experiment, or the three-seed study for `all`."""
+    """`bnvit reproduce WHAT FLAGS...`: an article experiment, or the seed study for `all`."""
+    if what not in REPRODUCE:
+        raise CommandError(f"reproduce {what!r}: unknown; choose from {', '.join(REPRODUCE)}")
     # Deferred: the article harness imports the training loop, which `bnvit predict` must not load.
     from .article import COMPARE_DEPTHS, COMPARE_LR, DNN_BATCHNORM, LR_WINDOW, run_cli, study
 
@@ -161,23 +96,24 @@ def demo(
     port: int = 7860,
     device: str = "cpu",
 ) -> int:
-    """`bnvit demo`: serve the digit-drawing page (`bnvit.demo`) until Ctrl+C."""
+    """`bnvit demo`: serve the digit-drawing page (`bnvit.demo`) until Ctrl+C.
+
+    Each model's probabilities are calibrated with its temperature, as in `bnvit predict`.
+    """
     # Deferred: the web server is this command's alone; `bnvit predict` need not load it.
     from .demo import DemoModel, make_server, serve, shipped_model
 
-    try:
-        target = resolve_device(device)
-    except ValueError as err:
-        raise CommandError(f"--device: {err}") from err
+    target = _device(device)
     if checkpoint is None:
         try:
-            models = [DemoModel("vitbnffn_mnist", for_inference(shipped_model().to(target)))]
+            model = for_inference(shipped_model().to(target))
         except ValueError as err:
             raise CommandError(str(err)) from err
+        models = [DemoModel(SHIPPED_MODEL, model, temperature=shipped_temperature(SHIPPED_MODEL) or 1.0)]
     else:
-        models = [DemoModel(Path(checkpoint).name, for_inference(_load_classifier(checkpoint, target)))]
+        models = [DemoModel(*_served(checkpoint, target))]
     if compare is not None:
-        models.append(DemoModel(Path(compare).name, for_inference(_load_classifier(compare, target))))
+        models.append(DemoModel(*_served(compare, target)))
     try:
         server = make_server(models, host, port)
     except OSError as err:
@@ -187,6 +123,18 @@ def demo(
     print(f"bnvit demo: open {server.url} in a browser (Ctrl+C to stop)", flush=True)
     serve(server)
     return 0
+
+
+def _served(path: str, device: torch.device) -> tuple[str, torch.nn.Module, str, float]:
+    """A checkpoint as the demo serves it: name, inference copy, description (default), temperature."""
+    return Path(path).name, for_inference(_load_classifier(path, device)), "", _checkpoint_temperature(path)
+
+
+def _device(device: str) -> torch.device:
+    try:
+        return resolve_device(device)
+    except ValueError as err:
+        raise CommandError(f"--device: {err}") from err
 
 
 def _load_classifier(path: str, device: torch.device) -> ViT:
@@ -212,23 +160,30 @@ def _load_classifier(path: str, device: torch.device) -> ViT:
     return model
 
 
+def _checkpoint_temperature(path: str) -> float:
+    """The temperature `bnvit calibrate` wrote beside the checkpoint, else 1 (the raw softmax)."""
+    try:
+        return read_calibration(path) or 1.0
+    except (ValueError, OSError) as err:
+        raise CommandError(f"checkpoint {path}: {err}") from err
+
+
 def _load_shipped(device: torch.device) -> ViT:
     try:
-        return timm.create_model("vitbnffn_mnist", pretrained=True).to(device).eval()
+        return timm.create_model(SHIPPED_MODEL, pretrained=True).to(device).eval()
     except (ValueError, OSError) as err:
         raise CommandError(f"no --checkpoint given, and the shipped weights cannot be used: {err}") from err
 
 
-def _prepare_all(paths: Sequence[str]) -> torch.Tensor:
-    images, errors = [], []
+def _prepare_each(paths: Sequence[str]) -> list[torch.Tensor | str]:
+    """Each image prepared, or the one-line error that says why it cannot be."""
+    prepared: list[torch.Tensor | str] = []
     for path in paths:
         try:
-            images.append(prepare_digit(Path(path)))
+            prepared.append(prepare_digit(Path(path)))
         except (OSError, ValueError) as err:
-            errors.append(f"image {path}: {err}")
-    if errors:
-        raise CommandError("\n".join(errors))
-    return torch.stack(images)
+            prepared.append(f"image {path}: {err}")
+    return prepared
 
 
 def predict(
@@ -237,8 +192,12 @@ def predict(
     *,
     device: str = "cpu",
     top_k: int = 3,
+    temperature: float | None = None,
 ) -> list[dict]:
     """Classify digit pictures with a checkpoint: the work of `bnvit predict`.
+
+    An image that cannot be used does not stop the others; every image's problem and the
+    checkpoint's are reported together.
 
     Args:
         images: Image files.
@@ -246,32 +205,51 @@ def predict(
             `None` uses the trained `vitbnffn_mnist` weights shipped with bnvit.
         device: Where to run the model (`"cpu"`, `"cuda"`, `"auto"`, ...).
         top_k: How many classes to list per image (at most 10).
+        temperature: Divide the logits by it before the softmax; `None`: the checkpoint's
+            calibrated temperature (the shipped weights' own, or the one `bnvit calibrate`
+            wrote beside the checkpoint), else 1.
 
     Returns:
-        One dict per image, in order: `file`, `digit` (the prediction), `probability`,
-        `top_k` (a list of `{"digit", "probability"}`, most likely first) and
-        `probabilities` (all 10).
+        One dict per image, in order. For an image classified: `file`, `digit` (the
+        prediction), `probability`, `top_k` (a list of `{"digit", "probability"}`, most likely
+        first), `probabilities` (all 10) and `temperature`. For an image that could not be
+        used: `file` and `error` (one line naming the file and what is wrong).
 
     Raises:
-        CommandError: For an unreadable image, an unsuitable checkpoint or an invalid
-            option; the message names the file or value.
+        CommandError: For an unsuitable checkpoint or an invalid option; the message names
+            the file or value (one line each, after the lines of any image that could not be used).
 
     Examples:
         >>> predict(["seven.png"], "FinOptAug1_ViT_30.pth")[0]["digit"]  # doctest: +SKIP
         7
     """
-    try:
-        target = resolve_device(device)
-    except ValueError as err:
-        raise CommandError(f"--device: {err}") from err
+    target = _device(device)
     if top_k > 10:
         raise CommandError(f"--top-k {top_k}: there are only 10 digits; use 1 to 10")
-    model = for_inference(_load_shipped(target) if checkpoint is None else _load_classifier(checkpoint, target))
-    batch = _prepare_all(images).to(target)
-    with torch.inference_mode():
-        probabilities = model(batch).float().softmax(dim=1).cpu()
+    if temperature is not None and not 0 < temperature < float("inf"):
+        raise CommandError(f"--temperature {temperature}: use a positive finite number")
+    prepared = _prepare_each(images)
+    try:  # the checkpoint is checked even when no image is usable: every problem is reported at once
+        if checkpoint is None:
+            model = _load_shipped(target)
+            temperature = temperature or shipped_temperature(SHIPPED_MODEL) or 1.0
+        else:
+            model = _load_classifier(checkpoint, target)
+            temperature = temperature or _checkpoint_temperature(checkpoint)
+    except CommandError as err:  # the images' own errors first, then the checkpoint's
+        raise CommandError("\n".join([*(x for x in prepared if isinstance(x, str)), str(err)])) from err
+    good = [x for x in prepared if isinstance(x, torch.Tensor)]
+    probabilities: list[torch.Tensor] = []
+    if good:
+        with torch.inference_mode():
+            logits = for_inference(model)(torch.stack(good).to(target)).float().cpu()
+        probabilities = list((logits / temperature).softmax(dim=1))
     results = []
-    for path, p in zip(images, probabilities, strict=True):
+    for path, x in zip(images, prepared, strict=True):
+        if isinstance(x, str):
+            results.append(dict(file=str(path), error=x))
+            continue
+        p = probabilities.pop(0)
         values, digits = p.topk(top_k)
         results.append(
             dict(
@@ -280,9 +258,61 @@ def predict(
                 probability=float(values[0]),
                 top_k=[dict(digit=int(d), probability=float(v)) for d, v in zip(digits, values, strict=True)],
                 probabilities=[float(v) for v in p],
+                temperature=float(temperature),
             )
         )
     return results
+
+
+def calibrate(
+    checkpoint: str,
+    images: tuple[int, int] = (50_000, 60_000),
+    *,
+    data_dir: str | None = None,
+    device: str = "cpu",
+    write: bool = True,
+) -> Calibration:
+    """Fit a checkpoint's temperature on MNIST training images: the work of `bnvit calibrate`.
+
+    Choose images the checkpoint was not trained on (`fit` on a subset, say the first 50,000,
+    leaves the rest held out); the test set is never used.
+
+    Args:
+        checkpoint: A bnvit or reference ViT checkpoint for 28x28x1 images with 10 classes.
+        images: `(start, stop)`: the MNIST training images `start` to `stop - 1`.
+        data_dir: The folder holding `MNIST/raw/` (default: `$BNVIT_DATA`, else the cache folder).
+        device: Where to run the model.
+        write: Write the temperature beside the checkpoint (`CHECKPOINT.calibration.json`).
+
+    Returns:
+        The `bnvit.calibration.Calibration`.
+
+    Raises:
+        CommandError: For an unsuitable checkpoint, missing data or a bad image range.
+    """
+    from .data import load_mnist  # deferred: only this command reads MNIST
+
+    target = _device(device)
+    start, stop = images
+    if not 0 <= start < stop:
+        raise CommandError(f"--images {start}:{stop}: use START:STOP with 0 <= START < STOP")
+    model = _load_classifier(checkpoint, target)
+    try:
+        train_images, train_labels = load_mnist(data_dir, train=True)
+    except (FileNotFoundError, ValueError) as err:
+        raise CommandError(str(err).replace("\n", " ")) from err
+    if stop > len(train_labels):
+        raise CommandError(f"--images {start}:{stop}: MNIST has {len(train_labels):,} training images")
+    source = f"MNIST training images {start}-{stop - 1}"
+    result = calibration.calibrate(
+        for_inference(model), train_images[start:stop], train_labels[start:stop], source=source, device=target
+    )
+    if write:
+        try:
+            calibration.write_calibration(checkpoint, result)
+        except OSError as err:
+            raise CommandError(f"cannot write the calibration beside {checkpoint}: {err}") from err
+    return result
 
 
 def list_models() -> list[dict]:
@@ -343,39 +373,64 @@ def _print_models(rows: list[dict], as_json: bool) -> None:
 
 def _print_text(results: list[dict]) -> None:
     for r in results:
+        if "error" in r:
+            continue
         ranked = ", ".join(f"{t['digit']} {100 * t['probability']:.1f}%" for t in r["top_k"])
         print(f"{r['file']}: {r['digit']}  (top {len(r['top_k'])}: {ranked})")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the `bnvit` command; returns the exit status (0, or 2 for bad input).
+def _print_models(rows: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        config = ", ".join(f"{k} {v}" for k, v in row["config"].items())
+        size = "x".join(map(str, row["input_size"]))
+        weights = "trained weights" if row["trained_weights"] else "-"
+        print(f"{row['name']:<28} {row['params']:>12,} params  {size:<10} {config:<45} {weights}")
 
-    Examples:
-        >>> main(["predict", "digit.png", "--checkpoint", "FinOptAug1_ViT_30.pth"])  # doctest: +SKIP
-        digit.png: 7  (top 3: 7 99.9%, 2 0.0%, 3 0.0%)
-        0
+
+def _print_calibration(checkpoint: str, result: Calibration, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    print(
+        f"{checkpoint}: temperature {result.temperature:.4f}, fitted on {result.images:,} {result.source[0].lower()}"
+        f"{result.source[1:]}: negative log-likelihood {result.nll_before:.4f} -> {result.nll_after:.4f}, "
+        f"expected calibration error {result.ece_before:.2%} -> {result.ece_after:.2%}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do what parsed arguments ask (`build_parser().parse_args(...)`); returns the exit status.
+
+    Errors are printed one per line as `bnvit COMMAND: error: ...`, and give exit status 2.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) >= 2 and argv[0] == "reproduce" and argv[1] in REPRODUCE:
-        return reproduce(argv[1], argv[2:])  # its own parser reads every flag, --help included
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    errors: list[str] = []
     try:
         if args.command == "predict":
-            results = predict(args.images, args.checkpoint, device=args.device, top_k=args.top_k)
+            results = predict(
+                args.images, args.checkpoint, device=args.device, top_k=args.top_k, temperature=args.temperature
+            )
+            errors = [r["error"] for r in results if "error" in r]
             if args.json:
                 print(json.dumps(results, indent=2))
             else:
                 _print_text(results)
+        elif args.command == "calibrate":
+            result = calibrate(args.checkpoint, args.images, data_dir=args.data_dir, device=args.device)
+            _print_calibration(args.checkpoint, result, args.json)
         elif args.command == "list":
             _print_models(list_models(), as_json=args.json)
         elif args.command == "demo":
             return demo(args.checkpoint, args.compare, host=args.host, port=args.port, device=args.device)
+        elif args.command == "reproduce":
+            return reproduce(args.what, args.flags)
     except CommandError as err:
-        for line in str(err).splitlines():
-            print(f"bnvit {args.command}: error: {line}", file=sys.stderr)
-        return USAGE_ERROR
-    return 0
+        errors = str(err).splitlines()
+    for line in errors:
+        print(f"bnvit {args.command}: error: {line}", file=sys.stderr)
+    return USAGE_ERROR if errors else 0
 
 
 if __name__ == "__main__":

@@ -66,13 +66,16 @@ def model_card(name: str) -> dict[str, Any]:
     """timm's `model_card` dict for a registered bnvit model (`"vitbnffn_mnist"` or with its tag).
 
     For the weights bnvit ships (tag `bnvit_mnist`), the card adds the dataset, the recipe, the
-    command, machine and wall time of the training run, and its test accuracies. Pass it to
+    command, machine and wall time of the training run, its test accuracies, and the temperature
+    that calibrates its probabilities (`bnvit.calibration`), with its effect on the test set. Pass it to
     `timm.models.push_to_hf_hub(model, repo, model_card=...)`, or let `save_for_hf` write it.
 
     Examples:
         >>> card = model_card("vitbnffn_mnist")
         >>> card["details"]["Dataset"], card["details"]["Accuracy"]["MNIST test set"]
         ('MNIST', '99.56%')
+        >>> card["details"]["Calibration"]["temperature"]
+        '0.4844: probabilities are softmax(logits / 0.4844)'
         >>> "Accuracy" in model_card("vit_cifar")["details"]
         False
     """
@@ -90,15 +93,20 @@ def model_card(name: str) -> dict[str, Any]:
             "selection": "last epoch; no early stopping, no model selection on the test set",
         }
         details["Training"] = _recipe_lines(record)
+        details["Calibration"] = _calibration_lines(record)
     details["Papers"] = [ARTICLE]
     details["Library"] = "bnvit (registers its models in timm on import)"
     tag = f".{SHIPPED_TAG}" if record is not None else ""
     pretrained = "True" if record is not None else "False"
+    scaled = f" / {record['calibration']['temperature']}" if record is not None else ""
     usage = (
         "```python\nimport timm\nimport torch\n\nimport bnvit  # noqa: F401  (registers the models)\n\n"
         f'model = timm.create_model("{arch}{tag}", pretrained={pretrained}).eval()\n'
         f"images = torch.rand(2, *model.pretrained_cfg['input_size'])  # pixels in [0, 1]\n"
-        "with torch.no_grad():\n    print(model(images).softmax(-1).argmax(-1))\n```"
+        "with torch.no_grad():\n"
+        f"    probabilities = (model(images){scaled}).softmax(-1)"
+        + ("  # calibrated: logits divided by the temperature\n" if scaled else "\n")
+        + "print(probabilities.argmax(-1))\n```"
     )
     return {
         "description": _description(arch),
@@ -170,6 +178,20 @@ def _description(arch: str) -> str:
     else:
         kind = "A standard Vision Transformer with LayerNorm, the article's baseline"
     return f"{kind}, as described in {ARTICLE}."
+
+
+def _calibration_lines(record: dict[str, Any]) -> dict[str, str]:
+    calibration = record["calibration"]
+    test, t = calibration["test"], calibration["temperature"]
+    return {
+        "temperature": f"{t}: probabilities are softmax(logits / {t})",
+        "fitted on": calibration["fitted_on"],
+        "MNIST test set": (
+            f"expected calibration error {test['before']['ece']:.2%} at T = 1, {test['after']['ece']:.2%} calibrated; "
+            f"mean confidence {test['before']['mean_confidence']:.2%} -> {test['after']['mean_confidence']:.2%} "
+            f"for an accuracy of {test['accuracy']:.2%}"
+        ),
+    }
 
 
 def _recipe_lines(record: dict[str, Any]) -> dict[str, str]:

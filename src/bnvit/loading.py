@@ -73,13 +73,17 @@ def recipe_summary(record: Mapping[str, Any]) -> str:
     )
 
 
-def _shipped_notes(record: Mapping[str, Any]) -> tuple[str, str]:
-    """The two lines a shipped weight's pretrained cfg carries: what it scores and how it was made."""
-    return (
+def _shipped_notes(record: Mapping[str, Any]) -> tuple[str, ...]:
+    """The lines a shipped weight's pretrained cfg carries: what it scores, how it was made, its temperature."""
+    notes = (
         f"MNIST test accuracy {record['clean_test_acc']:.2%} (clean), {record['augmented_test_acc']:.2%} "
         "(the article's frozen augmented test set), last epoch",
         f"trained by examples/train_weights.py: {recipe_summary(record)}",
     )
+    if "calibration" in record:
+        t = record["calibration"]["temperature"]
+        notes += (f"calibrated probabilities: softmax(logits / {t}) (bnvit.calibration.shipped_temperature)",)
+    return notes
 
 
 def shipped_cfg(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -186,7 +190,7 @@ def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "c
         The model, in eval mode.
 
     Examples:
-        >>> model = load_model("../shared/checkpoints/reference/VITBNFFN_d5_15.pth")  # doctest: +SKIP
+        >>> model = load_model(os.path.join(os.environ["BNVIT_REFERENCE"], "VITBNFFN_d5_15.pth"))  # doctest: +SKIP
         >>> model.config["norm"], model.config["depth"]  # doctest: +SKIP
         ('bn_ffn', 5)
     """

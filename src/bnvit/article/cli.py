@@ -311,12 +311,39 @@ def write_outputs(experiment: Experiment, out: Path, args, device: torch.device,
     if note:
         prepare_folder(out, _folder_settings(out), experiment.name, machine_note=note)
     report = report_folder(out, experiment, reference=reference)
-    print(f"report: {report}")
     results = load_results(out, complete=True)
-    note = " (quick run: not evidence)" if experiment.is_reduced(results[0]["settings"]) else ""
-    for v in verdicts(results, experiment.claims):
-        print(f"claim {v.claim}: {v.verdict}{note} — {v.measured}")
+    reduced = experiment.is_reduced(results[0]["settings"])
+    if not reduced:  # a quick run judges nothing: its report shows the numbers beside the claims, marked as such
+        for v in verdicts(results, experiment.claims):
+            print(f"claim {v.claim}: {v.verdict} — {v.measured}")
+    for line in closing_lines(out, report, reduced):
+        print(line)
     return 0
+
+
+def closing_lines(out: Path, report: Path, reduced: bool) -> list[str]:
+    """The last lines of a run's output: what to look at (report, figures, checkpoints), and for a quick
+    run, plainly, that it was a smoke test."""
+    lines = []
+    if reduced:
+        lines.append(
+            "This was a quick run: a smoke test that training, figures and report work end to end on this machine, "
+            "not a verdict on the article (too few images, epochs and seeds to decide anything; the report sets "
+            "its numbers beside the article's claims, marked as such). The full run is the same command without "
+            "--quick."
+        )
+    lines.append(f"report: {report}")
+    figures = sorted(path.name for path in out.glob("*.png"))
+    if figures:
+        lines.append(f"figures: {', '.join(str(out / name) for name in figures)}")
+    checkpoints = out / "checkpoints"
+    if checkpoints.is_dir():
+        size = sum(path.stat().st_size for path in checkpoints.rglob("*") if path.is_file())
+        lines.append(
+            f"checkpoints: {checkpoints} ({size / 1e6:.0f} MB), each run's last epoch, kept to resume an interrupted "
+            "run; safe to delete once every run is finished (results.jsonl and the report do not need them)"
+        )
+    return lines
 
 
 def _folder_settings(out: Path) -> Settings:

@@ -1,9 +1,14 @@
-"""How long a sweep will take: one short `fit()` per (model, depth) on synthetic batches, extrapolated.
+"""How long a sweep will take: a few short `fit()` runs on synthetic batches, extrapolated.
 
 The timing runs the training code itself (the loop, the optimizer, the precision, the
 evaluation) rather than a copy of a training step, so the estimate follows the loop when it
 changes. Synthetic data stands in for MNIST: the same shapes, uint8 images augmented on the
 device like the `"fast"` pipeline (the `"torchvision"` pipeline is slower than this assumes).
+
+It answers in seconds: each model is timed at its smallest and largest depth in the sweep only
+(two epochs of a few batches, the first a warm-up), and the depths between are interpolated,
+since a model's cost per image is a fixed part (patch embedding, head, loop) plus the same cost
+for every block.
 
 `choose_workers` (`--workers auto`) times the same short `fit` in 1 process with every thread
 and in N processes at once with a share of the threads each, and picks the fastest in total.
@@ -47,7 +52,7 @@ def _timed_epochs(cell: Cell, settings: Settings, device: torch.device, batches:
         build_model(cell),
         train,
         val,
-        epochs=3,
+        epochs=2,
         lr=cell.lr,
         batch_size=settings.batch_size,
         eval_batch_size=n_val,
@@ -69,30 +74,49 @@ def estimate_seconds(
     batches: int = 3,
     threads: int | None = None,
 ) -> float:
-    """Seconds the cells will take: each (model, depth) timed by `fit` on a few batches, extrapolated.
+    """Seconds the cells will take: each model timed by `fit` on a few batches at two depths, extrapolated.
 
     Args:
         cells: The cells to run.
         settings: Their settings (epochs, batch size, subsets, precision).
         device: Where they will run.
-        batches: Training batches per timed epoch.
+        batches: Training batches per timed epoch (two epochs per timing, the first a warm-up).
         threads: The CPU threads each cell will use (`--threads`); timed with that many, since on
             a busy machine more threads than free cores can be several times slower, not faster.
     """
     device = resolve_device(device)
     n_train = settings.train_subset or MNIST_TRAIN
     n_test = settings.test_subset or MNIST_TEST
+    depths: dict[str, set[int]] = {}
+    for cell in cells:
+        depths.setdefault(cell.model, set()).add(cell.depth)
     with torch_threads(threads or None):
-        per_image = {
+        measured = {
             (model, depth): _timed_epochs(Cell(model, depth, 1e-3, 0), settings, device, batches)
-            for model, depth in sorted({(c.model, c.depth) for c in cells})
+            for model, chosen in sorted(depths.items())
+            for depth in sorted({min(chosen), max(chosen)})
         }
+    per_image = {
+        (model, depth): _interpolated(measured, model, min(chosen), max(chosen), depth)
+        for model, chosen in depths.items()
+        for depth in chosen
+    }
     total = 0.0
     for cell in cells:
         per_train, per_eval = per_image[(cell.model, cell.depth)]
         # every epoch trains and scores the test set; the clean test set is scored once more at the end
         total += settings.epochs * (n_train * per_train + n_test * per_eval) + n_test * per_eval
     return total
+
+
+def _interpolated(
+    measured: dict[tuple[str, int], tuple[float, float]], model: str, low: int, high: int, depth: int
+) -> tuple[float, float]:
+    """The seconds per image of `model` at `depth`, on the line through its two measured depths."""
+    if low == high:
+        return measured[(model, low)]
+    share = (depth - low) / (high - low)
+    return tuple(a + share * (b - a) for a, b in zip(measured[(model, low)], measured[(model, high)], strict=True))
 
 
 def _throughput_worker(cell: Cell, settings: Settings, device: str, threads: int, batches: int, barrier, queue) -> None:

@@ -56,8 +56,9 @@ _PRECISION_AUTO = "auto (bf16 autocast on CUDA and on CPUs with native bf16, els
 _LO, _HI = LR_DROP_CLAIM.lrs
 _MLO, _MHI = MLP_CLAIM.lrs
 RULES = (
-    "The protocol (docs/reproducing.md), fixed before the ten-seed runs. Gaps are ViTBNFFN minus ViT, in accuracy "
-    "points: the validation accuracy averaged over epochs, paired by seed. Every part is judged by one-sided "
+    "The protocol (docs/reproducing.md), fixed before the ten-seed runs. Gaps are the BatchNorm model minus its plain "
+    "twin (ViTBNFFN minus ViT; for the MLPs of claim 4, DNNBN minus DNN), in accuracy points: the validation "
+    "accuracy averaged over epochs, paired by seed. Every part is judged by one-sided "
     "one-sample t-tests at 5% (Student's t, n - 1 degrees of freedom) on its per-seed values: 'comparable' "
     f"needs the gap shown inside (-{COMPARABLE}, +{COMPARABLE}) (TOST), 'slightly ahead' inside [+{SLIGHTLY}, "
     f"+{CLEARLY}), 'clearly ahead' above +{CLEARLY}; claim 3 needs ViT's drop in final accuracy from lr {_LO:g} "

@@ -8,7 +8,10 @@ steps to a photo or scan of a digit, so that a model trained on MNIST sees what 
 
 from __future__ import annotations
 
+import io
 import os
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["MNIST_BOX", "MNIST_SIZE", "load_image", "prepare_digit"]
+__all__ = ["MAX_IMAGE_PIXELS", "MNIST_BOX", "MNIST_SIZE", "load_image", "prepare_digit"]
 
 MNIST_SIZE = 28
 """Side of an MNIST image."""
 MNIST_BOX = 20
 """Side of the box an MNIST digit is scaled into (its longer side)."""
+MAX_IMAGE_PIXELS = 50_000_000
+"""The most pixels `load_image` decodes (50 megapixels: a phone's photo at full resolution is 12 to 50)."""
 _CENTRE = 14.0  # MNIST's centre of mass, in pixel-index coordinates (measured: 13.99 / 14.01 on the test set)
 _WORK_SIDE = 512  # larger pictures are first reduced to this longer side (plenty for a 20-pixel digit)
 
@@ -29,11 +34,17 @@ ImageLike = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
 """What `prepare_digit` accepts."""
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
     """Open an image file with PIL and decode it fully, with EXIF orientation applied.
+
+    Only a regular file is opened, without blocking (a FIFO or a device is refused, never read),
+    and its size is read from its header and checked against `max_pixels` before any pixel is
+    decoded: a small file can describe a huge picture (a 13000x13000 PNG of 222 KB decodes to
+    2.5 GB).
 
     Args:
         path: The image file (any format PIL reads: PNG, JPEG, BMP, TIFF, GIF, ...).
+        max_pixels: The most pixels (width x height) accepted; default `MAX_IMAGE_PIXELS`.
 
     Returns:
         The decoded image, in its own mode.
@@ -41,7 +52,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     Raises:
         FileNotFoundError: If `path` does not exist.
         IsADirectoryError: If `path` is a folder.
-        ValueError: If the file is not an image PIL can read, or is truncated or corrupt.
+        ValueError: If `path` is not a regular file, not an image PIL can read, truncated or
+            corrupt, or larger than `max_pixels`.
 
     Examples:
         >>> import tempfile, pathlib
@@ -49,20 +61,62 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         >>> Image.new("L", (40, 30), 255).save(path)
         >>> load_image(path).size
         (40, 30)
+        >>> load_image(path, max_pixels=1000)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: .../blank.png is 40x30 pixels (1,200); at most 1,000 are read
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"image file not found: {path}")
-    if path.is_dir():
-        raise IsADirectoryError(f"expected an image file, {path} is a folder")
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
+    with _open_regular(path) as handle:
+        try:
+            with warnings.catch_warnings():  # PIL's own bomb warning: the size is checked below, against `limit`
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(handle)
+        except Image.DecompressionBombError as err:
+            raise ValueError(f"{path} has too many pixels to read ({err})") from err
+        except UnidentifiedImageError as err:  # PIL's own message names only the open file object
+            raise ValueError(f"{path} is not an image file PIL can read (PNG, JPEG, BMP, TIFF, ...)") from err
+        except (OSError, SyntaxError, ValueError) as err:  # a header PIL cannot parse
+            raise ValueError(f"cannot read the image {path}: {err}") from err
+        with image:
+            width, height = image.size
+            if width * height > limit:
+                raise ValueError(f"{path} is {width}x{height} pixels ({width * height:,}); at most {limit:,} are read")
+            try:
+                image.load()
+                return ImageOps.exif_transpose(image)
+            except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
+                raise ValueError(f"cannot read the image {path}: {err}") from err
+
+
+def _open_regular(path: Path) -> io.BufferedReader:
+    """`path` opened for reading if it is a regular file; never blocks (a FIFO is refused, not read)."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            return ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path} is not an image file PIL can read: {err}") from err
-    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
-        raise ValueError(f"cannot read the image {path}: {err}") from err
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"expected an image file, {path} is a folder") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(f"expected an image file, {path} is a folder")
+        raise ValueError(f"{path} is not a regular file ({_file_kind(mode)}); expected an image file")
+    return os.fdopen(fd, "rb")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
 
 
 def prepare_digit(image: ImageLike) -> torch.Tensor:

@@ -4,8 +4,8 @@ The tests use it to check the page in a real browser, and it regenerates the scr
 the documentation (docs/images/demo.png):
 
 ```bash
-python -m bnvit.demo.browser --checkpoint ../shared/checkpoints/reference/VITBNFFN_d5_15.pth \\
-    --compare ../shared/checkpoints/reference/FinOptAug1_ViT_30.pth --out docs/images/demo.png
+python -m bnvit.demo.browser --checkpoint "$BNVIT_REFERENCE"/VITBNFFN_d5_15.pth \\
+    --compare "$BNVIT_REFERENCE"/FinOptAug1_ViT_30.pth --out docs/images/demo.png
 ```
 
 Needs selenium (in bnvit's `test` extra) and Chromium with its chromedriver (Debian:

@@ -82,15 +82,20 @@ class DemoModel:
             classes (`bnvit.for_inference(model)`).
         description: One line under the name; by default read from a bnvit `ViT`'s config
             (`"ViTBNFFN, depth 5"`).
+        temperature: The probabilities shown are `softmax(logits / temperature)`: the model's
+            calibrated temperature (`bnvit.calibration`), or 1 for the raw softmax.
     """
 
     name: str
     model: nn.Module
     description: str = field(default="")
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.description:
             object.__setattr__(self, "description", describe(self.model))
+        if isinstance(self.temperature, bool) or not 0 < float(self.temperature) < float("inf"):
+            raise ValueError(f"temperature must be a positive finite number, got {self.temperature!r}")
 
 
 def describe(model: nn.Module) -> str:
@@ -170,6 +175,8 @@ def _open_image(data: bytes) -> Image.Image:
 def classify_drawing(models: Sequence[DemoModel], image: Image.Image) -> dict[str, Any]:
     """Prepare a drawing like `bnvit predict` prepares a picture and classify it with each model.
 
+    Each model's probabilities are `softmax(logits / temperature)`, with its `DemoModel.temperature`.
+
     Args:
         models: The models to ask.
         image: The drawing (any PIL image; dark on light or light on dark).
@@ -189,7 +196,7 @@ def classify_drawing(models: Sequence[DemoModel], image: Image.Image) -> dict[st
     for served in models:
         device = next(iter(served.model.parameters()), torch.empty(0)).device
         with torch.inference_mode():
-            p = served.model(x[None].to(device)).float().softmax(dim=1)[0].cpu()
+            p = (served.model(x[None].to(device)).float() / served.temperature).softmax(dim=1)[0].cpu()
         digit = int(p.argmax())
         results.append(
             dict(name=served.name, digit=digit, probability=float(p[digit]), probabilities=[float(v) for v in p])
