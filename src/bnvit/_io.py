@@ -54,6 +54,8 @@ def _create_exclusive(path: Path) -> str:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
             continue
+        except OSError as err:  # name the file the caller asked for, not the hidden temporary one
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
         return str(tmp)
     raise FileExistsError(f"could not create a temporary file next to {path}")
 

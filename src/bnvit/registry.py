@@ -405,7 +405,8 @@ def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
 
     Damage is caught, never loaded: a zip checkpoint's CRCs are checked before unpickling, a
     safetensors file whose metadata carries `sha256` (bnvit's shipped weights do) is checked
-    against its tensors, and weights holding NaN or infinity are refused.
+    against its tensors, and weights holding NaN or infinity, or BatchNorm statistics no
+    BatchNorm can hold (a negative running variance), are refused.
 
     Raises:
         FileNotFoundError: If `path` does not exist, or is a folder without a weight file.
@@ -441,6 +442,7 @@ def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     if broken:
         more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
         raise ValueError(f"{path} holds NaN or infinite weights in {', '.join(broken[:3])}{more}: a broken checkpoint")
+    _checks.check_bn_statistics(obj, path)
     return dict(obj)
 
 
@@ -693,6 +695,8 @@ def build_with_weights(
         model_args["features_only"] = True
     with _quiet_adapted_stem():
         model = build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg, **build, **model_args)
+    if pretrained:  # whatever source timm loaded (a file, a hub repository, a state dict in the cfg)
+        _checks.check_bn_statistics(model, f"the pretrained weights of {variant}")
     if from_weights:
         model.pretrained_model_args = {**getattr(model, "pretrained_model_args", {}), **from_weights}
         model._model_args = {**getattr(model, "_model_args", {}), **from_weights}

@@ -35,6 +35,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
+from .._checks import check_bn_statistics
 from ..data.digits import prepare_digit
 
 __all__ = [
@@ -82,6 +83,10 @@ class DemoModel:
             classes (`bnvit.for_inference(model)`).
         description: One line under the name; by default read from a bnvit `ViT`'s config
             (`"ViTBNFFN, depth 5"`).
+
+    Raises:
+        ValueError: If a BatchNorm of `model` holds statistics no BatchNorm can have (a
+            negative or non-finite running variance, a non-finite running mean).
     """
 
     name: str
@@ -89,6 +94,7 @@ class DemoModel:
     description: str = field(default="")
 
     def __post_init__(self) -> None:
+        check_bn_statistics(self.model, f"the demo's model {self.name!r}")
         if not self.description:
             object.__setattr__(self, "description", describe(self.model))
 
