@@ -31,9 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .. import _checks
-from .._io import check_writable
 from ..device import autocast, resolve_device, resolve_precision
-from . import checkpoint, inputs
+from . import checkpoint, fingerprint, inputs
 from . import distributed as _ddp
 from .callbacks import Callback, CallbackList, TrainState
 from .history import EpochRecord, History
@@ -222,7 +221,7 @@ def fit(
             `timm.optim.create_optimizer_v2` knows, or a factory `params -> Optimizer`.
             Named optimizers exclude biases, norms, the CLS token and the positional
             embedding from weight decay (`model.no_weight_decay()`).
-        weight_decay: Weight decay for named optimizers.
+        weight_decay: Weight decay for named optimizers (a finite number >= 0).
         scheduler: `None`, `"cosine"` (cosine decay to 0 over `epochs`), or a factory
             `optimizer -> scheduler`; stepped once per epoch.
         loss_fn: `(logits, labels) -> loss`; cross-entropy by default.
@@ -237,7 +236,9 @@ def fit(
             rank 0 only. A stop requested there stops every process.
         progress: Show a progress bar per epoch and a summary line after it (rank 0 only).
         checkpoint_dir: Save the full training state there after every epoch, and resume
-            from it if it already holds a checkpoint of this run.
+            from it if it already holds a checkpoint of this run: the same arguments, model
+            configuration, loss and data (`bnvit.training.fingerprint`). The process that
+            writes there holds the folder's lock while it trains.
         max_grad_norm: Clip the gradient norm to this value.
         meta: Extra information stored in `History.meta`.
         distributed: `"auto"`: train with several processes when started by torchrun with
@@ -250,13 +251,18 @@ def fit(
         at once and is returned with `history.diverged_at` set; nothing is raised.
 
     Raises:
-        ValueError: For invalid arguments, empty data, labels outside `[0, num_classes)`, NaN or
+        ValueError: For invalid arguments (a NaN or infinite hyperparameter, in a named
+            optimizer or one a factory built, is a configuration error, not a divergence), a
+            model with no trainable parameter, empty data, labels outside `[0, num_classes)`, NaN or
             inf in the images, a model whose output does not fit the labels, a checkpoint of
             another run, or a global batch size not divisible by the number of processes; all
             checked before any training step (in a distributed run, on every process: if one
             fails, all raise). Data that cannot be checked whole up front (a `Dataset` or
             `DataLoader`) is checked batch by batch, each before its forward pass, so a refused
             batch never updates the BatchNorm statistics; see `bnvit.training.inputs`.
+        FolderLockedError: If another process trains with the same `checkpoint_dir`.
+        OSError: If `checkpoint_dir` cannot be written, or a save fails (a full disk): the
+            message names the cause and the checkpoint that is still intact.
 
     Examples:
         >>> from bnvit import ViTBNFFN
@@ -284,10 +290,11 @@ def fit(
     history = History(meta={**run, "epochs": r.epochs, **world.describe(sync_bn), **(meta or {})})
 
     model.to(device)
-    with _ddp.synced_batchnorm(model, enabled=world.world_size > 1 and sync_bn, device=device):
+    claim = checkpoint.FolderClaim()  # the checkpoint folder, locked until fit returns
+    with claim, _ddp.synced_batchnorm(model, enabled=world.world_size > 1 and sync_bn, device=device):
         # -- data, model, optimizer, resume: anything that can fail, before any collective
         with _ddp.fail_together(world):
-            checkpoint_dir = _checkpoint_folder(checkpoint_dir, main)
+            checkpoint_dir = claim.open(checkpoint_dir, main)
             data_seed = 0 if r.seed is None else r.seed
             train_loader = _prepared(model, train, "train", r.batch_size, True, data_seed, s)
             val_loader = None if val is None else _prepared(model, val, "val", r.eval_batch_size, False, 0, s)
@@ -295,7 +302,7 @@ def fit(
             sched = _make_scheduler(r.scheduler, opt, r.epochs)
             s.scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
             parts = checkpoint.Resumable(model, opt, sched, s.scaler, run)
-            history = _resume(checkpoint_dir, parts, r.epochs, s) or history
+            history = _resume(checkpoint_dir, parts, r.epochs, s, (train, val)) or history
 
         _agree(world, len(train_loader), history, checkpoint_dir)
         step_model, eval_model = _step_and_eval_models(model, world, compile)
@@ -363,8 +370,7 @@ class _Run:
         self.lr = _checks.positive_float("lr", self.lr)
         self.batch_size = _checks.positive_int("batch_size", self.batch_size)
         self.eval_batch_size = _checks.positive_int("eval_batch_size", self.eval_batch_size)
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        self.weight_decay = _checks.non_negative_float("weight_decay", self.weight_decay)
         if self.max_grad_norm is not None:
             self.max_grad_norm = _checks.positive_float("max_grad_norm", self.max_grad_norm)
         if self.seed is not None:
@@ -386,15 +392,16 @@ class _Run:
         )
 
 
-def _checkpoint_folder(folder: str | Path | None, main: bool) -> Path | None:
-    """`checkpoint_dir` as a Path; rank 0, which writes there, proves first that it can."""
-    if folder is None:
-        return None
-    return check_writable(folder, "checkpoint_dir") if main else Path(folder)
+def _resume(
+    folder: Path | None, parts: checkpoint.Resumable, epochs: int, s: Settings, data: tuple[Any, Any]
+) -> History | None:
+    """The History of the run saved in `folder`, with its state loaded into `parts`; None if there is none.
 
-
-def _resume(folder: Path | None, parts: checkpoint.Resumable, epochs: int, s: Settings) -> History | None:
-    """The History of the run saved in `folder`, with its state loaded into `parts`; None if there is none."""
+    With a folder, the run's fingerprint (model configuration, loss, `data`) joins `parts.run`:
+    what the checkpoints record and a resume must repeat.
+    """
+    if folder is not None:
+        parts.run.update(fingerprint.describe_run(parts.model, s.loss_fn, *data))
     history = None if folder is None else checkpoint.restore(folder, parts, epochs, s.device)
     if history is not None and s.progress:
         left = f"epochs {history.epochs_done + 1}-{epochs} to go" if history.epochs_done < epochs else "nothing left"
@@ -504,17 +511,19 @@ def _qualname(obj: Any) -> str:
 def _make_optimizer(
     model: nn.Module, optimizer: str | OptimizerFactory, lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
+    """The optimizer, refused if the model has nothing to train or any of its settings is not finite."""
+    _checks.trainable_parameters(model)
     if callable(optimizer):
         opt = optimizer(model.parameters())
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"the optimizer factory must return a torch.optim.Optimizer, got {type(opt).__name__}")
-        return opt
+        return _checks.finite_hyperparameters(opt)
     if not isinstance(optimizer, str):
         raise TypeError(f"optimizer must be a name or a factory, got {optimizer!r}")
     names = list_optimizers()
     if optimizer.lower() not in names:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: 'adam', 'adamw', 'sgd', ... ({len(names)} in timm)")
-    return create_optimizer_v2(model, opt=optimizer, lr=lr, weight_decay=weight_decay)
+    return _checks.finite_hyperparameters(create_optimizer_v2(model, opt=optimizer, lr=lr, weight_decay=weight_decay))
 
 
 def _make_scheduler(scheduler: str | SchedulerFactory | None, opt: torch.optim.Optimizer, epochs: int) -> Any:
