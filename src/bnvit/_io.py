@@ -131,11 +131,12 @@ class FolderLock:
         folder: The folder to lock (created if needed).
         name: The lock file's name inside `folder`.
         activity: What the holder does there, for the message (`"a sweep runs there"`).
+        what: What the folder is, for the message if it cannot be written (`"output folder"`).
     """
 
-    def __init__(self, folder: str | os.PathLike, name: str, activity: str) -> None:
+    def __init__(self, folder: str | os.PathLike, name: str, activity: str, what: str = "folder") -> None:
         self.path = Path(folder).resolve() / name
-        self.activity = activity
+        self.activity, self.what = activity, what
 
     def _holder(self) -> dict[str, Any] | None:
         try:
@@ -169,7 +170,7 @@ class FolderLock:
         if self.path in _held:
             _held[self.path] += 1
             return
-        check_writable(self.path.parent, "folder")
+        check_writable(self.path.parent, self.what)
         for _ in range(2):
             if self._try_create():
                 _held[self.path] = 1

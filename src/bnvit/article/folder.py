@@ -126,4 +126,4 @@ class FolderLock(_io.FolderLock):
     """`with FolderLock(out):` ... only one process at a time sweeps `out` (re-entrant within a process)."""
 
     def __init__(self, out: str | os.PathLike) -> None:
-        super().__init__(out, LOCK, "a sweep runs there")
+        super().__init__(out, LOCK, "a sweep runs there", "output folder")

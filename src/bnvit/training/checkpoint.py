@@ -144,7 +144,7 @@ class FolderClaim:
         if not main:
             return folder
         check_writable(folder, "checkpoint_dir")
-        lock = FolderLock(folder, LOCK, "fit() is training with it as its checkpoint_dir")
+        lock = FolderLock(folder, LOCK, "fit() is training with it as its checkpoint_dir", "checkpoint_dir")
         lock.acquire()
         self._lock = lock
         for leftover in folder.glob(f".{INCOMING}.*.tmp"):  # a save cut short: only the lock holder saves here
