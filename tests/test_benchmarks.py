@@ -58,3 +58,16 @@ def test_gpu_check_script_rehearses_on_cpu(mnist_root, tmp_path):
     sweep = results["sweep"]
     assert sweep["runs"] == len(sweep["final_val_acc"]) == 2
     assert all(0.0 <= acc <= 1.0 for acc in sweep["final_val_acc"].values())
+
+
+def test_demo_load_check_runs_and_counts_every_request(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "demo_load.py"), "--requests", "16", "--kind", "mixed"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result["requests"] == 16 and sum(result["outcomes"].values()) == 16
+    assert result["answered"] == result["outcomes"].get("200", 0) == 16 and result["backlog"] >= 200
