@@ -370,6 +370,17 @@ def test_a_dataset_with_a_random_transform_still_resumes_and_changed_data_is_sti
     )
 
 
+def test_reading_the_data_for_the_fingerprint_draws_nothing_from_the_random_generators(tmp_path):
+    images, labels = toy_data(48)
+
+    def run(**kwargs) -> History:  # no seed: the shuffling and the transform draw from the global generators
+        torch.manual_seed(0)
+        loader = DataLoader(Jittered(images, labels), batch_size=16, shuffle=True)
+        return fit(tiny_model(), loader, **{**FIT, "epochs": 1, "seed": None, **kwargs})
+
+    assert metrics(run(checkpoint_dir=tmp_path)) == metrics(run())
+
+
 def test_a_checkpoint_written_before_the_fingerprint_still_resumes(tmp_path):
     data = toy_data()
     full = fit(tiny_model(), data, data, **{**FIT, "epochs": 2})

@@ -78,7 +78,8 @@ def save_checkpoint(folder: str | os.PathLike, payload: dict[str, Any]) -> Path:
         cause = _os_error(err)  # torch reports a failed write as "[enforce fail at inline_container.cc...]"
         if cause is None:
             raise
-        intact = f"{last} is intact and a resume starts from it" if last.exists() else "no earlier checkpoint exists"
+        kept = next((path for path in (last, incoming, folder / PREVIOUS) if path.exists()), None)
+        intact = "no checkpoint was saved before" if kept is None else f"{kept} is intact and a resume starts from it"
         raise OSError(
             cause.errno,
             f"cannot save the checkpoint of epoch {payload.get('epoch')} in {folder}: {cause.strerror or cause}; "

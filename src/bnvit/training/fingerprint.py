@@ -195,7 +195,7 @@ def _seeded() -> Iterator[None]:
     """Every random generator a dataset's transform may draw from, seeded with 0 and restored afterwards."""
     python, numpy = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.default_generator.manual_seed(0)  # the CPU's only: torch.manual_seed would reset CUDA's too
         random.seed(0)
         np.random.seed(0)
         try:
