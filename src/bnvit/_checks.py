@@ -131,7 +131,7 @@ def check_bn_statistics(weights: Mapping[str, Any] | nn.Module, source: str) -> 
     Anything else (a negative or NaN variance, an infinite mean) comes from damaged or edited
     weights and would make every prediction NaN or meaningless; loaders (`load_model`, timm's
     `pretrained=True`, `bnvit predict`, the demo) and writers (`fold_batchnorm`,
-    `for_inference`, `export_onnx`) all call this.
+    `for_inference`, `export_onnx`, `bnvit.hub.save_for_hf`) all call this.
 
     Args:
         weights: A state dict (keys ending in `running_var` / `running_mean` are checked) or a
