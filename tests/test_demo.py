@@ -227,7 +227,8 @@ def test_requests_naming_another_host_are_refused_dns_rebinding(toy_server):
         headers = {"Host": f"evil.example:{port}", "Content-Type": "application/json"}
         status, answer = with_headers(toy_server, method, path, headers, body)
         assert status == 421 and "evil.example" in answer["error"], (method, path)
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", "[::1]:80", "10.0.0.7"):
+    machine = socket.gethostname()
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", "[::1]:80", "10.0.0.7", f"{machine}.local"):
         status, answer = with_headers(toy_server, "GET", "/api/models", {"Host": host})
         assert status == 200, host
     status, answer = with_headers(toy_server, "GET", "/api/models", {"Host": "127.0.0.1.nip.io"})

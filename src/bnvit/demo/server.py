@@ -240,7 +240,8 @@ class DemoServer(ThreadingHTTPServer):
             raise ValueError("the demo needs at least one model to serve")
         self.models = list(models)
         self.quiet = quiet
-        names = [address[0], "localhost", *allowed_hosts]
+        machine = socket.gethostname()  # how a phone on the network may name this machine
+        names = [address[0], "localhost", machine, f"{machine}.local", *allowed_hosts]
         self.host_names = {name.strip("[]").lower() for name in names if name and not _is_ip(name.strip("[]"))}
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -261,8 +262,8 @@ class DemoServer(ThreadingHTTPServer):
         """Whether a request's `Host` value (`name[:port]`) names this server.
 
         An IP address always does (a page reached by its address is its own origin: DNS
-        rebinding needs a name); a name only if it is `localhost`, the name the server was
-        bound to, or one of `allowed_hosts`.
+        rebinding needs a name); a name only if it is `localhost`, this machine's host name
+        (also with `.local`), the name the server was bound to, or one of `allowed_hosts`.
 
         Examples:
             >>> server = DemoServer(("127.0.0.1", 0), [DemoModel("m", torch.nn.Linear(1, 1))])
@@ -307,9 +308,9 @@ def make_server(
         host: The address to listen on; the default, 127.0.0.1, is reachable only from this machine.
         port: The TCP port; 0 picks a free one (read it back from `server.url`).
         quiet: Log only errors, not every request.
-        allowed_hosts: Host names, besides `localhost`, `host` and any IP address, that
-            requests may name in their `Host` header (a name the machine has on the network,
-            say); requests naming any other host are refused with 421.
+        allowed_hosts: Host names, besides `localhost`, this machine's host name, `host` and any
+            IP address, that requests may name in their `Host` header (another name the machine
+            has on the network, say); requests naming any other host are refused with 421.
 
     Returns:
         The bound server.
