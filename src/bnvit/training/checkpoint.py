@@ -131,7 +131,8 @@ class FolderClaim:
             TypeError: If `folder` is not a path.
             ValueError: If `folder` is an empty string.
             OSError: If the main process cannot write there.
-            FolderLockedError: If another running process trains into `folder`.
+            FolderLockedError: If another running process trains into `folder`
+                (`bnvit.training.FolderLockedError`).
         """
         if folder is None:
             return None
@@ -244,7 +245,8 @@ class Resumable:
         optimizer: Its optimizer.
         scheduler: Its learning-rate scheduler, or None.
         scaler: The fp16 gradient scaler, or None.
-        run: The arguments that define the run; a checkpoint resumes only a run with the same.
+        run: The arguments that define the run, with its fingerprint (`bnvit.training.fingerprint`);
+            a checkpoint resumes only a run with the same.
     """
 
     model: nn.Module
