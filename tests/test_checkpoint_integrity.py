@@ -169,7 +169,7 @@ def test_a_negative_running_variance_is_refused_by_timm_from_a_file_and_from_a_s
     with pytest.raises(ValueError, match=re.escape(f"{BN_VAR} has 1 negative value")):
         timm.create_model("vitbnffn_mnist", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     # weights handed to timm in the cfg never pass through a file reader: the built model is checked
-    with pytest.raises(ValueError, match=r"pretrained weights of vitbnffn_mnist holds impossible BatchNorm"):
+    with pytest.raises(ValueError, match=r"the checkpoint timm loaded for vitbnffn_mnist holds impossible BatchNorm"):
         timm.create_model(
             "vitbnffn_mnist", depth=1, pretrained=True, pretrained_cfg_overlay=dict(file=None, state_dict=state)
         )

@@ -696,7 +696,7 @@ def build_with_weights(
     with _quiet_adapted_stem():
         model = build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg, **build, **model_args)
     if pretrained:  # whatever source timm loaded (a file, a hub repository, a state dict in the cfg)
-        _checks.check_bn_statistics(model, f"the pretrained weights of {variant}")
+        _checks.check_bn_statistics(model, f"the checkpoint timm loaded for {variant}")
     if from_weights:
         model.pretrained_model_args = {**getattr(model, "pretrained_model_args", {}), **from_weights}
         model._model_args = {**getattr(model, "_model_args", {}), **from_weights}
