@@ -224,11 +224,28 @@ def test_results_of_an_unknown_schema_are_read_when_possible_and_refused_with_th
     (tmp_path / "results.jsonl").write_text(json.dumps(newer) + "\n")
     (result,) = load_results(tmp_path, complete=True)
     assert result["history"]["records"][0]["val_acc"] == 0.5
-    broken = {**good, "schema": 7, "history": {"epochs": []}}
+    other = fake_result("vit_mnist", 2, 0.003, 0, [0.5])
+    broken = {**other, "schema": 7, "history": {"epochs": []}}
     (tmp_path / "results.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(broken) + "\n")
     with pytest.raises(ValueError, match=r"results.jsonl, line 2: no 'history' .*schema 7"):
         load_results(tmp_path, complete=True)
-    assert [r["key"] for r in load_results(tmp_path)] == [good["key"]] * 2  # enough to skip finished cells
+    assert [r["key"] for r in load_results(tmp_path)] == [good["key"], other["key"]]  # enough to skip finished cells
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_a_cell_recorded_twice_is_refused_naming_both_lines(tmp_path, complete, capsys):
+    first, second = fake_result("vit_mnist", 1, 0.003, 0, [0.5]), fake_result("vit_mnist", 2, 0.003, 0, [0.6])
+    lines = [first, second, {**first, "test_acc": 0.9}]  # a pasted or merged line, even with other numbers
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(
+        ValueError, match=r"results\.jsonl, lines 1 and 3 both record the cell vit_mnist-d1-lr0\.003-s0"
+    ):
+        load_results(tmp_path, complete=complete)
+    (tmp_path / "sweep.json").write_text(json.dumps(dataclasses.asdict(Settings())))
+    code = cli.run_cli(COMPARE_LR, ["--out", str(tmp_path), "--report-only", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "lines 1 and 3" in err
+    assert not (tmp_path / "report.md").exists()
 
 
 # ----------------------------------------------------------------------------- the study's folders
@@ -366,6 +383,8 @@ def test_a_locked_folder_is_refused_and_a_stale_lock_taken_over(tmp_path):
         (["--test-subset", "0"], "--test-subset must be an int >= 1, got 0"),
         (["--seeds", "0"], "--seeds must be an int >= 1, got 0"),
         (["--lrs", "x"], "expected comma-separated numbers, got 'x'"),
+        (["--lrs", "nan"], "expected finite positive learning rates, got 'nan'"),
+        (["--lrs", "0.003,inf"], "expected finite positive learning rates, got '0.003,inf'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_any_estimate(tmp_path, capsys, flags, message):
@@ -374,6 +393,44 @@ def test_bad_input_is_one_line_and_exit_2_before_any_estimate(tmp_path, capsys, 
     captured = capsys.readouterr()
     assert exit_.value.code == 2 and message in captured.err and len(captured.err.strip().splitlines()) == 1
     assert "estimated" not in captured.out and not (tmp_path / "out").exists()
+
+
+def test_a_cell_with_a_learning_rate_no_run_can_have_leaves_the_folder_untouched(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"cell vit_mnist-d1-lrnan-s0: the learning rate must be a finite number > 0"):
+        article_sweep.run_sweep([Cell("vit_mnist", 1, float("nan"), 0)], Settings(epochs=1), out, device="cpu")
+    assert not out.exists()  # no sweep.json that would refuse the next, valid, run
+
+
+def _foreign_folder(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """A user's folder: their own report and figure, no file bnvit wrote. Returns what it holds."""
+    folder.mkdir()
+    (folder / "report.md").write_text("# My own notes\n")
+    (folder / "figure.png").write_bytes(b"\x89PNG my figure")
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("flags", [[], ["--report-only"], ["--estimate"]])
+def test_a_folder_holding_files_bnvit_did_not_write_is_refused_untouched(tmp_path, capsys, flags):
+    out = tmp_path / "mine"
+    before = _foreign_folder(out)
+    code = cli.run_cli(COMPARE_LR, ["--out", str(out), "--device", "cpu", "--quick", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "holds files bnvit did not write (figure.png, report.md) and no sweep.json" in err
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+
+
+def test_the_sweep_itself_refuses_a_foreign_folder_before_writing_its_lock(tmp_path):
+    out = tmp_path / "mine"
+    before = _foreign_folder(out)
+    with pytest.raises(ValueError, match="holds files bnvit did not write"):
+        article_sweep.run_sweep([Cell("vit_mnist", 1, 0.003, 0)], Settings(epochs=1), out, device="cpu")
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare_folder(empty, Settings(), "compare_lr")  # an empty folder is the sweep's to fill
+    assert (empty / "sweep.json").exists()
 
 
 def test_a_missing_data_folder_creates_nothing(tmp_path, capsys):

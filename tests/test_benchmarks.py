@@ -100,3 +100,16 @@ def test_cli_startup_measures_fresh_processes_and_their_peak_memory(tmp_path, mo
     assert "bnvit --help" in capsys.readouterr().out
     with pytest.raises(RuntimeError, match="exited with 3"):
         cli_startup.run_once([python, "-c", "import sys; sys.exit(3)"])
+
+
+def test_demo_load_check_runs_and_counts_every_request(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "demo_load.py"), "--requests", "16", "--kind", "mixed"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result["requests"] == 16 and sum(result["outcomes"].values()) == 16
+    assert result["answered"] == result["outcomes"].get("200", 0) == 16 and result["backlog"] >= 200

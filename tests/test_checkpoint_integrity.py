@@ -7,6 +7,7 @@ test accuracy); a NaN weight predicted "8 (nan%)". Each entry point is tried her
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -134,6 +135,68 @@ def test_resuming_with_a_different_model_names_the_difference(tmp_path):
     images, labels = torch.rand(20, 1, 28, 28), torch.randint(0, 10, (20,))
     kwargs = dict(epochs=1, lr=1e-3, device="cpu", progress=False, checkpoint_dir=tmp_path, batch_size=10)
     bnvit.fit(bnvit.ViTBNFFN(depth=1), (images, labels), **kwargs)
-    with pytest.raises(ValueError, match=r"different model: \d+ missing keys \(blocks\.1\.") as info:
+    with pytest.raises(ValueError, match=r"different run.*\n  model\.depth: checkpoint 1, this call 2$"):
         bnvit.fit(bnvit.ViTBNFFN(depth=2), (images, labels), **dict(kwargs, epochs=2))
-    assert "\n" not in str(info.value)
+    # a module without a `config`: its submodules' settings are compared
+    bare = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    bnvit.fit(bare, (images, labels), **dict(kwargs, checkpoint_dir=tmp_path / "bare"))
+    wider = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 12), torch.nn.Linear(12, 10))
+    with pytest.raises(ValueError, match=r"different run.*\n  model\.modules_sha256: checkpoint '[0-9a-f]{64}'"):
+        bnvit.fit(wider, (images, labels), **dict(kwargs, checkpoint_dir=tmp_path / "bare", epochs=2))
+
+
+# ----------------------------------------------------------------------------- BatchNorm statistics that cannot be
+
+BN_VAR = "blocks.0.ffn.norm.bn.running_var"
+
+
+def _impossible_bn(tmp_path):
+    """A ViTBNFFN state dict whose BatchNorm holds a negative running variance; (path, state dict)."""
+    state = bnvit.ViTBNFFN(depth=1).state_dict()
+    state[BN_VAR][3] = -1.0
+    path = tmp_path / "impossible.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_a_negative_running_variance_is_refused_by_load_model(tmp_path):
+    path, _ = _impossible_bn(tmp_path)  # finite, so the NaN check of the weights lets it through
+    with pytest.raises(ValueError, match=re.escape(f"{BN_VAR} has 1 negative value (min -1)")) as info:
+        bnvit.load_model(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_negative_running_variance_is_refused_by_timm_from_a_file_and_from_a_state_dict(tmp_path):
+    path, state = _impossible_bn(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"{BN_VAR} has 1 negative value")):
+        timm.create_model("vitbnffn_mnist", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    # weights handed to timm in the cfg never pass through a file reader: the built model is checked
+    with pytest.raises(ValueError, match=r"the checkpoint timm loaded for vitbnffn_mnist holds impossible BatchNorm"):
+        timm.create_model(
+            "vitbnffn_mnist", depth=1, pretrained=True, pretrained_cfg_overlay=dict(file=None, state_dict=state)
+        )
+
+
+def test_a_negative_running_variance_fails_bnvit_predict_and_the_demo_in_one_line(tmp_path, capsys):
+    from bnvit.cli import main
+
+    path, _ = _impossible_bn(tmp_path)
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(image)
+    for argv in (
+        ["predict", str(image), "--checkpoint", str(path)],
+        ["demo", "--checkpoint", str(path), "--port", "0"],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{BN_VAR} has 1 negative value" in err, err
+
+
+def test_the_demo_refuses_a_model_with_impossible_statistics():
+    from bnvit.demo import DemoModel
+
+    model = bnvit.ViTBNFFN(depth=1).eval()
+    with torch.no_grad():
+        model.blocks[0].ffn.norm.bn.running_var[0] = -0.5
+    with pytest.raises(ValueError, match=r"demo's model 'broken' holds impossible BatchNorm statistics"):
+        DemoModel("broken", model)

@@ -194,6 +194,100 @@ def test_wrong_content_type_missing_length_wrong_route_and_method(toy_server):
         assert "error" in json.loads(body)
 
 
+def raw(server: DemoServer, head: str, body: bytes = b"", timeout: float = 15) -> tuple[int, dict]:
+    """Send `head` (request line and headers, CRLF-separated, no blank line) and `body` as they are; the answer."""
+    with socket.create_connection(server.server_address[:2], timeout=timeout) as sock:
+        sock.sendall(head.encode() + b"\r\n\r\n" + body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        assert response.getheader("Content-Type") == "application/json"
+        return response.status, json.loads(response.read())
+
+
+def with_headers(server: DemoServer, method: str, path: str, headers: dict[str, str], body: bytes = b"") -> tuple:
+    """`(status, answer)` of a request with exactly these headers (Host included), through http.client."""
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=15)
+    connection.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    for name, value in {**headers, "Content-Length": str(len(body))}.items():
+        connection.putheader(name, value)
+    connection.endheaders(body)
+    response = connection.getresponse()
+    answer = (response.status, json.loads(response.read()))
+    connection.close()
+    return answer
+
+
+def test_requests_naming_another_host_are_refused_dns_rebinding(toy_server):
+    port = toy_server.server_address[1]
+    for method, path, body in (
+        ("GET", "/api/models", b""),
+        ("GET", "/", b""),
+        ("POST", "/api/predict", drawing(BLANK)),
+    ):
+        headers = {"Host": f"evil.example:{port}", "Content-Type": "application/json"}
+        status, answer = with_headers(toy_server, method, path, headers, body)
+        assert status == 421 and "evil.example" in answer["error"], (method, path)
+    machine = socket.gethostname()
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST", "[::1]:80", "10.0.0.7", f"{machine}.local"):
+        status, answer = with_headers(toy_server, "GET", "/api/models", {"Host": host})
+        assert status == 200, host
+    status, answer = with_headers(toy_server, "GET", "/api/models", {"Host": "127.0.0.1.nip.io"})
+    assert status == 421
+
+
+def test_requests_from_another_page_are_refused(toy_server):
+    host = f"127.0.0.1:{toy_server.server_address[1]}"
+    for origin in ("http://evil.example", f"http://{host}.evil.example", "null", f"https://{host}"):
+        headers = {"Host": host, "Origin": origin, "Content-Type": "application/json"}
+        status, answer = with_headers(toy_server, "POST", "/api/predict", headers, drawing(BLANK))
+        assert status == 403 and "only the demo's own page" in answer["error"], origin
+    status, _ = with_headers(toy_server, "GET", "/api/models", {"Host": host, "Origin": "http://evil.example"})
+    assert status == 403
+    headers = {"Host": host, "Origin": f"http://{host}", "Content-Type": "application/json"}
+    status, answer = with_headers(toy_server, "POST", "/api/predict", headers, drawing(BLANK))  # the demo's own page
+    assert status == 422 and "no digit" in answer["error"]
+
+
+def test_two_hundred_concurrent_requests_are_all_answered(toy_server):
+    outcomes, start = [], threading.Barrier(200)
+
+    def one() -> None:
+        start.wait()
+        try:
+            outcomes.append(request(toy_server, "GET", "/api/models")[0])
+        except OSError as err:  # a reset or a timeout: what a listen backlog of 5 gave
+            outcomes.append(type(err).__name__)
+
+    threads = [threading.Thread(target=one) for _ in range(200)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcomes == [200] * 200, sorted(set(map(str, outcomes)))
+
+
+@pytest.mark.parametrize(
+    ("head", "body", "expected", "fragment"),
+    [
+        ("Content-Length: 100", b'{"image": "', 400, "ended after 11 of the 100 bytes"),
+        ("Content-Length: 20\r\nContent-Length: 30", b"{}" * 15, 400, "conflicting Content-Length headers: 20, 30"),
+        ("Transfer-Encoding: chunked\r\nContent-Length: 2", b"{}", 400, "Transfer-Encoding is not supported"),
+        ("Content-Length: 400000", b"[" * 200_000 + b"]" * 200_000, 400, "nests JSON too deeply"),
+    ],
+    ids=["body shorter than its length", "conflicting lengths", "chunked", "deep JSON"],
+)
+def test_malformed_requests_get_a_4xx_promptly_never_a_500(toy_server, head, body, expected, fragment):
+    host = f"127.0.0.1:{toy_server.server_address[1]}"
+    request_head = f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n{head}"
+    status, answer = raw(toy_server, request_head, body, timeout=15)  # the connection's own timeout is 30 s
+    assert status == expected and fragment in answer["error"], answer
+    # the same length twice is one length
+    length = len(drawing(BLANK))
+    twice = f"POST /api/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    twice += f"Content-Length: {length}\r\nContent-Length: {length}"
+    assert raw(toy_server, twice, drawing(BLANK))[0] == 422
+
+
 def test_predicts_a_real_mnist_digit_sent_as_png(server, digit):
     image, label = digit
     status, answer = post(server, drawing(Image.fromarray(image.numpy())))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import errno
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -361,3 +363,48 @@ def test_export_to_a_folder_is_an_error(tmp_path):
     pytest.importorskip("onnxscript", reason='needs the optional extra: pip install "bnvit[onnx]"')
     with pytest.raises(IsADirectoryError, match=str(tmp_path)):
         export_onnx(ViTBN(depth=1), tmp_path)
+
+
+# ---------------------------------------------------------------------- impossible weights, unwritable paths
+
+
+def _negative_variance() -> nn.Module:
+    model = ViTBN(depth=1).eval()
+    with torch.no_grad():
+        model.blocks[0].attn.norm.bn.running_var[2] = -3.0
+    return model
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_for_inference_refuses_a_negative_running_variance_folded_or_not(fold):
+    with pytest.raises(ValueError, match=r"for_inference: the model holds .*running_var has 1 negative value"):
+        for_inference(_negative_variance(), fold=fold)
+
+
+@needs_onnx
+def test_export_refuses_a_negative_running_variance_and_writes_nothing(tmp_path):
+    with pytest.raises(ValueError, match=r"export_onnx: the model holds impossible BatchNorm statistics"):
+        export_onnx(_negative_variance(), tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_onnx
+def test_export_to_an_unwritable_folder_names_the_path_asked_for(tmp_path, monkeypatch):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    real_open = os.open
+
+    def read_only_folder(path, flags, *args, **kwargs):  # as a folder without write permission (tests may run as root)
+        if Path(path).parent == folder and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_folder)
+    with pytest.raises(PermissionError, match=re.escape(str(folder))) as info:
+        export_onnx(ViTBN(depth=1), folder / "model.onnx")
+    assert ".tmp" not in str(info.value) and "write-test" not in str(info.value)
+    # every atomic writer names its target, not its hidden temporary file
+    from bnvit._io import atomic_write_text
+
+    with pytest.raises(PermissionError, match=re.escape(f"cannot write {folder / 'notes.txt'}: Permission denied")):
+        atomic_write_text(folder / "notes.txt", "hello")

@@ -7,7 +7,9 @@ skipping a truncated file, a crash inside `torch.save`).
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
 import signal
 import subprocess
@@ -19,9 +21,11 @@ import pytest
 import torch
 
 import bnvit
+from bnvit import _io
+from bnvit._io import FolderLockedError
 from bnvit.article import Cell, Settings, run_sweep
 from bnvit.data import DeviceLoader
-from bnvit.training.checkpoint import LAST, load_checkpoint
+from bnvit.training.checkpoint import INCOMING, LAST, LOCK, load_checkpoint
 from test_train import FIT, metrics, tiny_model, toy_data
 
 
@@ -96,6 +100,115 @@ def test_fit_resumes_from_the_previous_checkpoint_when_the_last_is_half_written(
     with pytest.warns(RuntimeWarning, match=r"ignoring damaged checkpoint .*last\.pt"):
         resumed = bnvit.fit(tiny_model(seed=7), data, data, checkpoint_dir=tmp_path, **{**FIT, "epochs": 4})
     assert metrics(resumed) == metrics(full)  # epoch 1's checkpoint, then epochs 2-4 again
+
+
+# ----------------------------------------------------------------------------- one process per checkpoint folder
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    import bnvit
+    from test_train import FIT, tiny_model, toy_data
+
+    class Wait(bnvit.Callback):
+        def on_fit_start(self, state):
+            print("training", flush=True)
+            time.sleep(120)
+
+    bnvit.fit(tiny_model(), toy_data(32), checkpoint_dir=sys.argv[1], callbacks=[Wait()], **FIT)
+    """
+)
+
+
+def test_a_second_process_training_into_the_same_checkpoint_folder_is_refused(tmp_path):
+    folder = tmp_path / "run"
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER.format(tests=str(Path(__file__).parent)))
+    holder = subprocess.Popen([sys.executable, str(script), str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "training"
+        with pytest.raises(
+            FolderLockedError, match=rf"{folder} is in use: fit\(\) is training .*\(pid {holder.pid} on "
+        ):
+            bnvit.fit(tiny_model(), toy_data(32), checkpoint_dir=folder, **FIT)
+    finally:
+        holder.kill()  # SIGKILL: its lock file stays behind
+        holder.wait()
+    assert (folder / LOCK).exists()
+    history = bnvit.fit(tiny_model(), toy_data(32), checkpoint_dir=folder, **FIT)  # its process is gone: taken over
+    assert len(history) == FIT["epochs"] and not (folder / LOCK).exists()
+
+
+# ----------------------------------------------------------------------------- a full disk, leftovers, no folder
+
+
+class _FullDisk:
+    """A file on a disk that fills up after `room` bytes: `write` raises ENOSPC, as the kernel does."""
+
+    def __init__(self, handle, room: int) -> None:
+        self.handle, self.room = handle, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def test_a_full_disk_while_saving_names_the_cause_and_the_intact_checkpoint_then_resumes(tmp_path, monkeypatch):
+    data = toy_data()
+    full = bnvit.fit(tiny_model(), data, data, **{**FIT, "epochs": 3})
+    saves = []
+
+    def filling_open(path, mode="r", *args, **kwargs):
+        handle = open(path, mode, *args, **kwargs)  # noqa: SIM115  (returned, closed by its user)
+        if Path(path).name.startswith(f".{INCOMING}.") and "w" in mode:
+            saves.append(path)
+            return _FullDisk(handle, room=10**9 if len(saves) < 2 else 4096)  # the second save finds the disk full
+        return handle
+
+    monkeypatch.setattr(_io, "open", filling_open, raising=False)
+    with pytest.raises(OSError, match="No space left on device") as info:
+        bnvit.fit(tiny_model(), data, data, checkpoint_dir=tmp_path, **{**FIT, "epochs": 3})
+    message = str(info.value)
+    assert "\n" not in message and "enforce fail" not in message
+    assert f"cannot save the checkpoint of epoch 2 in {tmp_path}" in message
+    assert f"{tmp_path / LAST} is intact and a resume starts from it" in message
+    assert load_checkpoint(tmp_path)["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST]  # no temporary file, no lock left
+    monkeypatch.undo()  # space again: the same call resumes and ends as if nothing happened
+    resumed = bnvit.fit(tiny_model(), data, data, checkpoint_dir=tmp_path, **{**FIT, "epochs": 3})
+    assert metrics(resumed) == metrics(full)
+
+
+def test_temporary_files_of_a_killed_save_are_removed_on_the_next_start(tmp_path):
+    bnvit.fit(tiny_model(), toy_data(32), checkpoint_dir=tmp_path, **{**FIT, "epochs": 1})
+    leftovers = [tmp_path / f".{INCOMING}.{suffix}.tmp" for suffix in ("0a1b2c3d4e5f", "ffeeddccbbaa")]
+    for path in leftovers:
+        path.write_bytes(b"half of a checkpoint")  # what a SIGKILL during torch.save leaves
+    mine = tmp_path / "notes.txt"
+    mine.write_text("not bnvit's")
+    bnvit.fit(tiny_model(), toy_data(32), checkpoint_dir=tmp_path, **{**FIT, "epochs": 2})
+    assert not any(path.exists() for path in leftovers) and mine.exists()
+
+
+@pytest.mark.parametrize(("folder", "error"), [("", ValueError), ("   ", ValueError), (3, TypeError)])
+def test_an_empty_checkpoint_dir_is_refused_and_nothing_is_written(tmp_path, monkeypatch, folder, error):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match="checkpoint_dir") as info:
+        bnvit.fit(tiny_model(), toy_data(32), checkpoint_dir=folder, **FIT)
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- the results file under SIGKILL

@@ -180,3 +180,33 @@ def test_fold_keeps_the_parameter_dtype():
     linear, bn = nn.Linear(4, 3), nn.BatchNorm1d(3).eval()
     assert fold_bn_after_linear(linear, bn).weight.dtype == torch.float32
     assert fold_bn_before_linear(nn.BatchNorm1d(4).eval(), linear).weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("not_a_model", ["x", None, {"w": torch.zeros(1)}])
+def test_fold_of_something_not_a_module_is_a_type_error(not_a_model):
+    with pytest.raises(
+        TypeError, match=r"fold_batchnorm needs a torch\.nn\.Module, got .*\(" + type(not_a_model).__name__
+    ):
+        fold_batchnorm(not_a_model)
+
+
+@pytest.mark.parametrize(
+    ("buffer", "value", "problem"),
+    [
+        ("running_var", -0.25, r"running_var has 1 negative value \(min -0\.25\)"),
+        ("running_var", float("nan"), "running_var has 1 non-finite value"),
+        ("running_mean", float("inf"), "running_mean has 1 non-finite value"),
+    ],
+)
+def test_fold_refuses_batchnorm_statistics_that_cannot_be(buffer, value, problem):
+    model = ViTBNFFN(depth=1, **SMALL).eval()
+    getattr(model.blocks[0].ffn.norm.bn, buffer)[5] = value
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(
+        ValueError, match=r"fold_batchnorm: the model holds impossible BatchNorm statistics: blocks\.0\."
+    ):
+        fold_batchnorm(model, inplace=True)
+    with pytest.raises(ValueError, match=problem):
+        fold_batchnorm(model)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) or k.endswith(buffer) for k in before)  # nothing was folded

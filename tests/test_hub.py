@@ -79,6 +79,15 @@ def test_save_for_hf_of_an_unnamed_model_says_what_to_pass(tmp_path):
     assert not (tmp_path / "hub").exists()
 
 
+def test_save_for_hf_refuses_impossible_batchnorm_statistics_and_writes_nothing(tmp_path):
+    model = timm.create_model("vitbnffn_mnist", depth=1).eval()
+    with torch.no_grad():
+        model.blocks[0].ffn.norm.bn.running_var[0] = float("nan")
+    with pytest.raises(ValueError, match=r"save_for_hf: the model holds .*running_var has 1 non-finite value"):
+        hub.save_for_hf(model, tmp_path / "hub")
+    assert not (tmp_path / "hub").exists()
+
+
 def test_weights_folder_ships_a_record_for_each_weight_file():
     files = {p.stem for p in WEIGHTS_DIR.glob("*.safetensors")}
     assert files == set(SHIPPED) == {p.stem for p in WEIGHTS_DIR.glob("*.json")}

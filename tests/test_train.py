@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -14,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from bnvit import MLP, JSONLLogger, fit, recalibrate_bn
+from bnvit import MLP, JSONLLogger, ViT, fit, recalibrate_bn
 from bnvit.data import DeviceLoader
 from bnvit.training.callbacks import Callback
-from bnvit.training.checkpoint import LAST, PREVIOUS, load_checkpoint
+from bnvit.training.checkpoint import LAST, PREVIOUS, load_checkpoint, save_checkpoint
 from bnvit.training.history import EpochRecord, History
-from toys import tiny_model, toy_data
+from toys import TINY, tiny_model, toy_data
 
 
 def metrics(history: History) -> list[dict]:
@@ -276,8 +277,134 @@ def test_a_different_run_in_the_same_folder_is_refused(tmp_path):
     fit(tiny_model(), toy_data(32), checkpoint_dir=tmp_path, **{**FIT, "epochs": 1})
     with pytest.raises(ValueError, match=r"(?s)different run.*lr: checkpoint 0.003, this call 0.01"):
         fit(tiny_model(), toy_data(32), checkpoint_dir=tmp_path, **{**FIT, "epochs": 2, "lr": 0.01})
-    with pytest.raises(ValueError, match="different model"):
+    with pytest.raises(ValueError, match=r"(?s)different run.*model\.norm: checkpoint 'bn_ffn', this call 'ln'"):
         fit(tiny_model(norm="ln"), toy_data(32), checkpoint_dir=tmp_path, **{**FIT, "epochs": 2})
+
+
+def _refused(folder: Path, model: nn.Module, data, *, expected: str, **kwargs) -> None:
+    """A resume of the 1-epoch run in `folder` with something changed is refused, naming `expected`."""
+    with pytest.raises(ValueError, match=r"(?s)holds a checkpoint of a different run.*\n  " + expected):
+        fit(model, data, checkpoint_dir=folder, **{**FIT, "epochs": 2, **kwargs})
+
+
+def test_a_resume_must_repeat_the_models_whole_configuration(tmp_path):
+    fit(ViT(norm="bn_ffn", **TINY), toy_data(32), checkpoint_dir=tmp_path, **{**FIT, "epochs": 1})
+    _refused(
+        tmp_path,
+        ViT(norm="bn_ffn", drop_rate=0.1, **TINY),
+        toy_data(32),
+        expected="model.drop_rate: checkpoint 0.0, this call 0.1",
+    )
+    _refused(
+        tmp_path, ViT(norm="bn_ffn", qkv_bias=True, **TINY), toy_data(32), expected="model.qkv_bias: checkpoint False"
+    )
+
+
+def test_a_resume_must_repeat_the_loss(tmp_path):
+    fit(tiny_model(), toy_data(32), checkpoint_dir=tmp_path, **{**FIT, "epochs": 1})
+    smoothed = functools.partial(nn.functional.cross_entropy, label_smoothing=0.1)
+    default = "torch.nn.functional.cross_entropy"
+    expected = f"loss_fn: checkpoint '{default}', this call '{default}\\(label_smoothing=0.1\\)'"
+    _refused(tmp_path, tiny_model(), toy_data(32), loss_fn=smoothed, expected=expected)
+    _refused(
+        tmp_path,
+        tiny_model(),
+        toy_data(32),
+        loss_fn=NaNAfter(5),
+        expected="loss_fn: .* this call 'test_train.NaNAfter'",
+    )
+    module = nn.CrossEntropyLoss(label_smoothing=0.2)
+    _refused(
+        tmp_path,
+        tiny_model(),
+        toy_data(32),
+        loss_fn=module,
+        expected=r"loss_fn: .*CrossEntropyLoss\(.*label_smoothing=0\.2",
+    )
+    assert (
+        len(fit(tiny_model(), toy_data(32), checkpoint_dir=tmp_path, **{**FIT, "epochs": 2})) == 2
+    )  # the same: resumes
+
+
+def test_a_resume_must_repeat_the_data_its_size_and_its_values(tmp_path):
+    images, labels = toy_data(64)
+    fit(tiny_model(), (images, labels), (images, labels), checkpoint_dir=tmp_path, **{**FIT, "epochs": 1})
+    half = (images[:32], labels[:32])
+    _refused(
+        tmp_path, tiny_model(), half, val=(images, labels), expected="train_data.size: checkpoint 64, this call 32"
+    )
+    other = toy_data(64, seed=5)
+    _refused(
+        tmp_path,
+        tiny_model(),
+        other,
+        val=(images, labels),
+        expected="train_data.sample_sha256: checkpoint '[0-9a-f]{64}'",
+    )
+    _refused(tmp_path, tiny_model(), (images, labels), val=half, expected="val_data.size: checkpoint 64, this call 32")
+    loader = DeviceLoader(images, labels, batch_size=32, seed=3)
+    _refused(
+        tmp_path,
+        tiny_model(),
+        loader,
+        val=(images, labels),
+        expected="train_data.kind: checkpoint 'tensors', this call 'DeviceLoader'",
+    )
+    changed = images.clone()
+    changed[-1] += 0.5  # the last image is always in the sample
+    _refused(tmp_path, tiny_model(), (changed, labels), val=(images, labels), expected="train_data.sample_sha256")
+
+
+class Jittered(Dataset):
+    """A dataset whose items pass through a random transform, as an augmenting dataset's do."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i] + 0.01 * torch.rand(self.images[i].shape), self.labels[i]
+
+
+def test_a_dataset_with_a_random_transform_still_resumes_and_changed_data_is_still_seen(tmp_path):
+    images, labels = toy_data(48)
+    run = dict(batch_size=16, epochs=1)
+    fit(tiny_model(), Jittered(images, labels), checkpoint_dir=tmp_path, **{**FIT, **run})
+    resumed = fit(tiny_model(), Jittered(images, labels), checkpoint_dir=tmp_path, **{**FIT, **run, "epochs": 2})
+    assert len(resumed) == 2
+    _refused(
+        tmp_path,
+        tiny_model(),
+        Jittered(images.flip(0), labels.flip(0)),
+        epochs=3,
+        batch_size=16,
+        expected="train_data.sample_sha256",
+    )
+
+
+def test_reading_the_data_for_the_fingerprint_draws_nothing_from_the_random_generators(tmp_path):
+    images, labels = toy_data(48)
+
+    def run(**kwargs) -> History:  # no seed: the shuffling and the transform draw from the global generators
+        torch.manual_seed(0)
+        loader = DataLoader(Jittered(images, labels), batch_size=16, shuffle=True)
+        return fit(tiny_model(), loader, **{**FIT, "epochs": 1, "seed": None, **kwargs})
+
+    assert metrics(run(checkpoint_dir=tmp_path)) == metrics(run())
+
+
+def test_a_checkpoint_written_before_the_fingerprint_still_resumes(tmp_path):
+    data = toy_data()
+    full = fit(tiny_model(), data, data, **{**FIT, "epochs": 2})
+    fit(tiny_model(), data, data, checkpoint_dir=tmp_path, **{**FIT, "epochs": 1})
+    saved = load_checkpoint(tmp_path)
+    for key in ("model", "loss_fn", "train_data", "val_data"):  # what checkpoints of older versions lack
+        del saved["run"][key]
+    save_checkpoint(tmp_path, {k: v for k, v in saved.items() if k not in ("format",)})
+    resumed = fit(tiny_model(), data, data, checkpoint_dir=tmp_path, **{**FIT, "epochs": 2})
+    assert metrics(resumed) == metrics(full)
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
@@ -303,16 +430,17 @@ KILLED_RUN = textwrap.dedent(
     from bnvit import fit
 
     kill_at = int(sys.argv[2])
-    calls = 0
-    def loss_fn(logits, labels):
-        global calls
-        calls += 1
-        if calls == kill_at:
+    steps = 0
+    def count(module, args):  # the loss stays the default: a resume must repeat the run's loss
+        global steps
+        steps += module.training
+        if steps == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        return torch.nn.functional.cross_entropy(logits, labels)
 
     data = toy_data()
-    fit(tiny_model(), data, data, loss_fn=loss_fn, checkpoint_dir=sys.argv[1], **{{**FIT, "epochs": 4}})
+    model = tiny_model()
+    model.register_forward_pre_hook(count)
+    fit(model, data, data, checkpoint_dir=sys.argv[1], **{{**FIT, "epochs": 4}})
     """
 )
 
@@ -321,8 +449,8 @@ def test_resume_after_sigkill_mid_epoch(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(KILLED_RUN.format(tests=str(Path(__file__).parent)))
     folder = tmp_path / "ckpt"
-    # 96 samples / batch 32 = 3 training steps + 1 validation call per epoch: call 10 is step 2 of epoch 3
-    proc = subprocess.run([sys.executable, str(script), str(folder), "10"], capture_output=True, text=True)
+    # 96 samples / batch 32 = 3 training steps per epoch: step 8 is step 2 of epoch 3
+    proc = subprocess.run([sys.executable, str(script), str(folder), "8"], capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert load_checkpoint(folder)["epoch"] == 2
     data = toy_data()

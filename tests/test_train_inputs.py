@@ -125,6 +125,21 @@ def test_a_last_batch_of_one_image_is_dropped_for_a_batchnorm_mlp_with_one_warni
         fit(model, DataLoader(TensorDataset(images, labels), batch_size=16, shuffle=True), **FIT)
 
 
+@pytest.mark.parametrize(
+    ("n", "batch_size", "what"), [(1, 16, "the training data is a single image"), (8, 1, "the batch size is 1")]
+)
+def test_only_single_image_batches_for_a_batchnorm_mlp_are_refused_before_training(n, batch_size, what):
+    images, labels = toy_data(n)
+    model = MLP(norm="bn", hidden=32)
+    before = batchnorm_stats(model)
+    for data in ((images, labels), DataLoader(TensorDataset(images, labels), batch_size=batch_size)):
+        with pytest.raises(ValueError, match=rf"^every training batch holds a single image \({what}\), and the model"):
+            fit(model, data, **{**FIT, "batch_size": batch_size})
+    after = batchnorm_stats(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    fit(tiny_model(), (images, labels), **{**FIT, "batch_size": batch_size})  # a ViT trains on one image
+
+
 def test_a_vit_keeps_its_last_batch_of_one_image_silently():
     images, labels = toy_data(33)
     model = tiny_model()
@@ -169,3 +184,37 @@ def test_a_resumed_run_says_where_it_resumes(tmp_path, capsys):
     fit(tiny_model(), data, checkpoint_dir=tmp_path, **{**FIT, "epochs": 3})  # progress=False: silent
     captured = capsys.readouterr()
     assert "resuming" not in captured.out + captured.err
+
+
+# ----------------------------------------------------------------------------- configuration errors are errors
+
+
+@pytest.mark.parametrize("weight_decay", [float("nan"), float("inf"), -0.1])
+def test_a_weight_decay_that_is_not_finite_and_non_negative_is_refused_before_training(weight_decay):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"weight_decay must be a finite number >= 0, got {weight_decay}"):
+        fit(model, toy_data(32), **{**FIT, "weight_decay": weight_decay})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda params: torch.optim.SGD(params, lr=float("inf")), "the optimizer's lr is inf"),
+        (lambda params: torch.optim.Adam(params, lr=1e-3, eps=float("inf")), "the optimizer's eps is inf"),
+        (lambda params: torch.optim.SGD(params, lr=0.1, momentum=float("nan")), "momentum is nan"),
+    ],
+)
+def test_a_non_finite_hyperparameter_of_any_optimizer_is_refused_before_training(factory, message):
+    with pytest.raises(ValueError, match=message):
+        fit(tiny_model(), toy_data(32), **{**FIT, "optimizer": factory})
+
+
+def test_a_model_with_every_parameter_frozen_is_refused_in_one_line():
+    model = tiny_model().requires_grad_(False)
+    for optimizer in ("adam", lambda params: torch.optim.SGD(params, lr=0.1)):
+        with pytest.raises(ValueError, match=r"every one is frozen \(requires_grad=False\): there is nothing to train"):
+            fit(model, toy_data(32), **{**FIT, "optimizer": optimizer})
+    model.head.requires_grad_(True)  # a linear probe trains
+    assert len(fit(model, toy_data(32), **FIT)) == 1

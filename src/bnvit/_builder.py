@@ -19,6 +19,7 @@ import torch
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from timm.models._builder import pretrained_cfg_for_features
 
+from . import _checks
 from .convert import checkpoint_filter_fn
 from .features import feature_take_indices
 from .loading import locate_shipped, read_state_dict
@@ -173,6 +174,8 @@ def build_with_weights(
         model_args["features_only"] = True
     with _quiet_adapted_stem():
         model = build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg, **build, **model_args)
+    if pretrained:  # whatever source timm loaded (a file, a hub repository, a state dict in the cfg)
+        _checks.check_bn_statistics(model, f"the checkpoint timm loaded for {variant}")
     if pretrained:  # the cfgs say where the weights came from, and hold no copy of them
         for module in model.modules():  # a features_only wrapper keeps the model it wraps
             if isinstance(getattr(module, "pretrained_cfg", None), dict):

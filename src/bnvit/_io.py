@@ -1,15 +1,20 @@
-"""Crash-safe file writes (a file is either the old one or the complete new one, never half), and
-checkpoint integrity: checksums over tensors, CRC verification of torch's zip files."""
+"""Crash-safe file writes (a file is either the old one or the complete new one, never half), folder
+locks (one writing process per folder), and checkpoint integrity: checksums over tensors, CRC
+verification of torch's zip files."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import secrets
+import socket
+import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,6 +59,8 @@ def _create_exclusive(path: Path) -> str:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
             continue
+        except OSError as err:  # name the file the caller asked for, not the hidden temporary one
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
         return str(tmp)
     raise FileExistsError(f"could not create a temporary file next to {path}")
 
@@ -90,6 +97,114 @@ def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Pa
         # OSError(errno, ...) picks the matching subclass: PermissionError, NotADirectoryError...
         raise OSError(err.errno, f"cannot write to the {what} {folder}: {err.strerror or err}") from err
     return folder
+
+
+# ----------------------------------------------------------------------------- folder locks
+
+
+class FolderLockedError(RuntimeError):
+    """Another running process holds the folder's lock."""
+
+
+_held: dict[Path, int] = {}  # lock files this process holds -> nesting depth
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+class FolderLock:
+    """`with FolderLock(folder, "x.lock", "what runs there"):` only one process at a time writes `folder`.
+
+    The lock file holds the pid, host, start time and command of the process holding it. A
+    second process is refused with a `FolderLockedError` naming the holder; a lock left by a
+    process that no longer runs on this host (a SIGKILL, a reboot) is taken over. Re-entrant
+    within a process.
+
+    Args:
+        folder: The folder to lock (created if needed).
+        name: The lock file's name inside `folder`.
+        activity: What the holder does there, for the message (`"a sweep runs there"`).
+        what: What the folder is, for the message if it cannot be written (`"output folder"`).
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str, activity: str, what: str = "folder") -> None:
+        self.path = Path(folder).resolve() / name
+        self.activity, self.what = activity, what
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return holder if isinstance(holder, dict) else {}
+
+    def _try_create(self) -> bool:
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv),
+        }
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(me, handle)
+            os.link(tmp, self.path)  # atomic, and fails if the lock exists: the lock is never half-written
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def acquire(self) -> None:
+        """Take the lock, or raise `FolderLockedError` naming the process that holds it."""
+        if self.path in _held:
+            _held[self.path] += 1
+            return
+        check_writable(self.path.parent, self.what)
+        for _ in range(2):
+            if self._try_create():
+                _held[self.path] = 1
+                return
+            holder = self._holder()
+            if holder is None:
+                continue  # released meanwhile
+            pid, host = holder.get("pid"), holder.get("host")
+            if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()  # stale: its process is gone
+                continue
+            raise FolderLockedError(
+                f"{self.path.parent} is in use: {self.activity} (pid {pid} on {host}, since "
+                f"{holder.get('started')}: {holder.get('command')}); if that process is gone, delete {self.path}"
+            )
+        raise FolderLockedError(f"{self.path.parent} is in use: another process took its lock just now")
+
+    def release(self) -> None:
+        """Give the lock back (the outermost release of this process removes the file)."""
+        depth = _held.get(self.path, 0)
+        if depth > 1:
+            _held[self.path] = depth - 1
+            return
+        if _held.pop(self.path, None) is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def append_line_atomic(path: str | os.PathLike, line: str, *, keep: Callable[[str], bool] | None = None) -> None:

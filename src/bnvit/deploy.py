@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._checks import first_line
-from ._io import atomic_path
+from ._checks import check_bn_statistics, first_line
+from ._io import atomic_path, check_writable
 from .device import resolve_device
 from .fuse import fold_batchnorm
 from .vit import ViT
@@ -70,7 +70,9 @@ def for_inference(
 
     Raises:
         TypeError: If `model` is not an `nn.Module` or a flag is not a bool.
-        ValueError: If both `compile` and `script` are asked for, or `device` is invalid.
+        ValueError: If both `compile` and `script` are asked for, `device` is invalid, or a
+            BatchNorm of `model` holds impossible statistics (a negative or non-finite running
+            variance, a non-finite running mean), folded or not.
         NotImplementedError: If `script=True` and TorchScript cannot compile the model (the
             case for `ViT`: its patch embedding uses `einops.rearrange`, which takes
             `**kwargs`, unsupported by TorchScript). The message names the alternatives.
@@ -96,6 +98,7 @@ def for_inference(
     if compile and script:
         raise ValueError("compile=True and script=True exclude each other: choose torch.compile or TorchScript")
     target = None if device is None else resolve_device(device)
+    check_bn_statistics(model, "for_inference: the model")
 
     inference = copy.deepcopy(model).eval()
     if target is not None:
@@ -193,7 +196,9 @@ def export_onnx(
 
     Raises:
         ImportError: If onnx or onnxscript is not installed (the message says how to install).
-        ValueError: If `opset` is not an int >= 18, or the input shape cannot be inferred.
+        ValueError: If `opset` is not an int >= 18, the input shape cannot be inferred, or a
+            BatchNorm of `model` holds impossible statistics (see `for_inference`).
+        OSError: If `path` cannot be written (the message names `path`), checked before exporting.
 
     Examples:
         >>> import tempfile, pathlib
@@ -215,6 +220,8 @@ def export_onnx(
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"export_onnx needs a file path, {path} is a folder")
+    check_bn_statistics(model, "export_onnx: the model")
+    check_writable(path.parent, f"folder of {path.name}")  # before the export, which takes seconds
 
     inference = for_inference(model, fold=fold, device="cpu")
     images = _example_input(inference, example_input, batch=2 if batch_size_dynamic else 1)

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._checks import check_bn_statistics
+
 __all__ = ["fold_batchnorm", "fold_bn_after_linear", "fold_bn_before_linear", "fold_sequential"]
 
 
@@ -106,7 +108,11 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         The folded model (a copy unless `inplace`), in eval mode.
 
     Raises:
-        ValueError: If `model` or one of its BatchNorms is in training mode.
+        TypeError: If `model` is not an `nn.Module`.
+        ValueError: If `model` or one of its BatchNorms is in training mode, or a BatchNorm holds
+            statistics no BatchNorm can have (a negative or non-finite running variance, a
+            non-finite running mean: `bnvit._checks.check_bn_statistics`), which would fold
+            into NaN weights.
 
     Examples:
         >>> from bnvit import ViTBNFFN
@@ -116,12 +122,15 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         >>> bool((folded(x) - model(x)).abs().max() < 1e-5)
         True
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_batchnorm needs a torch.nn.Module, got {model!r} ({type(model).__name__})")
     in_training = [name or "<model>" for name, m in model.named_modules() if m.training]
     if in_training:
         raise ValueError(
             "fold_batchnorm needs a model in eval mode: in training mode BatchNorm normalizes with "
             f"batch statistics, which cannot be folded. Call model.eval() first (in training mode: {in_training[0]})"
         )
+    check_bn_statistics(model, "fold_batchnorm: the model")
     if not inplace:
         model = copy.deepcopy(model)
     for module in list(model.modules()):

@@ -30,6 +30,7 @@ from timm.models._hub import generate_readme
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._checks import check_bn_statistics
 from ._io import atomic_write_text
 from .loading import SHIPPED_TAG, recipe_summary, shipped_record
 
@@ -143,8 +144,10 @@ def save_for_hf(
         The folder.
 
     Raises:
-        ValueError: If the model has no timm name and neither `model_card` nor `model_name` says one.
+        ValueError: If the model has no timm name and neither `model_card` nor `model_name` says one,
+            or a BatchNorm of it holds statistics no BatchNorm can have (nothing is written then).
     """
+    check_bn_statistics(model, "save_for_hf: the model")
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = model_name or (f"{cfg['architecture']}.{cfg['tag']}" if cfg.get("tag") else cfg.get("architecture"))
     if name is None:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from timm.models._pretrained import PretrainedCfg
 
+from . import _checks
 from ._checks import first_line
 from ._io import tensors_sha256, verify_checkpoint_file
 from .convert import check_compatible, checkpoint_filter_fn, config_from, describe_state_dict
@@ -119,7 +120,8 @@ def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
 
     Damage is caught, never loaded: a zip checkpoint's CRCs are checked before unpickling, a
     safetensors file whose metadata carries `sha256` (bnvit's shipped weights do) is checked
-    against its tensors, and weights holding NaN or infinity are refused.
+    against its tensors, and weights holding NaN or infinity, or BatchNorm statistics no
+    BatchNorm can hold (a negative running variance), are refused.
 
     Raises:
         FileNotFoundError: If `path` does not exist, or is a folder without a weight file.
@@ -155,6 +157,7 @@ def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     if broken:
         more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
         raise ValueError(f"{path} holds NaN or infinite weights in {', '.join(broken[:3])}{more}: a broken checkpoint")
+    _checks.check_bn_statistics(obj, path)
     return dict(obj)
 
 

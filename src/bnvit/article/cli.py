@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import platform
 import sys
 from collections.abc import Callable, Sequence
@@ -62,8 +63,8 @@ def _parse_floats(text: str) -> tuple[float, ...]:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive learning rates, got {text!r}")
+    if not values or not all(0 < v < math.inf for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite positive learning rates, got {text!r}")
     return values
 
 

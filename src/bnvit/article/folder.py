@@ -1,5 +1,9 @@
 """A sweep's output folder: which experiment and settings it belongs to, and who is writing it.
 
+A folder is bnvit's when it holds `sweep.json`, `results.jsonl` or `sweep.lock`, or is empty or new: a folder
+holding anything else (a user's own `report.md` and figures, say) is refused before anything
+is written there, so nothing of the user's is overwritten.
+
 `sweep.json` records the settings every cell of the folder shares and the experiment the folder
 belongs to; a sweep with other settings or of another experiment is refused. (Folders written
 before the experiment was recorded have settings only; the next sweep adopts them.)
@@ -12,28 +16,30 @@ taken over.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import socket
-import sys
-import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_text, check_writable
+from .. import _io
+from .._io import FolderLockedError, atomic_write_text, check_writable
 from .grid import Settings
 
-__all__ = ["LOCK", "SETTINGS", "FolderLock", "FolderLockedError", "prepare_folder", "read_folder"]
+__all__ = [
+    "LOCK",
+    "SETTINGS",
+    "FolderLock",
+    "FolderLockedError",
+    "check_folder",
+    "check_not_foreign",
+    "prepare_folder",
+    "read_folder",
+]
 
 SETTINGS = "sweep.json"
 LOCK = "sweep.lock"
-
-
-class FolderLockedError(RuntimeError):
-    """Another running process holds the folder's lock."""
+_OWN = (SETTINGS, "results.jsonl", LOCK)  # any one makes a folder bnvit's (results.py names the second)
 
 
 def read_folder(out: str | os.PathLike) -> dict[str, Any]:
@@ -50,9 +56,44 @@ def read_folder(out: str | os.PathLike) -> dict[str, Any]:
     return stored
 
 
-def check_folder(out: str | os.PathLike, settings: Settings, experiment: str | None) -> dict[str, Any]:
-    """Refuse a folder that holds another experiment's results or other settings; returns what it records."""
+def check_not_foreign(out: str | os.PathLike) -> None:
+    """Refuse a folder holding files that bnvit did not write (and none of `sweep.json`, `results.jsonl`, `sweep.lock`).
+
+    An empty or missing folder is fine: the sweep creates it. Nothing is written or changed.
+
+    Raises:
+        ValueError: One line naming the folder and some of what it holds.
+        NotADirectoryError: If `out` is a file.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> check_not_foreign(folder)  # empty: fine
+        >>> _ = (folder / "report.md").write_text("my notes")
+        >>> check_not_foreign(folder)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ... holds files bnvit did not write (report.md) and no sweep.json: ...
+    """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file, not a folder; give --out a folder (new, empty or a sweep's)")
+    if not out.is_dir() or any((out / name).exists() for name in _OWN):
+        return
+    entries = sorted(entry.name for entry in out.iterdir())
+    if entries:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise ValueError(
+            f"{out} holds files bnvit did not write ({shown}) and no {SETTINGS}: it is not a sweep's folder, "
+            "and a sweep would overwrite what is there; use a new or empty folder for --out"
+        )
+
+
+def check_folder(out: str | os.PathLike, settings: Settings, experiment: str | None) -> dict[str, Any]:
+    """Refuse a folder that is not bnvit's (`check_not_foreign`), or holds another experiment's results or
+    other settings; returns what it records."""
+    out = Path(out)
+    check_not_foreign(out)
     stored = read_folder(out)
     owner = stored.get("experiment")
     if owner and experiment and owner != experiment:
@@ -81,87 +122,8 @@ def prepare_folder(out: str | os.PathLike, settings: Settings, experiment: str |
         atomic_write_text(out / SETTINGS, json.dumps(record, indent=2) + "\n")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-_held: dict[Path, int] = {}  # lock files this process holds -> nesting depth
-
-
-class FolderLock:
+class FolderLock(_io.FolderLock):
     """`with FolderLock(out):` ... only one process at a time sweeps `out` (re-entrant within a process)."""
 
     def __init__(self, out: str | os.PathLike) -> None:
-        self.path = Path(out).resolve() / LOCK
-
-    def _holder(self) -> dict[str, Any] | None:
-        try:
-            holder = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, json.JSONDecodeError):
-            return {}
-        return holder if isinstance(holder, dict) else {}
-
-    def _try_create(self) -> bool:
-        me = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv),
-        }
-        fd, tmp = tempfile.mkstemp(prefix=".sweep.lock.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(me, handle)
-            os.link(tmp, self.path)  # atomic, and fails if the lock exists: the lock is never half-written
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-
-    def acquire(self) -> None:
-        if self.path in _held:
-            _held[self.path] += 1
-            return
-        check_writable(self.path.parent, "output folder")
-        for _ in range(2):
-            if self._try_create():
-                _held[self.path] = 1
-                return
-            holder = self._holder()
-            if holder is None:
-                continue  # released meanwhile
-            pid, host = holder.get("pid"), holder.get("host")
-            if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()  # stale: its process is gone
-                continue
-            raise FolderLockedError(
-                f"{self.path.parent} is in use: a sweep runs there (pid {pid} on {host}, since "
-                f"{holder.get('started')}: {holder.get('command')}); if that process is gone, delete {self.path}"
-            )
-        raise FolderLockedError(f"{self.path.parent} is in use: another process took its lock just now")
-
-    def release(self) -> None:
-        depth = _held.get(self.path, 0)
-        if depth > 1:
-            _held[self.path] = depth - 1
-            return
-        _held.pop(self.path, None)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-
-    def __enter__(self) -> FolderLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+        super().__init__(out, LOCK, "a sweep runs there", "output folder")

@@ -91,13 +91,14 @@ def load_results(out: str | os.PathLike, *, complete: bool = False) -> list[dict
             otherwise a line with a key is enough (a sweep only needs to know what is done).
 
     Raises:
-        ValueError: A line is not JSON, or lacks what is required; the message names the file
-            and the line.
+        ValueError: A line is not JSON, or lacks what is required, or records a cell that an
+            earlier line records too (a report would count it twice); the message names the
+            file and the lines.
     """
     path = Path(out) / RESULTS
     if not path.exists():
         return []
-    results = []
+    results, seen = [], {}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -105,7 +106,14 @@ def load_results(out: str | os.PathLike, *, complete: bool = False) -> list[dict
             entry = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}, line {number}, is not valid JSON: {err}") from err
-        results.append(_read_line(entry, path, number, complete))
+        result = _read_line(entry, path, number, complete)
+        if result["key"] in seen:
+            raise ValueError(
+                f"{path}, lines {seen[result['key']]} and {number} both record the cell {result['key']}: a results "
+                "file holds each cell once (bnvit replaces a cell's line, never repeats it); remove one of the two"
+            )
+        seen[result["key"]] = number
+        results.append(result)
     return results
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ from .._io import append_line_atomic
 from ..device import resolve_device, resolve_precision
 from ..training import evaluate, fit
 from ..training.history import finite_or_none
-from .folder import FolderLock, prepare_folder
+from .folder import FolderLock, check_not_foreign, prepare_folder
 from .grid import Cell, Settings
 from .parallel import LocalProcesses, RayTasks, SweepError, available_cores, check_ray, check_workers, run_jobs
 from .results import RESULTS, SCHEMA, load_results, machine
@@ -186,12 +187,15 @@ def run_sweep(
         All results in the folder, old and new.
 
     Raises:
-        ValueError: The folder holds other settings or another experiment's results, or the
-            workers or the Ray cluster cannot run.
+        ValueError: The folder holds other settings or another experiment's results, or files
+            bnvit did not write; a cell has a learning rate that is not a finite number > 0; or the
+            workers or the Ray cluster cannot run. Nothing is written to the folder then.
         FolderLockedError: Another process is sweeping the folder.
         SweepError: Some cells failed twice (the others are recorded).
     """
     out = Path(out)
+    _check_cells(cells)
+    check_not_foreign(out)  # before anything is read, downloaded or written there
     device = resolve_device(device)
     resolve_precision(settings.precision, device)  # refuse e.g. fp16 on a CPU before touching the folder
     if ray is not None:
@@ -215,6 +219,13 @@ def run_sweep(
         else:
             _run_parallel(jobs, out, device, log, workers, threads, ray, cells_per_gpu)
         return load_results(out)
+
+
+def _check_cells(cells: Sequence[Cell]) -> None:
+    """Refuse cells no run can have (a NaN learning rate, say) before the folder is touched."""
+    for cell in cells:
+        if not (isinstance(cell.lr, (int, float)) and 0 < cell.lr < math.inf):
+            raise ValueError(f"cell {cell.key}: the learning rate must be a finite number > 0, got {cell.lr!r}")
 
 
 def _append(out: Path, line: str) -> None:

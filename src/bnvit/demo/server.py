@@ -11,6 +11,14 @@ beyond bnvit's own dependencies. Routes:
 
 Every bad request gets a 4xx status with `{"error": message}`; the drawing is prepared with
 `bnvit.data.prepare_digit`, exactly as `bnvit predict` prepares a picture file.
+
+Only pages the server itself serves may use it: a request whose `Host` names another site is
+answered 421, one whose `Origin` is another page 403 (a web page elsewhere cannot reach the
+demo through DNS rebinding, nor post to it). A body shorter than its `Content-Length` is a 400
+as soon as the client stops sending (`BODY_IDLE_SECONDS`), not after the connection's
+timeout; conflicting `Content-Length` headers, a `Transfer-Encoding` and JSON nested deeper
+than Python can parse are 400s too. The listen backlog (`DemoServer.request_queue_size`) lets
+a burst of hundreds of connections wait to be accepted instead of being dropped.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import ipaddress
 import json
 import re
 import socket
@@ -35,9 +44,11 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
+from .._checks import check_bn_statistics
 from ..data.digits import prepare_digit
 
 __all__ = [
+    "BODY_IDLE_SECONDS",
     "MAX_BODY_BYTES",
     "MAX_IMAGE_SIDE",
     "DemoModel",
@@ -52,6 +63,9 @@ MAX_BODY_BYTES = 1 << 20
 """Largest request body `POST /api/predict` accepts (1 MiB; a drawn canvas is a few tens of kB)."""
 MAX_IMAGE_SIDE = 2048
 """Largest width or height of a drawing, in pixels (checked before the image is decoded)."""
+BODY_IDLE_SECONDS = 3.0
+"""How long the server waits for the next bytes of a request body before answering 400 (a body
+shorter than its `Content-Length`); a drawing arrives in well under that on any network."""
 
 _DRAIN_LIMIT = 16 << 20  # an oversized body up to this size is read and discarded, so the client sees the 413
 _DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,")
@@ -84,6 +98,10 @@ class DemoModel:
             (`"ViTBNFFN, depth 5"`).
         temperature: The probabilities shown are `softmax(logits / temperature)`: the model's
             calibrated temperature (`bnvit.calibration`), or 1 for the raw softmax.
+
+    Raises:
+        ValueError: If a BatchNorm of `model` holds statistics no BatchNorm can have (a
+            negative or non-finite running variance, a non-finite running mean).
     """
 
     name: str
@@ -92,6 +110,7 @@ class DemoModel:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        check_bn_statistics(self.model, f"the demo's model {self.name!r}")
         if not self.description:
             object.__setattr__(self, "description", describe(self.model))
         if isinstance(self.temperature, bool) or not 0 < float(self.temperature) < float("inf"):
@@ -129,6 +148,10 @@ def decode_drawing(body: bytes) -> Image.Image:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DrawingError(HTTPStatus.BAD_REQUEST, f"the request body is not JSON: {err}") from None
+    except RecursionError:
+        raise DrawingError(
+            HTTPStatus.BAD_REQUEST, 'the request body nests JSON too deeply; expected {"image": "..."}'
+        ) from None
     if not isinstance(payload, dict) or set(payload) != {"image"}:
         got = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
         raise DrawingError(
@@ -209,12 +232,24 @@ class DemoServer(ThreadingHTTPServer):
     """The demo's HTTP server (`make_server` builds one); `url` is where it listens."""
 
     daemon_threads = True
+    request_queue_size = 1024  # the listen backlog (the kernel caps it at net.core.somaxconn)
+    body_idle_seconds = BODY_IDLE_SECONDS
 
-    def __init__(self, address: tuple[str, int], models: Sequence[DemoModel], *, quiet: bool = True) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        models: Sequence[DemoModel],
+        *,
+        quiet: bool = True,
+        allowed_hosts: Sequence[str] = (),
+    ) -> None:
         if not models:
             raise ValueError("the demo needs at least one model to serve")
         self.models = list(models)
         self.quiet = quiet
+        machine = socket.gethostname()  # how a phone on the network may name this machine
+        names = [address[0], "localhost", machine, f"{machine}.local", *allowed_hosts]
+        self.host_names = {name.strip("[]").lower() for name in names if name and not _is_ip(name.strip("[]"))}
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.lock = threading.Lock()  # one prediction at a time: the models share the CPU threads anyway
@@ -230,9 +265,45 @@ class DemoServer(ThreadingHTTPServer):
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}/"
 
+    def serves(self, host: str) -> bool:
+        """Whether a request's `Host` value (`name[:port]`) names this server.
+
+        An IP address always does (a page reached by its address is its own origin: DNS
+        rebinding needs a name); a name only if it is `localhost`, this machine's host name
+        (also with `.local`), the name the server was bound to, or one of `allowed_hosts`.
+
+        Examples:
+            >>> server = DemoServer(("127.0.0.1", 0), [DemoModel("m", torch.nn.Linear(1, 1))])
+            >>> server.serves("127.0.0.1:7860"), server.serves("localhost"), server.serves("evil.example:7860")
+            (True, True, False)
+            >>> server.server_close()
+        """
+        name = _host_name(host)
+        return name is not None and (_is_ip(name) or name in self.host_names)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _host_name(host: str) -> str | None:
+    """The name in a `Host` value, lower-case, without port or IPv6 brackets; None if malformed."""
+    host = host.strip().lower()
+    match = re.fullmatch(r"\[([0-9a-f:.]+)\](?::\d*)?|([^:\[\]@/\s]+)(?::\d*)?", host)
+    return None if match is None else match.group(1) or match.group(2)
+
 
 def make_server(
-    models: Sequence[DemoModel], host: str = "127.0.0.1", port: int = 7860, *, quiet: bool = True
+    models: Sequence[DemoModel],
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    *,
+    quiet: bool = True,
+    allowed_hosts: Sequence[str] = (),
 ) -> DemoServer:
     """A demo server bound to `host:port` (port 0: any free port), not yet serving.
 
@@ -244,6 +315,9 @@ def make_server(
         host: The address to listen on; the default, 127.0.0.1, is reachable only from this machine.
         port: The TCP port; 0 picks a free one (read it back from `server.url`).
         quiet: Log only errors, not every request.
+        allowed_hosts: Host names, besides `localhost`, this machine's host name, `host` and any
+            IP address, that requests may name in their `Host` header (another name the machine
+            has on the network, say); requests naming any other host are refused with 421.
 
     Returns:
         The bound server.
@@ -252,7 +326,7 @@ def make_server(
         OSError: If the address cannot be bound (the port is in use, say).
         ValueError: If `models` is empty.
     """
-    return DemoServer((host, port), models, quiet=quiet)
+    return DemoServer((host, port), models, quiet=quiet, allowed_hosts=allowed_hosts)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -261,6 +335,8 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 30  # seconds a client may take to send its request
 
     def do_GET(self) -> None:
+        if self._foreign():
+            return
         path = self.path.split("?", 1)[0]
         if path == "/api/models":
             models = [dict(name=m.name, description=m.description) for m in self.server.models]
@@ -274,6 +350,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(HTTPStatus.NOT_FOUND, f"no such page: {path}")
 
     def do_POST(self) -> None:
+        if self._foreign():
+            return
         if self.path.split("?", 1)[0] != "/api/predict":
             self._send_error(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {self.path}")
             return
@@ -291,8 +369,46 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send_json(HTTPStatus.OK, result)
 
+    def _foreign(self) -> bool:
+        """Answer a request from another site (its `Host` or `Origin`): 421 or 403; True if it was one."""
+        hosts = self.headers.get_all("Host") or []
+        host = hosts[0] if len(hosts) == 1 else None
+        problem = None
+        if len(hosts) > 1:
+            problem = HTTPStatus.BAD_REQUEST, f"the request has {len(hosts)} Host headers; send one"
+        elif host is not None and not self.server.serves(host):
+            problem = (
+                HTTPStatus.MISDIRECTED_REQUEST,
+                f"this server does not answer to the host {host!r} (another site's name, as in DNS rebinding); "
+                f"open {self.server.url}",
+            )
+        else:
+            origin = self.headers.get("Origin")
+            if origin is not None and not (host is not None and origin.lower() == f"http://{host.strip().lower()}"):
+                problem = (
+                    HTTPStatus.FORBIDDEN,
+                    f"requests from the page {origin!r} are refused: only the demo's own page may use its API",
+                )
+        if problem is None:
+            return False
+        self.close_connection = True
+        self.log_error("refused %s %s: %s", self.command, self.path, problem[1])
+        self._send_error(*problem)
+        return True
+
     def _read_body(self) -> bytes:
         kind = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        if self.headers.get("Transfer-Encoding") is not None:
+            self.close_connection = True
+            raise DrawingError(
+                HTTPStatus.BAD_REQUEST, "Transfer-Encoding is not supported: send the body with a Content-Length"
+            )
+        lengths = {value.strip() for value in self.headers.get_all("Content-Length") or []}
+        if len(lengths) > 1:
+            self.close_connection = True
+            raise DrawingError(
+                HTTPStatus.BAD_REQUEST, f"conflicting Content-Length headers: {', '.join(sorted(lengths))}; send one"
+            )
         length_header = self.headers.get("Content-Length")
         if length_header is None:
             self.close_connection = True
@@ -310,7 +426,13 @@ class _Handler(BaseHTTPRequestHandler):
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"the request body is {length} bytes; at most {MAX_BODY_BYTES} are accepted",
             )
-        body = self.rfile.read(length)
+        body = self._receive(length, keep=True)
+        if len(body) < length:
+            self.close_connection = True
+            raise DrawingError(
+                HTTPStatus.BAD_REQUEST,
+                f"the request body ended after {len(body)} of the {length} bytes its Content-Length announced",
+            )
         if kind != "application/json":
             raise DrawingError(
                 HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"send the drawing as application/json, not {kind or 'no type'}"
@@ -320,15 +442,25 @@ class _Handler(BaseHTTPRequestHandler):
     def _discard(self, length: int) -> None:
         """Read (part of) an oversized body, so that closing the connection does not reset it under the answer."""
         self.close_connection = True
-        left = min(length, _DRAIN_LIMIT)
+        self._receive(min(length, _DRAIN_LIMIT), keep=False)
+
+    def _receive(self, length: int, *, keep: bool) -> bytes:
+        """Up to `length` body bytes (kept if `keep`), until the client stops sending for `body_idle_seconds`."""
+        chunks, left = [], length
+        self.connection.settimeout(self.server.body_idle_seconds)
         try:
             while left > 0:
-                chunk = self.rfile.read(min(left, 1 << 16))
+                chunk = self.rfile.read1(min(left, 1 << 16))
                 if not chunk:
-                    break
+                    break  # the client closed its side
                 left -= len(chunk)
-        except OSError:
+                if keep:
+                    chunks.append(chunk)
+        except OSError:  # the idle timeout, or a reset
             pass
+        finally:
+            self.connection.settimeout(self.timeout)
+        return b"".join(chunks)
 
     def _send_error(self, status: HTTPStatus, message: str) -> None:
         self._send_json(status, dict(error=message))

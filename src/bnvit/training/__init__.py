@@ -6,6 +6,7 @@ resolution lives one layer down in `bnvit.device`, so that inference needs no tr
 
 from __future__ import annotations
 
+from .._io import FolderLockedError
 from ..device import PRECISIONS, cpu_has_fast_bf16, resolve_device, resolve_precision
 from .callbacks import Callback, CSVLogger, JSONLLogger, MLflowLogger, TensorBoardLogger, TrainState
 from .history import EpochRecord, History, StepRecord
@@ -16,6 +17,7 @@ __all__ = [
     "CSVLogger",
     "Callback",
     "EpochRecord",
+    "FolderLockedError",
     "History",
     "JSONLLogger",
     "MLflowLogger",

@@ -8,10 +8,17 @@ Files are read with `weights_only=True`: a checkpoint can hold tensors and plain
 values, never code. A file that asks the unpickler to import a Python object (which `fit`
 never writes, and a crash cannot produce) is refused with a `ValueError` rather than skipped:
 nothing from it is executed, and training does not silently start over on top of it.
+
+A checkpoint resumes only the run that wrote it: it records the run's arguments and its
+fingerprint (`bnvit.training.fingerprint`: the model's configuration, the loss, the data), and
+a call that differs in any of them is refused with the differences named. While `fit` trains,
+the process that writes the folder holds its lock (`fit.lock`): a second process is refused.
+A disk that fills up during a save is reported with its cause and the checkpoint still intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
@@ -27,15 +34,25 @@ import torch
 from torch import nn
 
 from .. import _checks
-from .._io import atomic_torch_save, tensors_sha256, verify_checkpoint_file
+from .._io import FolderLock, atomic_torch_save, check_writable, tensors_sha256, verify_checkpoint_file
 from .history import History
 from .world import World
 
-__all__ = ["Resumable", "load_checkpoint", "restore", "rng_state", "save_checkpoint", "save_state", "set_rng_state"]
+__all__ = [
+    "FolderClaim",
+    "Resumable",
+    "load_checkpoint",
+    "restore",
+    "rng_state",
+    "save_checkpoint",
+    "save_state",
+    "set_rng_state",
+]
 
 LAST = "last.pt"
 PREVIOUS = "previous.pt"
 INCOMING = "last.pt.new"
+LOCK = "fit.lock"
 FORMAT = "bnvit.fit/1"
 
 
@@ -47,15 +64,103 @@ def save_checkpoint(folder: str | os.PathLike, payload: dict[str, Any]) -> Path:
 
     Returns:
         The path of the new checkpoint (`folder/last.pt`).
+
+    Raises:
+        OSError: If the file cannot be written (a full disk, say): one line naming the cause
+            and the checkpoint that is still intact; nothing in `folder` changed.
     """
     folder = Path(folder)
     incoming, last = folder / INCOMING, folder / LAST
     payload = {"format": FORMAT, **payload}
-    atomic_torch_save({**payload, "sha256": tensors_sha256(payload)}, incoming)
+    try:
+        atomic_torch_save({**payload, "sha256": tensors_sha256(payload)}, incoming)
+    except (OSError, RuntimeError) as err:
+        cause = _os_error(err)  # torch reports a failed write as "[enforce fail at inline_container.cc...]"
+        if cause is None:
+            raise
+        kept = next((path for path in (last, incoming, folder / PREVIOUS) if path.exists()), None)
+        intact = "no checkpoint was saved before" if kept is None else f"{kept} is intact and a resume starts from it"
+        raise OSError(
+            cause.errno,
+            f"cannot save the checkpoint of epoch {payload.get('epoch')} in {folder}: {cause.strerror or cause}; "
+            f"{intact}; free space (or fix the folder) and run the same call to resume",
+        ) from err
     if last.exists():
         os.replace(last, folder / PREVIOUS)
     os.replace(incoming, last)
     return last
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The first `OSError` with an errno in `err`'s chain of causes (`err` itself included), or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class FolderClaim:
+    """The checkpoint folder of one `fit` call, held for the call's duration.
+
+    `open` checks the folder (an empty string is refused: it would mean the current folder),
+    and in the process that writes there proves it writable, takes its lock (`fit.lock`: a
+    second process training into the same folder is refused with a `FolderLockedError` naming
+    the first) and removes the temporary files of a save that a killed process left behind.
+    Leaving the `with` block releases the lock.
+
+    Examples:
+        >>> import tempfile
+        >>> with FolderClaim() as claim:
+        ...     folder = claim.open(tempfile.mkdtemp(), main=True)
+        ...     (folder / LOCK).exists()
+        True
+        >>> (folder / LOCK).exists()
+        False
+    """
+
+    def __init__(self) -> None:
+        self._lock: FolderLock | None = None
+
+    def open(self, folder: str | os.PathLike | None, main: bool) -> Path | None:
+        """`folder` as a Path (None stays None), checked, locked and cleaned by the `main` process.
+
+        Raises:
+            TypeError: If `folder` is not a path.
+            ValueError: If `folder` is an empty string.
+            OSError: If the main process cannot write there.
+            FolderLockedError: If another running process trains into `folder`
+                (`bnvit.training.FolderLockedError`).
+        """
+        if folder is None:
+            return None
+        if not isinstance(folder, (str, os.PathLike)):
+            raise TypeError(f"checkpoint_dir must be a folder path or None, got {folder!r} ({type(folder).__name__})")
+        if not str(os.fspath(folder)).strip():
+            raise ValueError(
+                f"checkpoint_dir is {os.fspath(folder)!r}, an empty path; give a folder (or None for no checkpoints)"
+            )
+        folder = Path(folder)
+        if not main:
+            return folder
+        check_writable(folder, "checkpoint_dir")
+        lock = FolderLock(folder, LOCK, "fit() is training with it as its checkpoint_dir", "checkpoint_dir")
+        lock.acquire()
+        self._lock = lock
+        for leftover in folder.glob(f".{INCOMING}.*.tmp"):  # a save cut short: only the lock holder saves here
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        return folder
+
+    def __enter__(self) -> FolderClaim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 def load_checkpoint(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
@@ -140,7 +245,8 @@ class Resumable:
         optimizer: Its optimizer.
         scheduler: Its learning-rate scheduler, or None.
         scaler: The fp16 gradient scaler, or None.
-        run: The arguments that define the run; a checkpoint resumes only a run with the same.
+        run: The arguments that define the run, with its fingerprint (`bnvit.training.fingerprint`);
+            a checkpoint resumes only a run with the same.
     """
 
     model: nn.Module
@@ -196,20 +302,35 @@ def _save(folder: Path, epoch: int, parts: Resumable, history: History) -> None:
     )
 
 
+def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """`name: checkpoint X, this call Y` for every value of `current` that `saved` records otherwise.
+
+    Nested records (the model's configuration, the data) are compared value by value. What the
+    checkpoint does not record at all (a checkpoint of an older bnvit) is not compared.
+    """
+    found = []
+    for key, value in current.items():
+        if key not in saved:
+            continue
+        old = saved[key]
+        if isinstance(old, dict) and isinstance(value, dict):
+            found += _differences(old, value, f"{prefix}{key}.")
+        elif old != value:
+            found.append(f"{prefix}{key}: checkpoint {old!r}, this call {value!r}")
+    return found
+
+
 def restore(folder: Path, parts: Resumable, epochs: int, map_location: torch.device) -> History | None:
     """Load the newest checkpoint in `folder` into `parts` and return its History; `None` if there is none.
 
     Raises:
-        ValueError: If the checkpoint is of another run (other arguments, more epochs, another model).
+        ValueError: If the checkpoint is of another run (other arguments, model configuration,
+            loss or data, more epochs, another model); the message names every difference.
     """
     saved = load_checkpoint(folder, map_location=map_location)
     if saved is None:
         return None
-    differences = [
-        f"{key}: checkpoint {saved['run'].get(key)!r}, this call {value!r}"
-        for key, value in parts.run.items()
-        if saved["run"].get(key) != value
-    ]
+    differences = _differences(saved["run"], parts.run)
     if differences:
         raise ValueError(
             f"{folder} holds a checkpoint of a different run; use another checkpoint_dir or repeat its "

@@ -14,8 +14,10 @@
   passed as they are.
 - **A last batch of one image.** A model with a BatchNorm that would see a single value per
   channel (an MLP's `BatchNorm1d` on one image) cannot train on it; that batch is dropped
-  every epoch, with one warning. A ViT's token BatchNorm normalizes over the image's tokens,
-  so it trains on batches of one and keeps them.
+  every epoch, with one warning. When *every* batch holds one image (a one-image dataset, a
+  batch size of 1) there is nothing left to train on: that is refused before training. A
+  ViT's token BatchNorm normalizes over the image's tokens, so it trains on batches of one
+  and keeps them.
 """
 
 from __future__ import annotations
@@ -225,13 +227,32 @@ def _trains_on_one_image(model: nn.Module, images: torch.Tensor, device: torch.d
     return min(counts, default=2) > 1
 
 
+def _only_single_images(loader: Any) -> bool:
+    """Whether every batch of an unsharded loader holds one image (batch size 1, or one batch of one)."""
+    sampler = getattr(loader, "sampler", None)
+    if getattr(loader, "world_size", 1) > 1 or getattr(sampler, "num_replicas", 1) > 1:
+        return False  # sharded: the BatchNorms may see the other processes' images too
+    return getattr(loader, "batch_size", None) == 1 or (len(loader) == 1 and _last_batch_size(loader) == 1)
+
+
 def without_last_one(model: nn.Module, loader: Any, device: torch.device, warn: bool) -> Any:
-    """`loader`, without a last batch of one image if the model's BatchNorms cannot train on one (warned once)."""
-    if _last_batch_size(loader) != 1 or len(loader) < 2:
+    """`loader`, without a last batch of one image if the model's BatchNorms cannot train on one (warned once).
+
+    Raises:
+        ValueError: If every batch holds one image and the model's BatchNorms cannot train on one.
+    """
+    only_single = _only_single_images(loader)
+    if not only_single and (_last_batch_size(loader) != 1 or len(loader) < 2):
         return loader
     images, _ = next(iter(loader))
     if _trains_on_one_image(model, images, device):
         return loader
+    if only_single:
+        what = "the training data is a single image" if len(loader) == 1 else "the batch size is 1"
+        raise ValueError(
+            f"every training batch holds a single image ({what}), and the model has a BatchNorm that cannot "
+            "train on one (it needs more than 1 value per channel): train on batches of at least 2 images"
+        )
     if warn:
         warnings.warn(
             f"the last training batch of every epoch holds a single image, and the model has a BatchNorm that "

@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._io import check_writable
 from ..device import autocast, resolve_precision
-from . import checkpoint, inputs
+from . import checkpoint, fingerprint, inputs
 from .callbacks import Callback, CallbackList, TrainState
 from .evaluation import evaluate
 from .evaluation import evaluate_loader as _evaluate
@@ -122,7 +121,7 @@ def fit(
             `timm.optim.create_optimizer_v2` knows, or a factory `params -> Optimizer`.
             Named optimizers exclude biases, norms, the CLS token and the positional
             embedding from weight decay (`model.no_weight_decay()`).
-        weight_decay: Weight decay for named optimizers.
+        weight_decay: Weight decay for named optimizers (a finite number >= 0).
         scheduler: `None`, `"cosine"` (cosine decay to 0 over `epochs`), or a factory
             `optimizer -> scheduler`; stepped once per epoch.
         loss_fn: `(logits, labels) -> loss`; cross-entropy by default.
@@ -137,7 +136,9 @@ def fit(
             rank 0 only. A stop requested there stops every process.
         progress: Show a progress bar per epoch and a summary line after it (rank 0 only).
         checkpoint_dir: Save the full training state there after every epoch, and resume
-            from it if it already holds a checkpoint of this run.
+            from it if it already holds a checkpoint of this run: the same arguments, model
+            configuration, loss and data (`bnvit.training.fingerprint`). The process that
+            writes there holds the folder's lock while it trains.
         max_grad_norm: Clip the gradient norm to this value.
         meta: Extra information stored in `History.meta`.
         distributed: `"auto"`: train with several processes when started by torchrun with
@@ -153,13 +154,18 @@ def fit(
         at once and is returned with `history.diverged_at` set; nothing is raised.
 
     Raises:
-        ValueError: For invalid arguments, empty data, labels outside `[0, num_classes)`, NaN or
+        ValueError: For invalid arguments (a NaN or infinite hyperparameter, in a named
+            optimizer or one a factory built, is a configuration error, not a divergence), a
+            model with no trainable parameter, empty data, labels outside `[0, num_classes)`, NaN or
             inf in the images, a model whose output does not fit the labels, a checkpoint of
             another run, or a global batch size not divisible by the number of processes; all
             checked before any training step (in a distributed run, on every process: if one
             fails, all raise). Data that cannot be checked whole up front (a `Dataset` or
             `DataLoader`) is checked batch by batch, each before its forward pass, so a refused
             batch never updates the BatchNorm statistics; see `bnvit.training.inputs`.
+        FolderLockedError: If another process trains with the same `checkpoint_dir`.
+        OSError: If `checkpoint_dir` cannot be written, or a save fails (a full disk): the
+            message names the cause and the checkpoint that is still intact.
 
     Examples:
         >>> from bnvit import ViTBNFFN
@@ -192,16 +198,16 @@ def fit(
     run = r.record(precision)
     history = History(meta={**run, "epochs": r.epochs, **world.describe(sync_bn), **(meta or {})})
 
-    with world.synced_batchnorm(model.to(device), sync_bn):
+    with (claim := checkpoint.FolderClaim()), world.synced_batchnorm(model.to(device), sync_bn):  # claim: a lock
         # -- data, model, optimizer, resume: anything that can fail, before any collective
         with world.fail_together():
-            checkpoint_dir = _checkpoint_folder(checkpoint_dir, main)
+            checkpoint_dir = claim.open(checkpoint_dir, main)
             train_loader, val_loader, s = _data_and_settings(
                 model, train, val, r, world, precision=precision, loss_fn=loss_fn, progress=progress and main
             )
             opt, sched = optimizer_and_scheduler(model, r)
             parts = checkpoint.Resumable(model, opt, sched, s.scaler, run)
-            history = _resume(checkpoint_dir, parts, r.epochs, s) or history
+            history = _resume(checkpoint_dir, parts, r.epochs, s, (train, val)) or history
 
         _agree(world, len(train_loader), history, checkpoint_dir)
         step_model, eval_model = _step_and_eval_models(model, world, compile)
@@ -249,15 +255,16 @@ def _check_types(*, model: Any, sync_bn: Any) -> None:
         raise TypeError(f"sync_bn must be a bool, got {sync_bn!r}")
 
 
-def _checkpoint_folder(folder: str | Path | None, main: bool) -> Path | None:
-    """`checkpoint_dir` as a Path; rank 0, which writes there, proves first that it can."""
-    if folder is None:
-        return None
-    return check_writable(folder, "checkpoint_dir") if main else Path(folder)
+def _resume(
+    folder: Path | None, parts: checkpoint.Resumable, epochs: int, s: Settings, data: tuple[Any, Any]
+) -> History | None:
+    """The History of the run saved in `folder`, with its state loaded into `parts`; None if there is none.
 
-
-def _resume(folder: Path | None, parts: checkpoint.Resumable, epochs: int, s: Settings) -> History | None:
-    """The History of the run saved in `folder`, with its state loaded into `parts`; None if there is none."""
+    With a folder, the run's fingerprint (model configuration, loss, `data`) joins `parts.run`:
+    what the checkpoints record and a resume must repeat.
+    """
+    if folder is not None:
+        parts.run.update(fingerprint.describe_run(parts.model, s.loss_fn, *data))
     history = None if folder is None else checkpoint.restore(folder, parts, epochs, s.device)
     if history is not None and s.progress:
         left = f"epochs {history.epochs_done + 1}-{epochs} to go" if history.epochs_done < epochs else "nothing left"

@@ -53,8 +53,7 @@ class Run:
             batch_size=_checks.positive_int("batch_size", self.batch_size),
             eval_batch_size=_checks.positive_int("eval_batch_size", self.eval_batch_size),
         )
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        checked["weight_decay"] = _checks.non_negative_float("weight_decay", self.weight_decay)
         if self.max_grad_norm is not None:
             checked["max_grad_norm"] = _checks.positive_float("max_grad_norm", self.max_grad_norm)
         if self.seed is not None:
@@ -128,17 +127,19 @@ def optimizer_and_scheduler(model: nn.Module, r: Run) -> tuple[torch.optim.Optim
 def _make_optimizer(
     model: nn.Module, optimizer: str | OptimizerFactory, lr: float, weight_decay: float
 ) -> torch.optim.Optimizer:
+    """The optimizer, refused if the model has nothing to train or any of its settings is not finite."""
+    _checks.trainable_parameters(model)
     if callable(optimizer):
         opt = optimizer(model.parameters())
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"the optimizer factory must return a torch.optim.Optimizer, got {type(opt).__name__}")
-        return opt
+        return _checks.finite_hyperparameters(opt)
     if not isinstance(optimizer, str):
         raise TypeError(f"optimizer must be a name or a factory, got {optimizer!r}")
     names = list_optimizers()
     if optimizer.lower() not in names:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: 'adam', 'adamw', 'sgd', ... ({len(names)} in timm)")
-    return create_optimizer_v2(model, opt=optimizer, lr=lr, weight_decay=weight_decay)
+    return _checks.finite_hyperparameters(create_optimizer_v2(model, opt=optimizer, lr=lr, weight_decay=weight_decay))
 
 
 def _make_scheduler(scheduler: str | SchedulerFactory | None, opt: torch.optim.Optimizer, epochs: int) -> Any:
