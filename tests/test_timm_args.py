@@ -174,3 +174,11 @@ def test_input_size_follows_in_chans_down_to_one():
 def test_features_only_cfg_follows_in_chans():
     extractor = timm.create_model("vitbnffn_mnist", in_chans=3, features_only=True, depth=2)
     assert extractor.pretrained_cfg["input_size"] == (3, 28, 28)
+
+
+@pytest.mark.parametrize("name", ["timmvit_mnist", "timmvit_bnffn_mnist", "dnnbn_mnist"])
+def test_input_size_follows_in_chans_on_the_other_families(name):
+    model = timm.create_model(name, in_chans=3, depth=1)
+    cfg = resolve_data_config({}, model=model)
+    assert cfg["input_size"] == (3, 28, 28) and cfg["mean"] == (0.0,) * 3
+    assert model(torch.rand(2, *cfg["input_size"])).shape == (2, 10)
