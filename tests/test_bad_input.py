@@ -85,7 +85,7 @@ def test_rates_out_of_range(name, value):
     [
         ("norm", "layer", ("ln", "bn_ffn", "bn")),
         ("norm", "LN", ("ln", "bn_ffn", "bn")),
-        ("pool", "avg", ("cls", "mean")),
+        ("pool", "max", ("cls", "avg", "mean", "")),
         ("pos_embed", "rope", ("learn", "sincos")),
         ("weight_init", "jax", ("reference", "timm")),
     ],
@@ -112,7 +112,7 @@ def test_fixed_norm_classes_reject_another_norm():
 
 def test_unknown_global_pool():
     model = ViT(depth=1, **SMALL)
-    with pytest.raises(ValueError, match=r"unknown global_pool 'max'; valid choices: 'cls', 'mean'"):
+    with pytest.raises(ValueError, match=r"unknown global_pool 'max'; valid choices: 'cls', 'avg', 'mean', ''$"):
         model.reset_classifier(10, global_pool="max")
 
 

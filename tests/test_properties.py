@@ -83,11 +83,13 @@ def test_valid_configurations_train_and_predict(drawn):
     model = ViT(**config)
     x = _images(config, batch)
     out = model.train()(x)
-    expected = (batch, config["num_classes"] or config["dim"])
+    tokens = () if config["pool"] else (model.num_tokens,)  # pool "": the head on every token
+    expected = (batch, *tokens, config["num_classes"] or config["dim"])
     assert tuple(out.shape) == expected and out.dtype == torch.float32
     assert torch.isfinite(out).all()
     if config["num_classes"]:
-        loss = F.cross_entropy(out, torch.randint(0, config["num_classes"], (batch,)))
+        logits = out.reshape(-1, config["num_classes"])
+        loss = F.cross_entropy(logits, torch.randint(0, config["num_classes"], (logits.shape[0],)))
     else:
         loss = out.square().mean()
     loss.backward()

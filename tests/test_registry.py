@@ -72,7 +72,7 @@ def test_pretrained_cfg(name):
     assert cfg.classifier == "head"
     assert cfg.num_classes == num_classes
     model = timm.create_model(name, depth=1, img_size=2 * patch)
-    assert model.pretrained_cfg["input_size"] == (chans, side, side)
+    assert model.pretrained_cfg["input_size"] == (chans, 2 * patch, 2 * patch)  # follows the model's img_size
     assert model.pretrained_cfg["classifier"] == "head"
     assert isinstance(getattr(model, model.pretrained_cfg["classifier"]), nn.Linear)
     assert model.num_classes == num_classes

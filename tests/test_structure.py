@@ -32,7 +32,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bnvit"
 
 # What each group of modules may import from bnvit (besides itself).
 BOTTOM = {"_io", "_checks", "device", "fuse"}
-MODELS = {"layers", "vit", "factored", "kernels", "batchnorm", "features", "timm_blocks"}
+MODELS = {"layers", "vit", "vitconfig", "factored", "kernels", "batchnorm", "features", "timm_blocks"}
 INFERENCE = {"registry", "_builder", "loading", "convert", "mlp", "timmvit", "deploy", "hub", "calibration"}
 ALLOWED = {
     "bottom": {"bottom"},

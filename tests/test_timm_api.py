@@ -375,7 +375,7 @@ def test_vit_config_is_the_single_source_of_settings():
     assert not {"norm_kind", "_pool"} & set(vars(model))
     assert ViT(model.cfg).config == model.config == ViT(**model.config).config
     model.reset_classifier(3, global_pool="avg")
-    assert model.cfg.pool == model.pool == "mean" and model.cfg.num_classes == model.num_classes == 3
+    assert model.cfg.pool == model.pool == "avg" and model.cfg.num_classes == model.num_classes == 3
     with pytest.raises(dataclasses.FrozenInstanceError):
         model.cfg.depth = 3
 

@@ -214,11 +214,16 @@ def test_get_and_reset_classifier():
     assert model(x).shape == (2, 5)
 
     feats = model.forward_features(x)
-    for name in ("avg", "mean"):
+    # timm's "avg" excludes the CLS token; the article's "mean" includes it
+    for name, pooled in (("avg", feats[:, 1:].mean(1)), ("mean", feats.mean(1)), ("token", feats[:, 0])):
         model.reset_classifier(3, global_pool=name)
-        assert model.pool == "mean"
-        torch.testing.assert_close(model.forward_head(feats, pre_logits=True), feats.mean(1))
+        assert model.pool == ("cls" if name == "token" else name)
+        torch.testing.assert_close(model.forward_head(feats, pre_logits=True), pooled)
         assert model(x).shape == (2, 3)
+    assert not torch.allclose(feats[:, 1:].mean(1), feats.mean(1))
+    model.reset_classifier(3, global_pool="")  # no pooling: the head on every token, as timm's ""
+    torch.testing.assert_close(model.forward_head(feats, pre_logits=True), feats)
+    assert model(x).shape == (2, 17, 3)
     model.reset_classifier(3, global_pool="token")
     torch.testing.assert_close(model.forward_head(feats, pre_logits=True), feats[:, 0])
 
@@ -226,7 +231,7 @@ def test_get_and_reset_classifier():
     assert isinstance(model.get_classifier(), nn.Identity)
     assert model(x).shape == (2, 16)
 
-    with pytest.raises(ValueError, match=r"'max'.*'cls'.*'mean'"):
+    with pytest.raises(ValueError, match=r"'max'.*'cls', 'avg', 'mean', ''"):
         model.reset_classifier(3, global_pool="max")
     assert model.pool == "cls" and model.num_classes == 0
 
@@ -326,7 +331,7 @@ def test_plain_checkpointing_is_exact_too(reentrant):
 
 def test_naive_checkpointing_would_double_count_batchnorm_stats(monkeypatch):
     """Control for the tests above: were the recomputation not recognised, the running statistics would differ."""
-    monkeypatch.setattr(bnvit.layers, "in_recomputation", lambda: False)
+    monkeypatch.setattr(bnvit.batchnorm, "in_recomputation", lambda: False)
     block = EncoderBlock(16, 2, 8, 32, norm="bn_ffn").train()
     naive = copy.deepcopy(block)
     x = torch.randn(4, 5, 16, requires_grad=True)

@@ -21,7 +21,7 @@ from timm.models._builder import pretrained_cfg_for_features
 
 from . import _checks
 from .convert import checkpoint_filter_fn
-from .features import feature_take_indices
+from .features import feature_take_indices, input_cfg
 from .loading import locate_shipped, read_state_dict
 
 __all__ = ["build_with_weights", "pretrained_cfg", "pretrained_state_dict"]
@@ -149,6 +149,9 @@ def build_with_weights(
     they fix (`source` names where they came from, for errors), and timm loads the same state
     dict. Those arguments are recorded as the model's reconstruction arguments
     (`pretrained_model_args`, and `_model_args`, which `timm.models.save_for_hf` exports).
+    The model's `pretrained_cfg` describes the images it takes: with `in_chans` or `img_size`
+    other than the cfg's, its `input_size` (and a one-channel `mean` / `std`) follow
+    (`bnvit.features.input_cfg`), so timm's `resolve_data_config` feeds what the model takes.
     `num_blocks(model_args)` is the number of feature levels for `features_only`.
 
     Examples:
@@ -176,12 +179,16 @@ def build_with_weights(
         model = build_model_with_cfg(model_cls, variant, pretrained, feature_cfg=feature_cfg, **build, **model_args)
     if pretrained:  # whatever source timm loaded (a file, a hub repository, a state dict in the cfg)
         _checks.check_bn_statistics(model, f"the checkpoint timm loaded for {variant}")
-    if pretrained:  # the cfgs say where the weights came from, and hold no copy of them
-        for module in model.modules():  # a features_only wrapper keeps the model it wraps
-            if isinstance(getattr(module, "pretrained_cfg", None), dict):
-                module.pretrained_cfg = module.default_cfg = cfg
-        if feature_cfg:
-            model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(cfg)
+    for module in model.modules():  # a features_only wrapper keeps the model it wraps
+        if isinstance(getattr(module, "pretrained_cfg", None), dict) and hasattr(module, "config"):
+            # pretrained: the cfg says where the weights came from and holds no copy of them; and
+            # it describes the images the model takes (`in_chans`, `img_size`), for timm's data config
+            base = cfg if pretrained else module.pretrained_cfg
+            fitted = input_cfg(base, module.config["in_chans"], module.config["img_size"])
+            module.pretrained_cfg = module.default_cfg = fitted
+            if feature_cfg:
+                model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(fitted)
+    if pretrained:
         model.pretrained_model_args = {**getattr(model, "pretrained_model_args", {}), **from_weights}
         model._model_args = {**getattr(model, "_model_args", {}), **from_weights}
     return model

@@ -16,9 +16,10 @@ import torch
 from timm.models._manipulate import adapt_input_conv
 
 from . import _checks
+from .features import resample_pos_embed
 from .vit import ViT
 
-__all__ = ["adapt_in_chans", "checkpoint_filter_fn", "describe_state_dict"]
+__all__ = ["adapt_in_chans", "checkpoint_filter_fn", "describe_state_dict", "resample_to_grid"]
 
 # The reference repository's keys -> bnvit's keys (see docs/checkpoints.md).
 _REFERENCE_KEYS = [
@@ -91,9 +92,12 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ViT | None = None
 
     Accepts the article's reference layout (`to_patch_embedding.*`, `transformer.layers.*`,
     `linear_head` / `mlp_head`), bnvit's own layout, and either wrapped by DDP (`module.`) or
-    `torch.compile` (`_orig_mod.`). With a `model`, the result is checked against it and a
-    mismatch (model kind, depth, widths, qkv bias) raises `ValueError` listing every
-    difference; a different number of classes is left for timm to adapt.
+    `torch.compile` (`_orig_mod.`). With a `model`, the input layer is adapted to its channels
+    (`adapt_in_chans`), a learnable positional embedding of another (square) patch grid is
+    resampled to the model's (`resample_pos_embed`, as timm's ViTs load weights at another image
+    size), and the result is checked against the model: a mismatch (model kind, depth, widths,
+    qkv bias) raises `ValueError` listing every difference; a different number of classes is left
+    for timm to adapt.
 
     Args:
         state_dict: The loaded state dict.
@@ -112,6 +116,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ViT | None = None
         state_dict = _convert_reference(state_dict)
     if model is not None:
         state_dict = adapt_in_chans(state_dict, model.cfg.patch_size, model.cfg.in_chans)
+        state_dict = resample_to_grid(state_dict, model.cfg.grid_size)
         check_compatible(state_dict, model)
     return state_dict
 
@@ -161,6 +166,27 @@ def adapt_in_chans(state_dict: dict[str, torch.Tensor], patch_size: int, in_chan
             values = values.repeat(1, 1, -(-in_chans // source))[..., :in_chans]
         out[key] = values.reshape(-1).contiguous()
     return out
+
+
+def resample_to_grid(state_dict: dict[str, torch.Tensor], grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """`state_dict` with its learnable positional embedding resampled to a `grid` of patches, if it has another.
+
+    An embedding whose patch tokens do not form a square grid is left as it is (the mismatch is
+    reported when it is loaded).
+
+    Examples:
+        >>> from bnvit import ViT
+        >>> sd = resample_to_grid(ViT(depth=1).state_dict(), (8, 8))
+        >>> tuple(sd["pos_embed"].shape)
+        (1, 65, 64)
+    """
+    pos_embed = state_dict.get("pos_embed")
+    if pos_embed is None or pos_embed.shape[1] == grid[0] * grid[1] + 1:
+        return state_dict
+    side = round((pos_embed.shape[1] - 1) ** 0.5)
+    if side * side != pos_embed.shape[1] - 1:
+        return state_dict
+    return {**state_dict, "pos_embed": resample_pos_embed(pos_embed, grid, (side, side))}
 
 
 def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:

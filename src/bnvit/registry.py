@@ -142,6 +142,8 @@ def _args_from_weights(
 
 
 def _create_vit(variant: str, pretrained: bool, defaults: dict[str, Any], **kwargs: Any) -> ViT:
+    if "global_pool" in kwargs and "pool" not in kwargs:  # timm's name for the pooling
+        kwargs["pool"] = kwargs.pop("global_pool")
     return build_with_weights(
         ViT,
         variant,

@@ -26,6 +26,7 @@ from typing import Any
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from .features import input_cfg
 from .timm_blocks import BNFFNBlock
 
 __all__ = ["MNIST_ARGS", "timmvit_bnffn_mnist", "timmvit_mnist"]
@@ -76,13 +77,23 @@ def _create(variant: str, pretrained: bool, blocks: type, **kwargs: Any) -> Visi
             "pretrained_cfg_overlay=dict(file=PATH)"
         )
     out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         VisionTransformer,
         variant,
         pretrained,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **{**MNIST_ARGS, **kwargs, "block_fn": blocks},
     )
+    # the cfg describes the images the model takes (in_chans, img_size), for timm's data config
+    vit = next(m for m in model.modules() if isinstance(m, VisionTransformer))
+    fitted = input_cfg(vit.pretrained_cfg, vit.patch_embed.proj.in_channels, vit.patch_embed.img_size)
+    vit.pretrained_cfg = vit.default_cfg = fitted
+    if model is not vit:
+        model.pretrained_cfg = model.default_cfg = {
+            **model.pretrained_cfg,
+            **{k: fitted[k] for k in ("input_size", "mean", "std")},
+        }
+    return model
 
 
 @register_model

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,9 +20,10 @@ from torch.utils.checkpoint import checkpoint
 
 from . import _checks
 from .batchnorm import TokenBatchNorm, bn_safe_context_fn
-from .features import feature_take_indices, forward_blocks
+from .features import check_images, feature_take_indices, forward_blocks, input_cfg, resample_pos_embed
 from .fuse import fold_bn_before_linear
 from .layers import ATTN_IMPLS, NORMS, EncoderBlock, PatchEmbed, patchify, sincos_pos_embed, token_norm  # noqa: F401
+from .vitconfig import _POOL_ALIASES, POOLS, POS_EMBEDS, WEIGHT_INITS, ViTConfig  # noqa: F401
 
 __all__ = [
     "POOLS",
@@ -37,154 +37,8 @@ __all__ = [
     "sincos_pos_embed",
 ]
 
-POOLS = ("cls", "mean")
-POS_EMBEDS = ("learn", "sincos")
-WEIGHT_INITS = ("reference", "timm")
-_TIMM_POOL_NAMES = {"token": "cls", "avg": "mean"}
-
-
-def check_images(x: torch.Tensor, in_chans: int, img_size: tuple[int, int]) -> torch.Tensor:
-    """Return `x` if it is a float `(B, in_chans, *img_size)` batch; raise a clear error otherwise.
-
-    A leaf for `torch.fx` (registered with `torch.fx.wrap`), so a traced model keeps the check.
-    """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"expected images as a torch.Tensor, got {type(x).__name__}")
-    expected = (in_chans, *img_size)
-    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-        raise ValueError(
-            f"expected images of shape (batch, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(x.shape)}"
-        )
-    if not x.is_floating_point():
-        raise TypeError(f"expected floating-point images (uint8 ones divided by 255), got dtype {x.dtype}")
-    return x
-
-
+# A leaf for torch.fx where `ViT._embed` calls it, so a traced model keeps the input check.
 torch.fx.wrap("check_images")
-
-
-@dataclass(frozen=True)
-class ViTConfig:
-    """Every setting of a `ViT`, validated once (the single source of the model's settings).
-
-    The defaults are the article's MNIST configuration: 28x28x1 input, patch 7 (16 patches
-    plus a CLS token), dim 64, depth 6, 8 heads of width 64, MLP width 128, 10 classes,
-    CLS pooling, a learnable positional embedding and no dropout. `dataclasses.asdict(cfg)`
-    is what checkpoints and the timm builders store; `ViTConfig(**that_dict)` rebuilds it.
-
-    Args:
-        img_size: Input side, or `(height, width)` (stored as a pair).
-        patch_size: Patch side; must divide the image sides.
-        in_chans: Input channels.
-        num_classes: Output classes; 0 gives a model without a head (features only).
-        dim: Token width.
-        depth: Number of encoder blocks.
-        heads: Attention heads per block.
-        dim_head: Width of each attention head (independent of `dim`).
-        mlp_dim: Hidden width of the feed-forward networks.
-        norm: `"ln"`, `"bn_ffn"` or `"bn"`; see `EncoderBlock`.
-        pool: `"cls"` (token 0) or `"mean"` (all tokens) before the head.
-        pos_embed: `"learn"` (learnable) or `"sincos"` (fixed).
-        qkv_bias: Give the qkv projections a bias.
-        drop_rate: Dropout inside the blocks (after attention and in the FFN); the
-            reference implementation's `dropout`.
-        pos_drop_rate: Dropout after adding the positional embedding (the reference's
-            `emb_dropout`).
-        attn_drop_rate: Dropout on the attention weights.
-        drop_path_rate: Stochastic depth, increasing linearly over the blocks up to this rate.
-        weight_init: `"reference"` (the article's: PyTorch defaults, CLS token and positional
-            embedding from N(0, 1)) or `"timm"` (truncated normal, std 0.02, for Linear
-            weights and the positional embedding, zero biases, a near-zero CLS token; what
-            large ViTs are usually trained with).
-        attn_impl: How attention is computed, never what: `"auto"` (the factored form where it
-            takes fewer multiply-adds), `"standard"` (the textbook form) or `"factored"`; see
-            `bnvit.layers.Attention`.
-
-    Raises:
-        ValueError: A value out of range or an unknown choice; the message names the value and
-            what is valid.
-        TypeError: A value of the wrong type.
-
-    Examples:
-        >>> cfg = ViTConfig(norm="bn_ffn", depth=4)
-        >>> cfg.img_size, cfg.num_tokens
-        ((28, 28), 17)
-        >>> dataclasses.replace(cfg, depth=0)
-        Traceback (most recent call last):
-        ...
-        ValueError: depth must be an int >= 1, got 0
-    """
-
-    img_size: int | tuple[int, int] = 28
-    patch_size: int = 7
-    in_chans: int = 1
-    num_classes: int = 10
-    dim: int = 64
-    depth: int = 6
-    heads: int = 8
-    dim_head: int = 64
-    mlp_dim: int = 128
-    norm: str = "ln"
-    pool: str = "cls"
-    pos_embed: str = "learn"
-    qkv_bias: bool = False
-    drop_rate: float = 0.0
-    pos_drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    weight_init: str = "reference"
-    attn_impl: str = "auto"
-
-    def __post_init__(self) -> None:
-        img_size = _checks.pair("img_size", self.img_size)
-        object.__setattr__(self, "img_size", img_size)
-        patch_size = _checks.positive_int("patch_size", self.patch_size)
-        if img_size[0] % patch_size or img_size[1] % patch_size:
-            raise ValueError(
-                f"img_size {img_size} is not divisible by patch_size {patch_size}; "
-                f"choose a patch size that divides both sides"
-            )
-        for name in ("in_chans", "dim", "depth", "heads", "dim_head", "mlp_dim"):
-            _checks.positive_int(name, getattr(self, name))
-        _checks.positive_int("num_classes", self.num_classes, minimum=0)
-        for name, choices in (("norm", NORMS), ("pool", POOLS), ("pos_embed", POS_EMBEDS)):
-            _checks.choice(name, getattr(self, name), choices)
-        _checks.choice("weight_init", self.weight_init, WEIGHT_INITS)
-        _checks.choice("attn_impl", self.attn_impl, ATTN_IMPLS)
-        for name in ("drop_rate", "pos_drop_rate", "attn_drop_rate", "drop_path_rate"):
-            _checks.rate(name, getattr(self, name))
-        if self.pos_embed == "sincos" and self.dim % 2:
-            raise ValueError(f"pos_embed='sincos' needs an even dim, got dim={self.dim}")
-        if not isinstance(self.qkv_bias, bool):
-            raise TypeError(f"qkv_bias must be a bool, got {self.qkv_bias!r}")
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        """Patches per column and per row."""
-        return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens per image, including the CLS token."""
-        return self.grid_size[0] * self.grid_size[1] + 1
-
-    @property
-    def block_norm(self) -> str:
-        """The kind of the token norms outside the FFNs: `"bn"` for `norm="bn"`, else `"ln"`."""
-        return "bn" if self.norm == "bn" else "ln"
-
-    @classmethod
-    def from_kwargs(cls, cfg: ViTConfig | None = None, **kwargs: Any) -> ViTConfig:
-        """`cfg` (default: the defaults) with `kwargs` replacing fields; unknown names raise `TypeError`."""
-        fields = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(kwargs) - set(fields))
-        if unknown:
-            raise TypeError(f"unknown ViT argument(s) {', '.join(unknown)}; valid ones: {', '.join(fields)}")
-        if cfg is None:
-            return cls(**kwargs)
-        if not isinstance(cfg, cls):
-            raise TypeError(f"cfg must be a ViTConfig, got {type(cfg).__name__}")
-        return dataclasses.replace(cfg, **kwargs)
 
 
 class ViT(nn.Module):
@@ -252,6 +106,9 @@ class ViT(nn.Module):
         ]
         if cfg.weight_init == "timm":
             self._init_timm()
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum, module.eps = cfg.bn_momentum, cfg.bn_eps
 
     def _init_timm(self) -> None:
         if isinstance(self.pos_embed, nn.Parameter):
@@ -298,9 +155,22 @@ class ViT(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> tokens with the CLS token and the positional embedding, before the blocks."""
-        x = self.patch_embed(check_images(x, self.cfg.in_chans, self.cfg.img_size))
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        return self.pos_drop(torch.cat((cls, x), dim=1) + self.pos_embed)
+        c = self.cfg
+        if not c.dynamic_img_size:
+            x = self.patch_embed(check_images(x, c.in_chans, c.img_size))
+            return self.pos_drop(torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed)
+        grid = (x.shape[-2] // c.patch_size, x.shape[-1] // c.patch_size)
+        x = self.patch_embed(check_images(x, c.in_chans, c.img_size, c.patch_size))
+        pos_embed = self._pos_embed_for(grid)
+        return self.pos_drop(torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + pos_embed)
+
+    def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The positional embedding for a `grid` of patches: resampled (learnable) or recomputed (sincos)."""
+        if self.cfg.pos_embed == "sincos":
+            if grid == self.cfg.grid_size:
+                return self.pos_embed
+            return sincos_pos_embed(grid[0] * grid[1] + 1, self.cfg.dim).to(self.pos_embed)
+        return resample_pos_embed(self.pos_embed, grid, self.cfg.grid_size)
 
     def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -316,7 +186,13 @@ class ViT(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens -> pooled features (`pre_logits=True`) or class logits."""
-        x = x[:, 0] if self.cfg.pool == "cls" else x.mean(dim=1)
+        pool = self.cfg.pool
+        if pool == "cls":
+            x = x[:, 0]
+        elif pool == "avg":
+            x = x[:, self.num_prefix_tokens :].mean(dim=1)
+        elif pool == "mean":
+            x = x.mean(dim=1)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -352,6 +228,8 @@ class ViT(nn.Module):
             >>> final.shape, [f.shape for f in feats]
             (torch.Size([2, 17, 64]), [torch.Size([2, 64, 4, 4]), torch.Size([2, 64, 4, 4])])
         """
+        p = self.cfg.patch_size
+        h, w = (x.shape[-2] // p, x.shape[-1] // p) if self.cfg.dynamic_img_size else self.cfg.grid_size
         x, intermediates = forward_blocks(
             x,
             stem=self._embed,
@@ -365,7 +243,6 @@ class ViT(nn.Module):
         prefix = [y[:, : self.num_prefix_tokens] for y in intermediates]
         intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
         if output_fmt == "NCHW":
-            h, w = self.cfg.grid_size
             intermediates = [y.reshape(y.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
         if return_prefix_tokens:
             intermediates = list(zip(intermediates, prefix, strict=True))
@@ -400,12 +277,12 @@ class ViT(nn.Module):
 
         Args:
             num_classes: New number of classes.
-            global_pool: Optionally a new pooling, `"cls"` or `"mean"` (timm's `"token"` and
-                `"avg"` are accepted too).
+            global_pool: Optionally a new pooling: `"cls"` (or timm's `"token"`), `"avg"` (patch
+                tokens), `"mean"` (every token) or `""` (none); see `ViTConfig.pool`.
         """
         pool = self.cfg.pool
         if global_pool is not None:
-            pool = _checks.choice("global_pool", _TIMM_POOL_NAMES.get(global_pool, global_pool), POOLS)
+            pool = _checks.choice("global_pool", _POOL_ALIASES.get(global_pool, global_pool), POOLS)
         self.cfg = dataclasses.replace(self.cfg, num_classes=num_classes, pool=pool)
         device = self.cls_token.device
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
@@ -430,6 +307,44 @@ class ViT(nn.Module):
         BatchNorm running statistics are updated once per step, as without checkpointing.
         """
         self.grad_checkpointing = enable
+
+    @torch.no_grad()
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: int | None = None) -> None:
+        """Take images of another size from now on, the positional embedding resampled (timm's `set_input_size`).
+
+        The learnable embedding is resampled as timm resamples its ViTs' (`resample_pos_embed`, the
+        CLS token kept); the sincos one is recomputed. The model's `pretrained_cfg`, if any,
+        follows, so timm's data config feeds the new size.
+
+        Args:
+            img_size: The new image side, or `(height, width)`; the patch size must divide it.
+            patch_size: Accepted only if equal to the model's: the patch pre-norm is learned per
+                value of a patch, so the patch size cannot change.
+
+        Examples:
+            >>> model = ViT(depth=1)
+            >>> model.set_input_size(img_size=56)
+            >>> model(torch.rand(2, 1, 56, 56)).shape, model.num_tokens
+            (torch.Size([2, 10]), 65)
+        """
+        if patch_size is not None and patch_size != self.cfg.patch_size:
+            raise ValueError(
+                f"patch_size={patch_size!r} asked, the model has patch_size={self.cfg.patch_size}; "
+                f"its patch norms are learned per value of a patch, so only img_size can change"
+            )
+        if img_size is None:
+            return
+        old = self.cfg.grid_size
+        self.cfg = dataclasses.replace(self.cfg, img_size=img_size)
+        if self.cfg.pos_embed == "learn":
+            self.pos_embed = nn.Parameter(resample_pos_embed(self.pos_embed.detach(), self.cfg.grid_size, old))
+        else:
+            self.pos_embed = sincos_pos_embed(self.cfg.num_tokens, self.cfg.dim).to(self.pos_embed)
+        embed = self.patch_embed
+        embed.img_size, embed.grid_size = self.cfg.img_size, self.cfg.grid_size
+        embed.num_patches = embed.grid_size[0] * embed.grid_size[1]
+        if isinstance(getattr(self, "pretrained_cfg", None), dict):
+            self.pretrained_cfg = self.default_cfg = input_cfg(self.pretrained_cfg, self.in_chans, self.cfg.img_size)
 
     @torch.no_grad()
     def fuse(self) -> None:
