@@ -74,6 +74,16 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
+def _train_step(net, opt, images, labels, device: torch.device, precision: str) -> None:
+    """One optimizer step on one batch: what every training-speed row times."""
+    with _autocast(device, precision):
+        logits = net(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def precisions(device: torch.device) -> tuple[str, ...]:
     """The precisions compared: fp32, and `fit()`'s default on this device when that is not fp32."""
     default = resolve_precision("auto", device)
@@ -106,12 +116,7 @@ def training_step(device: torch.device, repeats: int, depth: int = 6, batch: int
                 opt = torch.optim.Adam(net.parameters(), lr=3e-3)
 
                 def step(net=net, opt=opt, precision=precision) -> None:
-                    with _autocast(device, precision):
-                        logits = net(images)
-                    loss = F.cross_entropy(logits.float(), labels)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    _train_step(net, opt, images, labels, device, precision)
 
                 configs[f"{kind} {name} {precision}"] = step
     seconds = interleaved_stats(configs, device, repeats, warmup=3)
@@ -229,12 +234,7 @@ def attention_forms(device: torch.device, repeats: int, depth: int = 6, batches:
                 def step(net=net, opt=opt, precision=precision, images=images, labels=labels, inner=inner) -> None:
                     net.train()
                     for _ in range(inner):
-                        with _autocast(device, precision):
-                            logits = net(images)
-                        loss = F.cross_entropy(logits.float(), labels)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
+                        _train_step(net, opt, images, labels, device, precision)
 
                 @torch.inference_mode()
                 def forward(model=model, precision=precision, images=images, inner=inner) -> None:

@@ -360,17 +360,6 @@ def _summary(model: torch.nn.Module) -> dict:
     )
 
 
-def _print_models(rows: list[dict], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    for row in rows:
-        config = ", ".join(f"{k} {v}" for k, v in row["config"].items())
-        size = "x".join(map(str, row["input_size"]))
-        weights = "trained weights" if row["trained_weights"] else "-"
-        print(f"{row['name']:<28} {row['params']:>12,} params  {size:<10} {config:<45} {weights}")
-
-
 def _print_text(results: list[dict]) -> None:
     for r in results:
         if "error" in r:
