@@ -31,6 +31,7 @@ __all__ = [
     "describe",
     "interval_text",
     "judge",
+    "signed",
 ]
 
 # Thresholds, in accuracy points, applied to the mean over epochs of the validation-accuracy gap.
@@ -150,7 +151,7 @@ def describe(test: Test | None, unit: str = " pts") -> str:
     """`"+1.37 ± 1.02 pts, 90% CI [+0.39, +2.35]"`: every number rounded once, from the exact value."""
     if test is None or test.n == 0:
         return "not run"
-    text = f"{_signed(test.mean)}" + (f" ± {test.std:.2f}" if test.std is not None else "") + unit
+    text = f"{signed(test.mean)}" + (f" ± {test.std:.2f}" if test.std is not None else "") + unit
     if test.interval is None:
         return text + " (1 seed: nothing can be tested)"
     return text + f", 90% CI {interval_text(test.interval)}"
@@ -160,8 +161,9 @@ def interval_text(interval: tuple[float, float] | None) -> str:
     """`"[-0.41, +2.01]"` (two decimals, rounded once; never "-0.00")."""
     if interval is None:
         return "–"
-    return f"[{_signed(interval[0])}, {_signed(interval[1])}]"
+    return f"[{signed(interval[0])}, {signed(interval[1])}]"
 
 
-def _signed(x: float) -> str:
+def signed(x: float) -> str:
+    """`"+1.37"`: two decimals, rounded once, never "-0.00"."""
     return f"{round(x, 2) + 0.0:+.2f}"

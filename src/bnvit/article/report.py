@@ -32,6 +32,7 @@ from .protocol import (
     TARGET_ACC,
     interval_text,
     judge,
+    signed,
 )
 from .results import RESULTS, describe_machines, load_results, results_sha256
 from .stats import fmt, mean_std, summarize, t_interval
@@ -91,7 +92,7 @@ def _fmt_points(values: Sequence[float]) -> str:
     mean, std = mean_std(values)
     if math.isnan(mean):
         return "–"
-    return f"{round(mean, 2) + 0.0:+.2f}" + ("" if std is None else f" ± {std:.2f}")  # + 0.0: never "-0.00"
+    return signed(mean) + ("" if std is None else f" ± {std:.2f}")
 
 
 def _fmt_interval(values: Sequence[float]) -> str:
@@ -459,7 +460,7 @@ def summary_table(vit: Sequence[Mapping[str, Any]], mlp: Sequence[Mapping[str, A
     for v in vit_claims:
         for part in v.parts:
             t = part.test
-            measured = "–" if t is None else f"{_signed(t.mean)}" + (f" ± {t.std:.2f}" if t.std is not None else "")
+            measured = "–" if t is None else f"{signed(t.mean)}" + (f" ± {t.std:.2f}" if t.std is not None else "")
             if v.claim == 3:
                 (lo, hi), depth = LR_DROP_CLAIM.lrs, LR_DROP_CLAIM.depth
                 accs = [f"{last(m, depth, lo)} -> {last(m, depth, hi)}" for m in LR_DROP_CLAIM.models]
@@ -477,7 +478,7 @@ def summary_table(vit: Sequence[Mapping[str, Any]], mlp: Sequence[Mapping[str, A
                 interval = f"[{math.exp(t.interval[0]):.2f}, {math.exp(t.interval[1]):.2f}]"
                 expect = f"<= {FASTER:.2f}"
             elif t is not None and t.interval is not None:
-                measured = f"final gap {_signed(t.mean)} ± {t.std:.2f}"
+                measured = f"final gap {signed(t.mean)} ± {t.std:.2f}"
                 interval = interval_text(t.interval)
                 expect = "BN stable"
             else:
@@ -487,7 +488,3 @@ def summary_table(vit: Sequence[Mapping[str, Any]], mlp: Sequence[Mapping[str, A
     lines += ["", "| claim | verdict (Holm's correction over its parts) |", "|---|---|"]
     lines += [f"| {v.claim}: {v.article} | {v.verdict} |" for v in vit_claims + mlp_claims]
     return lines
-
-
-def _signed(x: float) -> str:
-    return f"{round(x, 2) + 0.0:+.2f}"
