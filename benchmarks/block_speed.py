@@ -11,7 +11,7 @@ of each round's ratio, whose two stacks ran back to back, so load drifting betwe
 It also checks that the folded stack computes what the unfolded one does.
 
 Presets: `small`, one block of ViT-S/16 at 224 pixels (width 384, 6 heads, 197 tokens, MLP ratio
-4); `mnist`, the six blocks of `timmvit_mnist` (width 64, 4 heads, 17 tokens, MLP ratio 2).
+4); `mnist`, the six blocks of `timmvitln_mnist` (width 64, 4 heads, 17 tokens, MLP ratio 2).
 
 Usage:
     python benchmarks/block_speed.py [--preset small|mnist] [--batches 1,64,256] [--threads 1] [--json out.json]

@@ -1,4 +1,4 @@
-"""Train the weights bnvit ships: `vitbnffn_mnist` and `vit_mnist` in the article's configuration.
+"""Train the weights bnvit ships: `vitbnffn_mnist` and `vitln_mnist` in the article's configuration.
 
 The article's setting (Adam at a fixed rate, strong augmentation, 10 epochs) is built to compare
 two models, not to reach the best accuracy. This recipe keeps the article's model (depth 6, dim 64,
@@ -12,7 +12,7 @@ two models, not to reach the best accuracy. This recipe keeps the article's mode
 
 The shipped `vitbnffn_mnist` weights use a longer run of the same recipe with stochastic depth:
 100 epochs, 5 warm-up epochs, drop-path rate 0.1 (99.56% on the clean test set, against 99.44%
-for the 40-epoch defaults; docs/weights.md). The shipped `vit_mnist` weights use the defaults.
+for the 40-epoch defaults; docs/weights.md). The shipped `vitln_mnist` weights use the defaults.
 
 It scores the last epoch on the clean MNIST test set and on the article's frozen augmented
 test set (no early stopping on either), and writes `<out>/<model>.safetensors` (its metadata
@@ -28,7 +28,10 @@ does the same for weights already trained.
 
     python examples/train_weights.py --model vitbnffn_mnist --out runs/weights \
         --epochs 100 --drop-path 0.1 --warmup-epochs 5
-    python examples/train_weights.py --model vit_mnist --out runs/weights --epochs 40
+    python examples/train_weights.py --model vitln_mnist --out runs/weights --epochs 40
+
+`--model` takes a model's old name too (`vit_mnist`, `bnvit.names.RENAMED`); the files are named
+by its current name.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ from bnvit._io import tensors_sha256
 from bnvit.calibration import calibrate, expected_calibration_error, model_logits
 from bnvit.data import DeviceLoader, apply_augment, augmented_test_set, load_mnist, sample_augment_params
 from bnvit.device import describe_machine, resolve_device, resolve_precision
+from bnvit.loading import SHIPPED
+from bnvit.names import current_name
 
 RECIPE = dict(
     optimizer="adamw",
@@ -159,9 +164,19 @@ def warmup_cosine(epochs: int, warmup: int):
     return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def main(argv: list[str] | None = None) -> int:
+def shipped_model(name: str) -> str:
+    """`--model`: the current name of a model whose weights bnvit ships (an old name is read as its current one)."""
+    if current_name(name) not in SHIPPED:
+        raise argparse.ArgumentTypeError(
+            f"{name!r} is not a model bnvit ships weights for; choose from {', '.join(SHIPPED)}"
+        )
+    return current_name(name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The script's arguments."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vitbnffn_mnist", choices=("vitbnffn_mnist", "vit_mnist"))
+    parser.add_argument("--model", default="vitbnffn_mnist", type=shipped_model, metavar="{" + ",".join(SHIPPED) + "}")
     parser.add_argument("--out", default="runs/weights", help="output folder")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
@@ -171,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--data-dir", help="folder with MNIST/raw/ (default: $BNVIT_DATA, else the cache folder)")
     parser.add_argument("--train-subset", type=int, help="train on the first N images only (a smoke test)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -102,7 +102,7 @@ def test_unknown_norm_in_blocks():
     with pytest.raises(ValueError, match=r"'rms'.*'ln', 'bn'"):
         Attention(16, 2, 8, norm="rms")
     with pytest.raises(ValueError, match=r"unknown norm 'rms'"):
-        timm.create_model("vit_mnist", norm="rms")
+        timm.create_model("vitln_mnist", norm="rms")
 
 
 def test_fixed_norm_classes_reject_another_norm():

@@ -163,7 +163,7 @@ def test_bnvit_calibrate_writes_what_predict_then_applies(checkpoint, mnist_root
 
 
 def test_a_stale_calibration_is_refused_not_applied(checkpoint, mnist_root, digit_png, capsys):
-    model = timm.create_model("vit_mnist")
+    model = timm.create_model("vitln_mnist")
     result = cal.calibrate(model, torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,)), source="noise")
     cal.write_calibration(checkpoint, result)
     state = torch.load(checkpoint, weights_only=True)

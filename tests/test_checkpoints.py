@@ -22,7 +22,7 @@ from reference_vit import ReferenceViT
 CHECKPOINTS = {
     "VITBNFFN_d5_15.pth": ("vitbnffn_mnist", "bn_ffn", 5, False),
     "FinOptAug1_ViTBNFFN_30.pth": ("vitbnffn_mnist", "bn_ffn", 6, True),
-    "FinOptAug1_ViT_30.pth": ("vit_mnist", "ln", 6, False),
+    "FinOptAug1_ViT_30.pth": ("vitln_mnist", "ln", 6, False),
 }
 BATCH = 2000
 
@@ -129,9 +129,9 @@ def test_wrong_builder_for_the_file_raises(reference_checkpoints):
     path = reference_checkpoints / "FinOptAug1_ViT_30.pth"
     with pytest.raises(ValueError, match=r"norm='ln'.*vitbnffn_mnist.*norm='bn_ffn'"):
         timm.create_model("vitbnffn_mnist", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-    with pytest.raises(ValueError, match=r"norm='bn_ffn'.*vit_mnist.*norm='ln'"):
+    with pytest.raises(ValueError, match=r"norm='bn_ffn'.*vitln_mnist.*norm='ln'"):
         timm.create_model(
-            "vit_mnist", pretrained=True, pretrained_cfg_overlay=dict(file=str(path.with_name("VITBNFFN_d5_15.pth")))
+            "vitln_mnist", pretrained=True, pretrained_cfg_overlay=dict(file=str(path.with_name("VITBNFFN_d5_15.pth")))
         )
 
 

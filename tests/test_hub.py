@@ -53,9 +53,11 @@ def test_card_without_shipped_weights_claims_no_accuracy():
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vitbnffn_nope"])
-def test_card_of_unknown_model_says_where_to_look(name):
-    with pytest.raises(ValueError, match=rf"unknown bnvit model '{name}'; `bnvit list`"):
+def test_card_of_unknown_model_lists_the_current_names(name):
+    with pytest.raises(ValueError, match=rf"unknown bnvit model '{name}'; bnvit's models are dnn_mnist, ") as err:
         hub.model_card(name)
+    listed = str(err.value).split("bnvit's models are ")[1].split(", ")
+    assert "vitln_mnist" in listed and "timmvitbnffn_mnist" in listed and "vit_mnist" not in listed
 
 
 def test_save_for_hf_round_trip_with_readme(tmp_path):
@@ -112,7 +114,7 @@ def test_timm_suite_gives_timms_tests_every_bnvit_model_and_nothing_else(tmp_pat
     assert len(everything) == 19 and "resnet18" not in everything and "vit_base_patch16_224" not in everything
     assert timm.list_models(filter=["vit_*", "deit*"]) == everything  # a family filter keeps all of bnvit
     assert timm.list_models(exclude_filters=["*huge*", "vit_*"]) == everything  # ... and so does its exclusion
-    assert "vit_mnist" not in timm.list_models(exclude_filters=["vit_mnist"])  # other filters apply as written
+    assert "vitln_mnist" not in timm.list_models(exclude_filters=["vitln_mnist"])  # other filters apply as written
     assert sorted(timm.list_models(pretrained=True)) == sorted(f"{n}.bnvit_mnist" for n in SHIPPED)
     (tmp_path / "empty").mkdir()
     assert suite.main([str(tmp_path / "empty")]) == 2

@@ -373,12 +373,12 @@ def test_the_parser_accepts_the_documented_command():
 def test_bnvit_list_names_every_registered_model_and_its_weights(capsys):
     assert main(["list", "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
-    assert len(rows) == 19 and {"dnn_mnist", "vitbn_base_patch16_224", "timmvit_bnffn_mnist"} <= set(rows)
-    assert rows["vit_mnist"]["params"] == 893164 and rows["vitbnffn_mnist"]["params"] == 893932
+    assert len(rows) == 19 and {"dnn_mnist", "vitbn_base_patch16_224", "timmvitbnffn_mnist"} <= set(rows)
+    assert rows["vitln_mnist"]["params"] == 893164 and rows["vitbnffn_mnist"]["params"] == 893932
     assert rows["vitbnffn_mnist"]["trained_weights"] and not rows["vitbn_mnist"]["trained_weights"]
     assert rows["vitbnffn_mnist"]["config"]["norm"] == "bn_ffn"
-    assert rows["timmvit_mnist"]["config"] == dict(norm="ln", depth=6, dim=64, heads=4, patch_size=7)
-    assert rows["timmvit_bnffn_mnist"]["config"]["norm"] == "bn_ffn"
+    assert rows["timmvitln_mnist"]["config"] == dict(norm="ln", depth=6, dim=64, heads=4, patch_size=7)
+    assert rows["timmvitbnffn_mnist"]["config"]["norm"] == "bn_ffn"
 
 
 # ---------------------------------------------------------------------- a command line that answers at once

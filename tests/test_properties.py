@@ -154,7 +154,7 @@ def test_invalid_configurations_raise_a_clear_error(drawn):
 
 @pytest.mark.timeout(120)
 @PROPERTY
-@given(invalid_configs(), st.sampled_from(["vit_mnist", "vitbnffn_mnist", "vitbn_mnist"]))
+@given(invalid_configs(), st.sampled_from(["vitln_mnist", "vitbnffn_mnist", "vitbn_mnist"]))
 def test_invalid_configurations_through_timm_raise_a_clear_error(drawn, builder):
     config, name, _ = drawn
     config.pop("norm", None)  # fixed by the builder

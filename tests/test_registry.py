@@ -9,11 +9,11 @@ from torch import nn
 
 from bnvit import ViT
 
-MNIST = ["vit_mnist", "vitbnffn_mnist", "vitbn_mnist"]
-CIFAR = ["vit_cifar", "vitbnffn_cifar", "vitbn_cifar"]
+MNIST = ["vitln_mnist", "vitbnffn_mnist", "vitbn_mnist"]
+CIFAR = ["vitln_cifar", "vitbnffn_cifar", "vitbn_cifar"]
 IMAGENET = [f"{p}_{w}_patch16_224" for p in ("vitln", "vitbnffn", "vitbn") for w in ("tiny", "small", "base")]
 ALL = MNIST + CIFAR + IMAGENET
-NORM_OF = {"vit": "ln", "vitln": "ln", "vitbnffn": "bn_ffn", "vitbn": "bn"}
+NORM_OF = {"vitln": "ln", "vitbnffn": "bn_ffn", "vitbn": "bn"}
 # name -> (in_chans, side, patch, dim, num_classes) of the default build
 DEFAULTS = {
     **{n: (1, 28, 7, 64, 10) for n in MNIST},
@@ -86,8 +86,8 @@ def test_mnist_and_cifar_builders_use_the_article_config():
         assert (c["pool"], c["pos_embed"], c["qkv_bias"], c["drop_rate"]) == ("cls", "learn", False, 0.0)
         assert c["weight_init"] == "reference"
     assert timm.create_model("vitbnffn_mnist").num_tokens == 17
-    assert timm.get_pretrained_cfg_value("vit_mnist", "mean") == (0.0,)
-    assert timm.get_pretrained_cfg_value("vit_mnist", "std") == (1.0,)
+    assert timm.get_pretrained_cfg_value("vitln_mnist", "mean") == (0.0,)
+    assert timm.get_pretrained_cfg_value("vitln_mnist", "std") == (1.0,)
 
 
 @pytest.mark.parametrize("name", ["vitbn_mnist", "vitln_tiny_patch16_224"])  # no weights shipped for these
@@ -96,7 +96,7 @@ def test_pretrained_without_a_file_raises(name):
         timm.create_model(name, pretrained=True)
 
 
-@pytest.mark.parametrize("name", ["vit_mnist", "vitbn_cifar"])
+@pytest.mark.parametrize("name", ["vitln_mnist", "vitbn_cifar"])
 def test_features_only_gives_the_last_three_blocks(name):
     model = timm.create_model(name, features_only=True, depth=4).eval()
     side, patch = DEFAULTS[name][1], DEFAULTS[name][2]

@@ -6,10 +6,11 @@ Layers, each importing only the ones below it (docs/architecture.md draws the pi
     article                          the reproduction harness
     training                         the loop, the run's settings, evaluation, checkpoints, history,
                                      callbacks, the world of processes and its sharding
-    registry, mlp, timmvit,          timm entry points and pretrained cfgs (mlp.py: the MLPs and their
-    _builder, loading, convert,      builders; timmvit.py: timm's ViT at the article's scale), the
-    deploy, hub, calibration         shared builder, weights in, foreign checkpoints, inference,
-                                     model cards, temperatures: never training
+    registry, mlp, timmvit, names,   timm entry points and pretrained cfgs (mlp.py: the MLPs and their
+    _builder, loading, convert,      builders; timmvit.py: timm's ViT at the article's scale; names.py:
+    deploy, hub, calibration         the naming scheme and old names), the shared builder, weights in,
+                                     foreign checkpoints, inference, model cards, temperatures: never
+                                     training
     layers, vit, factored, kernels,  the models: blocks, the ViT, attention's factored form and its
     batchnorm, features,             kernels, BatchNorm, timm's feature API, the BatchNorm FFN in
     timm_blocks  |  data             timm's ViTs; and the data, each independent of the other
@@ -33,7 +34,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bnvit"
 # What each group of modules may import from bnvit (besides itself).
 BOTTOM = {"_io", "_checks", "device", "fuse"}
 MODELS = {"layers", "vit", "vitconfig", "factored", "kernels", "batchnorm", "features", "timm_blocks"}
-INFERENCE = {"registry", "_builder", "loading", "convert", "mlp", "timmvit", "deploy", "hub", "calibration"}
+INFERENCE = {"registry", "_builder", "loading", "convert", "mlp", "timmvit", "names", "deploy", "hub", "calibration"}
 ALLOWED = {
     "bottom": {"bottom"},
     "models": {"bottom", "models"},

@@ -279,7 +279,7 @@ def test_hf_hub_names_load_through_timms_hub_code(tmp_path, monkeypatch):
 
 
 def test_local_dir_without_weights_says_what_it_expected(tmp_path):
-    save_for_hf(timm.create_model("vit_mnist", depth=1), tmp_path, safe_serialization=True)
+    save_for_hf(timm.create_model("vitln_mnist", depth=1), tmp_path, safe_serialization=True)
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"holds no weights: expected one of model\.safetensors"):
         timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
@@ -296,7 +296,7 @@ def test_weights_of_another_architecture_name_the_difference(tmp_path):
         timm.create_model("vitbnffn_mnist", pretrained=True, depth=3, pretrained_cfg_overlay=dict(file=file))
 
 
-@pytest.mark.parametrize("name", ["vit_mnist", "vitbn_mnist"])
+@pytest.mark.parametrize("name", ["vitln_mnist", "vitbn_mnist"])
 def test_one_channel_weights_on_three_channels_are_exact_for_gray_images(name, tmp_path):
     model = timm.create_model(name, depth=2).eval()
     save_for_hf(model, tmp_path, safe_serialization=True)
@@ -362,8 +362,8 @@ def test_local_dir_weights_are_read_once(tmp_path, monkeypatch):
 
 
 def test_shipped_weights_live_inside_the_package():
-    cfg = timm.get_pretrained_cfg("vit_mnist")
-    assert cfg.file.endswith("bnvit/weights/vit_mnist.safetensors") and cfg.has_weights
+    cfg = timm.get_pretrained_cfg("vitln_mnist")
+    assert cfg.file.endswith("bnvit/weights/vitln_mnist.safetensors") and cfg.has_weights
 
 
 # ---------------------------------------------------------------------------- the model layer

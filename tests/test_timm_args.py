@@ -176,7 +176,7 @@ def test_features_only_cfg_follows_in_chans():
     assert extractor.pretrained_cfg["input_size"] == (3, 28, 28)
 
 
-@pytest.mark.parametrize("name", ["timmvit_mnist", "timmvit_bnffn_mnist", "dnnbn_mnist"])
+@pytest.mark.parametrize("name", ["timmvitln_mnist", "timmvitbnffn_mnist", "dnnbn_mnist"])
 def test_input_size_follows_in_chans_on_the_other_families(name):
     model = timm.create_model(name, in_chans=3, depth=1)
     cfg = resolve_data_config({}, model=model)

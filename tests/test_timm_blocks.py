@@ -426,10 +426,10 @@ def test_to_bn_ffn_changes_nothing_when_a_later_block_is_refused():
     assert model.blocks[0] is first and type(first) is Block
 
 
-# ---------------------------------------------------------------------------- timmvit_mnist, timmvit_bnffn_mnist
+# ---------------------------------------------------------------------------- timmvitln_mnist, timmvitbnffn_mnist
 
 
-@pytest.mark.parametrize(("name", "block"), [("timmvit_mnist", Block), ("timmvit_bnffn_mnist", BNFFNBlock)])
+@pytest.mark.parametrize(("name", "block"), [("timmvitln_mnist", Block), ("timmvitbnffn_mnist", BNFFNBlock)])
 def test_timmvit_names_build_timms_vit_at_the_articles_scale(name, block):
     model = timm.create_model(name, depth=4)
     assert type(model) is VisionTransformer and len(model.blocks) == 4
@@ -446,20 +446,20 @@ def test_timmvit_names_build_timms_vit_at_the_articles_scale(name, block):
 def test_timmvit_model_cards_say_which_blocks():
     from bnvit.hub import model_card, model_stats
 
-    assert "BNFFNBlock" in model_card("timmvit_bnffn_mnist")["description"]
-    assert "timm's LayerNorm Block" in model_card("timmvit_mnist")["description"]
-    assert model_stats("timmvit_mnist")["Params (M)"] == 0.2
+    assert "BNFFNBlock" in model_card("timmvitbnffn_mnist")["description"]
+    assert "timm's LayerNorm Block" in model_card("timmvitln_mnist")["description"]
+    assert model_stats("timmvitln_mnist")["Params (M)"] == 0.2
 
 
 def test_timmvit_names_refuse_weights_they_do_not_have_and_another_block():
     with pytest.raises(ValueError, match="ships no trained weights; build it with pretrained=False"):
-        timm.create_model("timmvit_bnffn_mnist", pretrained=True)
+        timm.create_model("timmvitbnffn_mnist", pretrained=True)
     with pytest.raises(ValueError, match="fixes block_fn=BNFFNBlock"):
-        timm.create_model("timmvit_bnffn_mnist", block_fn=Block)
+        timm.create_model("timmvitbnffn_mnist", block_fn=Block)
 
 
 def test_layer_norm_and_batchnorm_twins_differ_only_in_the_ffn_norm():
-    ln, bn = (timm.create_model(n, depth=2).state_dict() for n in ("timmvit_mnist", "timmvit_bnffn_mnist"))
+    ln, bn = (timm.create_model(n, depth=2).state_dict() for n in ("timmvitln_mnist", "timmvitbnffn_mnist"))
     assert {k for k in ln if ".norm2." not in k} == {k for k in bn if ".mlp.norm." not in k}
     extra = sum(v.numel() for k, v in bn.items() if ".mlp.norm.bn." in k and v.is_floating_point())
     assert extra == 2 * 4 * 128  # per block: weight, bias, running mean and variance of 128 features

@@ -62,7 +62,7 @@ def test_output_shapes(kwargs, x_shape, out_shape, tokens):
 def test_parameter_counts_of_the_article_config(norm, count):
     model = ViT(norm=norm, depth=6)
     assert sum(p.numel() for p in model.parameters()) == count
-    name = {"ln": "vit_mnist", "bn_ffn": "vitbnffn_mnist"}[norm]
+    name = {"ln": "vitln_mnist", "bn_ffn": "vitbnffn_mnist"}[norm]
     assert sum(p.numel() for p in timm.create_model(name).parameters()) == count
     reference = ReferenceViT(bn_ffn=norm == "bn_ffn", depth=6)
     assert sum(p.numel() for p in reference.parameters()) == count

@@ -20,7 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from . import mlp as _mlp  # noqa: F401  (registers dnn_mnist, dnnbn_mnist)
 from . import registry as _registry  # noqa: F401  (registers the timm builders)
-from . import timmvit as _timmvit  # noqa: F401  (registers timmvit_mnist, timmvit_bnffn_mnist)
+from . import timmvit as _timmvit  # noqa: F401  (registers timmvitln_mnist, timmvitbnffn_mnist)
 from .convert import checkpoint_filter_fn
 from .deploy import export_onnx, for_inference
 from .fuse import fold_batchnorm

@@ -289,10 +289,12 @@ def calibrate(
 def shipped_temperature(name: str) -> float | None:
     """The calibrated temperature of the weights of `name` shipped with bnvit, or None if none ship.
 
+    An old name (`bnvit.names.RENAMED`) reads the temperature of its current name.
+
     Examples:
         >>> 0.1 < shipped_temperature("vitbnffn_mnist") < 1.0  # label smoothing made the logits timid
         True
-        >>> shipped_temperature("vit_cifar") is None
+        >>> shipped_temperature("vitln_cifar") is None
         True
     """
     record = shipped_record(name)

@@ -347,7 +347,7 @@ def list_models() -> list[dict]:
 
 
 def _summary(model: torch.nn.Module) -> dict:
-    """Norm, depth, width, heads and patch of a bnvit model, or of timm's ViT as `timmvit_*` builds it."""
+    """Norm, depth, width, heads and patch of a bnvit model, or of timm's ViT as the `timmvit*` builders make it."""
     if hasattr(model, "config"):
         return {k: v for k, v in model.config.items() if k in ("norm", "depth", "dim", "heads", "patch_size")}
     block = model.blocks[0]

@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ._checks import check_bn_statistics
 from ._io import atomic_write_text
 from .loading import SHIPPED_TAG, recipe_summary, shipped_record
+from .names import check_name
 
 __all__ = ["model_card", "model_stats", "save_for_hf"]
 
@@ -40,17 +41,22 @@ ARTICLE = '"Vision Transformer with BatchNorm" (November 2024)'
 
 
 def model_stats(name: str) -> dict[str, Any]:
-    """Parameters (millions), GMACs of one image and the input size of a registered model.
+    """Parameters (millions), GMACs of one image and the input size of a registered bnvit model.
 
-    Counted on the meta device (nothing allocated): multiply-accumulates of every matrix product,
-    attention's included, as `torch.utils.flop_counter` counts them (FLOPs / 2).
+    `name` may be an old name (`bnvit.names.RENAMED`). Counted on the meta device (nothing
+    allocated): multiply-accumulates of every matrix product, attention's included, as
+    `torch.utils.flop_counter` counts them (FLOPs / 2).
 
     Examples:
         >>> model_stats("vitbnffn_mnist")
         {'Params (M)': 0.89, 'GMACs': 0.017, 'Image size': '28 x 28, 1 channel'}
+
+    Raises:
+        ValueError: If `name` is not one of bnvit's models (the message lists them).
     """
+    arch = check_name(name).split(".")[0]
     with torch.device("meta"):
-        model = timm.create_model(name.split(".")[0]).eval()
+        model = timm.create_model(arch).eval()
     channels, height, width = model.pretrained_cfg["input_size"]
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(torch.empty(1, channels, height, width, device="meta"))
@@ -66,9 +72,10 @@ def model_stats(name: str) -> dict[str, Any]:
 def model_card(name: str) -> dict[str, Any]:
     """timm's `model_card` dict for a registered bnvit model (`"vitbnffn_mnist"` or with its tag).
 
-    For the weights bnvit ships (tag `bnvit_mnist`), the card adds the dataset, the recipe, the
-    command, machine and wall time of the training run, its test accuracies, and the temperature
-    that calibrates its probabilities (`bnvit.calibration`), with its effect on the test set. Pass it to
+    An old name (`bnvit.names.RENAMED`) gives the card of its current name. For the weights bnvit
+    ships (tag `bnvit_mnist`), the card adds the dataset, the recipe, the command, machine and wall
+    time of the training run, its test accuracies, and the temperature that calibrates its
+    probabilities (`bnvit.calibration`), with its effect on the test set. Pass it to
     `timm.models.push_to_hf_hub(model, repo, model_card=...)`, or let `save_for_hf` write it.
 
     Examples:
@@ -77,12 +84,14 @@ def model_card(name: str) -> dict[str, Any]:
         ('MNIST', '99.56%')
         >>> card["details"]["Calibration"]["temperature"]
         '0.4844: probabilities are softmax(logits / 0.4844)'
-        >>> "Accuracy" in model_card("vit_cifar")["details"]
+        >>> "Accuracy" in model_card("vitln_cifar")["details"]
         False
+
+    Raises:
+        ValueError: If `name` is not one of bnvit's models (the message lists them).
     """
+    name = check_name(name)
     arch = name.split(".")[0]
-    if arch not in timm.list_models() or not _is_bnvit(arch):
-        raise ValueError(f"unknown bnvit model {name!r}; `bnvit list` names the registered ones")
     details: dict[str, Any] = {"Model Type": "Image classification / feature backbone"}
     details["Model Stats"] = model_stats(arch)
     record = shipped_record(arch) if name in (arch, f"{arch}.{SHIPPED_TAG}") else None
@@ -160,11 +169,6 @@ def save_for_hf(
     _timm_save_for_hf(model, str(folder), safe_serialization=safe_serialization)
     atomic_write_text(folder / "README.md", generate_readme(card, name))
     return folder
-
-
-def _is_bnvit(arch: str) -> bool:
-    builder = timm.models.model_entrypoint(arch)
-    return builder.__module__.startswith("bnvit.")
 
 
 def _description(arch: str) -> str:

@@ -22,6 +22,7 @@ from . import _checks
 from ._checks import first_line
 from ._io import tensors_sha256, verify_checkpoint_file
 from .convert import check_compatible, checkpoint_filter_fn, config_from, describe_state_dict
+from .names import current_name
 from .vit import ViT
 
 __all__ = [
@@ -40,7 +41,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 _PACKAGED_WEIGHTS = WEIGHTS_DIR  # the folder the default cfgs name; `WEIGHTS_DIR` may be pointed elsewhere
 SHIPPED_TAG = "bnvit_mnist"
 """Tag of the weights trained with bnvit's recipe (examples/train_weights.py) on MNIST."""
-SHIPPED = ("vit_mnist", "vitbnffn_mnist")
+SHIPPED = ("vitln_mnist", "vitbnffn_mnist")
+"""The names whose weights ship in the package, under the tag `SHIPPED_TAG`."""
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 """Weight files of a `local-dir:` folder, in timm's order of preference (safetensors first)."""
 
@@ -50,15 +52,18 @@ def shipped_record(name: str) -> dict[str, Any] | None:
 
     `WEIGHTS_DIR/<name>.json`, written by examples/train_weights.py beside the weights: recipe,
     command, machine, wall time, per-epoch history and the test accuracies (docs/weights.md).
+    An old name (`bnvit.names.RENAMED`) reads the record of its current name.
 
     Examples:
         >>> f"{shipped_record('vitbnffn_mnist')['clean_test_acc']:.2%}"
         '99.56%'
-        >>> shipped_record("vit_cifar") is None
+        >>> shipped_record("vit_mnist")["model"]  # an old name: the record of vitln_mnist
+        'vitln_mnist'
+        >>> shipped_record("vitln_cifar") is None
         True
     """
     try:
-        return json.loads((_PACKAGED_WEIGHTS / f"{name}.json").read_text())
+        return json.loads((_PACKAGED_WEIGHTS / f"{current_name(name)}.json").read_text())
     except FileNotFoundError:
         return None
 

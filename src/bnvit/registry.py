@@ -1,19 +1,20 @@
 """The ViT's timm entry points and pretrained configs.
 
-Importing `bnvit` registers these names in timm's model registry:
+Importing `bnvit` registers these names in timm's model registry (`<family>_<size>`, `bnvit.names`):
 
 | name                             | input     | patch | norm     |
 |----------------------------------|-----------|-------|----------|
-| `vit_mnist`                      | 1x28x28   | 7     | `ln`     |
+| `vitln_mnist`                    | 1x28x28   | 7     | `ln`     |
 | `vitbnffn_mnist`                 | 1x28x28   | 7     | `bn_ffn` |
 | `vitbn_mnist`                    | 1x28x28   | 7     | `bn`     |
-| `vit_cifar`, `vitbnffn_cifar`, `vitbn_cifar` | 3x32x32 | 4 | as named |
+| `vitln_cifar`, `vitbnffn_cifar`, `vitbn_cifar` | 3x32x32 | 4 | as named |
 | `vitln_{tiny,small,base}_patch16_224`, `vitbnffn_...`, `vitbn_...` | 3x224x224 | 16 | as named |
 
 The MNIST and CIFAR builders use the article's configuration (dim 64, 8 heads of width 64,
 MLP width 128, depth 6 unless `depth=` is given) and its initialization. The ImageNet-size
-twins use the usual ViT-Ti/S/B widths, qkv bias and timm-style initialization; the LayerNorm
-twin is called `vitln_*` because `vit_*_patch16_224` are timm's own models.
+twins use the usual ViT-Ti/S/B widths, qkv bias and timm-style initialization. The LayerNorm
+family is `vitln` at every size (`vit_*_patch16_224` are timm's own models); its earlier names
+`vit_mnist` and `vit_cifar` still build it, with timm's warning for a renamed model.
 
 The article's reference checkpoints load with
 `timm.create_model("vitbnffn_mnist", pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`
@@ -23,7 +24,7 @@ weights shipped in the package) and builds the depth, qkv bias and positional em
 hold; it records them in `model.pretrained_model_args`, so `save_for_hf` writes them out.
 The weights are read once (`bnvit._builder`), and timm loads what was read.
 
-`vit_mnist.bnvit_mnist` and `vitbnffn_mnist.bnvit_mnist` (the default tags of those names)
+`vitln_mnist.bnvit_mnist` and `vitbnffn_mnist.bnvit_mnist` (the default tags of those names)
 point at `bnvit/weights/<name>.safetensors` inside the installed package: trained weights drop
 in there, and `timm.create_model(name, pretrained=True)` loads them offline.
 
@@ -56,6 +57,7 @@ from .loading import (
     shipped_cfg,
     shipped_record,
 )
+from .names import register_renamed
 from .vit import ViT
 
 __all__ = [
@@ -86,7 +88,7 @@ _IMAGENET_WIDTHS = {
     "small": dict(dim=384, heads=6, mlp_dim=1536),
     "base": dict(dim=768, heads=12, mlp_dim=3072),
 }
-_PREFIX_NORM = {"vit": "ln", "vitln": "ln", "vitbnffn": "bn_ffn", "vitbn": "bn"}
+_PREFIX_NORM = {"vitln": "ln", "vitbnffn": "bn_ffn", "vitbn": "bn"}
 
 _MNIST_CFG = pretrained_cfg(first_conv="patch_embed.proj", **MNIST_INPUT)
 _CIFAR_CFG = pretrained_cfg(
@@ -109,9 +111,11 @@ default_cfgs = generate_default_cfgs(
     {
         **{f"{name}.{SHIPPED_TAG}": shipped_cfg(name, _MNIST_CFG) for name in SHIPPED},
         **{
-            f"{prefix}_mnist": _MNIST_CFG for prefix in ("vit", "vitbnffn", "vitbn") if f"{prefix}_mnist" not in SHIPPED
+            f"{prefix}_mnist": _MNIST_CFG
+            for prefix in ("vitln", "vitbnffn", "vitbn")
+            if f"{prefix}_mnist" not in SHIPPED
         },
-        **{f"{prefix}_cifar": _CIFAR_CFG for prefix in ("vit", "vitbnffn", "vitbn")},
+        **{f"{prefix}_cifar": _CIFAR_CFG for prefix in ("vitln", "vitbnffn", "vitbn")},
         **{
             f"{prefix}_{width}_patch16_224": _IMAGENET_CFG
             for prefix in ("vitln", "vitbnffn", "vitbn")
@@ -157,9 +161,9 @@ def _create_vit(variant: str, pretrained: bool, defaults: dict[str, Any], **kwar
 
 
 @register_model
-def vit_mnist(pretrained: bool = False, **kwargs: Any) -> ViT:
-    """The article's ViT (LayerNorm) for 28x28 MNIST; depth 6 unless `depth=` is given."""
-    return _create_vit("vit_mnist", pretrained, dict(_MNIST, norm="ln"), **kwargs)
+def vitln_mnist(pretrained: bool = False, **kwargs: Any) -> ViT:
+    """The article's ViT (LayerNorm) for 28x28 MNIST; depth 6 unless `depth=` is given (formerly `vit_mnist`)."""
+    return _create_vit("vitln_mnist", pretrained, dict(_MNIST, norm="ln"), **kwargs)
 
 
 @register_model
@@ -175,9 +179,9 @@ def vitbn_mnist(pretrained: bool = False, **kwargs: Any) -> ViT:
 
 
 @register_model
-def vit_cifar(pretrained: bool = False, **kwargs: Any) -> ViT:
-    """The article's ViT configuration (LayerNorm) for 32x32x3 inputs, patch 4."""
-    return _create_vit("vit_cifar", pretrained, dict(_CIFAR, norm="ln"), **kwargs)
+def vitln_cifar(pretrained: bool = False, **kwargs: Any) -> ViT:
+    """The article's ViT configuration (LayerNorm) for 32x32x3 inputs, patch 4 (formerly `vit_cifar`)."""
+    return _create_vit("vitln_cifar", pretrained, dict(_CIFAR, norm="ln"), **kwargs)
 
 
 @register_model
@@ -248,3 +252,6 @@ def vitbn_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
 def vitbn_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
     """ViT-B/16 with BatchNorm in place of every LayerNorm."""
     return _create_vit("vitbn_base_patch16_224", pretrained, _imagenet("base", "bn"), **kwargs)
+
+
+register_renamed(__name__)  # vit_mnist, vit_cifar: the names of vitln_mnist, vitln_cifar before `<family>_<size>`

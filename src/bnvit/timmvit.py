@@ -6,13 +6,16 @@ timm's standard layout:
 
 | name | blocks |
 |---|---|
-| `timmvit_mnist` | timm's `Block` (LayerNorm before attention and before the MLP) |
-| `timmvit_bnffn_mnist` | `bnvit.BNFFNBlock` (LayerNorm before attention, BatchNorm inside the FFN) |
+| `timmvitln_mnist` | timm's `Block` (LayerNorm before attention and before the MLP) |
+| `timmvitbnffn_mnist` | `bnvit.BNFFNBlock` (LayerNorm before attention, BatchNorm inside the FFN) |
+
+Their names before the `<family>_<size>` scheme (`bnvit.names`), `timmvit_mnist` and
+`timmvit_bnffn_mnist`, still build them, with timm's warning for a renamed model.
 
 Both are timm's `VisionTransformer` with the article's sizes where timm's layout allows them:
 28x28x1 input, patch 7 (16 patches and a class token), width 64, 4 heads, MLP ratio 2 (hidden
 width 128), 10 classes, class-token pooling, a learned position embedding, no qkv bias, depth 6
-unless `depth=` is given, timm's initialization. What differs from bnvit's `ViT` (`vit_mnist`,
+unless `depth=` is given, timm's initialization. What differs from bnvit's `ViT` (`vitln_mnist`,
 `vitbnffn_mnist`): each head is `64 / 4 = 16` wide (bnvit: 8 heads of 64, an attention 8x wider
 than the tokens), the patches are embedded by timm's strided convolution without bnvit's
 LayerNorms before and after it, and the weights start from timm's truncated-normal
@@ -27,9 +30,10 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from .features import input_cfg
+from .names import register_renamed
 from .timm_blocks import BNFFNBlock
 
-__all__ = ["MNIST_ARGS", "timmvit_bnffn_mnist", "timmvit_mnist"]
+__all__ = ["MNIST_ARGS", "timmvitbnffn_mnist", "timmvitln_mnist"]
 
 MNIST_ARGS: dict[str, Any] = dict(
     img_size=28,
@@ -60,7 +64,7 @@ default_cfgs = generate_default_cfgs(
             classifier="head",
             license="mit",
         )
-        for name in ("timmvit_mnist", "timmvit_bnffn_mnist")
+        for name in ("timmvitln_mnist", "timmvitbnffn_mnist")
     }
 )
 
@@ -97,12 +101,15 @@ def _create(variant: str, pretrained: bool, blocks: type, **kwargs: Any) -> Visi
 
 
 @register_model
-def timmvit_mnist(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+def timmvitln_mnist(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """timm's ViT at the article's MNIST scale, with timm's LayerNorm `Block`s; depth 6 unless `depth=` is given."""
-    return _create("timmvit_mnist", pretrained, Block, **kwargs)
+    return _create("timmvitln_mnist", pretrained, Block, **kwargs)
 
 
 @register_model
-def timmvit_bnffn_mnist(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """`timmvit_mnist` with `bnvit.BNFFNBlock`s: the article's BatchNorm FFN in timm's layout."""
-    return _create("timmvit_bnffn_mnist", pretrained, BNFFNBlock, **kwargs)
+def timmvitbnffn_mnist(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """`timmvitln_mnist` with `bnvit.BNFFNBlock`s: the article's BatchNorm FFN in timm's layout."""
+    return _create("timmvitbnffn_mnist", pretrained, BNFFNBlock, **kwargs)
+
+
+register_renamed(__name__)  # timmvit_mnist, timmvit_bnffn_mnist: their names before `<family>_<size>`

@@ -36,7 +36,14 @@ __all__ = [
 
 @dataclass(frozen=True, order=True)
 class Cell:
-    """One training run of a sweep."""
+    """One training run of a sweep.
+
+    Attributes:
+        model: The model's label (`Experiment.models`), which names the cell in results and reports.
+        depth: Encoder blocks (hidden layers for the MLPs).
+        lr: Learning rate.
+        seed: Seed of the initialization and of the data order.
+    """
 
     model: str
     depth: int
@@ -83,7 +90,9 @@ class Experiment:
     Attributes:
         name: Default output folder name (`runs/<name>`) and the identity a folder records in
             `sweep.json`: a folder holds the results of one experiment.
-        models: timm model names; the first is the baseline, the second the BatchNorm model.
+        models: The models' labels in results and reports (a registered timm name, or for the
+            article's models their name when the studies began: `claims.BUILT_AS`); the first is
+            the baseline, the second the BatchNorm model.
         grid: Learning rate -> depths to run at that rate.
         settings: Shared training settings (the article's by default).
         quick_grid: The `--quick` grid (fewer depths).

@@ -31,6 +31,7 @@ from .._io import append_line_atomic
 from ..device import resolve_device, resolve_precision
 from ..training import evaluate, fit
 from ..training.history import finite_or_none
+from .claims import BUILT_AS
 from .folder import FolderLock, check_not_foreign, prepare_folder
 from .grid import Cell, Settings
 from .parallel import LocalProcesses, RayTasks, SweepError, available_cores, check_ray, check_workers, run_jobs
@@ -40,11 +41,11 @@ __all__ = ["Job", "SweepError", "build_model", "run_sweep", "todo", "train_cell"
 
 
 def build_model(cell: Cell) -> torch.nn.Module:
-    """The cell's model, initialized from its seed."""
+    """The cell's model, initialized from its seed, built through its current name (`claims.BUILT_AS`)."""
     import timm  # deferred: importing timm takes seconds, and only a sweep or an estimate builds models
 
     torch.manual_seed(cell.seed)
-    return timm.create_model(cell.model, depth=cell.depth)
+    return timm.create_model(BUILT_AS.get(cell.model, cell.model), depth=cell.depth)
 
 
 _build_model = build_model  # what run_sweep calls; tests replace it to count or interrupt model builds
