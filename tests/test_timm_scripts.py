@@ -68,6 +68,27 @@ def test_main_runs_the_script_as_main_with_bnvit_registered(tmp_path):
     assert json.loads(out.read_text()) == ["__main__", ["--flag", "x"], [1, 28, 28]]
 
 
+def test_an_old_model_name_reaches_the_script_by_its_current_name(tmp_path, capsys):
+    # timm's scripts resolve a pretrained cfg under the name they are given; under an old name
+    # (a deprecated alias in timm's registry) they would find none, so the name is passed on renamed
+    script = tmp_path / "probe.py"
+    out = tmp_path / "out.json"
+    script.write_text(
+        "import argparse, json, timm\n"
+        "p = argparse.ArgumentParser(); p.add_argument('--model', '-m')\n"
+        "name = p.parse_args().model\n"
+        "args = timm.models.resolve_model_input_args(name)\n"
+        "m = timm.create_model(pretrained=True, **args)\n"
+        f"json.dump([name, m.pretrained_cfg['tag']], open({str(out)!r}, 'w'))\n"
+    )
+    for given in (["--model", "vit_mnist"], ["--model=vit_mnist"], ["-m", "vit_mnist"]):
+        assert main([str(script), *given]) == 0
+        assert json.loads(out.read_text()) == ["vitln_mnist", "bnvit_mnist"]
+        assert "model vit_mnist is now called vitln_mnist" in capsys.readouterr().err
+    assert main([str(script), "--model", "vitbnffn_mnist"]) == 0
+    assert json.loads(out.read_text())[0] == "vitbnffn_mnist" and capsys.readouterr().err == ""
+
+
 @pytest.mark.slow
 @needs_checkout
 def test_train_with_timms_pool_and_batchnorm_flags(image_folder, tmp_path):

@@ -9,7 +9,9 @@ sets them), after that import:
         --dataset torch/mnist --data-dir $BNVIT_DATA
 
 The timm package the script uses is the one bnvit registered its models in (the installed one),
-even when the script sits in a timm checkout with its own `timm/` folder beside it.
+even when the script sits in a timm checkout with its own `timm/` folder beside it. A model named
+by an old name (`--model vit_mnist`, see `bnvit.names`) is passed on by its current name, so
+that timm's scripts find its pretrained cfg (timm looks a cfg up under the name it is given).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import sys
 from pathlib import Path
 
 __all__ = ["main"]
+
+MODEL_FLAGS = ("--model", "-m")
 
 USAGE = "usage: python -m bnvit.timm_script SCRIPT [ARGS...]  (SCRIPT: timm's train.py, validate.py, ...)"
 
@@ -51,10 +55,37 @@ def main(argv: list[str] | None = None) -> int:
     # beside the script cannot shadow the timm the models were registered in.
     from . import mlp, registry, timmvit  # noqa: F401
 
-    sys.argv = [str(script), *argv[1:]]
+    sys.argv = [str(script), *current_model_names(argv[1:])]
     sys.path.insert(0, str(script.resolve().parent))
     runpy.run_path(str(script), run_name="__main__")
     return 0
+
+
+def current_model_names(args: list[str]) -> list[str]:
+    """`args` with an old model name after `--model`/`-m` (or in `--model=NAME`) replaced by its current one.
+
+    Examples:
+        >>> current_model_names(["--model", "vit_mnist", "--pretrained"])  # says so on stderr
+        ['--model', 'vitln_mnist', '--pretrained']
+        >>> current_model_names(["--model=vitbnffn_mnist", "-b", "64"])
+        ['--model=vitbnffn_mnist', '-b', '64']
+    """
+    from .names import current_name
+
+    def renamed(name: str) -> str:
+        new = current_name(name)
+        if new != name:
+            print(f"bnvit.timm_script: model {name} is now called {new}", file=sys.stderr)
+        return new
+
+    out = list(args)
+    for i, arg in enumerate(out):
+        flag, eq, value = arg.partition("=")
+        if eq and flag in MODEL_FLAGS:
+            out[i] = f"{flag}={renamed(value)}"
+        elif arg in MODEL_FLAGS and i + 1 < len(out):
+            out[i + 1] = renamed(out[i + 1])
+    return out
 
 
 if __name__ == "__main__":
