@@ -53,3 +53,11 @@ def test_bnvit_predict_uses_them_without_a_checkpoint(mnist_root, tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert [r["digit"] for r in json.loads(run.stdout)] == labels[:3].tolist()
+
+
+def test_the_two_shipped_weights_share_one_recipe():
+    # the shipped files compare the architectures like for like: same recipe, seed and precision
+    ln, bn = (shipped_record(name) for name in ("vitln_mnist", "vitbnffn_mnist"))
+    assert ln["recipe"] == bn["recipe"] and ln["recipe"]["epochs"] == 100
+    assert (ln["seed"], ln["precision"]) == (bn["seed"], bn["precision"])
+    assert ln["params"] == 893164 and bn["params"] == 893932
