@@ -502,7 +502,7 @@ def test_a_real_sigint_during_training_is_one_line_exit_130_and_frees_the_folder
     assert not (out / LOCK).exists()
 
 
-def test_figures_of_several_seeds_say_mean_and_std_and_quick_ones_say_quick(tmp_path, monkeypatch):
+def test_figures_of_several_seeds_say_mean_std_and_each_panels_seeds_and_quick_ones_say_quick(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from bnvit.article import plots
 
@@ -518,7 +518,11 @@ def test_figures_of_several_seeds_say_mean_and_std_and_quick_ones_say_quick(tmp_
     results = depth4_results([0.01, 0.02, 0.03], Settings(epochs=3, train_subset=600))
     plots.plot_depths(results, tmp_path, quick="3 epochs, 600 training images")
     title, legend = seen["depths_lr0.005.png"]
-    assert title.startswith("quick: ") and legend == ["ViT (mean ± std, 3 seeds)", "ViTBNFFN (mean ± std, 3 seeds)"]
+    assert title == "quick: depth 4, lr 0.005, 3 seeds"
+    assert legend == ["ViT (mean ± std)", "ViTBNFFN (mean ± std)"]
+    # A cell still filling up: its panel says each model's count, not the first panel's.
+    plots.plot_depths(results[:-1], tmp_path)
+    assert seen["depths_lr0.005.png"][0] == "depth 4, lr 0.005, 3 and 2 seeds"
 
 
 # ----------------------------------------------------------------------------- the learning-rate window

@@ -33,15 +33,17 @@ def _pyplot():
     return plt
 
 
-def _band(ax, curves: Sequence[Sequence[float]], label: str, scale: float = 100.0) -> None:
-    """Mean over seeds as a line, ± one standard deviation over seeds as a band (NaNs ignored)."""
+def _band(ax, curves: Sequence[Sequence[float]], label: str, scale: float = 100.0, count: bool = True) -> None:
+    """Mean over seeds as a line, ± one standard deviation over seeds as a band (NaNs ignored).
+
+    `count=False` leaves the number of seeds out of the label (the panel's title says it)."""
     from matplotlib.ticker import MaxNLocator  # deferred with matplotlib itself (optional)
 
     epochs = range(1, len(curves[0]) + 1)
     columns = [[v for v in col if not math.isnan(v)] for col in zip(*curves, strict=True)]
     mean = [scale * statistics.fmean(col) if col else math.nan for col in columns]
     if len(curves) > 1:
-        label = f"{label} (mean ± std, {len(curves)} seeds)"
+        label = f"{label} (mean ± std" + (f", {len(curves)} seeds)" if count else ")")
     line = ax.plot(epochs, mean, marker="o", markersize=3, label=label)[0]
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(curves) > 1:
@@ -65,6 +67,14 @@ def _in_grid(groups: dict, grid: Grid | None) -> dict:
     if not grid:
         return groups
     return {k: v for k, v in groups.items() if k[1] in grid.get(k[2], ())}
+
+
+def _seeds(groups: dict, models: Sequence[str], depth: int, lr: float) -> str:
+    """A panel's seed count for its title: `", 10 seeds"`, `", 7 and 6 seeds"` (per model), `""` for one."""
+    counts = [len(groups[(m, depth, lr)]["curves"]) for m in models]
+    if max(counts) == 1:
+        return ""
+    return f", {counts[0]} seeds" if len(set(counts)) == 1 else f", {' and '.join(map(str, counts))} seeds"
 
 
 def _title(text: str, quick: str | None) -> str:
@@ -91,9 +101,10 @@ def plot_depths(
             1, len(depths), figsize=(3.6 * len(depths), 3.2), squeeze=False, layout="constrained", sharey=True
         )
         for ax, depth in zip(axes[0], depths, strict=True):
-            for model in sorted({k[0] for k in groups if k[1:] == (depth, lr)}, key=lambda m: "bn" in m):
-                _band(ax, groups[(model, depth, lr)]["curves"], LABELS.get(model, model))
-            ax.set_title(_title(f"depth {depth}, lr {lr:g}", quick))
+            models = sorted({k[0] for k in groups if k[1:] == (depth, lr)}, key=lambda m: "bn" in m)
+            for model in models:
+                _band(ax, groups[(model, depth, lr)]["curves"], LABELS.get(model, model), count=False)
+            ax.set_title(_title(f"depth {depth}, lr {lr:g}{_seeds(groups, models, depth, lr)}", quick))
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("validation accuracy (%)")
