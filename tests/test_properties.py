@@ -2,14 +2,13 @@
 
 Hypothesis draws small configurations (images up to 28 x 28, widths up to 24, depth 1-3) so
 that each example takes milliseconds. Runs are derandomized, so CI sees the same examples every
-time, and each test has a deadline per example and a timeout for the whole test, so a hang
-fails instead of blocking the suite.
+time. No example has a deadline (a deadline is a timing assert, and fails on a busy machine); a
+timeout for the whole test makes a hang fail instead of blocking the suite.
 """
 
 from __future__ import annotations
 
 import math
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,7 @@ from bnvit.vit import POOLS, POS_EMBEDS, WEIGHT_INITS
 
 PROPERTY = settings(
     max_examples=30,
-    deadline=timedelta(seconds=5),
+    deadline=None,
     derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
