@@ -482,8 +482,8 @@ def _result(model: str, depth: int, lr: float, seed: int, accs: list[float]) -> 
 
 def test_transfer_study_is_declared_as_asked():
     assert TRANSFER.models == ("timmvit_mnist", "timmvit_bnffn_mnist")
-    assert TRANSFER.grid == {0.003: (4, 6), 0.005: (4, 6)} and TRANSFER.seeds == 3
-    assert len(TRANSFER.cells(seeds=TRANSFER.seeds)) == 24
+    assert TRANSFER.grid == {0.003: (4, 6), 0.005: (4, 6)} and TRANSFER.seeds == 10  # the ten-seed transfer protocol
+    assert len(TRANSFER.cells(seeds=TRANSFER.seeds)) == 80
     settings = TRANSFER.settings
     assert (settings.epochs, settings.augment, settings.train_subset, settings.precision) == (10, "fast", None, "fp32")
     args = cli.build_parser(TRANSFER).parse_args(["--quick"])
