@@ -27,8 +27,8 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
+from bnvit._util.device import torch_threads
 from bnvit.data import DeviceLoader, MNISTDataset, article_transform, augment_batch, load_mnist
-from bnvit.device import torch_threads
 from common import machine
 
 

@@ -33,7 +33,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from bnvit import BNFFNBlock, fold_batchnorm
-from bnvit.device import torch_threads
+from bnvit._util.device import torch_threads
 from common import interleaved, machine, table
 
 PRESETS = {

@@ -9,7 +9,7 @@ resident set size, from `wait4` in a small launcher process (on Linux a child's 
 its parent's at the fork). Ratios are taken between medians of the same run:
 
 - `bnvit --help` against a bare `python -c pass`, and against the same help reached through the
-  package (`from bnvit.cli import main`: what the entry point cost when it lived in the package);
+  package (`from bnvit.app.cli import main`: what the entry point cost when it lived in the package);
 - `bnvit predict one.png` against `python -c "import torch, timm"`: how much predict adds to the
   imports it cannot avoid (`import bnvit` registers the models in timm, and timm imports torch
   and torchvision).
@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FRONT = "import sys; from _bnvit_cli import main; sys.exit(main())"  # what the console script runs
-THROUGH_PACKAGE = "import sys; from bnvit.cli import main; sys.exit(main())"
+THROUGH_PACKAGE = "import sys; from bnvit.app.cli import main; sys.exit(main())"
 
 
 def commands(image: Path) -> dict[str, list[str]]:

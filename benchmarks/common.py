@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torchvision
 
-from bnvit.device import describe_machine
+from bnvit._util.device import describe_machine
 
 
 def machine(device: torch.device) -> dict:

@@ -30,7 +30,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import bnvit
-from bnvit.demo import DemoModel, DemoServer, make_server
+from bnvit.app.demo import DemoModel, DemoServer, make_server
 
 
 def _drawing() -> bytes:

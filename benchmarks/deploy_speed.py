@@ -172,7 +172,7 @@ def _time_batch(
 
 def build_small_models(device: torch.device | None = None, depth: int | None = None) -> dict[str, ViT]:
     """ViT-S/16 at 224: `vitln_small_patch16_224` and `vitbn_small_patch16_224` (BatchNorm calibrated), eval mode."""
-    from bnvit import registry  # the timm builders; only this section needs them
+    from bnvit.timm import registry  # the timm builders; only this section needs them
 
     models = {}
     builders = {"ViT": registry.vitln_small_patch16_224, "ViTBN folded": registry.vitbn_small_patch16_224}

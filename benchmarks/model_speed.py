@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bnvit import ViT, checkpoint_filter_fn, fold_batchnorm
-from bnvit.factored import takes_factored
+from bnvit.models.attention import takes_factored
 from bnvit.training import resolve_precision
 from common import interleaved_stats
 from reference_vit import ReferenceViT

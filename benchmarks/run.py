@@ -53,7 +53,7 @@ import augment_throughput
 import deploy_speed
 import epoch
 import model_speed
-from bnvit.device import torch_threads
+from bnvit._util.device import torch_threads
 from bnvit.training import resolve_device
 from common import machine, table
 

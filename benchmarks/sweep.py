@@ -9,12 +9,12 @@ import time
 
 import torch
 
-from bnvit.article import Cell, Settings, run_sweep
-from bnvit.article.claims import VIT_MODELS
+from bnvit.experiments import Cell, Settings, run_sweep
+from bnvit.experiments.claims import VIT_MODELS
 
 # lr 0.003: depths 4-7 (depth figure) and 2-4 (learning-rate figure); lr 0.005: depths 1-4.
 GRID = {0.003: (2, 3, 4, 5, 6, 7), 0.005: (1, 2, 3, 4)}
-MODELS = VIT_MODELS  # the harness's labels, as in the article's sweep (bnvit.article.claims.BUILT_AS)
+MODELS = VIT_MODELS  # the harness's labels, as in the article's sweep (bnvit.experiments.claims.BUILT_AS)
 
 
 def run(device: torch.device, root=None, smoke: bool = False) -> dict:

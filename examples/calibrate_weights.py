@@ -2,7 +2,7 @@
 
 The shipped weights were trained with label smoothing 0.1, so their softmax says about 91% for a
 digit they are nearly always right about. Dividing the logits by a temperature T, fitted by
-minimizing the negative log-likelihood (`bnvit.calibration.calibrate`), makes the probabilities
+minimizing the negative log-likelihood (`bnvit.weights.calibration.calibrate`), makes the probabilities
 mean what they say; the prediction and the accuracy do not change.
 
 What T is fitted on. The test set never: it only measures the result. The weights were trained
@@ -36,10 +36,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import bnvit
-from bnvit._io import atomic_path, atomic_write_text
-from bnvit.calibration import ECE_BINS, expected_calibration_error, fit_temperature, model_logits, reliability
+from bnvit._util.io import atomic_path, atomic_write_text
 from bnvit.data import load_mnist
-from bnvit.registry import SHIPPED, WEIGHTS_DIR
+from bnvit.weights.calibration import ECE_BINS, expected_calibration_error, fit_temperature, model_logits, reliability
+from bnvit.weights.loading import SHIPPED, WEIGHTS_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_weights import calibration_record  # the fit train_weights.py does after training

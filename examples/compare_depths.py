@@ -14,9 +14,11 @@ Rerunning the same command skips finished runs and resumes an interrupted one.
 
 import sys
 
-from bnvit.article import COMPARE_DEPTHS, run_cli
+from bnvit.experiments import COMPARE_DEPTHS, run_cli
 
-EXPERIMENT = COMPARE_DEPTHS  # declared in bnvit.article.grid, shared with `bnvit reproduce` and the three-seed study
+EXPERIMENT = (
+    COMPARE_DEPTHS  # declared in bnvit.experiments.grid, shared with `bnvit reproduce` and the three-seed study
+)
 
 if __name__ == "__main__":
     sys.exit(run_cli(EXPERIMENT))

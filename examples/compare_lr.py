@@ -11,9 +11,9 @@ depth 3: ViT from about 91% to 78%, ViTBNFFN from about 92% to 90%). Writes `res
 
 import sys
 
-from bnvit.article import COMPARE_LR, run_cli
+from bnvit.experiments import COMPARE_LR, run_cli
 
-EXPERIMENT = COMPARE_LR  # declared in bnvit.article.grid, shared with `bnvit reproduce` and the three-seed study
+EXPERIMENT = COMPARE_LR  # declared in bnvit.experiments.grid, shared with `bnvit reproduce` and the three-seed study
 
 if __name__ == "__main__":
     sys.exit(run_cli(EXPERIMENT))

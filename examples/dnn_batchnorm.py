@@ -13,9 +13,9 @@ The MLPs train on MNIST without augmentation by default (`--augment fast` to cha
 
 import sys
 
-from bnvit.article import DNN_BATCHNORM, run_cli
+from bnvit.experiments import DNN_BATCHNORM, run_cli
 
-EXPERIMENT = DNN_BATCHNORM  # declared in bnvit.article.grid, shared with `bnvit reproduce` and the three-seed study
+EXPERIMENT = DNN_BATCHNORM  # declared in bnvit.experiments.grid, shared with `bnvit reproduce` and the three-seed study
 
 if __name__ == "__main__":
     sys.exit(run_cli(EXPERIMENT))

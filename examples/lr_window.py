@@ -14,9 +14,9 @@ spread. Writes `results.jsonl`, `lr_window.png` and `report.md` into `--out`.
 
 import sys
 
-from bnvit.article import LR_WINDOW, run_cli
+from bnvit.experiments import LR_WINDOW, run_cli
 
-EXPERIMENT = LR_WINDOW  # declared in bnvit.article.grid, shared with `bnvit reproduce lr-window`
+EXPERIMENT = LR_WINDOW  # declared in bnvit.experiments.grid, shared with `bnvit reproduce lr-window`
 
 if __name__ == "__main__":
     sys.exit(run_cli(EXPERIMENT))

@@ -18,7 +18,7 @@ The same as `bnvit reproduce all ...` from an installed package.
 
 import sys
 
-from bnvit.article.study import build_parser, main
+from bnvit.experiments.study import build_parser, main
 
 __all__ = ["build_parser", "main"]
 

@@ -32,7 +32,7 @@ does the same for weights already trained.
     python examples/train_weights.py --model vitln_mnist --out runs/weights \
         --epochs 100 --drop-path 0.1 --warmup-epochs 5
 
-`--model` takes a model's old name too (`vit_mnist`, `bnvit.names.RENAMED`); the files are named
+`--model` takes a model's old name too (`vit_mnist`, `bnvit.weights.names.RENAMED`); the files are named
 by its current name.
 """
 
@@ -51,12 +51,12 @@ import torch
 from safetensors.torch import save_file
 
 import bnvit
-from bnvit._io import tensors_sha256
-from bnvit.calibration import calibrate, expected_calibration_error, model_logits
+from bnvit._util.device import describe_machine, resolve_device, resolve_precision
+from bnvit._util.io import tensors_sha256
 from bnvit.data import DeviceLoader, apply_augment, augmented_test_set, load_mnist, sample_augment_params
-from bnvit.device import describe_machine, resolve_device, resolve_precision
-from bnvit.loading import SHIPPED
-from bnvit.names import current_name
+from bnvit.weights.calibration import calibrate, expected_calibration_error, model_logits
+from bnvit.weights.loading import SHIPPED
+from bnvit.weights.names import current_name
 
 RECIPE = dict(
     optimizer="adamw",

@@ -1,12 +1,12 @@
 """Does the article's effect hold in timm's own ViT? timm's LayerNorm blocks against BNFFNBlock.
 
 timm's `VisionTransformer` at the article's scale (28x28x1, patch 7, width 64, 4 heads of width
-16, MLP ratio 2, class token; `bnvit.timmvit`), once with timm's `Block` (`timmvitln_mnist`) and
+16, MLP ratio 2, class token; `bnvit.timm.vision_transformer`), once with timm's `Block` (`timmvitln_mnist`) and
 once with `bnvit.BNFFNBlock` (`timmvitbnffn_mnist`), at depths 4 and 6 and learning rates 0.003
 and 0.005, three seeds, 10 epochs of augmented MNIST (Adam, batch 100), as the article trains.
 Writes `results.jsonl`, the depth and learning-rate figures and `report.md` (with the gap of each
 cell and its t-interval) into `--out`. The results name the two models `timmvit_mnist` and
-`timmvit_bnffn_mnist`, their names when the study began (`bnvit.article.claims.BUILT_AS`).
+`timmvit_bnffn_mnist`, their names when the study began (`bnvit.experiments.claims.BUILT_AS`).
 
     python examples/transfer.py              # the study: 24 runs (CUDA when present)
     python examples/transfer.py --quick      # a smoke test: depth 4, 3 epochs on 6,000 images, 2 seeds
@@ -17,9 +17,9 @@ Rerunning the same command skips finished runs and resumes an interrupted one.
 
 import sys
 
-from bnvit.article import TRANSFER, run_cli
+from bnvit.experiments import TRANSFER, run_cli
 
-EXPERIMENT = TRANSFER  # declared in bnvit.article.grid
+EXPERIMENT = TRANSFER  # declared in bnvit.experiments.grid
 
 if __name__ == "__main__":
     sys.exit(run_cli(EXPERIMENT))

@@ -5,11 +5,11 @@ torchvision: several seconds and hundreds of MB before anything else happens. An
 module inside the `bnvit` package runs `bnvit/__init__.py` first, so the console script's entry
 point lives here, in a top-level module of the same distribution that imports only the standard
 library. `bnvit --help`, `bnvit reproduce --help`, `bnvit list --help` and every argument error
-are answered by argparse alone; `bnvit.cli` (the work: predict, list, demo, calibrate,
+are answered by argparse alone; `bnvit.app.cli` (the work: predict, list, demo, calibrate,
 reproduce) is imported once the arguments are known to be valid.
 
-`bnvit.cli.main` and `bnvit.cli.build_parser` are these functions; `python -m bnvit` runs the
-same `main` (after importing the package, which `python -m` does anyway).
+`python -m bnvit` runs the same `main` (`bnvit/__main__.py`). The import runs one way: this front
+imports `bnvit.app.cli`, which never imports this module.
 """
 
 from __future__ import annotations
@@ -212,12 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) >= 2 and argv[0] == "reproduce" and argv[1] in REPRODUCE:
         # The experiment's own parser reads every flag, --help included; it lives with the harness.
-        from bnvit.cli import reproduce
+        from bnvit.app.cli import reproduce
 
         return reproduce(argv[1], argv[2:])
     args = build_parser().parse_args(argv)
     # Deferred on purpose: the arguments are valid, now the work may import torch and timm.
-    from bnvit.cli import run
+    from bnvit.app.cli import run
 
     return run(args)
 

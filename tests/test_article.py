@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
+from scipy.stats import t as student_t
 import torch
 
-from bnvit.article import cli, study
-from bnvit.article import sweep as article_sweep
-from bnvit.article.claims import EXPECTATIONS, judge
-from bnvit.article.folder import LOCK, FolderLock, FolderLockedError, prepare_folder
-from bnvit.article.grid import (
+from bnvit.experiments import cli, study
+from bnvit.experiments import sweep as article_sweep
+from bnvit.experiments.claims import EXPECTATIONS, judge
+from bnvit.experiments.folder import LOCK, FolderLock, FolderLockedError, prepare_folder
+from bnvit.experiments.grid import (
     ARTICLE_FP32,
     ARTICLE_MLP,
     ARTICLE_VIT,
@@ -32,9 +33,9 @@ from bnvit.article.grid import (
     Cell,
     Settings,
 )
-from bnvit.article.report import report_folder, report_source
-from bnvit.article.results import load_results, results_sha256
-from bnvit.article.stats import holm, seeds_needed, t_interval, t_quantile, t_test
+from bnvit.experiments.report import report_folder, report_source
+from bnvit.experiments.results import load_results, results_sha256
+from bnvit.experiments.stats import holm, seeds_needed, t_interval, t_test
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "docs" / "results"
 
@@ -45,17 +46,6 @@ def _private_cache(tmp_path_factory, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- statistics
-
-
-@pytest.mark.parametrize(("dof", "expected"), [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (5, 2.571)])
-def test_t_quantile_matches_the_tables(dof, expected):
-    assert t_quantile(0.975, dof) == pytest.approx(expected, abs=5e-4)
-
-
-def test_t_quantile_tends_to_the_normal_and_is_symmetric():
-    assert t_quantile(0.975, 10_000) == pytest.approx(1.95996, abs=1e-3)
-    assert t_quantile(0.995, 9) == pytest.approx(3.250, abs=5e-4)
-    assert t_quantile(0.025, 4) == pytest.approx(-2.776, abs=5e-4)
 
 
 def test_t_interval_of_three_paired_seeds():
@@ -85,7 +75,7 @@ def test_holm_adjusts_step_down_and_keeps_the_order():
 def test_seeds_needed_is_the_first_count_that_would_decide():
     n = seeds_needed(mean=1.0, std=1.0, distance=1.0)
     for k, decides in ((n - 1, False), (n, True)):
-        assert (t_quantile(0.95, k - 1) / math.sqrt(k) < 1.0) is decides
+        assert (student_t.ppf(0.95, k - 1) / math.sqrt(k) < 1.0) is decides
     assert seeds_needed(1.0, 1.0, 0.0) is None  # the mean on the bound: no number of seeds decides
 
 
@@ -349,7 +339,7 @@ def test_cli_refuses_another_experiments_folder_in_one_line(tmp_path, capsys):
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from bnvit.article.folder import FolderLock
+    from bnvit.experiments.folder import FolderLock
     with FolderLock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(60)
@@ -454,7 +444,7 @@ def test_ctrl_c_during_a_sweep_is_one_line_and_exit_130(mnist_root, tmp_path, mo
 
 
 def test_bnvit_reproduce_runs_the_articles_command_line(capsys):
-    from bnvit import cli as bnvit_cli
+    import _bnvit_cli as bnvit_cli
 
     with pytest.raises(SystemExit) as exit_:
         bnvit_cli.main(["reproduce", "lr", "--epochs", "0"])
@@ -463,14 +453,14 @@ def test_bnvit_reproduce_runs_the_articles_command_line(capsys):
 
 
 def test_predict_does_not_import_the_article_harness():
-    code = "import sys, bnvit.cli; sys.exit('bnvit.article' in sys.modules)"
+    code = "import sys, bnvit.app.cli; sys.exit('bnvit.experiments' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 INTERRUPTED_SWEEP = textwrap.dedent(
     """
     import sys
-    from bnvit.article import COMPARE_LR, cli
+    from bnvit.experiments import COMPARE_LR, cli
     cli.estimate_seconds = lambda *args, **kwargs: 1.0  # straight to training
     sys.exit(cli.run_cli(COMPARE_LR, sys.argv[1:]))
     """
@@ -504,7 +494,7 @@ def test_a_real_sigint_during_training_is_one_line_exit_130_and_frees_the_folder
 
 def test_figures_of_several_seeds_say_mean_std_and_each_panels_seeds_and_quick_ones_say_quick(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
-    from bnvit.article import plots
+    from bnvit.experiments import plots
 
     seen = {}
     original = plots._save
@@ -545,8 +535,8 @@ def window_results(settings: Settings) -> list[dict]:
 
 
 def test_the_window_is_the_rates_within_two_points_of_the_best_in_decades_with_the_seeds_spread(tmp_path):
-    from bnvit.article.grid import LR_WINDOW
-    from bnvit.article.window import windows
+    from bnvit.experiments.grid import LR_WINDOW
+    from bnvit.experiments.window import windows
 
     settings = LR_WINDOW.settings
     vit, bn = windows(window_results(settings))
@@ -565,8 +555,8 @@ def test_the_window_is_the_rates_within_two_points_of_the_best_in_decades_with_t
 
 
 def test_the_lr_window_command_line_defaults_to_its_seeds_and_is_reachable_from_bnvit(capsys):
-    from bnvit import cli as bnvit_cli
-    from bnvit.article.grid import LR_WINDOW
+    import _bnvit_cli as bnvit_cli
+    from bnvit.experiments.grid import LR_WINDOW
 
     lrs = sorted(LR_WINDOW.grid)
     assert len(lrs) >= 9 and lrs[0] <= 1e-4 and lrs[-1] >= 3e-2 and set(LR_WINDOW.grid.values()) == {(3, 6)}
@@ -578,7 +568,7 @@ def test_the_lr_window_command_line_defaults_to_its_seeds_and_is_reachable_from_
 
 
 def test_estimate_times_cells_with_the_threads_they_will_use(monkeypatch):
-    from bnvit.article import estimate
+    from bnvit.experiments import estimate
 
     seen = []
 
@@ -596,7 +586,7 @@ def test_estimate_times_cells_with_the_threads_they_will_use(monkeypatch):
 
 def test_estimate_times_each_model_at_two_depths_and_interpolates_the_rest(monkeypatch):
     """compare_depths' 14 (model, depth) pairs cost 4 timings; a cost linear in depth is extrapolated exactly."""
-    from bnvit.article import estimate
+    from bnvit.experiments import estimate
 
     seen = []
 

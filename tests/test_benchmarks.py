@@ -21,6 +21,7 @@ import model_speed
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_gpu_check_script_rehearses_on_cpu(mnist_root, tmp_path):
     env = {
         **os.environ,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bnvit import ViT, fit
-from bnvit.layers import TokenBatchNorm
+from bnvit.models.blocks import TokenBatchNorm
 
 SMALL = dict(dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64)
 EPS, MOMENTUM = 1e-5, 0.1

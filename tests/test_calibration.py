@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from bnvit import calibration as cal
-from bnvit.cli import main
+from _bnvit_cli import main
 from bnvit.data import load_mnist
-from bnvit.hub import model_card
-from bnvit.registry import SHIPPED, WEIGHTS_DIR, shipped_record
+from bnvit.weights import calibration as cal
+from bnvit.weights.hub import model_card
+from bnvit.weights.loading import SHIPPED, WEIGHTS_DIR, shipped_record
 
 REFERENCE = "FinOptAug1_ViT_30.pth"
 

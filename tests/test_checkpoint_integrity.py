@@ -20,8 +20,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import bnvit
-from bnvit._io import tensors_sha256
-from bnvit.registry import read_state_dict
+from bnvit._util.io import tensors_sha256
+from bnvit.weights.loading import read_state_dict
 
 NAME = "VITBNFFN_d5_15.pth"
 
@@ -178,7 +178,7 @@ def test_a_negative_running_variance_is_refused_by_timm_from_a_file_and_from_a_s
 
 
 def test_a_negative_running_variance_fails_bnvit_predict_and_the_demo_in_one_line(tmp_path, capsys):
-    from bnvit.cli import main
+    from _bnvit_cli import main
 
     path, _ = _impossible_bn(tmp_path)
     image = tmp_path / "digit.png"
@@ -195,7 +195,7 @@ def test_a_negative_running_variance_fails_bnvit_predict_and_the_demo_in_one_lin
 
 
 def test_the_demo_refuses_a_model_with_impossible_statistics():
-    from bnvit.demo import DemoModel
+    from bnvit.app.demo import DemoModel
 
     model = bnvit.ViTBNFFN(depth=1).eval()
     with torch.no_grad():

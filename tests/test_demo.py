@@ -26,11 +26,11 @@ import torch
 from PIL import Image, ImageOps
 
 import bnvit
-import bnvit.demo
-from bnvit.cli import main
+import bnvit.app.demo
+from _bnvit_cli import main
+from bnvit.app.demo import MAX_BODY_BYTES, MAX_IMAGE_SIDE, DemoModel, DemoServer, make_server
+from bnvit.app.demo.browser import find_chromium, first_confident_digit, strokes_from_digit
 from bnvit.data import load_mnist, prepare_digit
-from bnvit.demo import MAX_BODY_BYTES, MAX_IMAGE_SIDE, DemoModel, DemoServer, make_server
-from bnvit.demo.browser import find_chromium, first_confident_digit, strokes_from_digit
 from conftest import REFERENCE_CHECKPOINTS
 
 CHECKPOINT = "VITBNFFN_d5_15.pth"
@@ -316,7 +316,7 @@ def no_serving(monkeypatch) -> list[DemoServer]:
         built.append(server)
         server.server_close()
 
-    monkeypatch.setattr(bnvit.demo, "serve", serve)
+    monkeypatch.setattr(bnvit.app.demo, "serve", serve)
     return built
 
 
@@ -349,7 +349,9 @@ def test_the_probabilities_shown_are_calibrated_with_each_models_temperature(dig
     """One model served twice, raw and at temperature 0.5: the same digit, the softmax of logits / T."""
     model = bnvit.for_inference(bnvit.ViTBNFFN(depth=1))
     image = Image.fromarray(digit[0].numpy())
-    answer = bnvit.demo.classify_drawing([DemoModel("raw", model), DemoModel("sharp", model, temperature=0.5)], image)
+    answer = bnvit.app.demo.classify_drawing(
+        [DemoModel("raw", model), DemoModel("sharp", model, temperature=0.5)], image
+    )
     raw, sharp = answer["models"]
     with torch.inference_mode():
         logits = model(prepare_digit(image)[None])[0]
@@ -362,7 +364,7 @@ def test_the_probabilities_shown_are_calibrated_with_each_models_temperature(dig
 
 
 def test_cli_serves_the_shipped_weights_at_their_temperature(no_serving):
-    from bnvit.calibration import shipped_temperature
+    from bnvit.weights.calibration import shipped_temperature
 
     assert main(["demo", "--port", "0"]) == 0
     (served,) = no_serving[0].models
@@ -402,7 +404,7 @@ def browser() -> Iterator[object]:
             "Chromium and chromedriver not found (Debian: apt-get install chromium chromium-driver; "
             "or set BNVIT_CHROMIUM and BNVIT_CHROMEDRIVER to their paths)"
         )
-    from bnvit.demo.browser import start_chromium
+    from bnvit.app.demo.browser import start_chromium
 
     driver = start_chromium(1280, 900)
     yield driver
@@ -426,7 +428,7 @@ def _lit_pixels(browser) -> int:
 def test_drawing_a_digit_in_the_browser_shows_it_as_the_prediction(browser, server, digit, tmp_path):
     from selenium.webdriver.common.by import By
 
-    from bnvit.demo.browser import draw_strokes, wait_for_answer
+    from bnvit.app.demo.browser import draw_strokes, wait_for_answer
 
     image, label = digit
     _open(browser, server)
@@ -456,7 +458,7 @@ def test_drawing_a_digit_in_the_browser_shows_it_as_the_prediction(browser, serv
 def test_drawing_with_a_finger(browser, server, digit):
     from selenium.webdriver.common.by import By
 
-    from bnvit.demo.browser import draw_strokes, wait_for_answer
+    from bnvit.app.demo.browser import draw_strokes, wait_for_answer
 
     image, label = digit
     _open(browser, server)

@@ -16,7 +16,7 @@ from torch import nn
 import bnvit
 from bnvit import MLP, ViT, ViTBN, ViTBNFFN, export_onnx, for_inference
 from bnvit.data import load_mnist
-from bnvit.layers import TokenBatchNorm
+from bnvit.models.blocks import TokenBatchNorm
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, TokenBatchNorm, nn.GroupNorm, nn.InstanceNorm1d)
 CALIBRATION_DEPTH = 3
@@ -404,7 +404,7 @@ def test_export_to_an_unwritable_folder_names_the_path_asked_for(tmp_path, monke
         export_onnx(ViTBN(depth=1), folder / "model.onnx")
     assert ".tmp" not in str(info.value) and "write-test" not in str(info.value)
     # every atomic writer names its target, not its hidden temporary file
-    from bnvit._io import atomic_write_text
+    from bnvit._util.io import atomic_write_text
 
     with pytest.raises(PermissionError, match=re.escape(f"cannot write {folder / 'notes.txt'}: Permission denied")):
         atomic_write_text(folder / "notes.txt", "hello")

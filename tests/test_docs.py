@@ -29,9 +29,9 @@ blocks, including blocks indented inside admonitions or lists.
   dropped) are checked instead:
   - `python <path>.py ...` and `torchrun ... <path>.py ...`: the script must exist; for
     `examples/*.py` the flags are parsed by the example's real argument parser (for a sweep,
-    `bnvit.article.cli.build_parser` of its `EXPERIMENT`, and turned into the sweep's settings
+    `bnvit.experiments.cli.build_parser` of its `EXPERIMENT`, and turned into the sweep's settings
     and grid), so a renamed or invalid flag fails here;
-  - `bnvit ...`: parsed with `bnvit.cli.build_parser()`;
+  - `bnvit ...`: parsed with `_bnvit_cli.build_parser()`;
   - `pip install ...` lines are not checked here: `.ci/run` runs the README's install
     commands on a fresh clone;
   - anything else (`cd`, `pytest`, `mkdocs`, ...) is left as written.
@@ -52,7 +52,8 @@ from pathlib import Path
 
 import pytest
 
-from bnvit.article import cli as experiments
+import _bnvit_cli
+from bnvit.experiments import cli as experiments
 from conftest import REFERENCE_CHECKPOINTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,8 +235,6 @@ def _script_and_flags(tokens: list[str]) -> tuple[str, list[str]] | None:
 
 @pytest.mark.parametrize("page", _pages_with(SHELL))
 def test_shell_snippets_are_valid(page: Path):
-    from bnvit import cli
-
     for block in code_blocks(page):
         if block.lang not in SHELL:
             continue
@@ -250,7 +249,7 @@ def test_shell_snippets_are_valid(page: Path):
                 if path.parent.name == "examples":
                     check_example_flags(path, script[1], where)
             elif tokens[0] == "bnvit":
-                _parse(cli.build_parser(), tokens[1:], "bnvit", where)
+                _parse(_bnvit_cli.build_parser(), tokens[1:], "bnvit", where)
 
 
 # ----------------------------------------------------------------------------- shell blocks that run

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from bnvit.article import EXPERIMENTS, Cell, Settings, cli, load_results, report_folder, run_sweep, verdicts
-from bnvit.article import sweep as ex
-from bnvit.article.claims import judge
-from bnvit.article.report import report_source, summary_table
-from bnvit.article.results import RESULTS, results_sha256
-from bnvit.article.study import reference_folder
+from bnvit.experiments import EXPERIMENTS, Cell, Settings, cli, load_results, report_folder, run_sweep, verdicts
+from bnvit.experiments import sweep as ex
+from bnvit.experiments.claims import judge
+from bnvit.experiments.report import report_source, summary_table
+from bnvit.experiments.results import RESULTS, results_sha256
+from bnvit.experiments.study import reference_folder
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = ["--train-subset", "200", "--test-subset", "100", "--no-progress", "--no-download", "--device", "cpu"]
@@ -161,7 +161,7 @@ KILLED_SWEEP = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    from bnvit.article import sweep as ex
+    from bnvit.experiments import sweep as ex
     sys.path.insert(0, {tests!r})
     from test_experiments import CELLS, SETTINGS
 

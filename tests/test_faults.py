@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import bnvit
-from bnvit import _io
-from bnvit._io import FolderLockedError
-from bnvit.article import Cell, Settings, run_sweep
+from bnvit._util import io as _io
+from bnvit._util.io import FolderLockedError
 from bnvit.data import DeviceLoader
+from bnvit.experiments import Cell, Settings, run_sweep
 from bnvit.training.checkpoint import INCOMING, LAST, LOCK, load_checkpoint
 from test_train import FIT, metrics, tiny_model, toy_data
 
@@ -221,10 +221,10 @@ KILLED_WHILE_WRITING = textwrap.dedent(
     """
     import contextlib, os, signal, sys
     from pathlib import Path
-    from bnvit import _io
+    from bnvit._util import io as _io
     sys.path.insert(0, {tests!r})
     from test_faults import CELL, SETTINGS
-    from bnvit.article import run_sweep
+    from bnvit.experiments import run_sweep
 
     original = _io.atomic_open
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bnvit import BatchNormFFN, ViT, ViTBN, ViTBNFFN, fold_batchnorm
-from bnvit.fuse import fold_bn_after_linear, fold_bn_before_linear
+from bnvit.models.fold import fold_bn_after_linear, fold_bn_before_linear
 
 SMALL = dict(dim=16, heads=2, dim_head=8, mlp_dim=32)
 

@@ -1,4 +1,4 @@
-"""Model cards in timm's format and the Hub folder that `bnvit.hub.save_for_hf` writes."""
+"""Model cards in timm's format and the Hub folder that `bnvit.weights.hub.save_for_hf` writes."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import timm
 import torch
 from timm.models._hub import generate_readme
 
-import bnvit.hub as hub
-from bnvit.registry import SHIPPED, WEIGHTS_DIR, shipped_record
+import bnvit.weights.hub as hub
+from bnvit.weights.loading import SHIPPED, WEIGHTS_DIR, shipped_record
 
 
 @pytest.mark.parametrize("name", SHIPPED)

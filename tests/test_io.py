@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import bnvit
-from bnvit import _io
+from bnvit._util import io as _io
 from bnvit.training.checkpoint import LAST, PREVIOUS, load_checkpoint, save_checkpoint
 from bnvit.training.history import EpochRecord, History
 from toys import tiny_model
@@ -61,17 +61,18 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 
 
 def test_there_is_one_atomic_write_core():
-    """Only `_io.atomic_path` renames a temporary over a file; nothing else makes its own temporary files to write."""
+    """Only `_util.io.atomic_path` renames a temporary over a file; nothing else makes its own temporary files to write."""
     for path in SRC.rglob("*.py"):
         calls = {
             node.func.attr
             for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
         }
-        if path.name != "_io.py":
+        if path != SRC / "_util" / "io.py":
             assert "NamedTemporaryFile" not in calls, path
-    assert "os.replace(tmp, path)" in (SRC / "_io.py").read_text()
-    assert "_io" in (SRC / "data" / "sets.py").read_text() and "tempfile" not in (SRC / "data" / "sets.py").read_text()
+    assert "os.replace(tmp, path)" in (SRC / "_util" / "io.py").read_text()
+    sets = (SRC / "data" / "sets.py").read_text()
+    assert "from .._util.io import" in sets and "tempfile" not in sets
 
 
 # ----------------------------------------------------------------------------- verify_checkpoint_file

@@ -1,4 +1,4 @@
-"""One naming scheme, `<family>_<size>`, and the old names kept as timm aliases (`bnvit.names`)."""
+"""One naming scheme, `<family>_<size>`, and the old names kept as timm aliases (`bnvit.weights.names`)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import torch
 from safetensors import safe_open
 from timm.models import get_deprecated_models
 
-import bnvit.hub as hub
-from bnvit.article import EXPERIMENTS, Cell
-from bnvit.article.claims import BUILT_AS, TIMM_MODELS, VIT_MODELS
-from bnvit.article.results import load_results
-from bnvit.article.sweep import build_model
-from bnvit.calibration import shipped_temperature
-from bnvit.cli import list_models
-from bnvit.loading import SHIPPED, WEIGHTS_DIR, shipped_record
-from bnvit.names import RENAMED, check_name, current_name, registered_names
+import bnvit.weights.hub as hub
+from bnvit.app.cli import list_models
+from bnvit.experiments import EXPERIMENTS, Cell
+from bnvit.experiments.claims import BUILT_AS, TIMM_MODELS, VIT_MODELS
+from bnvit.experiments.results import load_results
+from bnvit.experiments.sweep import build_model
+from bnvit.weights.calibration import shipped_temperature
+from bnvit.weights.loading import SHIPPED, WEIGHTS_DIR, shipped_record
+from bnvit.weights.names import RENAMED, check_name, current_name, registered_names
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("vitln", "vitbnffn", "vitbn", "timmvitln", "timmvitbnffn", "dnn", "dnnbn")

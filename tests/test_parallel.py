@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnvit.article import COMPARE_LR, Cell, Settings, cli, estimate, parallel, run_sweep
-from bnvit.article.parallel import FAILURES, SweepError
+from bnvit.experiments import COMPARE_LR, Cell, Settings, cli, estimate, parallel, run_sweep
+from bnvit.experiments.parallel import FAILURES, SweepError
 
 SETTINGS = Settings(epochs=1, train_subset=200, test_subset=100)
 CELLS = [Cell("vit_mnist", 1, 0.003, 0), Cell("vitbnffn_mnist", 1, 0.003, 0)]
@@ -103,7 +103,7 @@ SCRIPT = textwrap.dedent(
     import os, signal, sys
     from pathlib import Path
     sys.path.insert(0, {tests!r})
-    from bnvit.article import sweep
+    from bnvit.experiments import sweep
     from test_parallel import CELLS, SETTINGS
 
     OUT, MODE = Path(sys.argv[1]), sys.argv[2]

@@ -18,9 +18,9 @@ from PIL import Image, ImageDraw, ImageOps
 
 import _bnvit_cli
 import bnvit
-from bnvit.calibration import shipped_temperature
-from bnvit.cli import build_parser, main
+from _bnvit_cli import build_parser, main
 from bnvit.data import load_image, load_mnist, prepare_digit
+from bnvit.weights.calibration import shipped_temperature
 from conftest import ROOT
 
 N_PHOTOS = 20
@@ -262,7 +262,7 @@ def test_predict_json(digit_files, reference_checkpoints, capsys):
 
 
 def test_the_console_script_is_the_light_front():
-    """pyproject.toml points `bnvit` at `_bnvit_cli:main`, which is `bnvit.cli.main`, and python -m bnvit runs it."""
+    """pyproject.toml points `bnvit` at `_bnvit_cli:main`, and python -m bnvit runs it."""
     section = (ROOT / "pyproject.toml").read_text().split("[project.scripts]\n", 1)[1].split("\n\n", 1)[0]
     scripts = dict(re.findall(r'^(\S+) = "(.+)"$', section, flags=re.M))  # tomllib is Python >= 3.11 only
     assert scripts == {"bnvit": "_bnvit_cli:main"}
@@ -420,7 +420,7 @@ def test_help_and_argument_errors_import_neither_torch_nor_timm(argv):
 
 
 def test_reproduce_help_lists_every_experiment(capsys):
-    from bnvit.article import COMPARE_DEPTHS, COMPARE_LR, DNN_BATCHNORM, LR_WINDOW
+    from bnvit.experiments import COMPARE_DEPTHS, COMPARE_LR, DNN_BATCHNORM, LR_WINDOW
 
     with pytest.raises(SystemExit) as exit_:
         main(["reproduce", "--help"])

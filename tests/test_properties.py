@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bnvit import ViT
-from bnvit.layers import NORMS
-from bnvit.vit import POOLS, POS_EMBEDS, WEIGHT_INITS
+from bnvit.models.blocks import NORMS
+from bnvit.models.vit import POOLS, POS_EMBEDS, WEIGHT_INITS
 
 PROPERTY = settings(
     max_examples=30,

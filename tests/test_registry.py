@@ -28,7 +28,7 @@ def test_all_names_are_registered():
     assert sorted(timm.list_models(module="registry")) == sorted(ALL)
     for name in ALL:
         assert timm.is_model(name)
-        assert timm.models.model_entrypoint(name).__module__ == "bnvit.registry"
+        assert timm.models.model_entrypoint(name).__module__ == "bnvit.timm.registry"
 
 
 def test_names_do_not_clash_with_timm():

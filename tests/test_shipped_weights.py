@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from bnvit._io import tensors_sha256
+from bnvit._util.io import tensors_sha256
 from bnvit.data import load_mnist
-from bnvit.registry import SHIPPED, WEIGHTS_DIR, shipped_record
+from bnvit.weights.loading import SHIPPED, WEIGHTS_DIR, shipped_record
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 import bnvit
-import bnvit.factored
+import bnvit.models.attention
 from bnvit import ViT, ViTBN, fold_batchnorm
-from bnvit.factored import factored_attention, factored_pays, self_attention, standard_attention
+from bnvit.models.attention import factored_attention, factored_pays, self_attention, standard_attention
 from reference_vit import ReferenceViT
 
 
@@ -197,8 +197,8 @@ def test_attention_module_forms_agree_with_gradients(norm, qkv_bias):
 )
 def test_attn_impl_picks_the_form(monkeypatch, impl, batch, factored):
     ran = []
-    real = bnvit.factored.factored_attention
-    monkeypatch.setattr(bnvit.factored, "factored_attention", lambda *args: ran.append(True) or real(*args))
+    real = bnvit.models.attention.factored_attention
+    monkeypatch.setattr(bnvit.models.attention, "factored_attention", lambda *args: ran.append(True) or real(*args))
     attn = bnvit.Attention(64, 8, 64, attn_impl=impl).eval()
     with torch.no_grad():
         attn(torch.randn(batch, 17, 64))

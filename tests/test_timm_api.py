@@ -25,9 +25,9 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 import bnvit
 from bnvit import MLP, ViT
-from bnvit import loading as bnvit_loading
-from bnvit import registry as bnvit_registry
-from bnvit.vit import ViTConfig
+from bnvit.models.vit import ViTConfig
+from bnvit.timm import registry as bnvit_registry
+from bnvit.weights import loading as bnvit_loading
 
 VITS = sorted(timm.list_models(module="registry"))
 MLPS = sorted(timm.list_models(module="mlp"))

@@ -12,7 +12,7 @@ from torch import nn
 
 import bnvit  # noqa: F401  (registers the models)
 from bnvit import ViT
-from bnvit.loading import WEIGHTS_DIR, read_state_dict
+from bnvit.weights.loading import WEIGHTS_DIR, read_state_dict
 
 SMALL = dict(depth=2, dim=16, heads=2, dim_head=8, mlp_dim=32)
 

@@ -22,9 +22,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnvit
 from bnvit import BatchNormFFN, BatchNormMlp, BNFFNBlock, ViT, ViTBNFFN, fold_batchnorm, to_bn_ffn
-from bnvit import batchnorm as bnvit_batchnorm
-from bnvit.article import TRANSFER, cli, load_results
-from bnvit.article.report import gaps_section
+from bnvit.experiments import TRANSFER, cli, load_results
+from bnvit.experiments.report import gaps_section
+from bnvit.models import batchnorm as bnvit_batchnorm
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
 
@@ -444,7 +444,7 @@ def test_timmvit_names_build_timms_vit_at_the_articles_scale(name, block):
 
 
 def test_timmvit_model_cards_say_which_blocks():
-    from bnvit.hub import model_card, model_stats
+    from bnvit.weights.hub import model_card, model_stats
 
     assert "BNFFNBlock" in model_card("timmvitbnffn_mnist")["description"]
     assert "timm's LayerNorm Block" in model_card("timmvitln_mnist")["description"]

@@ -1,4 +1,4 @@
-"""timm's own scripts run bnvit's models with no extra flags, through `python -m bnvit.timm_script`.
+"""timm's own scripts run bnvit's models with no extra flags, through `python -m bnvit.timm.script`.
 
 Needs a timm checkout (the scripts are not in the timm package): set `BNVIT_TIMM_CHECKOUT` to one
 (`git clone https://github.com/huggingface/pytorch-image-models`); skipped otherwise. `--device cpu`
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bnvit.timm_script import main
+from bnvit.timm.script import main
 
 CHECKOUT = Path(os.environ.get("BNVIT_TIMM_CHECKOUT", "")) if os.environ.get("BNVIT_TIMM_CHECKOUT") else None
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -27,7 +27,7 @@ needs_checkout = pytest.mark.skipif(
 
 def _run(script: str, *args: str, cwd: Path, extra_path: str = "") -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(SRC), extra_path) if p), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "bnvit.timm_script", str(CHECKOUT / script), *args]
+    cmd = [sys.executable, "-m", "bnvit.timm.script", str(CHECKOUT / script), *args]
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{script} exited {done.returncode}:\n{done.stderr[-3000:]}"
     return done

@@ -87,7 +87,7 @@ def test_sincos_embedding_matches_formula():
     # Fixed: not a parameter, not trained.
     assert all(p is not model.pos_embed for p in model.parameters())
     assert "pos_embed" not in dict(model.named_parameters())
-    torch.testing.assert_close(bnvit.vit.sincos_pos_embed(num_tokens, dim).double(), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(bnvit.models.vit.sincos_pos_embed(num_tokens, dim).double(), expected, rtol=0, atol=1e-6)
 
 
 def test_sincos_embedding_is_added_to_tokens():
@@ -331,7 +331,7 @@ def test_plain_checkpointing_is_exact_too(reentrant):
 
 def test_naive_checkpointing_would_double_count_batchnorm_stats(monkeypatch):
     """Control for the tests above: were the recomputation not recognised, the running statistics would differ."""
-    monkeypatch.setattr(bnvit.batchnorm, "in_recomputation", lambda: False)
+    monkeypatch.setattr(bnvit.models.batchnorm, "in_recomputation", lambda: False)
     block = EncoderBlock(16, 2, 8, 32, norm="bn_ffn").train()
     naive = copy.deepcopy(block)
     x = torch.randn(4, 5, 16, requires_grad=True)

@@ -18,18 +18,24 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import mlp as _mlp  # noqa: F401  (registers dnn_mnist, dnnbn_mnist)
-from . import registry as _registry  # noqa: F401  (registers the timm builders)
-from . import timmvit as _timmvit  # noqa: F401  (registers timmvitln_mnist, timmvitbnffn_mnist)
-from .convert import checkpoint_filter_fn
-from .deploy import export_onnx, for_inference
-from .fuse import fold_batchnorm
-from .layers import Attention, BatchNormFFN, EncoderBlock, FeedForward, TokenBatchNorm
-from .loading import load_model
-from .mlp import MLP
-from .timm_blocks import BatchNormMlp, BNFFNBlock, to_bn_ffn
+from .inference import export_onnx, fold_batchnorm, for_inference
+from .models import (
+    MLP,
+    Attention,
+    BatchNormFFN,
+    EncoderBlock,
+    FeedForward,
+    TokenBatchNorm,
+    ViT,
+    ViTBN,
+    ViTBNFFN,
+    ViTConfig,
+)
+from .timm import BatchNormMlp, BNFFNBlock, to_bn_ffn
+from .timm import registry as _registry  # noqa: F401  (registers bnvit's ViTs and MLPs in timm)
+from .timm import vision_transformer as _timm_vit  # noqa: F401  (registers timmvitln_mnist, timmvitbnffn_mnist)
 from .training import Callback, CSVLogger, EpochRecord, History, JSONLLogger, evaluate, fit, recalibrate_bn
-from .vit import ViT, ViTBN, ViTBNFFN, ViTConfig
+from .weights import checkpoint_filter_fn, load_model
 
 try:
     __version__ = version("bnvit")

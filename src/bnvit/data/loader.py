@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import _checks
+from .._util import checks as _checks
 from .augment import MAX_SIDE, augment_batch
 
 __all__ = ["DeviceLoader"]

@@ -13,8 +13,8 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
-from .. import _checks
-from .._io import atomic_torch_save
+from .._util import checks as _checks
+from .._util.io import atomic_torch_save
 from .article import MNISTDataset, article_transform
 from .augment import augment_batch
 from .loader import DeviceLoader
@@ -67,7 +67,7 @@ def _load_cached(path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
 
 
 def _save_cache(path: Path, images: torch.Tensor, meta: dict) -> None:
-    """Cache the set in `path` atomically (`bnvit._io`); a folder that cannot be written is warned about, not fatal."""
+    """Cache the set in `path` atomically; a folder that cannot be written is warned about, not fatal."""
     try:
         atomic_torch_save({"images": images, **meta}, path)
     except OSError as error:  # only a cache: the set is recomputed next time

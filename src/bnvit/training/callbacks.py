@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._io import atomic_write_text
+from .._util.io import atomic_write_text
 from .history import EpochRecord, History, finite_or_none
 
 if TYPE_CHECKING:

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import _checks
-from .._io import FolderLock, atomic_torch_save, check_writable, tensors_sha256, verify_checkpoint_file
+from .._util import checks as _checks
+from .._util.io import FolderLock, atomic_torch_save, check_writable, tensors_sha256, verify_checkpoint_file
 from .history import History
 from .world import World
 
@@ -59,7 +59,7 @@ FORMAT = "bnvit.fit/1"
 def save_checkpoint(folder: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write `payload` as the newest checkpoint in `folder`, keeping the previous one.
 
-    The file carries `sha256`, a checksum of the payload's tensors (`bnvit._io.tensors_sha256`)
+    The file carries `sha256`, a checksum of the payload's tensors (`bnvit._util.io.tensors_sha256`)
     that `load_checkpoint` verifies.
 
     Returns:

@@ -12,7 +12,7 @@ their job is, and are all importable from here:
   (`fail_together`), wraps the model in `DistributedDataParallel` (`wrap`), and tells `fit`
   which process is rank 0 (the only one that writes checkpoints, logs and runs callbacks);
 - sharding (`bnvit.training.sharding`): each process's share of the data;
-- synchronized BatchNorm (`bnvit.batchnorm`): every BatchNorm of the user's model is swapped for
+- synchronized BatchNorm (`bnvit.models.batchnorm`): every BatchNorm of the user's model is swapped for
   a synchronized one sharing its parameters and statistics, and swapped back when training
   ends, so the trained weights are in the model the user passed, as plain BatchNorms.
 
@@ -35,7 +35,7 @@ from typing import Any
 
 from torch import nn
 
-from ..batchnorm import CPUSyncBatchNorm, convert_batchnorm, restore_batchnorm, synced_batchnorm
+from ..models.batchnorm import CPUSyncBatchNorm, convert_batchnorm, restore_batchnorm, synced_batchnorm
 from .world import World, alone, is_main_process, local_device, setup
 
 __all__ = [

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import autocast, resolve_precision
+from .._util.device import autocast, resolve_precision
 from . import inputs
 from .inputs import TrainData
-from .run import Settings
+from .run import StepSettings
 from .world import alone
 
 __all__ = ["evaluate", "evaluate_loader"]
@@ -49,7 +49,7 @@ def evaluate(
     """
     world = alone(device)
     loader = inputs.as_loader(data, name="data", batch_size=batch_size, shuffle=False, device=world.device, seed=0)
-    settings = Settings(
+    settings = StepSettings(
         world=world,
         precision=resolve_precision(precision, world.device),
         loss_fn=loss_fn or F.cross_entropy,
@@ -59,7 +59,7 @@ def evaluate(
     return evaluate_loader(model, loader, settings, "evaluation")
 
 
-def evaluate_loader(model: nn.Module, loader: Any, s: Settings, split: str = "validation") -> dict:
+def evaluate_loader(model: nn.Module, loader: Any, s: StepSettings, split: str = "validation") -> dict:
     """Loss and accuracy over `loader`, summed over every process of the world."""
     was_training = model.training
     model.eval()

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .._io import atomic_write_text
+from .._util.io import atomic_write_text
 
 __all__ = ["EpochRecord", "History", "StepRecord"]
 

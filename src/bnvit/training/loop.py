@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..device import autocast, resolve_precision
+from .._util.device import autocast, resolve_precision
 from . import checkpoint, fingerprint, inputs
 from .callbacks import Callback, CallbackList, TrainState
 from .evaluation import evaluate
@@ -34,7 +34,7 @@ from .evaluation import evaluate_loader as _evaluate
 from .history import EpochRecord, History, StepRecord
 from .inputs import TrainData
 from .recalibrate import recalibrate_bn
-from .run import OptimizerFactory, Run, SchedulerFactory, Settings, optimizer_and_scheduler
+from .run import OptimizerFactory, Run, SchedulerFactory, StepSettings, optimizer_and_scheduler
 from .world import World, setup
 
 __all__ = ["evaluate", "fit", "recalibrate_bn"]
@@ -99,7 +99,7 @@ def fit(
     returns the same `History`. `batch_size` is the *global* batch (each of `W` processes
     takes `batch_size / W`), so `batch_size=100` means the same training at any world size.
     With `sync_bn=True` the model's BatchNorms compute their statistics over the global batch
-    too (torch's `SyncBatchNorm` on CUDA, `bnvit.batchnorm.CPUSyncBatchNorm` on the CPU); they are swapped in
+    too (torch's `SyncBatchNorm` on CUDA, `bnvit.models.batchnorm.CPUSyncBatchNorm` on the CPU); they are swapped in
     the model you pass for the duration of `fit` and swapped back at the end, so the trained
     weights are in your model, as plain BatchNorms, and the checkpoints load into a plain
     model. Only rank 0 writes checkpoints, shows progress and runs the callbacks;
@@ -256,7 +256,7 @@ def _check_types(*, model: Any, sync_bn: Any) -> None:
 
 
 def _resume(
-    folder: Path | None, parts: checkpoint.Resumable, epochs: int, s: Settings, data: tuple[Any, Any]
+    folder: Path | None, parts: checkpoint.Resumable, epochs: int, s: StepSettings, data: tuple[Any, Any]
 ) -> History | None:
     """The History of the run saved in `folder`, with its state loaded into `parts`; None if there is none.
 
@@ -291,13 +291,13 @@ def _data_and_settings(
     precision: str,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
     progress: bool,
-) -> tuple[Any, Any, Settings]:
-    """This process's training and validation loaders, checked against the model, and the run's `Settings`."""
+) -> tuple[Any, Any, StepSettings]:
+    """This process's training and validation loaders, checked against the model, and the run's `StepSettings`."""
     train_loader, num_classes = _prepared(
         model, train, "train", r.batch_size, True, 0 if r.seed is None else r.seed, world
     )
     val_loader = None if val is None else _prepared(model, val, "val", r.eval_batch_size, False, 0, world)[0]
-    settings = Settings(
+    settings = StepSettings(
         world=world,
         precision=precision,
         loss_fn=loss_fn or F.cross_entropy,
@@ -348,7 +348,7 @@ def _epoch_record(
 
 
 def _train_epoch(
-    model: nn.Module, loader: Any, opt: torch.optim.Optimizer, s: Settings, epoch: int, epochs: int
+    model: nn.Module, loader: Any, opt: torch.optim.Optimizer, s: StepSettings, epoch: int, epochs: int
 ) -> dict[str, Any]:
     """Epoch `epoch` of `epochs`: one pass over `loader`, checking the loss every `check_every` steps.
 
@@ -398,7 +398,7 @@ def _train_epoch(
     return {"diverged_step": None, "loss": loss_total / n, "acc": hits / n, "n": int(n), "steps": steps}
 
 
-def _step(model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, s: Settings) -> None:
+def _step(model: nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, s: StepSettings) -> None:
     """Backward pass, optional gradient clipping and the optimizer step, through the scaler (a no-op but for fp16)."""
     opt.zero_grad(set_to_none=True)
     s.scaler.scale(loss).backward()

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import _checks
-from ..device import resolve_device
+from .._util import checks as _checks
+from .._util.device import resolve_device
 from . import inputs
 from .inputs import TrainData
 

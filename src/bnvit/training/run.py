@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2, list_optimizers
 from torch import nn
 
-from .. import _checks
+from .._util import checks as _checks
 from .world import World
 
-__all__ = ["OptimizerFactory", "Run", "SchedulerFactory", "Settings", "optimizer_and_scheduler"]
+__all__ = ["OptimizerFactory", "Run", "SchedulerFactory", "StepSettings", "optimizer_and_scheduler"]
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -84,7 +84,7 @@ def _qualname(obj: Any) -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Settings:
+class StepSettings:
     """How every step of a run is taken, besides the model, the data and the optimizer; set once.
 
     Attributes:

@@ -8,7 +8,7 @@ agree on divergence; `fail_together` makes an error raised while setting up on o
 on all of them, instead of leaving the others waiting in the first collective; `shard` gives this
 process its share of the data (`bnvit.training.sharding`); `wrap` puts the model in
 `DistributedDataParallel`; `synced_batchnorm` swaps the model's BatchNorms for synchronized ones
-(`bnvit.batchnorm`) while it trains. Each of these is the identity, or nothing, in a world of one.
+(`bnvit.models.batchnorm`) while it trains. Each of these is the identity, or nothing, in a world of one.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..batchnorm import synced_batchnorm
-from ..device import resolve_device
+from .._util.device import resolve_device
+from ..models.batchnorm import synced_batchnorm
 from .sharding import shard_for
 
 __all__ = ["MODES", "World", "alone", "is_main_process", "local_device", "setup"]

@@ -1,0 +1,1 @@
+"""Private helpers shared by every layer: atomic writes and locks (`io`), argument checks, devices and precision."""

@@ -1,0 +1,131 @@
+"""Devices and training precision: what `"auto"` means on this machine.
+
+The bottom layer, next to `_io` and `_checks`: training, inference and the command line all
+resolve devices here, so inference never imports the training package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from . import checks as _checks
+
+__all__ = [
+    "PRECISIONS",
+    "autocast",
+    "cpu_has_fast_bf16",
+    "describe_machine",
+    "resolve_device",
+    "resolve_precision",
+    "torch_threads",
+]
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`"auto"` -> CUDA if available, else CPU; anything else as `torch.device`.
+
+    Examples:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"invalid device {device!r}: {err}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available here; use 'cpu' or 'auto'")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`"auto"` -> the fastest precision that does not change what training reaches on `device`.
+
+    That is bf16 autocast (matrix products in bf16; BatchNorm statistics, softmax and the loss
+    in fp32) on CUDA and on CPUs with native bf16 instructions (AVX512-BF16 or AMX), where it
+    makes a training step about twice as fast; fp32 on other CPUs, where bf16 is emulated and
+    slower. `tests/test_precision.py` shows the accuracies of bf16 and fp32 runs agree within
+    seed noise; `docs/benchmarks.md` has the measurements.
+
+    Examples:
+        >>> resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+        True
+        >>> resolve_precision("fp32", torch.device("cpu"))
+        'fp32'
+    """
+    _checks.choice("precision", precision, PRECISIONS)
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()) else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision='fp16' needs CUDA, the device is {device}; use 'bf16' or 'fp32'")
+    return precision
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), as oneDNN reports."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with `threads` PyTorch CPU threads (None: as they are), then restore the count.
+
+    Example:
+        >>> before = torch.get_num_threads()
+        >>> with torch_threads(1):
+        ...     torch.get_num_threads()
+        1
+        >>> torch.get_num_threads() == before
+        True
+    """
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def describe_machine(device: torch.device) -> dict[str, Any]:
+    """What a result was measured on: CPU model, core count, torch threads and version, the GPU if any.
+
+    Examples:
+        >>> sorted(describe_machine(torch.device("cpu")))
+        ['cpu', 'cpu_count', 'platform', 'torch', 'torch_threads']
+    """
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__.split("+")[0],
+        "platform": platform.system(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

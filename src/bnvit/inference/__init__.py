@@ -1,0 +1,9 @@
+"""Inference: fold the BatchNorms away, compile or script for serving, export to ONNX.
+
+Imports models, never training: a deployed model needs none of the training code.
+"""
+
+from ..models.fold import fold_batchnorm
+from .deploy import export_onnx, for_inference
+
+__all__ = ["export_onnx", "fold_batchnorm", "for_inference"]

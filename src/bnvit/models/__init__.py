@@ -1,0 +1,28 @@
+"""The article's models as plain `nn.Module`s: blocks, attention, BatchNorm over tokens, the ViT, the MLPs.
+
+Nothing here imports the rest of bnvit: training, weights, timm registration and the experiments
+sit above. `BatchNormFFN.forward` (`blocks.py`) is the article's idea in two lines.
+"""
+
+from .attention import Attention
+from .batchnorm import TokenBatchNorm
+from .blocks import BatchNormFFN, EncoderBlock, FeedForward, PatchEmbed
+from .config import ViTConfig
+from .dnn import MLP
+from .fold import fold_batchnorm
+from .vit import ViT, ViTBN, ViTBNFFN
+
+__all__ = [
+    "MLP",
+    "Attention",
+    "BatchNormFFN",
+    "EncoderBlock",
+    "FeedForward",
+    "PatchEmbed",
+    "TokenBatchNorm",
+    "ViT",
+    "ViTBN",
+    "ViTBNFFN",
+    "ViTConfig",
+    "fold_batchnorm",
+]

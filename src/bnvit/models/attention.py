@@ -1,0 +1,319 @@
+"""Multi-head self-attention: the textbook `Attention`, its factored form, and the choice of kernel.
+
+`Attention.forward` is the textbook computation: normalize, project to q | k | v, split heads,
+`softmax(q k^T / sqrt(dim_head)) v`, merge heads, project. Two speed-ups live beside it, each
+switchable and proven equal to float rounding (tests/test_speedups.py):
+
+- **The factored form** (`attn_impl="factored"`, or `"auto"` where it pays, `takes_factored`).
+  Per head `h`, `q_i . k_j = x_i (W_q,h^T W_k,h) x_j + (b_q,h W_k,h) . x_j + c_i`, where `c_i`
+  cancels in the softmax, and `W_o,h (sum_j a_ij v_j) = (W_o,h W_v,h)(sum_j a_ij x_j) + W_o,h b_v,h`
+  since each row of weights sums to one. So keys and values are the tokens themselves and only
+  two `(dim, dim)` products per head are formed: 0.56x the multiply-adds of the article's block
+  (`dim = dim_head = 64`, 8 heads), same parameters, same state dict.
+- **The kernel** (`attend`): torch's fused `scaled_dot_product_attention`, except under CPU
+  autocast, where bf16 batched products around an fp32 softmax are faster at a few dozen tokens.
+  Every choice by device or precision is made in `attend` and `attend_shared_kv`.
+
+Examples:
+    >>> x = torch.randn(4, 17, 64, dtype=torch.float64)
+    >>> qkv, proj = torch.nn.Linear(64, 3 * 512).double(), torch.nn.Linear(512, 64).double()
+    >>> params = (qkv.weight, qkv.bias, proj.weight, proj.bias)
+    >>> torch.allclose(factored_attention(x, *params, heads=8), standard_attention(x, *params, heads=8))
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from .._util import checks as _checks
+from .batchnorm import TokenBatchNorm, token_norm
+from .fold import fold_bn_before_linear
+
+__all__ = [
+    "ATTN_IMPLS",
+    "Attention",
+    "attend",
+    "attend_shared_kv",
+    "factored_attention",
+    "factored_pays",
+    "self_attention",
+    "standard_attention",
+    "takes_factored",
+]
+
+ATTN_IMPLS = ("auto", "standard", "factored")
+"""The valid values of `attn_impl` for `Attention`, `EncoderBlock` and `ViT`."""
+
+
+class Attention(nn.Module):
+    """Pre-norm multi-head self-attention: `norm -> qkv -> heads -> scaled dot-product attention -> proj`.
+
+    `norm(x) -> Linear(dim, 3 * heads * dim_head) -> q, k, v -> softmax(q k^T / sqrt(dim_head)) v
+    -> Linear(heads * dim_head, dim) -> Dropout`. The qkv projection is laid out `q | k | v`,
+    each heads-major `(heads, dim_head)`, as in the article's reference implementation.
+
+    `attn_impl` says how it is computed, never what: `"standard"` is the `forward` you read here;
+    `"factored"` is the same function in fewer multiply-adds for a small `dim` (`bnvit.models.attention`);
+    `"auto"` (the default) takes the factored form where it takes fewer multiply-adds. The two
+    agree to float rounding, and share the parameters (the state dict is the same).
+
+    Args:
+        dim: Token width.
+        heads: Number of attention heads.
+        dim_head: Width of each head; independent of `dim`.
+        norm: Pre-norm kind, `"ln"` or `"bn"`.
+        qkv_bias: Give the qkv projection a bias.
+        dropout: Dropout after the output projection.
+        attn_dropout: Dropout on the attention weights.
+        attn_impl: `"auto"`, `"standard"` or `"factored"`.
+
+    Examples:
+        >>> attn = Attention(64, heads=8, dim_head=64)
+        >>> attn(torch.randn(2, 17, 64)).shape
+        torch.Size([2, 17, 64])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        dim_head: int = 64,
+        *,
+        norm: str = "ln",
+        qkv_bias: bool = False,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        attn_impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        self.attn_dropout = attn_dropout
+        self.attn_impl = _checks.choice("attn_impl", attn_impl, ATTN_IMPLS)
+        inner = heads * dim_head
+        self.norm = token_norm(norm, dim)
+        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.proj = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if takes_factored(self.attn_impl, x, self.heads, self.dim_head):
+            qkv, proj = self.qkv, self.proj
+            x = self_attention(x, qkv.weight, qkv.bias, proj.weight, proj.bias, self.heads, dropout_p, self.attn_impl)
+            return self.proj_drop(x)
+        B, N, _ = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, dim_head)
+        x = attend(q, k, v, dropout_p)
+        x = x.transpose(1, 2).reshape(B, N, -1)
+        return self.proj_drop(self.proj(x))
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Fold a BatchNorm pre-norm into the qkv projection, in place (eval mode only).
+
+        The shift becomes a bias of the projection; in the factored form (`bnvit.models.attention`) that is
+        a `heads * dim`-wide bias inside one matrix product. Keeping the shift on the `dim`-wide
+        input instead (scale into the weight, `x + t / s`) measured no faster (docs/benchmarks.md).
+        """
+        if isinstance(self.norm, TokenBatchNorm):
+            self.qkv = fold_bn_before_linear(self.norm.bn, self.qkv)
+            self.norm = nn.Identity()
+
+
+# The kernels.
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, scale: float | None = None
+) -> torch.Tensor:
+    """`softmax(scale q k^T) v` with torch's fused kernel, or a faster path under CPU autocast.
+
+    `scale` defaults to `1 / sqrt(d)`, `d = q.shape[-1]`.
+
+    A leaf for `torch.fx` (registered with `torch.fx.wrap`): a traced model keeps this runtime
+    choice of kernel instead of freezing the one seen while tracing.
+
+    Examples:
+        >>> q = k = v = torch.randn(2, 8, 17, 64)  # (batch, heads, tokens, dim_head)
+        >>> attend(q, k, v).shape
+        torch.Size([2, 8, 17, 64])
+    """
+    if torch.is_autocast_enabled("cpu") and q.device.type == "cpu":
+        return _cpu_autocast_attention(q, k, v, dropout_p, scale)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+
+
+torch.fx.wrap("attend")
+
+
+def _cpu_autocast_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v under CPU autocast: bf16 batched products around an fp32 softmax.
+
+    At a few dozen tokens the CPU's fused attention kernel is about 4x slower in bf16 than in
+    fp32, and in fp32 still about 2x slower than this (measured in benchmarks/, see
+    docs/benchmarks.md); on CUDA the fused kernel is used in every precision.
+    """
+    scores = (q @ k.transpose(-2, -1)).float().mul_(q.shape[-1] ** -0.5 if scale is None else scale)
+    weights = F.dropout(scores.softmax(-1), dropout_p)
+    return weights.to(v.dtype) @ v
+
+
+def attend_shared_kv(
+    x: torch.Tensor, w_query: torch.Tensor, b_query: torch.Tensor | None, heads: int, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """`softmax(q_h x^T) x` for every head `h`: queries `q = x w_query^T + b_query`, keys and values `x (B, N, C)`.
+
+    The heads share their keys and values, the tokens themselves, as in multi-query attention;
+    `w_query` is `(heads * C, C)`, the scale already in it. On GPUs, and while compiling or
+    exporting, one fused attention runs over all heads (the keys and values expanded as a view);
+    in eager CPU code, two batched products with no copy (a few dozen tokens are too few for the
+    fused kernel), the softmax in float32 or wider. Under CPU autocast `x` is cast once, for the
+    three products that read it. The tokens are one `(B * N, C)` matrix for the query projection,
+    so its bias is part of the product (an ONNX `Gemm`).
+
+    Returns:
+        `(B, N, heads * C)`: for each token, the mixed tokens of every head.
+
+    Examples:
+        >>> attend_shared_kv(torch.randn(2, 17, 64), torch.randn(8 * 64, 64), None, heads=8).shape
+        torch.Size([2, 17, 512])
+    """
+    B, N, C = x.shape
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        q = F.linear(x.reshape(B * N, C), w_query, b_query).view(B, N, heads, C).transpose(1, 2)
+        kv = x.unsqueeze(1).expand(B, heads, N, C)
+        return attend(q, kv, kv, dropout_p, scale=1.0).transpose(1, 2).reshape(B, N, heads * C)
+    if torch.is_autocast_enabled("cpu"):
+        x = x.to(torch.get_autocast_dtype("cpu"))
+    q = F.linear(x.reshape(B * N, C), w_query, b_query)  # (B * N, heads * C) = (B, N * heads, C)
+    scores = q.view(B, N * heads, C) @ x.transpose(1, 2)  # (B, N * heads, N): scores[b, i * heads + h, j]
+    weights = F.dropout(scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)), dropout_p)
+    return (weights.to(x.dtype) @ x).view(B, N, heads * C)  # sum_j a_ij x_j for every token and head
+
+
+# The factored form.
+
+
+def factored_pays(dim: int, heads: int, dim_head: int, tokens: int, seq: int) -> bool:
+    """Whether the factored form takes fewer multiply-adds than the standard one.
+
+    Per token and head, q, k, v and the output projection take `4 dim_head dim` and the two
+    attention products `2 seq dim_head`; the factored form takes `2 dim^2` and `2 seq dim`, after
+    forming its two `(dim, dim)` matrices per head once per call (`2 dim^2 dim_head`). `tokens <= 0`
+    asks only whether it pays per token (the choice when tracing for export or compilation).
+
+    Examples:
+        >>> factored_pays(64, 8, 64, tokens=100 * 17, seq=17)  # the article's model, batch 100
+        True
+        >>> factored_pays(64, 8, 64, tokens=17, seq=17)  # one image: forming the weights costs more
+        False
+    """
+    saved = 4 * dim_head * dim + 2 * seq * dim_head - 2 * dim * dim - 2 * seq * dim
+    if tokens <= 0:
+        return saved > 0
+    return tokens * saved > 2 * dim * dim * dim_head
+
+
+def takes_factored(attn_impl: str, x: torch.Tensor, heads: int, dim_head: int) -> bool:
+    """Whether attention over the normalized tokens `x (B, N, dim)` runs in factored form: the one place that decides.
+
+    `"standard"` and `"factored"` say it; `"auto"` asks `factored_pays` for this batch, or per
+    token under `torch.compile` / `torch.export` (the weight products are then constants an
+    exporter folds). While `torch.fx` traces a model, `"auto"` answers yes: the traced graph
+    calls `self_attention`, which asks again for every batch it runs.
+
+    Examples:
+        >>> x = torch.randn(1, 17, 64)
+        >>> takes_factored("auto", x, 8, 64), takes_factored("auto", x.expand(100, -1, -1), 8, 64)
+        (False, True)
+    """
+    if attn_impl != "auto":
+        return attn_impl == "factored"
+    if isinstance(x, torch.fx.Proxy):
+        return True
+    B, N, C = x.shape
+    tokens = 0 if torch.compiler.is_compiling() else B * N
+    return factored_pays(C, heads, dim_head, tokens, N)
+
+
+def self_attention(
+    x: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None,
+    heads: int,
+    dropout_p: float = 0.0,
+    attn_impl: str = "auto",
+) -> torch.Tensor:
+    """Multi-head self-attention of normalized tokens `x (B, N, dim)`, projections included, in either form.
+
+    `proj(softmax(q k^T / sqrt(dim_head)) v)` with `q | k | v = x W_qkv^T + b_qkv` (heads-major),
+    by `factored_attention` or `standard_attention` as `takes_factored` decides.
+
+    A leaf for `torch.fx` (registered with `torch.fx.wrap`), so a traced model keeps the runtime
+    choice.
+    """
+    dim_head = qkv_weight.shape[0] // (3 * heads)
+    form = factored_attention if takes_factored(attn_impl, x, heads, dim_head) else standard_attention
+    return form(x, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, dropout_p)
+
+
+torch.fx.wrap("self_attention")
+
+
+def standard_attention(
+    x: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None,
+    heads: int,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """The textbook form of `Attention.forward` on its weights, for `self_attention` (traced graphs, tests)."""
+    B, N, _ = x.shape
+    qkv = F.linear(x, qkv_weight, qkv_bias).view(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    out = attend(q, k, v, dropout_p).transpose(1, 2).reshape(B, N, -1)
+    return F.linear(out, proj_weight, proj_bias)
+
+
+def factored_attention(
+    x: torch.Tensor,
+    qkv_weight: torch.Tensor,
+    qkv_bias: torch.Tensor | None,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor | None,
+    heads: int,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Multi-head self-attention in factored form (see the module's docstring): keys and values are `x`."""
+    B, N, C = x.shape
+    inner = qkv_weight.shape[0] // 3
+    dim_head = inner // heads
+    wq, wk, wv = qkv_weight.view(3, heads, dim_head, C).unbind(0)  # (heads, dim_head, dim)
+    # Row h * dim + c of `w_scores` is column c of W_q,h^T W_k,h: t = x w_scores^T gives t_h = x W_q,h^T W_k,h.
+    w_scores = (wk.transpose(1, 2) @ wq).mul(dim_head**-0.5).reshape(heads * C, C)
+    wo = proj_weight.view(C, heads, dim_head).transpose(0, 1)  # (heads, dim, dim_head)
+    w_out = (wo @ wv).transpose(0, 1).reshape(C, heads * C)  # column h * dim + c: (W_o,h W_v,h)[:, c]
+    b_scores = b_out = None
+    if qkv_bias is not None:
+        bq, _, bv = qkv_bias.view(3, heads, 1, dim_head).unbind(0)
+        b_scores = (bq @ wk).mul(dim_head**-0.5).reshape(heads * C)
+        b_out = proj_weight @ bv.reshape(inner)
+        b_out = b_out if proj_bias is None else b_out + proj_bias
+    else:
+        b_out = proj_bias
+    mixed = attend_shared_kv(x, w_scores, b_scores, heads, dropout_p)  # (B, N, heads * dim)
+    # Tokens as one (B * N, heads * dim) matrix: the bias is part of the product (an ONNX Gemm).
+    return F.linear(mixed.view(B * N, heads * C), w_out, b_out).view(B, N, C)

@@ -1,0 +1,270 @@
+"""Transformer building blocks with a choice of normalization.
+
+The one idea of this library lives here: `BatchNormFFN`, a feed-forward network with a
+BatchNorm between its two Linear layers and no LayerNorm in front of it. `EncoderBlock`
+takes the normalization as one argument:
+
+| `norm`     | attention pre-norm | feed-forward                      |
+|------------|--------------------|-----------------------------------|
+| `"ln"`     | LayerNorm          | `FeedForward` (LayerNorm first)   |
+| `"bn_ffn"` | LayerNorm          | `BatchNormFFN`                    |
+| `"bn"`     | `TokenBatchNorm`   | `BatchNormFFN`                    |
+
+BatchNorm on tokens (`TokenBatchNorm`, in `bnvit.models.batchnorm` with the rest of the BatchNorm
+code) normalizes each feature over the batch *and* the token axis: a `(B, N, C)` tensor is
+normalized as its `(B * N, C)` view, with no copy to a channels-first layout.
+
+`Attention`, with its factored form and kernel choice, is `bnvit.models.attention`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.fx
+from einops import rearrange
+from timm.layers import DropPath
+from torch import nn
+
+from .._util import checks as _checks
+from .attention import Attention
+from .batchnorm import TokenBatchNorm, token_norm
+from .fold import fold_bn_after_linear, fold_bn_before_linear
+
+__all__ = [
+    "NORMS",
+    "BatchNormFFN",
+    "EncoderBlock",
+    "FeedForward",
+    "PatchEmbed",
+    "patchify",
+    "sincos_pos_embed",
+]
+
+NORMS = ("ln", "bn_ffn", "bn")
+"""The valid values of `norm` for `EncoderBlock` and `ViT`."""
+
+
+def sincos_pos_embed(num_tokens: int, dim: int) -> torch.Tensor:
+    """The article's fixed sine-cosine positional embedding, shape `(1, num_tokens, dim)`.
+
+    For token position `t` and `i = 1 .. dim/2`, `w_i = 10000 ** (-i / (dim/2))` and the
+    embedding is `[sin(t w_1), ..., sin(t w_{dim/2}), cos(t w_1), ..., cos(t w_{dim/2})]`.
+
+    Examples:
+        >>> sincos_pos_embed(17, 64).shape
+        torch.Size([1, 17, 64])
+    """
+    if dim % 2:
+        raise ValueError(f"the sincos positional embedding needs an even dim, got dim={dim}")
+    half = dim // 2
+    omega = 10000.0 ** (-torch.arange(1, half + 1, dtype=torch.float64) / half)
+    angles = torch.arange(num_tokens, dtype=torch.float64)[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float().unsqueeze(0)
+
+
+class PatchEmbed(nn.Module):
+    """Split an image into `p x p` patches and embed each: `norm -> Linear -> norm`.
+
+    Each patch is flattened in (row, column, channel) order, as in the reference
+    implementation's `Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)")`.
+
+    Args:
+        img_size: Input height and width.
+        patch_size: Patch side `p`; must divide both image sides.
+        in_chans: Input channels.
+        dim: Embedding width.
+        norm: `"ln"` or `"bn"` for both norms.
+
+    Examples:
+        >>> embed = PatchEmbed((28, 28), 7, 1, 64)
+        >>> embed(torch.rand(2, 1, 28, 28)).shape
+        torch.Size([2, 16, 64])
+    """
+
+    def __init__(self, img_size: tuple[int, int], patch_size: int, in_chans: int, dim: int, norm: str = "ln") -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        patch_dim = patch_size * patch_size * in_chans
+        self.pre_norm = token_norm(norm, patch_dim)
+        self.proj = nn.Linear(patch_dim, dim)
+        self.norm = token_norm(norm, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(self.pre_norm(patchify(x, self.patch_size))))
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Fold BatchNorm norms into the projection, in place (eval mode only)."""
+        if isinstance(self.norm, TokenBatchNorm):
+            self.proj = fold_bn_after_linear(self.proj, self.norm.bn)
+            self.norm = nn.Identity()
+        if isinstance(self.pre_norm, TokenBatchNorm):
+            self.proj = fold_bn_before_linear(self.pre_norm.bn, self.proj)
+            self.pre_norm = nn.Identity()
+
+
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Images `(B, C, H, W)` -> patches `(B, (H/p)(W/p), p * p * C)`, in (row, column, channel) order.
+
+    A leaf for `torch.fx` (registered with `torch.fx.wrap`): tracing records one call instead
+    of following einops' Python code.
+
+    Examples:
+        >>> patchify(torch.rand(2, 3, 8, 8), 4).shape
+        torch.Size([2, 4, 48])
+    """
+    return rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
+
+
+# A leaf for torch.fx where `PatchEmbed.forward` calls it: tracing records one call, not einops' code.
+torch.fx.wrap("patchify")
+
+
+class FeedForward(nn.Module):
+    """The standard ViT feed-forward network, pre-normed with LayerNorm.
+
+    `LayerNorm(dim) -> Linear(dim, mlp_dim) -> GELU -> Dropout -> Linear(mlp_dim, dim) -> Dropout`.
+
+    Examples:
+        >>> ffn = FeedForward(64, 128)
+        >>> ffn(torch.randn(2, 17, 64)).shape
+        torch.Size([2, 17, 64])
+    """
+
+    def __init__(self, dim: int, mlp_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(mlp_dim, dim)
+        self.drop2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop1(self.act(self.fc1(self.norm(x))))
+        return self.drop2(self.fc2(x))
+
+
+class BatchNormFFN(nn.Module):
+    """Feed-forward network with BatchNorm inside and no LayerNorm in front (ViTBNFFN).
+
+    `Linear(dim, mlp_dim) -> BatchNorm(mlp_dim) -> GELU -> Dropout -> Linear(mlp_dim, dim) -> Dropout`.
+    The BatchNorm normalizes each of the `mlp_dim` features over batch x tokens. In eval mode
+    it is a fixed affine map that `bnvit.fold_batchnorm` folds into `fc1`.
+
+    The keyword-only arguments generalise it to any FFN of this form (`bnvit.BatchNormMlp`
+    builds it from timm's `Mlp` arguments).
+
+    Args:
+        dim: Token width.
+        mlp_dim: Hidden width.
+        dropout: Dropout after the activation and after `fc2`, or a pair `(after act, after fc2)`.
+        out_dim: Output width (default: `dim`).
+        bias: Give `fc1` and `fc2` a bias, or a pair `(fc1, fc2)`.
+        act_layer: The activation's class (called without arguments).
+        device: Device of the parameters.
+        dtype: Floating-point type of the parameters.
+
+    Examples:
+        >>> ffn = BatchNormFFN(64, 128)
+        >>> ffn(torch.randn(2, 17, 64)).shape
+        torch.Size([2, 17, 64])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mlp_dim: int,
+        dropout: float | tuple[float, float] = 0.0,
+        *,
+        out_dim: int | None = None,
+        bias: bool | tuple[bool, bool] = True,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        drop1, drop2 = dropout if isinstance(dropout, tuple) else (dropout, dropout)
+        bias1, bias2 = bias if isinstance(bias, tuple) else (bias, bias)
+        dd = dict(device=device, dtype=dtype)
+        self.fc1 = nn.Linear(dim, mlp_dim, bias=bias1, **dd)
+        self.norm = TokenBatchNorm(mlp_dim, **dd)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop1)
+        self.fc2 = nn.Linear(mlp_dim, dim if out_dim is None else out_dim, bias=bias2, **dd)
+        self.drop2 = nn.Dropout(drop2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop1(self.act(self.norm(self.fc1(x))))
+        return self.drop2(self.fc2(x))
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Fold the BatchNorm into `fc1`, in place (eval mode only): `fc1` then does both."""
+        if isinstance(self.norm, TokenBatchNorm):
+            self.fc1 = fold_bn_after_linear(self.fc1, self.norm.bn)
+            self.norm = nn.Identity()
+
+
+class EncoderBlock(nn.Module):
+    """One transformer encoder block: `x = x + attn(x)`, then `x = x + ffn(x)`.
+
+    Args:
+        dim: Token width.
+        heads: Number of attention heads.
+        dim_head: Width of each head.
+        mlp_dim: Hidden width of the feed-forward network.
+        norm: `"ln"` (standard ViT), `"bn_ffn"` (BatchNorm inside the FFN, LayerNorm before
+            attention; the article's ViTBNFFN) or `"bn"` (BatchNorm everywhere; ViTBN).
+        dropout: Dropout after the attention projection and inside the FFN.
+        attn_dropout: Dropout on the attention weights.
+        qkv_bias: Give the qkv projection a bias.
+        drop_path: Stochastic-depth rate of both residual branches.
+        attn_impl: How attention is computed: `"auto"`, `"standard"` or `"factored"` (see `Attention`).
+
+    Examples:
+        >>> block = EncoderBlock(64, heads=8, dim_head=64, mlp_dim=128, norm="bn_ffn")
+        >>> block(torch.randn(2, 17, 64)).shape
+        torch.Size([2, 17, 64])
+        >>> type(block.ffn).__name__
+        'BatchNormFFN'
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        mlp_dim: int,
+        norm: str = "ln",
+        dropout: float = 0.0,
+        *,
+        attn_dropout: float = 0.0,
+        qkv_bias: bool = False,
+        drop_path: float = 0.0,
+        attn_impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        _checks.choice("norm", norm, NORMS)
+        self.attn = Attention(
+            dim,
+            heads,
+            dim_head,
+            norm="bn" if norm == "bn" else "ln",
+            qkv_bias=qkv_bias,
+            dropout=dropout,
+            attn_dropout=attn_dropout,
+            attn_impl=attn_impl,
+        )
+        ffn = FeedForward if norm == "ln" else BatchNormFFN
+        self.ffn = ffn(dim, mlp_dim, dropout)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(x))
+        return x + self.drop_path(self.ffn(x))

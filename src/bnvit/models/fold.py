@@ -1,0 +1,167 @@
+"""Fold BatchNorm into neighbouring Linear layers for inference.
+
+In eval mode a BatchNorm is a fixed per-feature affine map `y = s * x + t` with
+`s = gamma / sqrt(running_var + eps)` and `t = beta - running_mean * s`. Next to a Linear
+layer it can be merged into that layer's weight and bias, and disappears from the graph.
+A LayerNorm cannot: its statistics depend on each token. This is what makes a BatchNorm
+model cheaper than its LayerNorm twin at inference.
+
+- A BatchNorm *after* a Linear (`BN(W x + b)`) folds into it: `W' = s W`, `b' = s b + t`.
+  This covers the BatchNorm of every `BatchNormFFN` and, for `norm="bn"`, the norm after the
+  patch projection.
+- A BatchNorm *before* a Linear (`W BN(x) + b`) folds into it: `W' = W s`, `b' = b + W t`.
+  For `norm="bn"` this removes the attention pre-norms (into the qkv projections), the norm
+  in front of the patch projection, and the final norm (into the head: pooling commutes with
+  a per-feature affine map).
+
+A folded `ViTBN` therefore has no normalization left; a folded `ViTBNFFN` keeps the
+attention LayerNorms, which cannot be folded.
+
+Each module that can fold owns a `fuse()` method that folds its own norms in place
+(`BatchNormFFN`, `Attention`, `PatchEmbed`, `ViT` for its final norm, `MLP`), as timm's LeViT
+does; `fold_batchnorm` walks a model and calls them. The float64 arithmetic is shared here,
+so this module imports no model code (the models import it).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .._util.checks import check_bn_statistics
+
+__all__ = ["fold_batchnorm", "fold_bn_after_linear", "fold_bn_before_linear", "fold_sequential"]
+
+
+def _bn_affine(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode map of `bn` as float64 `(scale, shift)`."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"cannot fold {bn}: it has no running statistics (track_running_stats=False)")
+    mean = bn.running_mean.double()
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return scale, shift
+
+
+def _new_linear(like: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    out = nn.Linear(like.in_features, like.out_features, bias=True, device=like.weight.device, dtype=like.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        out.bias.copy_(bias)
+    return out
+
+
+def fold_bn_after_linear(linear: nn.Linear, bn: _BatchNorm) -> nn.Linear:
+    """A new Linear equal to `bn(linear(x))` in eval mode.
+
+    Examples:
+        >>> lin, bn = nn.Linear(4, 3), nn.BatchNorm1d(3).eval()
+        >>> x = torch.randn(5, 4)
+        >>> torch.allclose(fold_bn_after_linear(lin, bn)(x), bn(lin(x)), atol=1e-6)
+        True
+    """
+    scale, shift = _bn_affine(bn)
+    weight = linear.weight.double() * scale[:, None]
+    bias = shift if linear.bias is None else linear.bias.double() * scale + shift
+    return _new_linear(linear, weight, bias)
+
+
+def fold_bn_before_linear(bn: _BatchNorm, linear: nn.Linear) -> nn.Linear:
+    """A new Linear equal to `linear(bn(x))` in eval mode.
+
+    Examples:
+        >>> bn, lin = nn.BatchNorm1d(4).eval(), nn.Linear(4, 3)
+        >>> x = torch.randn(5, 4)
+        >>> torch.allclose(fold_bn_before_linear(bn, lin)(x), lin(bn(x)), atol=1e-6)
+        True
+    """
+    scale, shift = _bn_affine(bn)
+    weight = linear.weight.double()
+    bias = weight @ shift
+    if linear.bias is not None:
+        bias = bias + linear.bias.double()
+    return _new_linear(linear, weight * scale[None, :], bias)
+
+
+def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Fold every BatchNorm that sits next to a Linear into it, for inference.
+
+    The folded model gives the same outputs as `model` in eval mode (up to float rounding)
+    and has no BatchNorm left in its feed-forward networks; for `norm="bn"` it has no
+    normalization left at all. Calls the in-place `fuse()` of every bnvit module that has one
+    (other libraries' `fuse()` methods, such as timm's LeViT ones that return a new module, are
+    left alone) and folds `Linear -> BatchNorm1d` pairs in any other `nn.Sequential`.
+
+    Args:
+        model: A model in eval mode.
+        inplace: Modify `model` itself instead of returning a folded copy.
+
+    Returns:
+        The folded model (a copy unless `inplace`), in eval mode.
+
+    Raises:
+        TypeError: If `model` is not an `nn.Module`.
+        ValueError: If `model` or one of its BatchNorms is in training mode, or a BatchNorm holds
+            statistics no BatchNorm can have (a negative or non-finite running variance, a
+            non-finite running mean: `bnvit._util.checks.check_bn_statistics`), which would fold
+            into NaN weights.
+
+    Examples:
+        >>> from bnvit import ViTBNFFN
+        >>> model = ViTBNFFN(depth=2).eval()
+        >>> folded = fold_batchnorm(model)
+        >>> x = torch.rand(4, 1, 28, 28)
+        >>> bool((folded(x) - model(x)).abs().max() < 1e-5)
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_batchnorm needs a torch.nn.Module, got {model!r} ({type(model).__name__})")
+    in_training = [name or "<model>" for name, m in model.named_modules() if m.training]
+    if in_training:
+        raise ValueError(
+            "fold_batchnorm needs a model in eval mode: in training mode BatchNorm normalizes with "
+            f"batch statistics, which cannot be folded. Call model.eval() first (in training mode: {in_training[0]})"
+        )
+    check_bn_statistics(model, "fold_batchnorm: the model")
+    if not inplace:
+        model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        if _owns_fuse(module):
+            module.fuse()
+        elif isinstance(module, nn.Sequential):
+            fold_sequential(module)
+    return model.eval()
+
+
+def _owns_fuse(module: nn.Module) -> bool:
+    """Whether `module` has bnvit's in-place `fuse()` (also when a user subclasses a bnvit module)."""
+    fuse = getattr(type(module), "fuse", None)
+    return callable(fuse) and getattr(fuse, "__module__", "").startswith("bnvit.")
+
+
+@torch.no_grad()
+def fold_sequential(seq: nn.Sequential) -> None:
+    """Fold `Linear -> BatchNorm1d` pairs inside an `nn.Sequential`, in place (eval mode only).
+
+    Each folded BatchNorm is replaced by `nn.Identity`, so the indices of the other layers stay.
+
+    Examples:
+        >>> seq = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU()).eval()
+        >>> fold_sequential(seq)
+        >>> [type(m).__name__ for m in seq]
+        ['Linear', 'Identity', 'ReLU']
+    """
+    names = list(seq._modules)
+    for first, second in itertools.pairwise(names):
+        linear, bn = seq._modules[first], seq._modules[second]
+        if isinstance(linear, nn.Linear) and isinstance(bn, nn.BatchNorm1d):
+            seq._modules[first] = fold_bn_after_linear(linear, bn)
+            seq._modules[second] = nn.Identity()

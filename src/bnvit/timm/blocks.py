@@ -1,0 +1,385 @@
+"""The article's BatchNorm FFN inside timm's own Vision Transformers.
+
+bnvit's `ViT` builds the article's form from its own blocks. This module puts the same FFN into
+timm's `VisionTransformer` (and every model built from timm's `Block`: ViT, DeiT, ...):
+
+- `BatchNormMlp`: timm's `Mlp` signature, `Linear -> BatchNorm over tokens -> act -> drop ->
+  Linear -> drop`; it is a `bnvit.BatchNormFFN`, so it folds the same way.
+- `BNFFNBlock`: a `block_fn` with the signature of timm's `Block`: timm's attention with its
+  LayerNorm pre-norm, then the BatchNorm FFN with no norm in front of it (the article's form),
+  LayerScale and drop path as timm's `Block` has them.
+  `timm.create_model("vit_small_patch16_224", block_fn=bnvit.BNFFNBlock)` builds the article's form.
+- `to_bn_ffn`: turns an existing timm ViT (or a LayerNorm bnvit `ViT`) into that form in place,
+  keeping every weight that carries over: the starting point for fine-tuning.
+
+The BatchNorm statistics stay exact under timm's `set_grad_checkpointing`, as in bnvit's own
+ViT (`bnvit.models.blocks.in_recomputation`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from timm.layers import Attention as TimmAttention
+from timm.layers import DropPath, LayerNorm, LayerScale, Mlp, get_act_layer
+from timm.models.vision_transformer import ATTN_LAYERS, Block, VisionTransformer
+from torch import nn
+
+from .._util import checks as _checks
+from ..models.blocks import BatchNormFFN, EncoderBlock, FeedForward
+from ..models.vit import ViT
+
+__all__ = ["BNFFNBlock", "BatchNormMlp", "to_bn_ffn"]
+
+
+def _two(name: str, value: Any, check: Callable[[str, Any], Any]) -> tuple[Any, Any]:
+    """`value` as a pair (timm's `to_2tuple`), each item checked."""
+    first, second = value if isinstance(value, tuple | list) and len(value) == 2 else (value, value)
+    return check(f"{name}[0]", first), check(f"{name}[1]", second)
+
+
+def _name(layer: Any) -> str:
+    """A layer argument as a message names it: `SwiGLU`, `partial(GluMlp)`."""
+    if isinstance(layer, functools.partial):
+        return f"partial({_name(layer.func)})"
+    return getattr(layer, "__name__", repr(layer))
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return value
+
+
+class BatchNormMlp(BatchNormFFN):
+    """The article's BatchNorm FFN with the signature of timm's `Mlp`.
+
+    `Linear(in, hidden) -> BatchNorm(hidden) over tokens -> act -> Dropout -> Linear(hidden, out)
+    -> Dropout`, on inputs of shape `(..., in_features)`: each hidden feature is normalized over
+    every other axis (batch and tokens), as `x.flatten(0, -2)` would be. It is a
+    `bnvit.BatchNormFFN` (the same modules, forward and `fuse()`), so `bnvit.fold_batchnorm`
+    folds its BatchNorm into `fc1`. Pass it as timm's `mlp_layer` where a model has no norm in
+    front of its MLP, or use `BNFFNBlock`, which also drops the LayerNorm timm's `Block` puts
+    there.
+
+    Args:
+        in_features: Input width.
+        hidden_features: Hidden width (default: `in_features`).
+        out_features: Output width (default: `in_features`).
+        act_layer: The activation: a class called without arguments, or a name timm knows
+            (`"gelu"`, `"silu"`, ...).
+        norm_layer: Must be `None`: the hidden norm of this FFN is its BatchNorm (timm's `Mlp`
+            puts an optional norm after the activation instead).
+        bias: Give `fc1` and `fc2` a bias, or a pair `(fc1, fc2)`.
+        drop: Dropout after the activation and after `fc2`, or a pair.
+        use_conv: Must be `False`: tokens come as `(..., C)`, not as `NCHW` maps.
+        device: Device of the parameters.
+        dtype: Floating-point type of the parameters.
+
+    Raises:
+        ValueError: `norm_layer` given, `use_conv=True`, a width below 1 or a dropout rate outside [0, 1).
+        TypeError: A width, flag or rate of the wrong type.
+
+    Examples:
+        >>> mlp = BatchNormMlp(64, hidden_features=128)
+        >>> mlp(torch.randn(2, 17, 64)).shape
+        torch.Size([2, 17, 64])
+        >>> [name for name, _ in mlp.named_children()]
+        ['fc1', 'norm', 'act', 'drop1', 'fc2', 'drop2']
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        act_layer: Callable[[], nn.Module] | str = nn.GELU,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        bias: bool | tuple[bool, bool] = True,
+        drop: float | tuple[float, float] = 0.0,
+        use_conv: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if norm_layer is not None:
+            raise ValueError(
+                f"BatchNormMlp normalizes its hidden features with its own BatchNorm; norm_layer must be None, "
+                f"got {_name(norm_layer)} (timm's scale_mlp_norm=True asks for it)"
+            )
+        if use_conv:
+            raise ValueError("BatchNormMlp works on (..., C) tokens; use_conv=True (NCHW maps) is not supported")
+        in_features = _checks.positive_int("in_features", in_features)
+        hidden = in_features if hidden_features is None else _checks.positive_int("hidden_features", hidden_features)
+        out = in_features if out_features is None else _checks.positive_int("out_features", out_features)
+        act = get_act_layer(act_layer) if isinstance(act_layer, str) else act_layer
+        if not callable(act):
+            raise TypeError(f"act_layer must be an activation class or name, got {act_layer!r}")
+        super().__init__(
+            in_features,
+            hidden,
+            _two("drop", drop, _checks.rate),
+            out_dim=out,
+            bias=_two("bias", bias, _bool),
+            act_layer=act,
+            device=device,
+            dtype=dtype,
+        )
+
+
+def _attention(attn_layer: Any, dim: int, depth: int, **kwargs: Any) -> nn.Module:
+    """timm's attention as its `Block` builds it: a class or a name of `ATTN_LAYERS`; `depth` if it takes one."""
+    if isinstance(attn_layer, str):
+        if attn_layer not in ATTN_LAYERS:
+            valid = ", ".join(repr(k) for k in ATTN_LAYERS)
+            raise ValueError(f"unknown attn_layer {attn_layer!r}; valid names: {valid}, or an attention class")
+        attn_layer = ATTN_LAYERS[attn_layer]
+    if not callable(attn_layer):
+        raise TypeError(f"attn_layer must be an attention class or name, got {attn_layer!r}")
+    if "depth" in inspect.signature(attn_layer).parameters:
+        kwargs["depth"] = depth
+    return attn_layer(dim, **kwargs)
+
+
+def _mlp_class(mlp_layer: Any) -> type[BatchNormMlp]:
+    """The FFN class of a `BNFFNBlock`: `BatchNormMlp` for timm's default `Mlp`, or a subclass given."""
+    if mlp_layer is Mlp or mlp_layer is None:
+        return BatchNormMlp
+    if isinstance(mlp_layer, type) and issubclass(mlp_layer, BatchNormMlp):
+        return mlp_layer
+    raise ValueError(
+        f"BNFFNBlock's FFN is a bnvit.BatchNormMlp; mlp_layer={_name(mlp_layer)} is not one "
+        "(leave timm's default Mlp, which it replaces, or pass BatchNormMlp or a subclass)"
+    )
+
+
+class BNFFNBlock(nn.Module):
+    """The article's transformer block as a `block_fn` for timm's `VisionTransformer`.
+
+    `x = x + drop_path(ls1(attn(norm1(x))))`, then `x = x + drop_path(ls2(mlp(x)))`: timm's
+    attention with its pre-norm, and the BatchNorm FFN (`BatchNormMlp`) with no norm in front of
+    it. It takes every argument timm's `Block` takes, so timm's `VisionTransformer` builds it as
+    it builds its own blocks, and everything timm's ViT offers works on the result: `attn_mask`,
+    `forward_intermediates`, `features_only=True`, `set_grad_checkpointing` (the BatchNorm
+    statistics updated once per step, as without it), torch.fx, `torch.compile`,
+    `torch.export`, ONNX, and `bnvit.fold_batchnorm` (no BatchNorm left, the same logits).
+
+    The BatchNorm normalizes over every token of the batch, masked ones included: with
+    `attn_mask` hiding padding tokens, the padding is part of its statistics.
+
+    Args:
+        dim: Token width.
+        num_heads: Attention heads.
+        mlp_ratio: Hidden width of the FFN, as a multiple of `dim`.
+        qkv_bias: Give the qkv projection a bias.
+        qk_norm: Normalize queries and keys (with `norm_layer`).
+        scale_attn_norm: Normalize the attention output before its projection (with `norm_layer`).
+        scale_mlp_norm: Must be `False`: a norm inside the FFN is what its BatchNorm is.
+        proj_bias: Give the attention's output projection and the FFN's Linear layers a bias.
+        proj_drop: Dropout after the attention's projection and inside the FFN.
+        attn_drop: Dropout on the attention weights.
+        init_values: LayerScale's initial value on both branches (`None` or 0: no LayerScale).
+        drop_path: Stochastic-depth rate of both branches.
+        act_layer: The FFN's activation.
+        norm_layer: The attention's pre-norm (and its q/k norms).
+        mlp_layer: timm's default `Mlp` (replaced by `BatchNormMlp`) or a `BatchNormMlp` subclass.
+        attn_layer: timm's attention class, or a name timm's ViT knows (`""`, `"attn"`, `"diff"`).
+        depth: The block's index, passed to attention classes that take it.
+        device: Device of the parameters.
+        dtype: Floating-point type of the parameters.
+
+    Raises:
+        ValueError: `scale_mlp_norm=True`, an `mlp_layer` that is not a `BatchNormMlp`, an
+            unknown `attn_layer` name, or a bad width or rate.
+
+    Examples:
+        >>> import timm
+        >>> model = timm.create_model("vit_tiny_patch16_224", block_fn=BNFFNBlock, img_size=32, depth=2)
+        >>> type(model.blocks[0].mlp).__name__, hasattr(model.blocks[0], "norm2")
+        ('BatchNormMlp', False)
+        >>> model(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 1000])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        scale_attn_norm: bool = False,
+        scale_mlp_norm: bool = False,
+        proj_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        act_layer: Callable[[], nn.Module] | str = nn.GELU,
+        norm_layer: Callable[..., nn.Module] = LayerNorm,
+        mlp_layer: Any = Mlp,
+        attn_layer: Any = TimmAttention,
+        depth: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if scale_mlp_norm:
+            raise ValueError(
+                "BNFFNBlock has no norm inside its FFN but its BatchNorm; scale_mlp_norm must be False, got True"
+            )
+        dim = _checks.positive_int("dim", dim)
+        mlp_ratio = _checks.positive_float("mlp_ratio", mlp_ratio)
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = norm_layer(dim, **dd)
+        self.attn = _attention(
+            attn_layer,
+            dim,
+            depth,
+            num_heads=_checks.positive_int("num_heads", num_heads),
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            scale_norm=scale_attn_norm,
+            proj_bias=proj_bias,
+            attn_drop=_checks.rate("attn_drop", attn_drop),
+            proj_drop=_checks.rate("proj_drop", proj_drop),
+            norm_layer=norm_layer,
+            **dd,
+        )
+        self.ls1 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if _checks.rate("drop_path", drop_path) > 0 else nn.Identity()
+        self.mlp = _mlp_class(mlp_layer)(
+            in_features=dim,
+            hidden_features=int(dim * mlp_ratio),
+            act_layer=act_layer,
+            bias=proj_bias,
+            drop=proj_drop,
+            **dd,
+        )
+        self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        return x + self.drop_path2(self.ls2(self.mlp(x)))
+
+
+# ---------------------------------------------------------------------------- conversion
+
+
+def _with_bn(ffn: Mlp | FeedForward, build: Callable[[int, int, int], BatchNormFFN]) -> BatchNormFFN:
+    """`build(in, hidden, out)` holding `ffn`'s own Linear layers, activation and dropouts, and a fresh BatchNorm.
+
+    The BatchNorm after `fc1` is initialised as for training (scale 1, shift 0, running mean 0
+    and variance 1), on `fc1`'s device and dtype, in `ffn`'s train/eval mode.
+    """
+    fc1, fc2 = ffn.fc1, ffn.fc2
+    with torch.device("meta"):  # nothing allocated: every module but the BatchNorm is replaced by ffn's own
+        new = build(fc1.in_features, fc1.out_features, fc2.out_features)
+    new.norm = type(new.norm)(fc1.out_features, device=fc1.weight.device, dtype=fc1.weight.dtype)
+    new.fc1, new.act, new.drop1, new.fc2, new.drop2 = fc1, ffn.act, ffn.drop1, fc2, ffn.drop2
+    return new.train(ffn.training)
+
+
+def _refuse_timm_block(index: int, block: nn.Module) -> None:
+    """Raise if `block` is not a plain timm `Block` whose MLP is timm's `Mlp` without an inner norm."""
+    where = f"blocks.{index} is a {type(block).__module__}.{type(block).__name__}"
+    if isinstance(block, BNFFNBlock):
+        raise ValueError(f"the model is already in the article's form ({where}); there is nothing to convert")
+    if type(block) is not Block:
+        raise ValueError(
+            f"to_bn_ffn converts timm's pre-norm Block (x + attn(norm1(x)), x + mlp(norm2(x))); {where}, "
+            "whose layout it does not know"
+        )
+    mlp = block.mlp
+    if type(mlp) is not Mlp or isinstance(mlp.fc1, nn.Conv2d):
+        raise ValueError(
+            f"to_bn_ffn converts timm's Mlp (Linear -> act -> Linear); blocks.{index}.mlp is a "
+            f"{type(mlp).__name__}, whose layout it does not know (gated MLPs such as SwiGLU have no single fc1)"
+        )
+    if not isinstance(mlp.norm, nn.Identity):
+        raise ValueError(
+            f"blocks.{index}.mlp has a norm inside (scale_mlp_norm=True); the article's FFN has only its BatchNorm"
+        )
+
+
+def _convert_timm(model: VisionTransformer) -> None:
+    for index, block in enumerate(model.blocks):
+        _refuse_timm_block(index, block)
+    for index, block in enumerate(model.blocks):
+        new = BNFFNBlock.__new__(BNFFNBlock)  # assembled from the block's own modules, nothing re-initialised
+        nn.Module.__init__(new)
+        new.norm1, new.attn, new.ls1, new.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
+        new.mlp = _with_bn(block.mlp, BatchNormMlp)
+        new.ls2, new.drop_path2 = block.ls2, block.drop_path2
+        model.blocks[index] = new.train(block.training)
+
+
+def _convert_bnvit(model: ViT) -> None:
+    if model.cfg.norm != "ln":
+        form = "already in the article's form" if model.cfg.norm == "bn_ffn" else "a ViTBN (BatchNorm everywhere)"
+        raise ValueError(
+            f"to_bn_ffn converts a LayerNorm ViT (norm='ln'); this one has norm={model.cfg.norm!r}, {form}"
+        )
+    for index, block in enumerate(model.blocks):
+        if type(block) is not EncoderBlock or type(block.ffn) is not FeedForward:
+            raise ValueError(
+                f"to_bn_ffn converts bnvit's EncoderBlock with its FeedForward; blocks.{index} is a "
+                f"{type(block).__name__} with a {type(getattr(block, 'ffn', None)).__name__}"
+            )
+    for block in model.blocks:
+        block.ffn = _with_bn(block.ffn, lambda dim, hidden, out: BatchNormFFN(dim, hidden, out_dim=out))
+    model.cfg = dataclasses.replace(model.cfg, norm="bn_ffn")
+
+
+def to_bn_ffn(model: nn.Module) -> nn.Module:
+    """Convert a LayerNorm ViT to the article's form in place: BatchNorm inside each FFN, no norm before it.
+
+    For a timm `VisionTransformer` built from timm's `Block` (ViT, DeiT, ... at any size) each
+    block becomes a `BNFFNBlock`; for a bnvit `ViT` with `norm="ln"` each FFN becomes a
+    `BatchNormFFN` and the model's `cfg.norm` becomes `"bn_ffn"` (its checkpoints then load as
+    `ViTBNFFN`). Every weight that carries over is kept, as the same tensors: the attention with
+    its pre-norm, `fc1`, `fc2`, LayerScale, and everything outside the blocks. The LayerNorm
+    before each FFN is dropped, and a new BatchNorm after each `fc1` starts as in training
+    (scale 1, shift 0, running mean 0, running variance 1).
+
+    The converted model computes something else than the original: use it as the starting point
+    for fine-tuning (a few epochs at a small learning rate), not as a drop-in replacement. Before
+    evaluating it without training, give the BatchNorms their statistics with
+    `bnvit.recalibrate_bn(model, data)`.
+
+    Args:
+        model: A timm `VisionTransformer` whose blocks are all timm's `Block` with timm's `Mlp`,
+            or a bnvit `ViT` with `norm="ln"`.
+
+    Returns:
+        `model` itself, converted.
+
+    Raises:
+        TypeError: `model` is neither a timm `VisionTransformer` nor a bnvit `ViT` (a compiled or
+            DDP-wrapped model: convert the model inside first).
+        ValueError: A block or FFN of a layout the conversion does not know (the message names
+            it), or a model already in the article's form. Nothing is changed then.
+
+    Examples:
+        >>> import timm
+        >>> model = timm.create_model("deit_tiny_patch16_224", img_size=32, depth=2)
+        >>> fc1 = model.blocks[0].mlp.fc1
+        >>> model = to_bn_ffn(model)
+        >>> type(model.blocks[0]).__name__, model.blocks[0].mlp.fc1 is fc1
+        ('BNFFNBlock', True)
+    """
+    if isinstance(model, VisionTransformer):
+        _convert_timm(model)
+    elif isinstance(model, ViT):
+        _convert_bnvit(model)
+    else:
+        raise TypeError(
+            f"to_bn_ffn converts a timm VisionTransformer or a bnvit ViT, got {type(model).__name__} "
+            "(for a compiled or DDP-wrapped model, convert the model inside it)"
+        )
+    return model
