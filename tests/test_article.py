@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from scipy.stats import t as student_t
 import torch
+from scipy.stats import t as student_t
 
 from bnvit.experiments import cli, study
 from bnvit.experiments import sweep as article_sweep

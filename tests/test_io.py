@@ -61,7 +61,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 
 
 def test_there_is_one_atomic_write_core():
-    """Only `_util.io.atomic_path` renames a temporary over a file; nothing else makes its own temporary files to write."""
+    """Only `_util.io.atomic_path` renames a temporary over a file; nothing else makes temporary files to write."""
     for path in SRC.rglob("*.py"):
         calls = {
             node.func.attr

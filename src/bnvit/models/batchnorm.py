@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._util import checks as _checks
-from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
     "CPUSyncBatchNorm",
