@@ -16,9 +16,7 @@ import sys
 
 from bnvit.experiments import COMPARE_DEPTHS, run_cli
 
-EXPERIMENT = (
-    COMPARE_DEPTHS  # declared in bnvit.experiments.grid, shared with `bnvit reproduce` and the three-seed study
-)
+EXPERIMENT = COMPARE_DEPTHS  # declared in experiments.grid, shared with `bnvit reproduce` and the three-seed study
 
 if __name__ == "__main__":
     sys.exit(run_cli(EXPERIMENT))

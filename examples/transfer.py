@@ -1,7 +1,7 @@
 """Does the article's effect hold in timm's own ViT? timm's LayerNorm blocks against BNFFNBlock.
 
 timm's `VisionTransformer` at the article's scale (28x28x1, patch 7, width 64, 4 heads of width
-16, MLP ratio 2, class token; `bnvit.timm.vision_transformer`), once with timm's `Block` (`timmvitln_mnist`) and
+16, MLP ratio 2, class token; `bnvit.timm.vision_transformer_bnffn`), once with timm's `Block` (`timmvitln_mnist`) and
 once with `bnvit.BNFFNBlock` (`timmvitbnffn_mnist`), at depths 4 and 6 and learning rates 0.003
 and 0.005, three seeds, 10 epochs of augmented MNIST (Adam, batch 100), as the article trains.
 Writes `results.jsonl`, the depth and learning-rate figures and `report.md` (with the gap of each

@@ -29,8 +29,8 @@ from bnvit.models.vit import ViTConfig
 from bnvit.timm import registry as bnvit_registry
 from bnvit.weights import loading as bnvit_loading
 
-VITS = sorted(timm.list_models(module="registry"))
-MLPS = sorted(timm.list_models(module="mlp"))
+VITS = sorted(n for n in timm.list_models(module="registry") if n.startswith("vit"))
+MLPS = sorted(n for n in timm.list_models(module="registry") if n.startswith("dnn"))
 ALL = VITS + MLPS
 BIG = {n for n in VITS if n.endswith("_224")}
 

@@ -33,7 +33,7 @@ from .models import (
 )
 from .timm import BatchNormMlp, BNFFNBlock, to_bn_ffn
 from .timm import registry as _registry  # noqa: F401  (registers bnvit's ViTs and MLPs in timm)
-from .timm import vision_transformer as _timm_vit  # noqa: F401  (registers timmvitln_mnist, timmvitbnffn_mnist)
+from .timm import vision_transformer_bnffn as _timm_vit  # noqa: F401  (registers timmvitln_mnist, timmvitbnffn_mnist)
 from .training import Callback, CSVLogger, EpochRecord, History, JSONLLogger, evaluate, fit, recalibrate_bn
 from .weights import checkpoint_filter_fn, load_model
 

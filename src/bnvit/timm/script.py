@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     # Registering is the point of this module: timm (and bnvit's entry points in it) is imported
     # here, before the script's directory goes first on sys.path, so a checkout's timm/ folder
     # beside the script cannot shadow the timm the models were registered in.
-    from ..models import dnn as mlp  # noqa: F401
-    from . import registry  # noqa: F401
+    from . import registry, vision_transformer_bnffn  # noqa: F401
 
     sys.argv = [str(script), *current_model_names(argv[1:])]
     sys.path.insert(0, str(script.resolve().parent))
