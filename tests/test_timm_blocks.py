@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import bnvit
 from bnvit import BatchNormFFN, BatchNormMlp, BNFFNBlock, ViT, ViTBNFFN, fold_batchnorm, to_bn_ffn
 from bnvit.experiments import TRANSFER, cli, load_results
-from bnvit.experiments.report import gaps_section
+from bnvit.experiments.transfer import transfer_section, transfer_verdicts
 from bnvit.models import batchnorm as bnvit_batchnorm
 
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
@@ -491,18 +491,52 @@ def test_transfer_study_is_declared_as_asked():
     assert cli._settings_from_args(TRANSFER, args).epochs == 3
 
 
-def test_gaps_section_pairs_the_seeds_of_each_cell():
+def _transfer_results(gaps_by_cell: dict[tuple[float, int], list[float]]) -> list[dict]:
+    """Two-epoch results whose BN-FFN model is ahead by `gap` points at both epochs of each seed."""
     results = []
-    for seed, gap in enumerate([0.02, 0.03, 0.04]):
-        results.append(_result("timmvit_mnist", 4, 0.005, seed, [0.80, 0.90]))
-        results.append(_result("timmvit_bnffn_mnist", 4, 0.005, seed, [0.80 + gap, 0.90 + 2 * gap]))
-    results.append(_result("timmvit_mnist", 6, 0.005, 0, [0.5, 0.6]))  # its twin not run yet
-    lines = gaps_section(results, TRANSFER.models)
-    assert "## timm ViT + BNFFNBlock minus timm ViT, per cell" in lines
-    (row,) = [line for line in lines if line.startswith("| lr 0.005, depth 4")]
-    # over epochs: (gap + 2 gap) / 2 = 1.5 gap per seed: 3, 4.5, 6 points; at the last epoch 4, 6, 8.
-    assert "| 0, 1, 2 | +4.50 ± 1.50 | [+1.97, +7.03] | +6.00 ± 2.00 | [+2.63, +9.37] |" in row  # 90% intervals
-    assert any(line.startswith("| lr 0.005, depth 6 | not both run |") for line in lines)
+    for (lr, depth), gaps in gaps_by_cell.items():
+        for seed, gap in enumerate(gaps):
+            results.append(_result("timmvit_mnist", depth, lr, seed, [0.60, 0.70]))
+            results.append(_result("timmvit_bnffn_mnist", depth, lr, seed, [0.60 + gap / 100, 0.70 + gap / 100]))
+    return results
+
+
+AHEAD = [4.0, 6.0, 5.0, 7.0, 3.0, 5.5, 6.5, 4.5, 5.0, 6.0]  # mean +5.25, clearly shown above 0
+
+
+def test_transfer_verdicts_follow_the_protocol():
+    """Ahead shown in the three 'clearly ahead' cells and behind nowhere: it carries over."""
+    level = [0.5, -0.5, 1.0, -1.0, 0.0, 0.3, -0.3, 0.2, -0.2, 0.1]
+    results = _transfer_results({(0.003, 4): level, (0.003, 6): AHEAD, (0.005, 4): AHEAD, (0.005, 6): AHEAD})
+    cells, verdict, undecided = transfer_verdicts(results, TRANSFER.models)
+    by_cell = {(c.lr, c.depth): c for c in cells}
+    assert verdict == "carries over" and undecided == []
+    assert by_cell[(0.003, 4)].shown == "neither" and by_cell[(0.003, 4)].carries == "carries over"
+    ahead = by_cell[(0.005, 6)]
+    assert ahead.shown == "ahead" and ahead.seeds == list(range(10))
+    assert ahead.gaps == pytest.approx(AHEAD)
+    # Holm over four cells: the three equal smallest p-values are multiplied by 4, 3 and 2, then made monotone.
+    assert ahead.p_ahead_holm == pytest.approx(4 * ahead.p_ahead, rel=1e-6)
+    assert 1.0 >= ahead.power[1] >= ahead.power[0] > 0.9  # a spread of 1.3 points: +5 is all but certain to show
+
+
+def test_transfer_verdicts_count_a_cell_behind_against_and_name_the_undecided():
+    behind = [-g for g in AHEAD]
+    noisy = [8.0, -6.0, 5.0, -4.0, 7.0, -5.0, 6.0, -3.0, 4.0, -2.0]
+    results = _transfer_results({(0.003, 4): AHEAD, (0.003, 6): noisy, (0.005, 4): AHEAD, (0.005, 6): AHEAD})
+    assert transfer_verdicts(results, TRANSFER.models)[1:] == ("inconclusive", ["lr 0.003 depth 6"])
+    results = _transfer_results({(0.003, 4): behind, (0.003, 6): AHEAD, (0.005, 4): AHEAD, (0.005, 6): AHEAD})
+    cells, verdict, _ = transfer_verdicts(results, TRANSFER.models)
+    assert verdict == "does not carry over"
+    assert [c.carries for c in cells if (c.lr, c.depth) == (0.003, 4)] == ["counts against"]
+
+
+def test_transfer_section_says_when_it_is_provisional():
+    results = _transfer_results({(0.003, 4): AHEAD[:3], (0.003, 6): AHEAD[:3], (0.005, 4): AHEAD[:3]})
+    lines = transfer_section(results, TRANSFER.models, planned=10)
+    assert any("provisional" in line for line in lines)
+    (row,) = [line for line in lines if line.startswith("| lr 0.005, depth 6")]
+    assert "| 0 |" in row  # not run yet: no seeds
 
 
 @pytest.mark.slow

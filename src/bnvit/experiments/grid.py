@@ -104,8 +104,8 @@ class Experiment:
             one figure shows: the study's ViT folder holds both ViT grids). Empty: all cells.
         seeds: Seeds per cell when `--seeds` is not given.
         quick_seeds: The same for `--quick` (default: `seeds`).
-        sections: More report sections: `"gaps"` (the second model minus the first, per cell,
-            paired by seed, for an experiment without claims of the article to judge).
+        sections: More report sections: `"transfer"` (the transfer protocol's verdicts,
+            `bnvit.experiments.transfer`).
     """
 
     name: str
@@ -249,7 +249,7 @@ LR_WINDOW = Experiment(
 )
 # Beyond the article: does its effect hold in timm's standard ViT layout (head width dim / heads)?
 # timm's VisionTransformer at the article's scale, timm's LayerNorm Block against bnvit's BNFFNBlock
-# (`bnvit.timm.vision_transformer`), at two of the article's depths and both of its learning rates. In fp32: under
+# (`bnvit.timm.vision_transformer_bnffn`), at two of the article's depths and both of its learning rates. In fp32: under
 # CPU bf16 autocast timm's attention (the fused kernel, 17 tokens) made a training step 3x slower.
 TRANSFER = Experiment(
     name="transfer",
@@ -262,7 +262,7 @@ TRANSFER = Experiment(
     plots=("depths", "lr"),
     seeds=10,  # the transfer protocol (docs/timm-blocks.md): ten paired seeds, fixed before seeds 3-9 ran
     quick_seeds=2,
-    sections=("gaps",),
+    sections=("transfer",),
 )
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e

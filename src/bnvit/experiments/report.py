@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .._util.io import atomic_write_text
-from .claims import DEPTH_CLAIMS, LABELS, LR_DROP_CLAIM, MLP_CLAIM, Verdict, final, paired, verdicts
+from .claims import DEPTH_CLAIMS, LR_DROP_CLAIM, MLP_CLAIM, Verdict, paired, verdicts
 from .claims import mean_over_epochs as _mean_over_epochs
 from .folder import read_folder
 from .grid import Experiment
@@ -36,12 +36,12 @@ from .protocol import (
 )
 from .results import RESULTS, describe_machines, load_results, results_sha256
 from .stats import fmt, mean_std, summarize, t_interval
+from .transfer import transfer_section
 from .window import window_section
 
 __all__ = [
     "RULES",
     "describe_reduced",
-    "gaps_section",
     "report_folder",
     "report_source",
     "summary_table",
@@ -71,9 +71,11 @@ RULES = (
     "test shows the opposite at the same level, and 'inconclusive' otherwise. The interval shown is the 90% "
     "t-interval, whose ends are the bounds of those one-sided tests: a verdict can be read off it. A claim of "
     "several parts is reproduced when every part's p-value for 'holds' stays below 5% after Holm's correction "
-    "over the claim's parts, not reproduced when some part's p-value for 'fails' does. 'Seeds needed': for an "
-    "inconclusive part, the seeds at which the same mean and standard deviation would decide it. Numbers are "
-    "rounded once, from exact values. A diverged run counts as chance accuracy after it diverged."
+    "over the claim's parts, not reproduced when some part's p-value for 'fails' does. 'Seeds for 80% power': "
+    "for an inconclusive part, the seeds at which its one-sided test at 5% would decide it with 80% "
+    "probability, were the observed mean and standard deviation the true ones (a noncentral t). Numbers are "
+    "rounded once, from exact values, ties away from zero. A diverged run counts as chance accuracy after it "
+    "diverged."
 )
 
 
@@ -206,15 +208,16 @@ def _claims_tables(vs: Sequence[Verdict], reduced: str | None) -> list[str]:
         "Per-seed values (gaps in accuracy points; for claim 3 the extra drop; for claim 4 at the low rate the "
         "log-ratio of steps, at the high rate the gap in final accuracy), their mean ± std, the 90% t-interval, "
         "the one-sided p-values for 'holds' and 'fails' (raw, then after Holm's correction over the claim's "
-        "parts), the verdict, and for an inconclusive part the seeds that would decide it at this mean and std.",
+        "parts), the verdict, and for an inconclusive part the seeds that would decide it with 80% power at "
+        "this mean and std.",
         "",
         "| claim | part | expected | per seed | mean ± std | 90% t-interval | p holds / fails | Holm | verdict "
-        "| seeds needed |",
+        "| seeds for 80% power |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in vs:
         for p in v.parts:
-            per_seed = ", ".join(f"s{s}: {x:+.2f}" for s, x in zip(p.seeds, p.values, strict=True)) or "not run"
+            per_seed = ", ".join(f"s{s}: {signed(x)}" for s, x in zip(p.seeds, p.values, strict=True)) or "not run"
             t = p.test
             pvalues = f"{_p(t.p_hold)} / {_p(t.p_fail)}" if t and p.judged else "–"
             holm = f"{_p(p.p_hold_holm)} / {_p(p.p_fail_holm)}" if p.p_hold_holm is not None else "–"
@@ -288,37 +291,6 @@ def precision_section(results: Sequence[Mapping[str, Any]], reference: Sequence[
         "gap is shown at 5% on either side. Verdicts follow the rules above for the claim that covers the cell "
         "(only the gaps of the seeds both folders hold are compared; the verdict in the reference uses those seeds). "
         "Clean test accuracies pool both models.",
-    ]
-    return lines
-
-
-def gaps_section(results: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list[str]:
-    """Per cell, the second model's accuracy minus the first's, paired by seed: over all epochs and at the last.
-
-    For an experiment whose cells no claim of the article covers (the transfer study): the same
-    gap as the claims use (mean over epochs), and the last epoch's, each with its 90% t-interval
-    (the one every report prints).
-    """
-    base, other = models
-    groups = summarize(results)
-    lines = [
-        "",
-        f"## {LABELS.get(other, other)} minus {LABELS.get(base, base)}, per cell",
-        "",
-        "| cell | seeds | gap over epochs | 90% t-interval | gap at the last epoch | 90% t-interval |",
-        "|---|---|---|---|---|---|",
-    ]
-    for depth, lr in sorted({k[1:] for k in groups}, key=lambda k: (k[1], k[0])):
-        seeds, gaps = paired(groups, (base, other), depth, lr, _mean_over_epochs)
-        _, last = paired(groups, (base, other), depth, lr, final)
-        row = [f"lr {lr:g}, depth {depth}", ", ".join(map(str, seeds)) or "not both run"]
-        row += [_fmt_points(gaps), _fmt_interval(gaps), _fmt_points(last), _fmt_interval(last)]
-        lines.append("| " + " | ".join(row) + " |")
-    lines += [
-        "",
-        "Gaps in accuracy points of the validation accuracy, paired by seed, mean ± std over seeds; 'over "
-        "epochs' is the mean of each seed's curve, as the article's claims are judged. An interval that "
-        "excludes 0 shows a difference in that direction (one-sided test at 5%).",
     ]
     return lines
 
@@ -411,8 +383,8 @@ def report_folder(
         extra = precision_section(results, load_results(reference, complete=True))
     if "window" in experiment.plots and results:
         extra += window_section(results)
-    if "gaps" in experiment.sections and results:
-        extra += gaps_section(results, experiment.models)
+    if "transfer" in experiment.sections and results:
+        extra += transfer_section(results, experiment.models, experiment.seeds)
     return write_report(
         results,
         dest,

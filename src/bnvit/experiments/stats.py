@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from scipy.stats import nct as noncentral_t
 from scipy.stats import t as student_t
 from scipy.stats import ttest_1samp
 
@@ -24,6 +25,7 @@ __all__ = [
     "fmt",
     "holm",
     "mean_std",
+    "power",
     "seeds_needed",
     "summarize",
     "t_interval",
@@ -130,15 +132,34 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def seeds_needed(mean: float, std: float, distance: float, alpha: float = 0.05, limit: int = 10_000) -> int | None:
-    """The fewest values at which a one-sided t-test at `alpha` would reject, were the mean and std to stay.
+def power(distance: float, std: float, n: int, alpha: float = 0.05) -> float:
+    """The power of a one-sided t-test at `alpha` on `n` values whose true mean lies `distance` beyond the bound.
 
-    `distance` is how far the mean lies from the bound on the side to be shown (> 0). `None`
-    when no number up to `limit` would do (the mean sits on the bound).
+    The probability that the test rejects, from the noncentral t distribution with `n - 1` degrees
+    of freedom and noncentrality `distance * sqrt(n) / std`.
 
     Examples:
-        >>> seeds_needed(mean=1.0, std=1.0, distance=1.0)  # t_0.95(n - 1) / sqrt(n) < 1
-        5
+        >>> round(power(distance=1.0, std=1.0, n=8), 2)
+        0.81
+    """
+    if n < 2:
+        return 0.0
+    critical = student_t.ppf(1.0 - alpha, n - 1)
+    return float(noncentral_t.sf(critical, n - 1, distance * math.sqrt(n) / std))
+
+
+def seeds_needed(
+    mean: float, std: float, distance: float, alpha: float = 0.05, target: float = 0.8, limit: int = 10_000
+) -> int | None:
+    """The fewest values at which a one-sided t-test at `alpha` has power `target`, were the mean and std true.
+
+    `distance` is how far the mean lies from the bound on the side to be shown (> 0). `None`
+    when no number up to `limit` would do (the mean sits on the bound). At `target=0.5` this is
+    about the count at which the observed t would just cross the critical value.
+
+    Examples:
+        >>> seeds_needed(mean=1.0, std=1.0, distance=1.0)  # 80% power
+        8
     """
     if not distance > 0 or math.isnan(std):
         return None
@@ -146,7 +167,7 @@ def seeds_needed(mean: float, std: float, distance: float, alpha: float = 0.05, 
         return 2
     n = 2
     while n <= limit:
-        if student_t.ppf(1.0 - alpha, n - 1) * std / math.sqrt(n) < distance:
+        if power(distance, std, n, alpha) >= target:
             return n
         n += 1 if n < 100 else max(1, n // 50)
     return None
