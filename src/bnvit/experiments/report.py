@@ -57,10 +57,11 @@ _PRECISION_AUTO = "auto (bf16 autocast on CUDA and on CPUs with native bf16, els
 _LO, _HI = LR_DROP_CLAIM.lrs
 _MLO, _MHI = MLP_CLAIM.lrs
 RULES = (
-    "The protocol (docs/reproducing.md), fixed before the ten-seed runs. Gaps are the BatchNorm model minus its plain "
-    "twin (ViTBNFFN minus ViT; for the MLPs of claim 4, DNNBN minus DNN), in accuracy points: the validation "
-    "accuracy averaged over epochs, paired by seed. Every part is judged by one-sided "
-    "one-sample t-tests at 5% (Student's t, n - 1 degrees of freedom) on its per-seed values: 'comparable' "
+    "The protocol (docs/reproducing.md), fixed before seeds 5-9 ran (the seeds run before it are named there). "
+    "Gaps are the BatchNorm model minus its plain twin (ViTBNFFN minus ViT; for the MLPs of claim 4, DNNBN "
+    "minus DNN), in accuracy points: the validation accuracy averaged over epochs, paired by seed. Every part "
+    "is judged by one-sided one-sample t-tests at 5% (Student's t, n - 1 degrees of freedom) on its per-seed "
+    "values: 'comparable' "
     f"needs the gap shown inside (-{COMPARABLE}, +{COMPARABLE}) (TOST), 'slightly ahead' inside [+{SLIGHTLY}, "
     f"+{CLEARLY}), 'clearly ahead' above +{CLEARLY}; claim 3 needs ViT's drop in final accuracy from lr {_LO:g} "
     f"to {_HI:g} at depth {LR_DROP_CLAIM.depth}, minus ViTBNFFN's, shown above {LR_DROP}; claim 4 needs, at lr "
@@ -135,8 +136,9 @@ def _header(
     seeds = counts[-1]
     settings = results[0]["settings"] if results else {}
     epochs = max((r["settings"]["epochs"] for r in results), default=0)
-    precisions = sorted({r["precision"] for r in results if r.get("precision")})
-    recorded = len(precisions) and all(r.get("precision") for r in results)
+    run_precisions = [r.get("precision") or r["history"].get("meta", {}).get("precision") for r in results]
+    precisions = sorted({p for p in run_precisions if p})
+    recorded = len(precisions) and all(run_precisions)
     precision = (
         ", ".join(precisions)
         if recorded
