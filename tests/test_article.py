@@ -292,6 +292,7 @@ def test_the_published_study_folders_are_accepted_by_the_study_command(folder, t
         assert (cell["model"], cell["depth"], cell["lr"]) in planned and cell["seed"] < experiment.seeds, r["key"]
 
 
+@pytest.mark.slow
 def test_a_finished_study_trains_nothing_and_writes_every_report(mnist_root, tmp_path, monkeypatch, capsys):
     out = tmp_path / "article"
     for part, (cells, settings) in background_job_cells().items():
@@ -347,6 +348,7 @@ HOLDER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_locked_folder_is_refused_and_a_stale_lock_taken_over(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -452,6 +454,7 @@ def test_bnvit_reproduce_runs_the_articles_command_line(capsys):
     assert bnvit_cli.build_parser().parse_args(["reproduce", "all", "--seeds", "3"]).what == "all"
 
 
+@pytest.mark.slow
 def test_predict_does_not_import_the_article_harness():
     code = "import sys, bnvit.app.cli; sys.exit('bnvit.experiments' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
@@ -467,6 +470,7 @@ INTERRUPTED_SWEEP = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_real_sigint_during_training_is_one_line_exit_130_and_frees_the_folder(mnist_root, tmp_path):
     out = tmp_path / "out"
     flags = ["--quick", "--epochs", "3", "--train-subset", "600", "--test-subset", "100", "--no-progress"]

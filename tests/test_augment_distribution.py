@@ -142,6 +142,7 @@ def torchvision_stats(source, source_stats) -> dict[str, torch.Tensor]:
     return image_statistics(images, source_stats)
 
 
+@pytest.mark.slow
 def test_fast_path_matches_torchvision_in_distribution(source, source_stats, torchvision_stats):
     fast = augment_batch(source, torch.Generator().manual_seed(1))
     rows = compare(torchvision_stats, image_statistics(fast, source_stats))
@@ -171,6 +172,7 @@ def _point_sampled(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
     return F.grid_sample(images.unsqueeze(1) / 255, grid, mode="nearest", align_corners=False)
 
 
+@pytest.mark.slow
 def test_point_sampled_zoom_is_detected(source, source_stats, torchvision_stats):
     """The comparison has teeth: without antialiasing the zoomed-out digits keep more pixels > 0.5."""
     params = sample_augment_params(N, generator=torch.Generator().manual_seed(1))
@@ -188,6 +190,7 @@ def _subset(params: AugmentParams, mask: torch.Tensor) -> AugmentParams:
     return AugmentParams(*(p[mask] for p in params))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "value", "caught_by"),
     [

@@ -103,6 +103,7 @@ def test_cli_startup_measures_fresh_processes_and_their_peak_memory(tmp_path, mo
         cli_startup.run_once([python, "-c", "import sys; sys.exit(3)"])
 
 
+@pytest.mark.slow
 def test_demo_load_check_runs_and_counts_every_request(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "demo_load.py"), "--requests", "16", "--kind", "mixed"],

@@ -140,6 +140,7 @@ def digit_png(tmp_path_factory, mnist_root):
     return str(path), int(labels[0])
 
 
+@pytest.mark.slow
 def test_bnvit_calibrate_writes_what_predict_then_applies(checkpoint, mnist_root, digit_png, capsys):
     path, label = digit_png
     assert main(["predict", path, "--checkpoint", str(checkpoint), "--json"]) == 0

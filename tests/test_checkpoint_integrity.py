@@ -54,6 +54,7 @@ def test_flipped_bytes_are_refused_through_timm(checkpoint):
         timm.create_model("vitbnffn_mnist", depth=5, pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
 
 
+@pytest.mark.slow
 def test_flipped_bytes_fail_bnvit_predict_in_one_line(checkpoint, tmp_path):
     _flip(checkpoint, 0.5)
     image = tmp_path / "digit.png"

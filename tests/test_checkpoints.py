@@ -82,6 +82,7 @@ def _compare_with_reference(path: Path, images: torch.Tensor, labels: torch.Tens
         assert accuracy == (expected.argmax(1) == labels).float().mean().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("filename", list(CHECKPOINTS))
 def test_load_model_matches_reference_on_mnist(reference_checkpoints, mnist_test, filename):
     images, labels = mnist_test
@@ -96,6 +97,7 @@ def test_load_model_matches_reference_on_all_of_mnist(reference_checkpoints, mni
     _compare_with_reference(reference_checkpoints / filename, images, labels, len(images))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("filename", list(CHECKPOINTS))
 def test_timm_pretrained_file_equals_load_model(reference_checkpoints, mnist_test, filename):
     builder, norm, depth, qkv_bias = CHECKPOINTS[filename]

@@ -635,6 +635,7 @@ def test_device_loader_rejects_bad_data():
 # The frozen augmented test set and mnist_loaders
 
 
+@pytest.mark.slow
 def test_augmented_test_set_torchvision_is_frozen_cached_and_restores_the_rng(mnist_root, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(sets_module, "_memory", {})
@@ -719,6 +720,7 @@ def test_mnist_loaders_torchvision_and_none(mnist_root):
         mnist_loaders(mnist_root, train_subset=70000)
 
 
+@pytest.mark.slow
 def test_mnist_loaders_augmented_test_set_ignores_the_training_seed(mnist_root, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     _, a = mnist_loaders(mnist_root, seed=0, train_subset=100, test_subset=50)

@@ -266,6 +266,7 @@ def test_two_hundred_concurrent_requests_are_all_answered(toy_server):
     assert outcomes == [200] * 200, sorted(set(map(str, outcomes)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("head", "body", "expected", "fragment"),
     [
@@ -288,6 +289,7 @@ def test_malformed_requests_get_a_4xx_promptly_never_a_500(toy_server, head, bod
     assert raw(toy_server, twice, drawing(BLANK))[0] == 422
 
 
+@pytest.mark.slow
 def test_predicts_a_real_mnist_digit_sent_as_png(server, digit):
     image, label = digit
     status, answer = post(server, drawing(Image.fromarray(image.numpy())))

@@ -196,6 +196,7 @@ def test_device_argument():
         for_inference(ViTBN(depth=1), device="gpu7")
 
 
+@pytest.mark.slow
 def test_compile_returns_a_compiled_copy(test_images):
     torch.manual_seed(0)
     model = ViTBN(depth=1, dim=16, heads=2, dim_head=8, mlp_dim=32).eval()
@@ -256,6 +257,7 @@ def _op_types(path: Path) -> list[str]:
     return [node.op_type for node in onnx.load(str(path)).graph.node]
 
 
+@pytest.mark.slow
 @needs_onnx
 @needs_onnxruntime
 @pytest.mark.parametrize("kind", ["ViT", "ViTBNFFN", "ViTBN"])
@@ -291,6 +293,7 @@ def test_onnx_file_matches_pytorch_in_onnxruntime(kind, tmp_path, calibrated_vit
         assert (torch.from_numpy(logits) - expected).abs().max() <= 1e-4
 
 
+@pytest.mark.slow
 @needs_onnx
 def test_onnx_export_without_folding_keeps_batchnorm(tmp_path):
     model = ViTBNFFN(depth=1, dim=16, heads=2, dim_head=8, mlp_dim=32).eval()

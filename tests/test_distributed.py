@@ -126,6 +126,7 @@ def max_difference(a: dict, b: dict, keys=None) -> dict[str, float]:
 # ----------------------------------------------------------------------------- SyncBatchNorm: 2 x 50 = 1 x 100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["bn_ffn", "bn"])
 def test_syncbn_two_processes_of_50_equal_one_process_of_100(ddp_runs, norm):
     single_model = tiny_model(norm, dtype=torch.float64)
@@ -279,6 +280,7 @@ def test_sigkill_under_ddp_then_rerun_resumes(ddp_runs, tmp_path):
 # ----------------------------------------------------------------------------- the example, under torchrun
 
 
+@pytest.mark.slow
 def test_example_train_ddp_under_torchrun(mnist_root, tmp_path):
     out = tmp_path / "out"
     args = ["--quick", "--epochs", "1", "--train-subset", "400", "--test-subset", "200", "--depth", "1"]

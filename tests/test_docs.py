@@ -292,6 +292,7 @@ def commands_path(tmp_path_factory) -> str:
     return f"{folder}{os.pathsep}{os.environ['PATH']}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("block", "expected"), _marked_runs())
 def test_marked_shell_blocks_run(block: Block, expected: str | None, commands_path, tmp_path):
     for needs in block.needs:

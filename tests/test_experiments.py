@@ -51,6 +51,7 @@ def metrics(result: dict) -> list[dict]:
 # ----------------------------------------------------------------------------- the examples, --quick
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "figures", "cells", "claims"),
     [
@@ -182,6 +183,7 @@ KILLED_SWEEP = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_sweep_killed_mid_cell_resumes_and_matches_an_uninterrupted_one(mnist_root, tmp_path):
     script = tmp_path / "sweep.py"
     script.write_text(KILLED_SWEEP.format(tests=str(Path(__file__).parent)))

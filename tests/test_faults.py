@@ -121,6 +121,7 @@ HOLDER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_second_process_training_into_the_same_checkpoint_folder_is_refused(tmp_path):
     folder = tmp_path / "run"
     script = tmp_path / "holder.py"
@@ -250,6 +251,7 @@ KILLED_WHILE_WRITING = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigkill_while_the_results_file_is_written_leaves_only_complete_lines(mnist_root, tmp_path):
     script = tmp_path / "sweep.py"
     script.write_text(KILLED_WHILE_WRITING.format(tests=str(Path(__file__).parent)))

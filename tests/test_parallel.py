@@ -71,6 +71,7 @@ def lines(out: Path, name: str = "results.jsonl") -> list[dict]:
 # ----------------------------------------------------------------------------- the same numbers, one writer
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_sequential_runners_numbers(mnist_root, tmp_path, sequential):
     logged = []
     results = sweep(tmp_path, mnist_root, workers=2, log=logged.append)
@@ -82,6 +83,7 @@ def test_two_workers_give_the_sequential_runners_numbers(mnist_root, tmp_path, s
     assert sweep(tmp_path, mnist_root, workers=2) == results  # resumable: nothing left to train
 
 
+@pytest.mark.slow
 def test_a_worker_cell_that_raises_is_recorded_retried_once_and_reported(mnist_root, tmp_path):
     broken = Cell("no_such_model", 1, 0.003, 0)
     logged = []
@@ -150,6 +152,7 @@ def gone(pid: int) -> bool:
     return state in ("Z", "X")  # a zombie no longer runs
 
 
+@pytest.mark.slow
 def test_sigkill_of_a_worker_is_recorded_and_its_cell_retried(mnist_root, tmp_path):
     out = tmp_path / "out"
     proc = run_script(tmp_path, out, "worker", mnist_root)
@@ -160,6 +163,7 @@ def test_sigkill_of_a_worker_is_recorded_and_its_cell_retried(mnist_root, tmp_pa
     assert "trying it once more" in proc.stdout
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_driver_loses_no_finished_cell_and_its_workers_stop(mnist_root, tmp_path, sequential):
     out = tmp_path / "out"
     proc = run_script(tmp_path, out, "driver", mnist_root)
@@ -179,6 +183,7 @@ def test_sigkill_of_the_driver_loses_no_finished_cell_and_its_workers_stop(mnist
 # ----------------------------------------------------------------------------- Ray
 
 
+@pytest.mark.slow
 def test_a_two_cell_sweep_on_a_local_ray_instance_gives_the_sequential_numbers(mnist_root, tmp_path, sequential):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'bnvit[ray]')")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)

@@ -52,6 +52,7 @@ def _short_run(mnist_root, precision: str, seed: int) -> float:
     return history.val_acc[-1]
 
 
+@pytest.mark.slow
 def test_default_precision_reaches_the_accuracy_of_fp32(mnist_root):
     """Two seeds in fp32 and two with the default; the means differ by less than the seed noise.
 

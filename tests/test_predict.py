@@ -238,6 +238,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bnvit", *args], capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_bnvit_predict_end_to_end(digit_files, reference_checkpoints):
     checkpoint = str(reference_checkpoints / VIT_CHECKPOINT)
     paths = [str(p) for p, _ in digit_files]
@@ -278,6 +279,7 @@ def test_the_wheel_ships_the_front_and_the_type_marker():
     assert (ROOT / "src" / "bnvit" / "py.typed").is_file() and (ROOT / "src" / "_bnvit_cli.py").is_file()
 
 
+@pytest.mark.slow
 def test_bnvit_predict_error_exit_code(tmp_path, digit_files, reference_checkpoints):
     """A bad file among good ones: its own line on stderr, the others classified, exit status 2."""
     (tmp_path / "notes.png").write_text("not an image")
@@ -445,6 +447,7 @@ def test_reproduce_without_an_experiment_names_what_is_missing(capsys):
 # ---------------------------------------------------------------------- files that are not pictures of digits
 
 
+@pytest.mark.slow
 def test_a_fifo_is_refused_without_blocking(tmp_path, digit_files):
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)

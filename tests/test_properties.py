@@ -140,6 +140,7 @@ def _not_in(valid: tuple[str, ...]):
     return lambda value: value not in valid
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @PROPERTY
 @given(invalid_configs())

@@ -39,6 +39,7 @@ def test_timm_loads_them_offline_with_the_article_config():
         assert torch.isfinite(model(torch.rand(2, 1, 28, 28))).all()
 
 
+@pytest.mark.slow
 def test_bnvit_predict_uses_them_without_a_checkpoint(mnist_root, tmp_path):
     images, labels = load_mnist(mnist_root, train=False)
     paths = []

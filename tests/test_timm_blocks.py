@@ -311,6 +311,7 @@ def test_torch_compile_in_training_and_in_eval():
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_onnx_export_runs_in_onnxruntime_without_batchnorm(tmp_path):
     pytest.importorskip("onnxscript")
     onnx = pytest.importorskip("onnx")

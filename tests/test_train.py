@@ -445,6 +445,7 @@ KILLED_RUN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_epoch(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(KILLED_RUN.format(tests=str(Path(__file__).parent)))

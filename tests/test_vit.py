@@ -341,6 +341,7 @@ def test_naive_checkpointing_would_double_count_batchnorm_stats(monkeypatch):
     assert not torch.allclose(naive.ffn.norm.bn.running_mean, block.ffn.norm.bn.running_mean)
 
 
+@pytest.mark.slow
 def test_drop_path_trains():
     model = ViT(depth=3, **SMALL, norm="bn_ffn", drop_path_rate=0.3)
     rates = [b.drop_path.drop_prob for b in model.blocks[1:]]
@@ -381,6 +382,7 @@ def _compile_check(backend: str) -> None:
     torch.testing.assert_close(compiled(x), model.eval()(x), rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_torch_compile_smoke_aot_eager():
     """Dynamo tracing and AOT autograd, without the slow C++ code generation."""
     _compile_check("aot_eager")
