@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scipy.stats import nct as noncentral_t
 from scipy.stats import t as student_t
 
 from bnvit.experiments import cli, study
@@ -72,10 +73,14 @@ def test_holm_adjusts_step_down_and_keeps_the_order():
     assert holm([]) == []
 
 
-def test_seeds_needed_is_the_first_count_that_would_decide():
+def test_seeds_needed_is_the_first_count_with_80_percent_power():
+    """The count at which a one-sided t-test at 5% rejects with probability 0.8 (a noncentral t, from scipy)."""
     n = seeds_needed(mean=1.0, std=1.0, distance=1.0)
-    for k, decides in ((n - 1, False), (n, True)):
-        assert (student_t.ppf(0.95, k - 1) / math.sqrt(k) < 1.0) is decides
+    for k, enough in ((n - 1, False), (n, True)):
+        critical = student_t.ppf(0.95, k - 1)
+        assert bool(noncentral_t.sf(critical, k - 1, math.sqrt(k)) >= 0.8) is enough
+    assert n == 8
+    assert seeds_needed(1.0, 1.0, 1.0, target=0.5) == 5  # ~ where the observed t would just cross
     assert seeds_needed(1.0, 1.0, 0.0) is None  # the mean on the bound: no number of seeds decides
 
 
