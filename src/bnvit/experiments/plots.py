@@ -1,8 +1,6 @@
 """The article's figures from results: depth panels, learning-rate panels, the MLP curves, the lr window.
 
-With one seed a curve is that seed's; with several, the line is the mean over seeds and the band
-± one standard deviation (the legend says so). A quick run's figures say "quick" in their title.
-matplotlib is optional (`pip install "bnvit[plots]"`), so it is imported only when a figure is drawn.
+Several seeds draw the mean with a ± one-std band. matplotlib (`bnvit[plots]`) is imported only when drawing.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""`report.md`: every cell's accuracies, the article's claims with verdicts, and the statistics behind them.
+"""`report.md`: every cell's accuracies, the claims with verdicts, and the statistics behind them.
 
-A report records the sha256 of the `results.jsonl` it was computed from, so a report that no
-longer matches its results is detected (see `report_source`). `report_folder` is the one way a
-folder's report and figures are made: by the examples, by `bnvit reproduce` and by the test that
-recomputes the published reports.
+A report records the sha256 of its `results.jsonl` (`report_source`); `report_folder` is the
+one way reports and figures are made.
 """
 
 from __future__ import annotations
@@ -366,8 +364,8 @@ def report_folder(
         experiment: Its experiment (claims, figures, the full setting).
         dest: Where to write (default: `folder`).
         figures: Draw the figures (else list the `*.png` already in `dest`).
-        reference: A folder with the same cells at other settings, compared in a section of its own.
-        machine_note: The machine, when the results do not record it (default: the note in `sweep.json`).
+        reference: A folder with the same cells at other settings, compared in its own section.
+        machine_note: The machine, when the results do not record it (default: `sweep.json`'s note).
     """
     folder = Path(folder)
     dest = Path(folder if dest is None else dest)

@@ -1,10 +1,4 @@
-"""The results file: one JSON line per finished cell, and what a line must hold to be read.
-
-A line records the cell, the settings, the full `History`, the final validation and clean test
-accuracies, the device, the precision the run resolved to and a description of the machine
-(schema 2). Lines written before (schema 1: no `schema`, `precision` or `machine`) are read as
-they are; a line that lacks what a report needs is refused with the file and line number.
-"""
+"""The results file: one JSON line per finished cell (schema 2; schema 1 still read), and what a line must hold."""
 
 from __future__ import annotations
 
