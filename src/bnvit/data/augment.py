@@ -89,17 +89,10 @@ def sample_augment_params(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> AugmentParams:
-    """Draw the article's augmentation parameters for `batch_size` images with one `torch.rand`.
+    """Draw the article's augmentation parameters for `batch_size` `(height, width)` images with one `torch.rand`.
 
-    Args:
-        batch_size: Number of images `B` (0 is allowed).
-        height: Image height `H`.
-        width: Image width `W`.
-        generator: Random generator; `None` uses the global generator of `device`.
-        device: Where to draw; defaults to the generator's device, else CPU.
-
-    Returns:
-        The parameters, on `device`.
+    Drawn on `device` (default: the generator's, else CPU) from `generator` (`None`: the device's
+    global one); `batch_size` may be 0.
 
     Examples:
         >>> params = sample_augment_params(4, generator=torch.Generator().manual_seed(0))
@@ -171,19 +164,11 @@ def _feature_map(height: int, width: int, device: torch.device) -> torch.Tensor:
 
 
 def augment_matrices(params: AugmentParams, height: int = 28, width: int = 28) -> torch.Tensor:
-    """The per-image `affine_grid` matrices of the rotation followed by the translation.
+    """The per-image `(B, 2, 3)` `affine_grid` matrices of the rotation followed by the translation.
 
     With `c, s` the cosine and sine of the angle and `(tx, ty)` the translation in pixels, each is
     `[[c, -s H / W, (s ty - c tx) 2 / W], [s W / H, c, -(s tx + c ty) 2 / H]]`
     (`align_corners=False`). The zoom-out is not part of it.
-
-    Args:
-        params: Parameters from `sample_augment_params`.
-        height: Image height.
-        width: Image width.
-
-    Returns:
-        `(B, 2, 3)` float32 matrices on the parameters' device.
 
     Examples:
         >>> ids = AugmentParams(
@@ -319,14 +304,9 @@ def _as_batch(images: torch.Tensor) -> torch.Tensor:
 
 
 def apply_augment(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-    """Augment a batch with given parameters (the deterministic half of `augment_batch`).
+    """Augment `(B, H, W)` or `(B, 1, H, W)` images with given parameters: `augment_batch` without the draw.
 
-    Args:
-        images: `(B, H, W)` or `(B, 1, H, W)`; uint8 in 0-255 or float in [0, 1].
-        params: One set of parameters per image, on the images' device.
-
-    Returns:
-        `(B, 1, H, W)` float32 in [0, 1] on the images' device.
+    Images are uint8 in 0-255 or float in [0, 1]; the result is `(B, 1, H, W)` float32 in [0, 1].
 
     Examples:
         >>> images = torch.zeros(2, 28, 28, dtype=torch.uint8)

@@ -101,19 +101,13 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def read_idx(path: str | os.PathLike, *, ndim: int | None = None) -> np.ndarray:
-    """Read a uint8 IDX file (the MNIST format), optionally `.gz`-compressed.
+    """Read a uint8 IDX file (the MNIST format, optionally `.gz`) as a read-only `uint8` array of its shape.
 
-    Args:
-        path: The file.
-        ndim: The number of dimensions it must have, or `None` for any.
-
-    Returns:
-        The array, `uint8`, with the stored shape (a read-only view of the file's bytes).
+    `ndim`: the number of dimensions it must have (`None`: any).
 
     Raises:
         FileNotFoundError: `path` does not exist.
-        ValueError: The header is not a uint8 IDX header, the dimensions are not `ndim`, or the
-            file is truncated or corrupt.
+        ValueError: Not a uint8 IDX header, not `ndim` dimensions, or a truncated or corrupt file.
 
     Examples:
         >>> import tempfile

@@ -29,14 +29,7 @@ __all__ = [
 
 @dataclass(frozen=True, order=True)
 class Cell:
-    """One training run of a sweep.
-
-    Attributes:
-        model: The model's label (`Experiment.models`), which names the cell in results and reports.
-        depth: Encoder blocks (hidden layers for the MLPs).
-        lr: Learning rate.
-        seed: Seed of the initialization and of the data order.
-    """
+    """One training run of a sweep: the model's label (`Experiment.models`), depth, learning rate and seed."""
 
     model: str
     depth: int

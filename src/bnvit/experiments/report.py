@@ -314,12 +314,11 @@ def write_report(
         out: Folder of the report (its `*.png` are listed as figures).
         claims: The article's claims to judge.
         title: The report's title.
-        reduced: For a quick run, what it was (`describe_reduced`): its verdicts are marked as no evidence.
-        machine_note: What to say about the machine when the results do not record it.
-        source: The line naming the results file and its sha256 (see `report_folder`).
+        reduced: For a quick run, what it was (`describe_reduced`): its verdicts are no evidence.
+        machine_note: The machine, when the results do not record it.
+        source: The line naming the results file and its sha256.
         extra: More Markdown lines, before the figures.
-        planned_seeds: The seeds per cell the experiment's protocol asks for (the header says how
-            far the folder is).
+        planned_seeds: The seeds per cell the protocol asks for (the header says how far the folder is).
     """
     out = Path(out)
     lines = [f"# {title}", ""]
@@ -408,11 +407,7 @@ _EXPECT_SHORT = {
 
 
 def summary_table(vit: Sequence[Mapping[str, Any]], mlp: Sequence[Mapping[str, Any]] = ()) -> list[str]:
-    """The README's table of the study: one row per judged part, every number rounded once from exact values.
-
-    `vit`: the results of the study's ViT folder (claims 1-3); `mlp`: those of its MLP folder
-    (claim 4). `bnvit reproduce all --report-only` prints it; a test checks the README holds it.
-    """
+    """The README's table of the study (`vit`: claims 1-3, `mlp`: claim 4), one row per judged part."""
     lines = [
         "| claim, cell | seeds | ViT, epoch 10 | ViTBNFFN, epoch 10 | measured | 90% interval | article expects "
         "| verdict |",

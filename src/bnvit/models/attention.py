@@ -140,11 +140,8 @@ def attend_shared_kv(
 ) -> torch.Tensor:
     """`softmax(q_h x^T) x` for every head `h`, with `q = x w_query^T + b_query`: keys and values are `x (B, N, C)`.
 
-    `w_query` is `(heads * C, C)`, the scale already in it. One fused attention on GPUs and when
-    compiling or exporting; two batched products with no copy in eager CPU code.
-
-    Returns:
-        `(B, N, heads * C)`: for each token, the mixed tokens of every head.
+    `w_query` is `(heads * C, C)`, the scale already in it; the result is `(B, N, heads * C)`. One
+    fused attention on GPUs and when compiling or exporting, two batched products in eager CPU code.
 
     Examples:
         >>> attend_shared_kv(torch.randn(2, 17, 64), torch.randn(8 * 64, 64), None, heads=8).shape

@@ -128,13 +128,11 @@ class FeedForward(nn.Module):
 class BatchNormFFN(nn.Module):
     """Feed-forward network with BatchNorm inside and no LayerNorm in front (ViTBNFFN).
 
-    `Linear -> BatchNorm -> GELU -> Dropout -> Linear -> Dropout`; the BatchNorm normalizes over
-    batch x tokens and folds into `fc1` in eval mode. `bnvit.BatchNormMlp` builds it from timm's
-    `Mlp` arguments.
+    `Linear(dim, mlp_dim) -> BatchNorm -> GELU -> Dropout -> Linear -> Dropout`; the BatchNorm
+    normalizes over batch x tokens and folds into `fc1` in eval mode. `bnvit.BatchNormMlp` builds it
+    from timm's `Mlp` arguments.
 
     Args:
-        dim: Token width.
-        mlp_dim: Hidden width.
         dropout: Dropout after the activation and after `fc2`, or a pair of the two.
         out_dim: Output width (default: `dim`).
         bias: Give `fc1` and `fc2` a bias, or a pair `(fc1, fc2)`.

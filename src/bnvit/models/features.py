@@ -60,10 +60,9 @@ def forward_blocks(
     keep: Callable[[torch.Tensor], Any],
     run: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[Any]]:
-    """`stem(x)` through `blocks`, keeping `keep(output)` of the blocks in `indices`: `forward_intermediates`' loop.
+    """`stem(x)` through `blocks`, keeping `keep(output)` of those in `indices`: `forward_intermediates`' loop.
 
-    Returns:
-        The output of the last block run, and what `keep` made of the blocks taken.
+    Returns the output of the last block run and what `keep` made of the blocks taken.
 
     Examples:
         >>> blocks = [nn.Linear(4, 4) for _ in range(3)]
