@@ -1,9 +1,4 @@
-"""Argument checks shared by the public API.
-
-Every check raises `ValueError` (or `TypeError` for a value of the wrong kind) with a
-message that names the argument, the value received and what would be valid. Nothing here
-uses `assert`: user input is validated even under `python -O`.
-"""
+"""Argument checks shared by the public API: one-line `ValueError` / `TypeError`, never `assert`."""
 
 from __future__ import annotations
 
@@ -67,8 +62,7 @@ def state_dict_mismatch(
 ) -> str | None:
     """One line naming how `given` (a checkpoint's state dict) differs from `expected` (a model's), or None.
 
-    Names missing keys, unexpected keys and shape differences, the first few of each, instead of
-    torch's multi-line `load_state_dict` report. Keys starting with `ignore` are not compared.
+    Keys starting with `ignore` are not compared.
 
     Examples:
         >>> import torch
@@ -104,10 +98,7 @@ def _listed(what: str, keys: list[str]) -> str:
 
 
 def first_line(err: BaseException) -> str:
-    """The first line of an error's message, or its type's name if it has none.
-
-    For messages shown on one line: torch's unpickling errors, for one, append paragraphs of
-    advice that do not apply.
+    """The first line of an error's message (or its type's name), for one-line reports.
 
     Examples:
         >>> first_line(ValueError("bad file\\nlong advice"))
@@ -141,18 +132,14 @@ def non_negative_float(name: str, value: Any) -> float:
 
 
 def check_bn_statistics(weights: Mapping[str, Any] | nn.Module, source: str) -> None:
-    """Refuse BatchNorm running statistics that no BatchNorm can hold: the one check for weights in and out.
+    """Refuse BatchNorm running statistics no BatchNorm can hold: the one check for weights in and out.
 
-    A running variance is an average of variances: finite and >= 0. A running mean is finite.
-    Anything else (a negative or NaN variance, an infinite mean) comes from damaged or edited
-    weights and would make every prediction NaN or meaningless; loaders (`load_model`, timm's
-    `pretrained=True`, `bnvit predict`, the demo) and writers (`fold_batchnorm`,
-    `for_inference`, `export_onnx`, `bnvit.weights.hub.save_for_hf`) all call this.
+    A running variance must be finite and >= 0, a running mean finite; anything else means
+    damaged or edited weights.
 
     Args:
-        weights: A state dict (keys ending in `running_var` / `running_mean` are checked) or a
-            module (its buffers of those names).
-        source: What the weights are, for the message (a file, a function's name).
+        weights: A state dict (keys ending in `running_var` / `running_mean`) or a module.
+        source: What the weights are, for the message.
 
     Raises:
         ValueError: One line naming `source`, the first offending tensors and what is wrong.
@@ -211,10 +198,7 @@ there is nothing to train; unfreeze some with param.requires_grad_(True)
 
 
 def finite_hyperparameters(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Return `optimizer` if every number in its parameter groups (lr, weight decay, betas, ...) is finite.
-
-    A NaN or infinite setting is a configuration error, not a diverged run: it is refused before
-    any step.
+    """Return `optimizer` if every number in its parameter groups is finite; refused before any step.
 
     Examples:
         >>> opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=float("inf"))

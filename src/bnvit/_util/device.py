@@ -1,8 +1,4 @@
-"""Devices and training precision: what `"auto"` means on this machine.
-
-The bottom layer, next to `_io` and `_checks`: training, inference and the command line all
-resolve devices here, so inference never imports the training package.
-"""
+"""Devices and training precision: what `"auto"` means on this machine (below training and inference)."""
 
 from __future__ import annotations
 

@@ -1,17 +1,8 @@
 """MNIST for the article's experiments: the faithful torchvision pipeline and a fast batched one.
 
-* Files: `find_mnist_root` (`root` argument > `$BNVIT_DATA` > user cache folder) and
-  `load_mnist` (uint8 tensors from our own IDX reader, cached in memory; torchvision's
-  download on request; clear errors for missing, truncated or corrupt files).
-* The reference: `article_transform` (the article's torchvision augmentation) and
-  `MNISTDataset`.
-* The fast path: `augment_batch` augments a whole batch on its device with one
-  `grid_sample`, equal in distribution (and, for the same parameters, nearly pixel for pixel)
-  to the reference; `DeviceLoader` shuffles, shards and batches on the device.
-* `augmented_test_set` freezes one augmented draw of the test set; `mnist_loaders`
-  builds the article's train and test loaders in one call.
-* `prepare_digit` turns a picture of a handwritten digit (a photo, a scan, dark on light)
-  into an MNIST-style 28x28 image, the way MNIST digits were prepared.
+Files (`load_mnist`), the reference (`article_transform`, `MNISTDataset`), the fast path on the
+device (`augment_batch`, `DeviceLoader`), the frozen test set and loaders (`augmented_test_set`,
+`mnist_loaders`), and `prepare_digit` for pictures of handwritten digits.
 
 Examples:
     >>> from bnvit.data import DeviceLoader, augment_batch

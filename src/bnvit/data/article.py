@@ -22,9 +22,7 @@ def article_transform() -> transforms.Compose:
 
     `RandomRotation(20) -> RandomAffine(degrees=0, translate=(0.2, 0.2)) ->
     v2.RandomZoomOut(fill=0, side_range=(2.0, 3.0), p=0.2) -> Resize(28) -> ToTensor()`: a PIL
-    image in, a `(1, 28, 28)` float tensor in [0, 1] out (no normalization). Rotation and
-    translation use nearest-neighbour sampling, the resize PIL's antialiased bilinear filter. The
-    random draws come from torch's global generator.
+    image in, a `(1, 28, 28)` float tensor in [0, 1] out, drawing from torch's global generator.
 
     Examples:
         >>> transform = article_transform()
@@ -43,15 +41,12 @@ def article_transform() -> transforms.Compose:
 
 
 class MNISTDataset(Dataset):
-    """MNIST as a map-style dataset over the uint8 tensors of `load_mnist`.
-
-    Item `i` is `(transform(PIL image), label)` with a transform, else `(image, label)` with
-    the image a float32 `(1, 28, 28)` tensor in [0, 1]; the label is an int.
+    """MNIST as a map-style dataset: `(transform(PIL image), label)`, or a float `(1, 28, 28)` image.
 
     Args:
-        root: Folder holding `MNIST/raw/`; `None` uses `$BNVIT_DATA`, else the user cache.
+        root: Folder holding `MNIST/raw/` (see `find_mnist_root`).
         train: The 60,000 training images (`True`) or the 10,000 test images (`False`).
-        transform: Called on each PIL image, e.g. `article_transform` `()`.
+        transform: Called on each PIL image, e.g. `article_transform()`.
         download: Fetch MNIST with torchvision if it is missing.
 
     Examples:

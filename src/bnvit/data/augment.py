@@ -1,40 +1,11 @@
 """The article's augmentation for a whole batch at once, on the batch's device.
 
-The article augments every image with torchvision, one PIL image at a time:
-`RandomRotation(20) -> RandomAffine(translate=(0.2, 0.2)) -> v2.RandomZoomOut(side_range=(2, 3),
-p=0.2) -> Resize(28) -> ToTensor()`. This module does the same for a `(B, H, W)` uint8 tensor
-in a handful of tensor operations, in the spirit of airbench: the random parameters of every
-image are drawn with one `torch.rand` call, there is no per-image Python and no worker process,
-and it runs wherever the batch lives (CPU or CUDA).
-
-How each step is reproduced:
-
-* **Rotation, then translation** (torchvision: PIL `NEAREST`). Both are composed into one
-  affine matrix per image (`augment_matrices`, in `torch.nn.functional.affine_grid`'s
-  convention) and applied with one nearest-neighbour `grid_sample`
-  per batch, zeros outside. The rotation centre, angle sign and integer translation are PIL's,
-  so for the same parameters the output equals torchvision's pixel for pixel except at exact
-  rounding ties (measured on MNIST: 99.997% of pixels equal).
-* **Zoom-out, then resize back** (torchvision: pad to a canvas `r` times larger, then PIL's
-  antialiased bilinear `Resize`): *not* folded into the affine matrix. A zoomed-out image is
-  a weighted average of 2-3 source pixels per output pixel per axis; point-sampling it (the zoom
-  in the matrix, `grid_sample` at 1/2-1/3 scale) aliases: strokes stay as dark as in the
-  original instead of being averaged down, and the zoomed digits' bounding boxes of pixels > 0.5
-  come out 10% too large (`tests/test_augment_distribution.py` shows the test catching it).
-  Supersampling the grid would cost 4-9x more samples. Instead the zoomed-out images (20% of a
-  batch) are resized with PIL's own separable filter weights, `Wy @ image @ Wx.T`, one batched
-  matmul per axis, rounded to 8 bits after each pass as PIL does. The weight bands (at most
-  `16 x 28` per axis for 28 px) come from a table of every (canvas, offset) a zoom-out can draw,
-  built once per image side and device (2.2 MB for 28 px). Same parameters, same output as
-  torchvision on 99.9% of the pixels of zoomed-out images.
-
-On CPU the batch is processed in cache-sized chunks (a loop over chunks of 128 images, not over
-images); on a GPU it is one pass without host synchronization.
-
-Random parameters follow torchvision's draws: angle uniform in [-20, 20] degrees; translation
-`round(uniform(-0.2 W, 0.2 W))` integer pixels (likewise for y); zoom-out with probability 0.2,
-canvas side `int(W * r)` with `r` uniform in [2, 3), the image placed at
-`int((canvas - W) * uniform(0, 1))`.
+torchvision's `RandomRotation(20) -> RandomAffine(translate=(0.2, 0.2)) -> RandomZoomOut(
+side_range=(2, 3), p=0.2) -> Resize(28)`, done for a `(B, H, W)` uint8 tensor in a handful of
+tensor operations (as in airbench): one `torch.rand` draws every image's parameters, no
+per-image Python. Rotation and translation are one nearest-neighbour `grid_sample`; zoom-out
+is resized with PIL's own antialiased filter weights as batched matrix products. How each step
+matches torchvision is in docs/data.md.
 """
 
 from __future__ import annotations
@@ -72,12 +43,10 @@ class AugmentParams(NamedTuple):
     Coordinates are `(x, y)` = (column, row), as in torchvision and PIL.
 
     Attributes:
-        angle: `(B,)` float32, rotation in degrees, counter-clockwise on screen.
-        translate: `(B, 2)` float32 holding whole pixels `(tx, ty)`; positive moves the
-            image right and down.
+        angle: `(B,)` float32 rotation in degrees, counter-clockwise on screen.
+        translate: `(B, 2)` float32 whole pixels `(tx, ty)`; positive moves right and down.
         zoom: `(B,)` bool, whether the image is zoomed out.
-        canvas: `(B, 2)` int64 canvas `(width, height)` of the zoom-out, drawn for every image
-            (used only where `zoom`).
+        canvas: `(B, 2)` int64 zoom-out canvas `(width, height)` (used only where `zoom`).
         offset: `(B, 2)` int64 `(left, top)` position of the image on its canvas.
     """
 
@@ -120,18 +89,10 @@ def sample_augment_params(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> AugmentParams:
-    """Draw the article's augmentation parameters for `batch_size` images with one `torch.rand`.
+    """Draw the article's augmentation parameters for `batch_size` `(height, width)` images with one `torch.rand`.
 
-    Args:
-        batch_size: Number of images `B` (0 is allowed).
-        height: Image height `H`.
-        width: Image width `W`.
-        generator: Random generator; its device is where the parameters are drawn. `None` uses
-            the global generator of `device`.
-        device: Where to draw the parameters; defaults to the generator's device, else CPU.
-
-    Returns:
-        The parameters, on `device`.
+    Drawn on `device` (default: the generator's, else CPU) from `generator` (`None`: the device's
+    global one); `batch_size` may be 0.
 
     Examples:
         >>> params = sample_augment_params(4, generator=torch.Generator().manual_seed(0))
@@ -189,12 +150,8 @@ def _phase(device: torch.device) -> torch.Tensor:
 def _feature_map(height: int, width: int, device: torch.device) -> torch.Tensor:
     """`(6, 6)` linear map from the rotation features to `affine_grid`'s theta (flattened).
 
-    In pixel coordinates centred on PIL's rotation centre `(W / 2, H / 2)` (pixel corners), an
-    output pixel `(x, y)` shows the source pixel `R(-angle) ((x, y) - t)`: torchvision first
-    rotates, then translates. `affine_grid` normalizes x by `W / 2` and y by `H / 2`, so::
-
-        theta = [[c, -s H / W, (s ty - c tx) 2 / W],
-                 [s W / H, c, -(s tx + c ty) 2 / H]]
+    An output pixel `(x, y)` shows the source pixel `R(-angle) ((x, y) - t)` about PIL's centre
+    `(W / 2, H / 2)`: torchvision rotates, then translates. See `augment_matrices` for theta.
     """
     key = ("theta", height, width, device)
     if key not in _CONSTANTS:
@@ -207,21 +164,11 @@ def _feature_map(height: int, width: int, device: torch.device) -> torch.Tensor:
 
 
 def augment_matrices(params: AugmentParams, height: int = 28, width: int = 28) -> torch.Tensor:
-    """The per-image affine matrices of the rotation followed by the translation.
+    """The per-image `(B, 2, 3)` `affine_grid` matrices of the rotation followed by the translation.
 
-    Each `2 x 3` matrix maps normalized output coordinates to normalized input coordinates, as
-    `torch.nn.functional.affine_grid` expects (`align_corners=False`): with `c, s` the
-    cosine and sine of the angle and `(tx, ty)` the translation in pixels,
-    `[[c, -s H / W, (s ty - c tx) 2 / W], [s W / H, c, -(s tx + c ty) 2 / H]]`. The zoom-out is
-    not part of it: see the module docstring.
-
-    Args:
-        params: Parameters from `sample_augment_params`.
-        height: Image height.
-        width: Image width.
-
-    Returns:
-        `(B, 2, 3)` float32 matrices on the parameters' device.
+    With `c, s` the cosine and sine of the angle and `(tx, ty)` the translation in pixels, each is
+    `[[c, -s H / W, (s ty - c tx) 2 / W], [s W / H, c, -(s tx + c ty) 2 / H]]`
+    (`align_corners=False`). The zoom-out is not part of it.
 
     Examples:
         >>> ids = AugmentParams(
@@ -263,11 +210,9 @@ def _pil_bilinear_weights(n_out: int, n_in: int) -> np.ndarray:
 def _zoom_table(side: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Resize weights of one axis for every (canvas, offset) a zoom-out can draw.
 
-    For `k = starts[canvas - int(2 * side)] + offset`, `table[k]` is a `(K, side)` band of
-    the `(side, side)` matrix whose entry `[o, j]` weighs source pixel `j` (at canvas position
-    `offset + j`) in output pixel `o` when the canvas is resized back to `side`. The band
-    starts at output pixel `first[k]`; every output pixel outside it is zero (the image shrinks
-    to at most `side / 2 + 2` pixels, so `K` is 16 for 28 px).
+    For `k = starts[canvas - int(2 * side)] + offset`, `table[k]` is the `(K, side)` band (from
+    output pixel `first[k]`) of the matrix weighing source pixel `j` in output pixel `o`; outside
+    the band it is zero (`K` is 16 for 28 px).
     """
     key = ("zoom", side, device)
     if key not in _CONSTANTS:
@@ -330,9 +275,8 @@ def _band_positions(rows: int, cols: int, width: int, device: torch.device) -> t
 def _zoom_out(out: torch.Tensor, params: AugmentParams, quantized: bool, *, subset: bool) -> None:
     """Replace the zoomed-out images of `out`, in place, by their resized canvases.
 
-    With `subset` only the zoomed images are gathered and resized (cheapest on CPU, one host
-    sync); otherwise every image is and the result is selected with `torch.where` (no sync, the
-    better trade on a GPU). Both give the same result.
+    With `subset` only the zoomed images are resized (one host sync, cheapest on CPU); otherwise
+    all are and `torch.where` selects (no sync, for GPUs). Both give the same result.
     """
     batch, _, height, width = out.shape
     flat = out.view(batch, height * width)
@@ -360,14 +304,9 @@ def _as_batch(images: torch.Tensor) -> torch.Tensor:
 
 
 def apply_augment(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-    """Augment a batch with given parameters (the deterministic half of `augment_batch`).
+    """Augment `(B, H, W)` or `(B, 1, H, W)` images with given parameters: `augment_batch` without the draw.
 
-    Args:
-        images: `(B, H, W)` or `(B, 1, H, W)`; uint8 in 0-255 or float in [0, 1].
-        params: One set of parameters per image, on the images' device.
-
-    Returns:
-        `(B, 1, H, W)` float32 in [0, 1] on the images' device.
+    Images are uint8 in 0-255 or float in [0, 1]; the result is `(B, 1, H, W)` float32 in [0, 1].
 
     Examples:
         >>> images = torch.zeros(2, 28, 28, dtype=torch.uint8)
@@ -413,14 +352,11 @@ def _sample(x: torch.Tensor, theta: torch.Tensor, base: torch.Tensor, quantized:
 def augment_batch(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Apply the article's random augmentation to every image of a batch, on the batch's device.
 
-    Equivalent in distribution to `article_transform()` applied image by image (see the module
-    docstring for how each step is reproduced), and tens of times faster.
+    Equal in distribution to `article_transform()` applied image by image (docs/data.md).
 
     Args:
-        images: `(B, H, W)` or `(B, 1, H, W)`; uint8 in 0-255 (MNIST) or float in [0, 1].
-            Sides up to `MAX_SIDE`.
-        generator: A `torch.Generator` on the images' device, for reproducible draws;
-            `None` uses the device's global generator.
+        images: `(B, H, W)` or `(B, 1, H, W)`; uint8 in 0-255 or float in [0, 1]; sides up to `MAX_SIDE`.
+        generator: A `torch.Generator` on the images' device; `None` uses the device's global one.
 
     Returns:
         `(B, 1, H, W)` float32 in [0, 1] on the images' device.

@@ -31,33 +31,21 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 class DeviceLoader:
-    """Iterate `(images, labels)` batches of tensors that live on the training device.
+    """Iterate `(images, labels)` batches of tensors that live on the training device (docs/data.md).
 
-    The airbench way: the whole dataset sits on `device` (MNIST as uint8 is 47 MB), each epoch
-    is one `torch.randperm` there, batches are index gathers, and augmentation (if any) is
-    `augment_batch` on the same device. No worker processes, no per-image Python.
-
-    Every epoch's order and augmentation are a pure function of `(seed, epoch)` (for a given
-    batch size and kind of device): call `set_epoch` before iterating to choose the epoch, as with
-    `DistributedSampler`; this is what makes training
-    resumable and reproducible. Unlike that sampler, each `iter()` then advances the epoch by
-    one, so a plain loop over epochs never repeats an order by accident.
-
-    With `world_size > 1` each epoch's permutation is dealt out to the ranks (rank `r` takes
-    positions `r, r + world_size, ...`): the ranks see disjoint shares of `N // world_size`
-    samples each (the last `N % world_size` of the permutation are left out that epoch) and the
-    same number of batches.
+    The airbench way: the dataset sits on `device`, each epoch is one `torch.randperm`, batches
+    are index gathers, augmentation is batched on the same device. An epoch's order and
+    augmentation are a function of `(seed, epoch)`: `set_epoch` chooses it (as with
+    `DistributedSampler`), and each `iter()` advances it by one. With `world_size > 1` rank `r`
+    takes positions `r, r + world_size, ...` of each permutation (the last `N % world_size` left out).
 
     Args:
-        images: `(N, H, W)` or `(N, 1, H, W)`; uint8 in 0-255 (divided by 255 per batch) or
-            float in [0, 1] (passed through).
+        images: `(N, H, W)` or `(N, 1, H, W)`; uint8 in 0-255 or float in [0, 1].
         labels: `(N,)` integer class labels.
         batch_size: Samples per batch.
         shuffle: Shuffle every epoch; otherwise the stored order.
-        augment: `True` applies the article's augmentation (`augment_batch`) to every
-            batch; a callable `(images, generator) -> (B, 1, H, W) float images` applies
-            another batched augmentation the same way (see `examples/train_weights.py`). The
-            random draws differ per epoch and per rank.
+        augment: `True` for `augment_batch`, or a callable `(images, generator) -> (B, 1, H, W)`
+            float images; draws differ per epoch and per rank.
         device: Where the data is held and the batches are produced.
         seed: Seed of the shuffling and augmentation streams (an int >= 0).
         drop_last: Drop the last incomplete batch.

@@ -1,15 +1,7 @@
 """Where MNIST lives and how it is read: a small IDX reader, no torchvision dataset object.
 
-The data folder (the *root*) holds `MNIST/raw/` with the four original files, the layout that
-`torchvision.datasets.MNIST` downloads::
-
-    <root>/MNIST/raw/train-images-idx3-ubyte   (or .gz)
-    <root>/MNIST/raw/train-labels-idx1-ubyte
-    <root>/MNIST/raw/t10k-images-idx3-ubyte
-    <root>/MNIST/raw/t10k-labels-idx1-ubyte
-
-The root is, in order: the `root` argument, the `BNVIT_DATA` environment variable, the user
-cache folder `$XDG_CACHE_HOME/bnvit` (default `~/.cache/bnvit`).
+The root holds `MNIST/raw/` with the four original files (as torchvision downloads them): the
+`root` argument, else `$BNVIT_DATA`, else `cache_dir()`.
 """
 
 from __future__ import annotations
@@ -59,16 +51,7 @@ def _as_path(name: str, value: object) -> Path:
 
 
 def find_mnist_root(root: str | os.PathLike | None = None) -> Path:
-    """The data root to use: `root`, else `$BNVIT_DATA`, else `cache_dir`.
-
-    The folder is not checked here (a download may still create it); `load_mnist` says what
-    is missing.
-
-    Args:
-        root: A folder holding `MNIST/raw/`; `None` to look it up.
-
-    Returns:
-        The root folder.
+    """The data root to use: `root`, else `$BNVIT_DATA`, else `cache_dir`; not checked here (`load_mnist` is).
 
     Examples:
         >>> find_mnist_root("/data").as_posix()
@@ -118,22 +101,13 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def read_idx(path: str | os.PathLike, *, ndim: int | None = None) -> np.ndarray:
-    """Read a uint8 IDX file (the MNIST format), optionally `.gz`-compressed.
+    """Read a uint8 IDX file (the MNIST format, optionally `.gz`) as a read-only `uint8` array of its shape.
 
-    The format: two zero bytes, the type code `0x08` (unsigned byte), the number of dimensions,
-    one big-endian uint32 per dimension, then the data in C order.
-
-    Args:
-        path: The file.
-        ndim: The number of dimensions it must have, or `None` for any.
-
-    Returns:
-        The array, `uint8`, with the stored shape (a read-only view of the file's bytes).
+    `ndim`: the number of dimensions it must have (`None`: any).
 
     Raises:
         FileNotFoundError: `path` does not exist.
-        ValueError: The header is not a uint8 IDX header, the dimensions are not `ndim`, or the
-            data is shorter or longer than the header says (a truncated or corrupt file).
+        ValueError: Not a uint8 IDX header, not `ndim` dimensions, or a truncated or corrupt file.
 
     Examples:
         >>> import tempfile
@@ -213,24 +187,19 @@ def _download(root: Path, train: bool) -> None:
 def load_mnist(
     root: str | os.PathLike | None = None, *, train: bool, download: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load one MNIST split as tensors.
-
-    Loaded splits are cached in memory per file and modification time, so repeated calls are
-    free; the returned tensors are shared with the cache: clone them before changing them in place.
+    """Load one MNIST split as tensors, cached in memory (shared with the cache: clone before editing in place).
 
     Args:
-        root: Folder holding `MNIST/raw/`; `None` uses `$BNVIT_DATA`, else the user cache
-            folder (see `find_mnist_root`).
+        root: Folder holding `MNIST/raw/`; `None` looks it up (`find_mnist_root`).
         train: `True` for the 60,000 training images, `False` for the 10,000 test images.
-        download: Fetch the files with torchvision into the root if they are missing.
+        download: Fetch missing files with torchvision into the root.
 
     Returns:
         `(images, labels)`: uint8 `(N, 28, 28)` and int64 `(N,)` in 0-9.
 
     Raises:
-        FileNotFoundError: The files are missing (and not downloaded); the message names the
-            folder searched, the files expected and the ways to fix it.
-        ValueError: A file is truncated or corrupt; the message names it and what is wrong.
+        FileNotFoundError: The files are missing; the message says where and how to fix it.
+        ValueError: A file is truncated or corrupt.
 
     Examples:
         >>> images, labels = load_mnist(train=False)  # doctest: +SKIP

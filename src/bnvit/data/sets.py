@@ -39,10 +39,7 @@ def _cache_key(images: torch.Tensor, labels: torch.Tensor, seed: int) -> str:
 
 
 def _torchvision_augment(images: torch.Tensor, seed: int) -> torch.Tensor:
-    """`article_transform()` on every image under a seeded CPU generator; returns uint8 `(N, 1, 28, 28)`.
-
-    The global CPU random state is restored afterwards (CUDA generators are not touched).
-    """
+    """`article_transform()` on every image under a seeded CPU generator (state restored); uint8 `(N, 1, 28, 28)`."""
     transform = article_transform()
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
@@ -89,16 +86,9 @@ def augmented_test_set(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The MNIST test set augmented once with a fixed seed, so every model is scored on the same images.
 
-    The article evaluates on augmented test images; drawing them anew per evaluation adds noise to
-    every comparison. This freezes one draw.
-
-    * `method="torchvision"` (the reference): `article_transform()` image by image, with
-      torch's CPU generator seeded by `seed` (its previous state is restored afterwards). The
-      10,000 PIL transforms take about a second; the result is cached in the user cache folder
-      (`$XDG_CACHE_HOME/bnvit/augmented/`, written atomically, never next to the data), keyed by
-      the data, the seed and the torch/torchvision/Pillow versions.
-    * `method="fast"`: `augment_batch` with a CPU generator seeded by `seed`;
-      computed on CPU so that the images do not depend on `device`.
+    `method="torchvision"` (the reference) runs `article_transform()` under torch's CPU generator
+    seeded by `seed` (its state restored after) and caches the result in the user cache folder;
+    `method="fast"` uses `augment_batch` on the CPU, so the images do not depend on `device`.
 
     Args:
         root: Folder holding `MNIST/raw/` (see `find_mnist_root`).
@@ -162,27 +152,19 @@ def mnist_loaders(
         root: Folder holding `MNIST/raw/` (see `find_mnist_root`).
         batch_size: Training batch size (the article: 100).
         eval_batch_size: Test batch size.
-        device: Where the data lives and batches are made (the torchvision loader yields CPU
-            batches; the caller moves them).
-        augment: Training augmentation: `"fast"` (`DeviceLoader` with
-            `augment_batch`), `"torchvision"` (a `DataLoader`
-            over `MNISTDataset` with `article_transform`, `num_workers=0`; its order and
-            random draws come from torch's global generator, which `fit(seed=...)` seeds per
-            epoch, so such runs are reproducible and resumable), or
-            `None` (no augmentation, a `DeviceLoader`).
-        test: `"augmented"`: the frozen torchvision-augmented test set of
-            `augmented_test_set` (what the article scores); `"clean"`: the plain test images.
+        device: Where the data lives and batches are made (the torchvision loader yields CPU batches).
+        augment: `"fast"` (`DeviceLoader` with `augment_batch`), `"torchvision"` (a `DataLoader`
+            with `article_transform`, drawing from torch's global generator, which `fit(seed=...)`
+            seeds per epoch) or `None` (no augmentation).
+        test: `"augmented"` (the frozen set of `augmented_test_set`, what the article scores) or `"clean"`.
         seed: Seed of the training order and augmentation, and of `train_subset`.
-        test_seed: Seed of the frozen augmented test set; kept apart from `seed` so that runs
-            with different training seeds are scored on the same images.
-        train_subset: Train on this many images: a fixed random subset drawn from `seed` (not the
-            first ones, whose class balance is not guaranteed).
+        test_seed: Seed of the frozen test set, apart from `seed` so all runs score the same images.
+        train_subset: Train on a fixed random subset of this many images, drawn from `seed`.
         test_subset: Score on the first this many test images.
         download: Fetch MNIST with torchvision if it is missing.
 
     Returns:
-        `(train_loader, test_loader)`; the test loader is a `DeviceLoader` without
-        shuffling or augmentation.
+        `(train_loader, test_loader)`; the test loader is a `DeviceLoader` without shuffling or augmentation.
 
     Examples:
         >>> train, test = mnist_loaders(batch_size=100, train_subset=1000)  # doctest: +SKIP

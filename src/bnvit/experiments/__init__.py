@@ -1,18 +1,8 @@
 """The article's reproduction harness: grids, resumable sweeps, claims with verdicts, reports, figures.
 
-Modules, each one idea, importing training, data and the models, never imported by them:
-
-- `grid`: `Cell`, `Settings`, `Experiment`, and the article's experiments as data;
-- `sweep`: `run_sweep`, which trains the cells a folder does not hold yet (`results` reads and
-  checks the results file; `folder` keeps a folder to one experiment and one process;
-  `parallel` runs several cells at once, in worker processes or as Ray tasks);
-- `estimate`: how long cells take, timed with `fit()` itself;
-- `stats`, `claims`: curves, means, t-intervals and tests (scipy); the claims and their verdicts;
-- `window`: the learning-rate window each model tolerates (`LR_WINDOW`, beyond the article);
-  `TRANSFER`, also beyond it, asks whether the effect holds in timm's own ViT layout;
-- `report`, `plots`: `report.md` and the figures;
-- `cli`, `study`: the examples' command line, and the three-seed study's one command
-  (`bnvit reproduce`).
+`grid` (cells, experiments), `sweep` with `results`, `folder` and `parallel`, `estimate`,
+`stats` / `protocol` / `claims`, `window` and `transfer` (beyond the article), `report` /
+`plots`, and `cli` / `study` (`bnvit reproduce`). Nothing below imports it.
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """The article's claims as data, and verdicts on them computed from results.
 
-Each claim names its models, depths, learning rates and what it expects; the grids of
-`bnvit.experiments.grid` are built from these declarations, so a depth or a rate is written once.
-
-The gap of a cell is the BatchNorm model's validation accuracy minus the baseline's, averaged
-over epochs (the distance between the two curves of the article's figures), paired by seed, in
-accuracy points. A verdict per cell is `reproduced`, `not reproduced` or `inconclusive`; see
-`judge` for the rule with several seeds.
+A cell's gap is the BatchNorm model's validation accuracy minus the baseline's, averaged over
+epochs and paired by seed, in points; the grids of `bnvit.experiments.grid` are built from
+these declarations.
 """
 
 from __future__ import annotations
@@ -180,13 +176,12 @@ class Part:
     Attributes:
         label: Which cell(s): `"lr 0.003, depth 4"`.
         expect: The expectation (a key of `EXPECTATIONS`, or a description).
-        values: Per-seed values judged (gaps in accuracy points, extra drops, log step ratios).
+        values: Per-seed values judged (gaps in points, extra drops, log step ratios).
         seeds: The seeds of `values`.
-        verdict: `reproduced`, `not reproduced`, `inconclusive`, or `not judged` for a row shown
-            to help the reader that takes no part in the claim's verdict.
+        verdict: `reproduced`, `not reproduced`, `inconclusive`, or `not judged` (shown only).
         cells: `(model, depth, lr)` of every cell the part needs.
         test: The tests' numbers (`None` when nothing could be tested).
-        note: What else the reader needs (a second sample's interval, a run that never got there).
+        note: What else the reader needs.
         p_hold_holm: `test.p_hold` after Holm's correction over the claim's judged parts.
         p_fail_holm: `test.p_fail` after Holm's correction over the claim's judged parts.
     """
@@ -349,11 +344,7 @@ EARLY_STEPS = 200
 
 
 def _early_area_part(groups, claim: MlpClaim, lr: float) -> Part | None:
-    """Claim 4, shown and not judged: the paired gap in mean training accuracy over the first steps.
-
-    Chosen after the protocol's measure (steps to 90%) had been seen, so it is exploratory: it
-    says where in training the MLP with BatchNorm is faster, not whether the claim holds.
-    """
+    """Claim 4, shown, not judged (chosen after the protocol's measure was seen): the early accuracy gap."""
     base, bn = claim.models
     a, b = groups.get((base, claim.depth, lr)), groups.get((bn, claim.depth, lr))
     if not a or not b:
@@ -424,12 +415,9 @@ def _mlp_claim(groups, claim: MlpClaim = MLP_CLAIM) -> Verdict:
 def verdicts(results: Sequence[Mapping[str, Any]], claims: Iterable[int] = (1, 2, 3, 4)) -> list[Verdict]:
     """The article's claims, each with what the results show and the protocol's verdict.
 
-    Every part of a claim (a depth, claim 3's change of rate, claim 4's two rates) is judged by
-    `judge`: one-sided t-tests at 5% against the expectation's bounds (`EXPECTATIONS`), on the
-    per-seed values paired by seed; the printed interval is the 90% t-interval those tests use.
-    A claim is reproduced when every judged part's "holds" p-value stays below 5% after Holm's
-    correction over the claim's parts, not reproduced when some part's "fails" p-value does, and
-    inconclusive otherwise. See docs/reproducing.md, "The protocol".
+    Each part is judged by `judge` on per-seed values paired by seed; a claim is reproduced when
+    every part's "holds" p-value stays below 5% after Holm's correction, not reproduced when some
+    part's "fails" p-value does, else inconclusive (docs/reproducing.md, "The protocol").
     """
     groups = summarize(results)
     out = []

@@ -1,11 +1,7 @@
 """The command line of the examples and of `bnvit reproduce`: one experiment, from flags to report.
 
-Every input is checked before anything is estimated, trained or created: a bad flag, a subset
-larger than MNIST, a precision the device lacks, a missing data folder or an output folder that
-belongs to another experiment ends the command with one line on stderr and exit status 2.
-Ctrl-C ends it with one line and exit status 130; rerunning the same command resumes. Cells that
-failed twice in worker processes or Ray tasks end it with one line and exit status 1, after the
-other cells are recorded.
+Bad input ends it before anything runs, with one line and exit status 2; Ctrl-C with 130
+(rerun to resume); cells that failed twice with 1, after the others are recorded.
 """
 
 from __future__ import annotations

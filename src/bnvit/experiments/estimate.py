@@ -1,17 +1,8 @@
 """How long a sweep will take: a few short `fit()` runs on synthetic batches, extrapolated.
 
-The timing runs the training code itself (the loop, the optimizer, the precision, the
-evaluation) rather than a copy of a training step, so the estimate follows the loop when it
-changes. Synthetic data stands in for MNIST: the same shapes, uint8 images augmented on the
-device like the `"fast"` pipeline (the `"torchvision"` pipeline is slower than this assumes).
-
-It answers in seconds: each model is timed at its smallest and largest depth in the sweep only
-(two epochs of a few batches, the first a warm-up), and the depths between are interpolated,
-since a model's cost per image is a fixed part (patch embedding, head, loop) plus the same cost
-for every block.
-
-`choose_workers` (`--workers auto`) times the same short `fit` in 1 process with every thread
-and in N processes at once with a share of the threads each, and picks the fastest in total.
+Timing `fit` itself (not a copy of a step) keeps the estimate true as the loop changes. Each
+model is timed at its smallest and largest depth and the depths between interpolated (cost per
+image is a fixed part plus one per block). `choose_workers` picks processes and threads.
 """
 
 from __future__ import annotations
@@ -80,9 +71,8 @@ def estimate_seconds(
         cells: The cells to run.
         settings: Their settings (epochs, batch size, subsets, precision).
         device: Where they will run.
-        batches: Training batches per timed epoch (two epochs per timing, the first a warm-up).
-        threads: The CPU threads each cell will use (`--threads`); timed with that many, since on
-            a busy machine more threads than free cores can be several times slower, not faster.
+        batches: Training batches per timed epoch (two epochs, the first a warm-up).
+        threads: The CPU threads each cell will use (`--threads`), timed with that many.
     """
     device = resolve_device(device)
     n_train = settings.train_subset or MNIST_TRAIN
@@ -131,11 +121,7 @@ def _throughput_worker(cell: Cell, settings: Settings, device: str, threads: int
 def measure_workers(
     cell: Cell, settings: Settings, device: str | torch.device, processes: int, threads: int, batches: int = 5
 ) -> float:
-    """Training images per second of `processes` processes at once, `threads` threads each, all told.
-
-    Each process trains `cell`'s model with `fit` on synthetic batches (see `estimate_seconds`),
-    in its own process (spawn context), starting together; the first epoch (warm-up) is not counted.
-    """
+    """Training images per second of `processes` spawned processes at once, `threads` threads each, all told."""
     context = multiprocessing.get_context("spawn")
     barrier, queue = context.Barrier(processes), context.Queue()
     args = (cell, settings, str(resolve_device(device)), threads, batches, barrier, queue)
@@ -161,9 +147,8 @@ def choose_workers(
 ) -> tuple[int, int]:
     """The workers and threads per worker that train the most images per second (`--workers auto`).
 
-    Times the sweep's largest model at the sweep's precision in 1, 2, 4... processes at once (up to
-    the cores), each with the cores divided among them, and in 1 process with 1 thread (on a busy
-    machine, threads of one process can stall each other); prints the numbers and the choice.
+    Times the largest model in 1, 2, 4... processes (cores divided among them) and in 1 process
+    with 1 thread; prints the numbers and the choice.
 
     Returns:
         `(workers, threads per worker)`.

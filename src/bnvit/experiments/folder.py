@@ -1,17 +1,8 @@
 """A sweep's output folder: which experiment and settings it belongs to, and who is writing it.
 
-A folder is bnvit's when it holds `sweep.json`, `results.jsonl` or `sweep.lock`, or is empty or new: a folder
-holding anything else (a user's own `report.md` and figures, say) is refused before anything
-is written there, so nothing of the user's is overwritten.
-
-`sweep.json` records the settings every cell of the folder shares and the experiment the folder
-belongs to; a sweep with other settings or of another experiment is refused. (Folders written
-before the experiment was recorded have settings only; the next sweep adopts them.)
-
-`FolderLock` keeps two sweeps out of one folder: `sweep.lock` holds the pid, host, start time
-and command of the process running there. A second process is refused with one line naming the
-holder; a lock left by a process that no longer runs on this host (a SIGKILL, a reboot) is
-taken over.
+A folder holding files bnvit did not write is refused before anything is written; `sweep.json`
+records the settings and experiment; `FolderLock` (`sweep.lock`) keeps two sweeps out of one
+folder, taking over a lock whose process no longer runs on this host.
 """
 
 from __future__ import annotations
@@ -57,9 +48,7 @@ def read_folder(out: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_not_foreign(out: str | os.PathLike) -> None:
-    """Refuse a folder holding files that bnvit did not write (and none of `sweep.json`, `results.jsonl`, `sweep.lock`).
-
-    An empty or missing folder is fine: the sweep creates it. Nothing is written or changed.
+    """Refuse a folder holding files bnvit did not write (and none of `sweep.json`, `results.jsonl`, `sweep.lock`).
 
     Raises:
         ValueError: One line naming the folder and some of what it holds.

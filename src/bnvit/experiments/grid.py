@@ -1,11 +1,4 @@
-"""What a sweep is: its cells, the settings they share, and the article's experiments as data.
-
-`Cell` is one training run, `Settings` what every cell of a folder shares, `Experiment` a
-declared grid with the figures and claims its report shows. The article's three experiments
-(`COMPARE_DEPTHS`, `COMPARE_LR`, `DNN_BATCHNORM`) are declared here once, from the claims'
-depths and learning rates in `bnvit.experiments.claims`, so the examples, `bnvit reproduce` and the
-three-seed study (`bnvit.experiments.study`) run the same grids.
-"""
+"""What a sweep is: its cells, the settings they share, and the article's three experiments as data."""
 
 from __future__ import annotations
 
@@ -36,14 +29,7 @@ __all__ = [
 
 @dataclass(frozen=True, order=True)
 class Cell:
-    """One training run of a sweep.
-
-    Attributes:
-        model: The model's label (`Experiment.models`), which names the cell in results and reports.
-        depth: Encoder blocks (hidden layers for the MLPs).
-        lr: Learning rate.
-        seed: Seed of the initialization and of the data order.
-    """
+    """One training run of a sweep: the model's label (`Experiment.models`), depth, learning rate and seed."""
 
     model: str
     depth: int
@@ -88,24 +74,19 @@ class Experiment:
     """A declared sweep: which models, at which learning rates and depths, what to plot.
 
     Attributes:
-        name: Default output folder name (`runs/<name>`) and the identity a folder records in
-            `sweep.json`: a folder holds the results of one experiment.
-        models: The models' labels in results and reports (a registered timm name, or for the
-            article's models their name when the studies began: `claims.BUILT_AS`); the first is
-            the baseline, the second the BatchNorm model.
+        name: Default output folder name (`runs/<name>`) and the identity a folder records.
+        models: The models' labels (a timm name, or `claims.BUILT_AS`); baseline first, BatchNorm model second.
         grid: Learning rate -> depths to run at that rate.
         settings: Shared training settings (the article's by default).
         quick_grid: The `--quick` grid (fewer depths).
         quick_settings: The `--quick` settings (a data subset, fewer epochs).
         plots: Which figures to draw: `"depths"`, `"lr"`, `"mlp"`.
-        claims: Which of the article's claims (see `bnvit.experiments.claims.CLAIMS`) the report checks.
+        claims: Which of the article's claims (`CLAIMS`) the report checks.
         description: One line for `--help` and the report's title.
-        figure_grids: Per figure, the part of the grid it shows (a folder may hold more cells than
-            one figure shows: the study's ViT folder holds both ViT grids). Empty: all cells.
+        figure_grids: Per figure, the part of the grid it shows; empty: all cells.
         seeds: Seeds per cell when `--seeds` is not given.
         quick_seeds: The same for `--quick` (default: `seeds`).
-        sections: More report sections: `"transfer"` (the transfer protocol's verdicts,
-            `bnvit.experiments.transfer`).
+        sections: More report sections: `"transfer"` (`bnvit.experiments.transfer`).
     """
 
     name: str

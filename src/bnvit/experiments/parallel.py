@@ -1,18 +1,8 @@
 """Several cells at once: worker processes on this machine, or Ray tasks on a cluster.
 
-The process that runs the sweep (the driver) is the only one that writes the folder's
-`results.jsonl`: a worker trains one cell and sends its results line back, and the driver
-appends it. So a killed worker loses at most its own cell's epoch in progress (the cell resumes
-from its checkpoint next time), and a killed driver loses nothing already appended: its workers
-notice their parent is gone and stop, and the folder's lock is then stale and taken over by the
-next run.
-
-A cell whose worker raises or dies is recorded in `failures.jsonl` (one line per failed attempt)
-and tried once more; if it fails again the sweep finishes the other cells and then raises
-`SweepError` naming it. Nothing is dropped silently.
-
-Checks that need no training (`check_workers`, `check_ray`) raise `ValueError` with one line, so
-the command line refuses bad input before anything runs.
+Only the driver writes `results.jsonl`; a worker sends its cell's line back. A failed cell is
+recorded in `failures.jsonl` and tried once more, then named in a `SweepError` after the rest
+(docs/parallel.md).
 """
 
 from __future__ import annotations
@@ -69,11 +59,10 @@ def check_workers(workers: int | str, cores: int | None = None) -> None:
 
 
 def check_ray(address: str | None, timeout: float | None = None) -> None:
-    """Refuse `--ray` when Ray is not installed, or when the cluster's address does not answer.
+    """Refuse `--ray` when Ray is not installed, or the cluster's address does not answer.
 
-    `address`: `"local"` (start a Ray instance on this machine), `"auto"` (the cluster this
-    machine belongs to, as Ray finds it) or `HOST:PORT` / `ray://HOST:PORT`, which must accept a
-    TCP connection within `timeout` seconds (default `RAY_TIMEOUT_S`).
+    `address`: `"local"`, `"auto"` or `HOST:PORT` / `ray://HOST:PORT`, which must accept a TCP
+    connection within `timeout` seconds (default `RAY_TIMEOUT_S`).
     """
     timeout = RAY_TIMEOUT_S if timeout is None else timeout
     try:
@@ -190,11 +179,7 @@ def _exit_reason(code: int | None) -> str:
 
 
 class LocalProcesses:
-    """`slots` worker processes (spawn context), started as needed and kept for the next cell.
-
-    Worker `i` trains on `devices[i % len(devices)]`; a job is a dataclass with a `device` field,
-    set to its worker's device. A worker that dies is replaced by a new one for the next job.
-    """
+    """`slots` spawned worker processes, kept between cells; worker `i` trains on `devices[i % len(devices)]`."""
 
     name = "local processes"
 

@@ -1,8 +1,6 @@
 """The article's figures from results: depth panels, learning-rate panels, the MLP curves, the lr window.
 
-With one seed a curve is that seed's; with several, the line is the mean over seeds and the band
-± one standard deviation (the legend says so). A quick run's figures say "quick" in their title.
-matplotlib is optional (`pip install "bnvit[plots]"`), so it is imported only when a figure is drawn.
+Several seeds draw the mean with a ± one-std band. matplotlib (`bnvit[plots]`) is imported only when drawing.
 """
 
 from __future__ import annotations
@@ -34,9 +32,7 @@ def _pyplot():
 
 
 def _band(ax, curves: Sequence[Sequence[float]], label: str, scale: float = 100.0, count: bool = True) -> None:
-    """Mean over seeds as a line, ± one standard deviation over seeds as a band (NaNs ignored).
-
-    `count=False` leaves the number of seeds out of the label (the panel's title says it)."""
+    """Mean over seeds as a line, ± one std as a band (NaNs ignored); `count=False`: no seed count in the label."""
     from matplotlib.ticker import MaxNLocator  # deferred with matplotlib itself (optional)
 
     epochs = range(1, len(curves[0]) + 1)
@@ -84,13 +80,9 @@ def _title(text: str, quick: str | None) -> str:
 def plot_depths(
     results: Sequence[Mapping[str, Any]], out: str | Path, grid: Grid | None = None, quick: str | None = None
 ) -> list[Path]:
-    """One figure per learning rate, one panel per depth: validation accuracy per epoch, both models.
+    """One figure per learning rate (`depths_lr<lr>.png` in `out`), one panel per depth: validation accuracy per epoch.
 
-    Args:
-        results: Results lines.
-        out: Folder for `depths_lr<lr>.png`.
-        grid: Only the cells of this grid (`None`: all).
-        quick: For a quick run, what it was (`"3 epochs, 6,000 images"`): said in the titles.
+    `grid` restricts the cells (`None`: all); `quick` says in the titles what a quick run was.
     """
     plt = _pyplot()
     groups = _in_grid(summarize(results), grid)
@@ -174,11 +166,7 @@ def plot_mlp(
 def plot_window(
     results: Sequence[Mapping[str, Any]], out: str | Path, grid: Grid | None = None, quick: str | None = None
 ) -> list[Path]:
-    """Final accuracy against learning rate, one panel per depth, and each model's window (`lr_window.png`).
-
-    Lines: the mean over seeds; bands: ± one standard deviation over seeds; the bar under each
-    curve spans the rates within `TOLERANCE` of the model's best (the window).
-    """
+    """Final accuracy against learning rate per depth, with each model's window under its curve (`lr_window.png`)."""
     plt = _pyplot()
     found = [w for w in windows(results) if not grid or w.depth in {d for ds in grid.values() for d in ds}]
     depths = sorted({w.depth for w in found})

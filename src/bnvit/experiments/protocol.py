@@ -1,8 +1,7 @@
 """The protocol's tests: thresholds, one-sided t-tests against an expectation's bounds, and how they print.
 
-Fixed before the ten-seed runs (docs/reproducing.md, "The protocol"). Nothing here knows the
-article's claims or a results file: `judge` takes per-seed values and an expectation, and
-`bnvit.experiments.claims` applies it to each part of each claim.
+Fixed before the ten-seed runs (docs/reproducing.md, "The protocol"); `bnvit.experiments.claims`
+applies `judge` to each part of each claim.
 """
 
 from __future__ import annotations
@@ -74,14 +73,12 @@ class Test:
         n: Number of values (paired seeds).
         mean: Their mean.
         std: Their sample standard deviation (`None` for one value).
-        interval: The 90% two-sided t-interval of the mean: its ends are the bounds of the
-            one-sided 5% tests, so the verdict can be read off it (`None` for one value).
-        p_hold: p-value for "the expectation holds" (the largest of the one-sided tests it needs).
-        p_fail: p-value for "it does not" (the smallest of the tests that could show the opposite).
+        interval: The 90% two-sided t-interval, whose ends are the one-sided 5% tests' bounds.
+        p_hold: p-value for "the expectation holds" (the largest of the tests it needs).
+        p_fail: p-value for "it does not" (the smallest of the tests that could show it).
         verdict: `reproduced`, `not reproduced` or `inconclusive`.
-        needed: For an inconclusive part, the seeds at which a test at 5% would decide it with 80%
-            power, were the observed mean and standard deviation the true ones (`None`: decided, or
-            no number would).
+        needed: For an inconclusive part, the seeds for 80% power at 5%, were the observed mean
+            and std true (`None`: decided, or no number would).
     """
 
     n: int
@@ -106,10 +103,9 @@ def decide(p_hold: float, p_fail: float) -> str:
 def judge(values: Sequence[float], bounds: Sequence[tuple[str, float]] | str) -> Test:
     """The protocol's verdict on per-seed values: is their mean shown on the expected side of every bound?
 
-    Each bound `("above", b)` or `("below", b)` is one one-sided t-test at 5% (Student's t,
-    n - 1 degrees of freedom). The expectation is `reproduced` when every bound's test rejects
-    (an intersection-union test: TOST for "comparable"), `not reproduced` when the test against
-    some bound rejects the other way, and `inconclusive` otherwise, as always with one value.
+    Each bound `("above", b)` or `("below", b)` is a one-sided 5% t-test. `reproduced` when every
+    test rejects (intersection-union; TOST for "comparable"), `not reproduced` when one rejects the
+    other way, else (and always with one value) `inconclusive`.
 
     Args:
         values: The per-seed values.
@@ -169,9 +165,7 @@ def interval_text(interval: tuple[float, float] | None) -> str:
 def signed(x: float) -> str:
     """`"+1.37"`: two decimals, rounded once, ties away from zero, never "-0.00".
 
-    A gap of recorded accuracies is exact to three decimals (`13.715`) but lands a hair off the
-    tie in binary floating point; it is first rounded to 9 decimals, so that a tie prints the same
-    way whichever side float noise put it on.
+    Rounded to 9 decimals first, so a decimal tie (`13.715`) prints the same whatever float noise.
 
     Examples:
         >>> signed(13.715), signed(-13.715), signed(0.004), signed(-0.004)

@@ -1,9 +1,7 @@
-"""`report.md`: every cell's accuracies, the article's claims with verdicts, and the statistics behind them.
+"""`report.md`: every cell's accuracies, the claims with verdicts, and the statistics behind them.
 
-A report records the sha256 of the `results.jsonl` it was computed from, so a report that no
-longer matches its results is detected (see `report_source`). `report_folder` is the one way a
-folder's report and figures are made: by the examples, by `bnvit reproduce` and by the test that
-recomputes the published reports.
+A report records the sha256 of its `results.jsonl` (`report_source`); `report_folder` is the
+one way reports and figures are made.
 """
 
 from __future__ import annotations
@@ -316,12 +314,11 @@ def write_report(
         out: Folder of the report (its `*.png` are listed as figures).
         claims: The article's claims to judge.
         title: The report's title.
-        reduced: For a quick run, what it was (`describe_reduced`): its verdicts are marked as no evidence.
-        machine_note: What to say about the machine when the results do not record it.
-        source: The line naming the results file and its sha256 (see `report_folder`).
+        reduced: For a quick run, what it was (`describe_reduced`): its verdicts are no evidence.
+        machine_note: The machine, when the results do not record it.
+        source: The line naming the results file and its sha256.
         extra: More Markdown lines, before the figures.
-        planned_seeds: The seeds per cell the experiment's protocol asks for (the header says how
-            far the folder is).
+        planned_seeds: The seeds per cell the protocol asks for (the header says how far the folder is).
     """
     out = Path(out)
     lines = [f"# {title}", ""]
@@ -366,8 +363,8 @@ def report_folder(
         experiment: Its experiment (claims, figures, the full setting).
         dest: Where to write (default: `folder`).
         figures: Draw the figures (else list the `*.png` already in `dest`).
-        reference: A folder with the same cells at other settings, compared in a section of its own.
-        machine_note: The machine, when the results do not record it (default: the note in `sweep.json`).
+        reference: A folder with the same cells at other settings, compared in its own section.
+        machine_note: The machine, when the results do not record it (default: `sweep.json`'s note).
     """
     folder = Path(folder)
     dest = Path(folder if dest is None else dest)
@@ -410,11 +407,7 @@ _EXPECT_SHORT = {
 
 
 def summary_table(vit: Sequence[Mapping[str, Any]], mlp: Sequence[Mapping[str, Any]] = ()) -> list[str]:
-    """The README's table of the study: one row per judged part, every number rounded once from exact values.
-
-    `vit`: the results of the study's ViT folder (claims 1-3); `mlp`: those of its MLP folder
-    (claim 4). `bnvit reproduce all --report-only` prints it; a test checks the README holds it.
-    """
+    """The README's table of the study (`vit`: claims 1-3, `mlp`: claim 4), one row per judged part."""
     lines = [
         "| claim, cell | seeds | ViT, epoch 10 | ViTBNFFN, epoch 10 | measured | 90% interval | article expects "
         "| verdict |",

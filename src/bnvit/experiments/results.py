@@ -1,10 +1,4 @@
-"""The results file: one JSON line per finished cell, and what a line must hold to be read.
-
-A line records the cell, the settings, the full `History`, the final validation and clean test
-accuracies, the device, the precision the run resolved to and a description of the machine
-(schema 2). Lines written before (schema 1: no `schema`, `precision` or `machine`) are read as
-they are; a line that lacks what a report needs is refused with the file and line number.
-"""
+"""The results file: one JSON line per finished cell (schema 2; schema 1 still read), and what a line must hold."""
 
 from __future__ import annotations
 
@@ -85,15 +79,12 @@ def _read_line(entry: Any, path: Path, number: int, complete: bool) -> dict[str,
 def load_results(out: str | os.PathLike, *, complete: bool = False) -> list[dict[str, Any]]:
     """The finished cells recorded in `out/results.jsonl` (an empty list if none).
 
-    Args:
-        out: The sweep's folder.
-        complete: Require every line to hold what a report reads (cell, settings, history);
-            otherwise a line with a key is enough (a sweep only needs to know what is done).
+    `complete=True` requires every line to hold what a report reads (cell, settings, history);
+    otherwise a key is enough.
 
     Raises:
-        ValueError: A line is not JSON, or lacks what is required, or records a cell that an
-            earlier line records too (a report would count it twice); the message names the
-            file and the lines.
+        ValueError: A line is not JSON, lacks what is required, or repeats an earlier line's cell;
+            the message names the file and the lines.
     """
     path = Path(out) / RESULTS
     if not path.exists():

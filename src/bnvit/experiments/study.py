@@ -1,17 +1,8 @@
 """The seed study: every cell of the article's three experiments, in three folders, one command.
 
-The ViT cells of both ViT experiments (`COMPARE_DEPTHS` and `COMPARE_LR`; the cells they share
-are trained once) go into one folder, recorded in its `sweep.json` as the experiment
-`ARTICLE_VIT` ("article"), whose report judges claims 1 to 3 and draws both depth figures and
-the learning-rate figure. The MLP cells go into `<out>-mlp` (claim 4), and an fp32 check of one
-ViT cell into `<out>-fp32`, whose report compares it with the same cell at the default precision.
-A folder belongs to one experiment, so `compare_depths` and `compare_lr` share a folder only as
-parts of this study.
-
-The protocol is fixed before any run (docs/reproducing.md): every cell gets the seeds its
-experiment declares (`Experiment.seeds`: ten for the ViT cells and the MLPs, three for the fp32
-check), always seeds `0 .. n-1`, and nothing depends on the results so far. The cells the claims
-judge run first, one cell (both models, every seed) after another, so cells land whole.
+The ViT cells of `COMPARE_DEPTHS` and `COMPARE_LR` share one folder (`ARTICLE_VIT`, claims
+1-3), the MLPs go to `<out>-mlp` (claim 4), an fp32 check to `<out>-fp32`. Seeds `0 .. n-1`
+per `Experiment.seeds`, fixed before any run (docs/reproducing.md); judged cells run first.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
 """Resumable sweeps: train every cell not yet recorded in the folder, one results line per cell.
 
-`run_sweep` trains each cell with `fit()` and appends its `History` to `results.jsonl`
-atomically (every line is always complete JSON). Rerunning it skips finished cells and resumes
-an unfinished one from its per-epoch checkpoint, so an interrupted sweep (Ctrl-C, SIGKILL, a
-reboot) loses at most the epoch in progress. A diverged cell is a result like any other.
-
-With `workers=N` it trains N cells at once in worker processes, and with `ray=` as Ray tasks on
-a cluster (see `bnvit.experiments.parallel`); either way only the calling process writes
-`results.jsonl`, and a cell gives the same numbers as in the sequential runner when it runs with
-the same number of threads.
+Each cell's `History` is appended to `results.jsonl` atomically; a rerun skips finished cells
+and resumes an unfinished one from its checkpoint. Cells can run in worker processes or as Ray
+tasks (`bnvit.experiments.parallel`); only the calling process writes the results.
 """
 
 from __future__ import annotations
@@ -166,31 +160,25 @@ def run_sweep(
         cells: The cells to run (see `Experiment.cells`).
         settings: Training settings shared by all cells.
         out: Output folder: `results.jsonl`, `sweep.json` and `checkpoints/<cell>/`.
-        experiment: The experiment the folder belongs to (recorded in `sweep.json`; a folder
-            of another experiment is refused). `None`: not checked.
+        experiment: The experiment the folder belongs to (another's folder is refused); `None`: not checked.
         data_dir: Where MNIST is (else `BNVIT_DATA`, else the cache folder).
-        device: `"auto"`, `"cpu"`, `"cuda"`... With several workers on CUDA, the cells are spread
-            over every visible GPU.
+        device: `"auto"`, `"cpu"`, `"cuda"`...; several workers on CUDA use every visible GPU.
         progress: Show progress bars (one process only).
         download: Download MNIST with torchvision if it is not found.
         log: Where to print one line per cell.
-        workers: Cells trained at once, in worker processes (1: in this process, one after another). The
-            workers are spawned, which imports the calling script again: call from under
-            `if __name__ == "__main__":`.
-        threads: CPU threads per cell (`torch.set_num_threads`); default: the cores divided among the
-            workers, 1 per Ray task. `None` with one worker leaves this process's setting alone.
-        ray: Run the cells as Ray tasks: `"local"` (a Ray instance on this machine, or the one already
-            initialized), `"auto"` or a cluster's `HOST:PORT`. Each task asks for `threads` CPUs, and
-            on CUDA for `1 / cells_per_gpu` GPU.
+        workers: Cells trained at once in spawned worker processes (call from under
+            `if __name__ == "__main__":`); 1: in this process.
+        threads: CPU threads per cell; default: the cores divided among the workers, 1 per Ray task.
+        ray: Run cells as Ray tasks: `"local"`, `"auto"` or a cluster's `HOST:PORT`.
         cells_per_gpu: With Ray on CUDA, how many cells share a GPU.
 
     Returns:
         All results in the folder, old and new.
 
     Raises:
-        ValueError: The folder holds other settings or another experiment's results, or files
-            bnvit did not write; a cell has a learning rate that is not a finite number > 0; or the
-            workers or the Ray cluster cannot run. Nothing is written to the folder then.
+        ValueError: The folder holds other settings, another experiment's results or foreign
+            files; a learning rate is not a finite number > 0; or the workers or Ray cannot run.
+            Nothing is written then.
         FolderLockedError: Another process is sweeping the folder.
         SweepError: Some cells failed twice (the others are recorded).
     """

@@ -1,11 +1,8 @@
-"""The learning-rate window: the range of learning rates a model tolerates, in decades.
+"""The learning-rate window: the range of learning rates a model tolerates, in decades (beyond the article).
 
-Beyond the article: its second claim (BatchNorm lets ViT take a higher learning rate) is
-checked at two rates; `LR_WINDOW` (`examples/lr_window.py`) sweeps a log grid instead. A model's
-window is the set of grid rates whose final accuracy is within `TOLERANCE` of its best, and its
-width is log10(highest / lowest rate in it), in decades. The width is computed on the mean over
-seeds and on each seed alone (its spread says how firm the mean's width is). A diverged run
-counts as chance accuracy, as everywhere in the reports.
+A model's window is the grid rates whose final accuracy is within `TOLERANCE` of its best; its
+width is log10(highest / lowest). Computed on the seed mean and per seed; a diverged run counts
+as chance (docs/lr-window.md).
 """
 
 from __future__ import annotations

@@ -1,14 +1,4 @@
-"""Inference-ready models: BatchNorm folded, optionally compiled, and exported to ONNX.
-
-`for_inference` turns a trained model into a frozen copy for serving: eval mode, every
-BatchNorm folded into its neighbouring Linear (`bnvit.fold_batchnorm`), no gradients, and
-optionally `torch.compile`d. A folded `ViTBN` has no normalization op left at all; a folded
-`ViTBNFFN` keeps its attention (and patch-embedding and final) LayerNorms, whose per-token
-statistics cannot be folded into a fixed weight.
-
-`export_onnx` writes such a model as an ONNX file with a dynamic batch axis, for
-onnxruntime or any other ONNX runtime. It needs the optional extra: `pip install "bnvit[onnx]"`.
-"""
+"""Inference-ready models: BatchNorm folded, optionally compiled, and exported to ONNX."""
 
 from __future__ import annotations
 
@@ -47,35 +37,26 @@ def for_inference(
 ) -> nn.Module:
     """An inference-ready copy of `model`: eval mode, BatchNorm folded, no gradients.
 
-    The original model is not modified (not even its train/eval mode). Folding follows
-    `bnvit.fold_batchnorm`: for `ViTBN` every normalization disappears into a Linear layer;
-    for `ViTBNFFN` the feed-forward BatchNorms fold and the LayerNorms stay; for `ViT` there is
-    nothing to fold. The outputs equal the eval-mode outputs of `model` up to float rounding.
+    `model` is not modified (not even its mode). Folding follows `bnvit.fold_batchnorm`: a folded
+    `ViTBN` has no normalization left, `ViTBNFFN` keeps its LayerNorms. The outputs equal `model`'s
+    in eval mode up to float rounding.
 
     Args:
-        model: A `ViT`, an `MLP` or any module (in train or eval mode).
+        model: A `ViT`, an `MLP` or any module.
         fold: Fold every BatchNorm next to a Linear layer into it.
-        compile: Wrap the copy in `torch.compile` (compiles on the first call, for each new
-            input shape).
-        script: Return a TorchScript module (`torch.jit.script`). bnvit's ViT cannot be
-            scripted (see Raises), nor can `bnvit.MLP`; plain modules such as an
-            `nn.Sequential` of Linear and BatchNorm layers can. TorchScript is deprecated in
-            PyTorch; prefer `compile=True`, `export_onnx`, or `torch.export.export`.
-        device: Move the copy there (`"cpu"`, `"cuda"`, `"auto"`, ...); default: where
-            `model` is.
+        compile: Wrap the copy in `torch.compile`.
+        script: Return a `torch.jit.script` module (deprecated in PyTorch; bnvit's `ViT` and `MLP`
+            cannot be scripted, plain modules can).
+        device: Move the copy there (`"cpu"`, `"cuda"`, `"auto"`, ...); default: where `model` is.
 
     Returns:
-        The inference copy (an `nn.Module`; a `torch.compile` wrapper or a TorchScript module
-        when asked for).
+        The inference copy (a `torch.compile` wrapper or TorchScript module when asked for).
 
     Raises:
         TypeError: If `model` is not an `nn.Module` or a flag is not a bool.
         ValueError: If both `compile` and `script` are asked for, `device` is invalid, or a
-            BatchNorm of `model` holds impossible statistics (a negative or non-finite running
-            variance, a non-finite running mean), folded or not.
-        NotImplementedError: If `script=True` and TorchScript cannot compile the model (the
-            case for `ViT`: its patch embedding uses `einops.rearrange`, which takes
-            `**kwargs`, unsupported by TorchScript). The message names the alternatives.
+            BatchNorm holds impossible statistics (negative or non-finite variance, non-finite mean).
+        NotImplementedError: If `script=True` and TorchScript cannot compile the model.
 
     Examples:
         >>> import torch
@@ -171,34 +152,27 @@ def export_onnx(
 ) -> Path:
     """Export `model` for inference to an ONNX file, with a dynamic batch axis.
 
-    The model goes through `for_inference` first (an eval-mode copy on the CPU, BatchNorm
-    folded unless `fold=False`), then `torch.onnx.export` (the `torch.export`-based exporter).
-    The file has one input, `"images"` (float32 `(batch, C, H, W)`, values in [0, 1] for the
-    MNIST models) and one output, `"logits"`. It is written atomically: if the export fails
-    or the process dies, `path` keeps its previous content (or does not exist), never half
-    a file. The weights are stored inside the file (no external data).
-
-    Needs the optional extra: `pip install "bnvit[onnx]"` (onnx, onnxscript and onnxruntime).
+    `for_inference` (on the CPU) then `torch.onnx.export`. One input `"images"` (float32
+    `(batch, C, H, W)`), one output `"logits"`, weights inside the file; written atomically.
+    Needs `pip install "bnvit[onnx]"`.
 
     Args:
         model: A `ViT` (any norm), or another module together with `example_input`.
         path: The `.onnx` file to write; its folder is created if needed.
-        fold: Fold BatchNorm into the neighbouring Linear layers first (a folded `ViTBN`
-            exports without any normalization op).
-        opset: ONNX opset version (at least 18); default: the exporter's default.
-        batch_size_dynamic: Make the batch axis dynamic; with `False` the file only accepts
-            the batch size of the example input (1 for a `ViT` without `example_input`).
-        example_input: An input to trace with, of shape `(batch, ...)`; needed for modules
-            other than `ViT`. With a dynamic batch its batch must be at least 2.
+        fold: Fold BatchNorm into the neighbouring Linear layers first.
+        opset: ONNX opset version (at least 18); default: the exporter's.
+        batch_size_dynamic: Make the batch axis dynamic; else only the example's batch size works.
+        example_input: An input `(batch, ...)` to trace with; needed for modules other than `ViT`.
+            With a dynamic batch its batch must be at least 2.
 
     Returns:
         The path written.
 
     Raises:
-        ImportError: If onnx or onnxscript is not installed (the message says how to install).
+        ImportError: If onnx or onnxscript is not installed.
         ValueError: If `opset` is not an int >= 18, the input shape cannot be inferred, or a
-            BatchNorm of `model` holds impossible statistics (see `for_inference`).
-        OSError: If `path` cannot be written (the message names `path`), checked before exporting.
+            BatchNorm holds impossible statistics.
+        OSError: If `path` cannot be written (checked before exporting).
 
     Examples:
         >>> import tempfile, pathlib

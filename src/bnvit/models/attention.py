@@ -1,18 +1,8 @@
 """Multi-head self-attention: the textbook `Attention`, its factored form, and the choice of kernel.
 
-`Attention.forward` is the textbook computation: normalize, project to q | k | v, split heads,
-`softmax(q k^T / sqrt(dim_head)) v`, merge heads, project. Two speed-ups live beside it, each
-switchable and proven equal to float rounding (tests/test_speedups.py):
-
-- **The factored form** (`attn_impl="factored"`, or `"auto"` where it pays, `takes_factored`).
-  Per head `h`, `q_i . k_j = x_i (W_q,h^T W_k,h) x_j + (b_q,h W_k,h) . x_j + c_i`, where `c_i`
-  cancels in the softmax, and `W_o,h (sum_j a_ij v_j) = (W_o,h W_v,h)(sum_j a_ij x_j) + W_o,h b_v,h`
-  since each row of weights sums to one. So keys and values are the tokens themselves and only
-  two `(dim, dim)` products per head are formed: 0.56x the multiply-adds of the article's block
-  (`dim = dim_head = 64`, 8 heads), same parameters, same state dict.
-- **The kernel** (`attend`): torch's fused `scaled_dot_product_attention`, except under CPU
-  autocast, where bf16 batched products around an fp32 softmax are faster at a few dozen tokens.
-  Every choice by device or precision is made in `attend` and `attend_shared_kv`.
+Two speed-ups live beside the textbook `Attention.forward`, each switchable and equal to float
+rounding: the factored form (keys and values are the tokens themselves; `takes_factored`
+decides; docs/benchmarks.md derives it) and the kernel choice (`attend`).
 
 Examples:
     >>> x = torch.randn(4, 17, 64, dtype=torch.float64)
@@ -50,26 +40,11 @@ ATTN_IMPLS = ("auto", "standard", "factored")
 
 
 class Attention(nn.Module):
-    """Pre-norm multi-head self-attention: `norm -> qkv -> heads -> scaled dot-product attention -> proj`.
+    """Pre-norm multi-head self-attention: `norm -> qkv -> heads -> softmax(q k^T / sqrt(d)) v -> proj`.
 
-    `norm(x) -> Linear(dim, 3 * heads * dim_head) -> q, k, v -> softmax(q k^T / sqrt(dim_head)) v
-    -> Linear(heads * dim_head, dim) -> Dropout`. The qkv projection is laid out `q | k | v`,
-    each heads-major `(heads, dim_head)`, as in the article's reference implementation.
-
-    `attn_impl` says how it is computed, never what: `"standard"` is the `forward` you read here;
-    `"factored"` is the same function in fewer multiply-adds for a small `dim` (`bnvit.models.attention`);
-    `"auto"` (the default) takes the factored form where it takes fewer multiply-adds. The two
-    agree to float rounding, and share the parameters (the state dict is the same).
-
-    Args:
-        dim: Token width.
-        heads: Number of attention heads.
-        dim_head: Width of each head; independent of `dim`.
-        norm: Pre-norm kind, `"ln"` or `"bn"`.
-        qkv_bias: Give the qkv projection a bias.
-        dropout: Dropout after the output projection.
-        attn_dropout: Dropout on the attention weights.
-        attn_impl: `"auto"`, `"standard"` or `"factored"`.
+    Arguments as `ViTConfig`'s (`dropout`, `attn_dropout` are its `drop_rate`, `attn_drop_rate`).
+    The qkv projection is laid out `q | k | v`, each heads-major, as in the article's reference
+    code. `attn_impl` changes how it is computed, never the result or the state dict.
 
     Examples:
         >>> attn = Attention(64, heads=8, dim_head=64)
@@ -135,10 +110,8 @@ def attend(
 ) -> torch.Tensor:
     """`softmax(scale q k^T) v` with torch's fused kernel, or a faster path under CPU autocast.
 
-    `scale` defaults to `1 / sqrt(d)`, `d = q.shape[-1]`.
-
-    A leaf for `torch.fx` (registered with `torch.fx.wrap`): a traced model keeps this runtime
-    choice of kernel instead of freezing the one seen while tracing.
+    `scale` defaults to `1 / sqrt(q.shape[-1])`. A `torch.fx` leaf, so a traced model keeps the
+    runtime kernel choice.
 
     Examples:
         >>> q = k = v = torch.randn(2, 8, 17, 64)  # (batch, heads, tokens, dim_head)
@@ -156,12 +129,7 @@ torch.fx.wrap("attend")
 def _cpu_autocast_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, scale: float | None = None
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v under CPU autocast: bf16 batched products around an fp32 softmax.
-
-    At a few dozen tokens the CPU's fused attention kernel is about 4x slower in bf16 than in
-    fp32, and in fp32 still about 2x slower than this (measured in benchmarks/, see
-    docs/benchmarks.md); on CUDA the fused kernel is used in every precision.
-    """
+    """`softmax(q k^T / sqrt(d)) v` under CPU autocast: bf16 batched products around an fp32 softmax."""
     scores = (q @ k.transpose(-2, -1)).float().mul_(q.shape[-1] ** -0.5 if scale is None else scale)
     weights = F.dropout(scores.softmax(-1), dropout_p)
     return weights.to(v.dtype) @ v
@@ -170,18 +138,10 @@ def _cpu_autocast_attention(
 def attend_shared_kv(
     x: torch.Tensor, w_query: torch.Tensor, b_query: torch.Tensor | None, heads: int, dropout_p: float = 0.0
 ) -> torch.Tensor:
-    """`softmax(q_h x^T) x` for every head `h`: queries `q = x w_query^T + b_query`, keys and values `x (B, N, C)`.
+    """`softmax(q_h x^T) x` for every head `h`, with `q = x w_query^T + b_query`: keys and values are `x (B, N, C)`.
 
-    The heads share their keys and values, the tokens themselves, as in multi-query attention;
-    `w_query` is `(heads * C, C)`, the scale already in it. On GPUs, and while compiling or
-    exporting, one fused attention runs over all heads (the keys and values expanded as a view);
-    in eager CPU code, two batched products with no copy (a few dozen tokens are too few for the
-    fused kernel), the softmax in float32 or wider. Under CPU autocast `x` is cast once, for the
-    three products that read it. The tokens are one `(B * N, C)` matrix for the query projection,
-    so its bias is part of the product (an ONNX `Gemm`).
-
-    Returns:
-        `(B, N, heads * C)`: for each token, the mixed tokens of every head.
+    `w_query` is `(heads * C, C)`, the scale already in it; the result is `(B, N, heads * C)`. One
+    fused attention on GPUs and when compiling or exporting, two batched products in eager CPU code.
 
     Examples:
         >>> attend_shared_kv(torch.randn(2, 17, 64), torch.randn(8 * 64, 64), None, heads=8).shape
@@ -206,10 +166,7 @@ def attend_shared_kv(
 def factored_pays(dim: int, heads: int, dim_head: int, tokens: int, seq: int) -> bool:
     """Whether the factored form takes fewer multiply-adds than the standard one.
 
-    Per token and head, q, k, v and the output projection take `4 dim_head dim` and the two
-    attention products `2 seq dim_head`; the factored form takes `2 dim^2` and `2 seq dim`, after
-    forming its two `(dim, dim)` matrices per head once per call (`2 dim^2 dim_head`). `tokens <= 0`
-    asks only whether it pays per token (the choice when tracing for export or compilation).
+    `tokens <= 0` asks only per token (the choice when tracing for export or compilation).
 
     Examples:
         >>> factored_pays(64, 8, 64, tokens=100 * 17, seq=17)  # the article's model, batch 100
@@ -224,12 +181,10 @@ def factored_pays(dim: int, heads: int, dim_head: int, tokens: int, seq: int) ->
 
 
 def takes_factored(attn_impl: str, x: torch.Tensor, heads: int, dim_head: int) -> bool:
-    """Whether attention over the normalized tokens `x (B, N, dim)` runs in factored form: the one place that decides.
+    """Whether attention over normalized tokens `x (B, N, dim)` runs in factored form: the one place that decides.
 
-    `"standard"` and `"factored"` say it; `"auto"` asks `factored_pays` for this batch, or per
-    token under `torch.compile` / `torch.export` (the weight products are then constants an
-    exporter folds). While `torch.fx` traces a model, `"auto"` answers yes: the traced graph
-    calls `self_attention`, which asks again for every batch it runs.
+    `"auto"` asks `factored_pays` for this batch (per token under compile/export; yes while
+    `torch.fx` traces, since the traced `self_attention` asks again).
 
     Examples:
         >>> x = torch.randn(1, 17, 64)
@@ -255,14 +210,7 @@ def self_attention(
     dropout_p: float = 0.0,
     attn_impl: str = "auto",
 ) -> torch.Tensor:
-    """Multi-head self-attention of normalized tokens `x (B, N, dim)`, projections included, in either form.
-
-    `proj(softmax(q k^T / sqrt(dim_head)) v)` with `q | k | v = x W_qkv^T + b_qkv` (heads-major),
-    by `factored_attention` or `standard_attention` as `takes_factored` decides.
-
-    A leaf for `torch.fx` (registered with `torch.fx.wrap`), so a traced model keeps the runtime
-    choice.
-    """
+    """Self-attention of normalized tokens `x (B, N, dim)`, in the form `takes_factored` picks; a `torch.fx` leaf."""
     dim_head = qkv_weight.shape[0] // (3 * heads)
     form = factored_attention if takes_factored(attn_impl, x, heads, dim_head) else standard_attention
     return form(x, qkv_weight, qkv_bias, proj_weight, proj_bias, heads, dropout_p)

@@ -1,12 +1,4 @@
-"""BatchNorm for tokens, exact under activation checkpointing and synchronized across processes.
-
-`TokenBatchNorm` normalizes the last axis of a token tensor over every other axis (batch and
-tokens), on the `(B * N, C)` view. `bn_safe_context_fn` keeps its running statistics exact when
-activation checkpointing runs a block twice. `CPUSyncBatchNorm` computes the statistics of the
-samples of every process with `all_reduce` (torch's `SyncBatchNorm` synchronizes only
-accelerators), and `convert_batchnorm` / `restore_batchnorm` / `synced_batchnorm` swap a model's
-BatchNorms for synchronized ones sharing their state, and back.
-"""
+"""BatchNorm for tokens, exact under activation checkpointing and synchronized across processes."""
 
 from __future__ import annotations
 
@@ -51,26 +43,19 @@ def _recomputing() -> Iterator[None]:
 
 
 def bn_safe_context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """`context_fn` for `torch.utils.checkpoint.checkpoint` that keeps BatchNorm exact.
+    """`context_fn` for `torch.utils.checkpoint.checkpoint` that keeps BatchNorm statistics exact.
 
-    Activation checkpointing runs a block's forward twice. A BatchNorm in training mode would
-    then update its running statistics twice per step; during the recomputation this context
-    makes every `TokenBatchNorm` restore its statistics after the pass, so a model
-    trained with checkpointing ends with the same running statistics as one trained without.
-    `TokenBatchNorm` also recognises a recomputation without it (see `in_recomputation`), so
-    timm's `checkpoint` / `checkpoint_seq`, which take no `context_fn`, are exact too.
+    Checkpointing runs a block's forward twice; in the recomputation every `TokenBatchNorm`
+    restores its running statistics, so they are updated once per step.
     """
     return contextlib.nullcontext(), _recomputing()
 
 
 def in_recomputation() -> bool:
-    """Whether the forward pass running now is activation checkpointing's recomputation.
+    """Whether the running forward pass is activation checkpointing's recomputation.
 
-    True inside `bn_safe_context_fn`'s recomputation context, and for any forward pass run by the
-    autograd engine during a backward pass: that is where `torch.utils.checkpoint` recomputes
-    (reentrant or not, whoever calls it: bnvit's ViT, timm's `checkpoint` and `checkpoint_seq`).
-    Under `torch.compile` / `torch.export` it is False: a compiled graph applies the running-statistics
-    update of its forward once.
+    True inside `bn_safe_context_fn` and for any forward run by autograd during backward (any
+    caller of `torch.utils.checkpoint`); False under `torch.compile` / `torch.export`.
 
     Examples:
         >>> in_recomputation()
@@ -90,21 +75,9 @@ _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 class TokenBatchNorm(nn.Module):
     """BatchNorm of the last (feature) axis, with statistics over every other axis.
 
-    A `(B, N, C)` token tensor is normalized as its `(B * N, C)` view: each feature gets one
-    mean and variance computed over the batch and the tokens. The wrapped
-    `torch.nn.BatchNorm1d` is kept as `self.bn` so that
-    `torch.nn.SyncBatchNorm.convert_sync_batchnorm` converts it correctly.
-
-    In training mode under activation checkpointing, the recomputation of the forward pass
-    leaves the running statistics as the first pass left them (`in_recomputation`): they are
-    updated once per step, as without checkpointing.
-
-    Args:
-        num_features: Size `C` of the last axis.
-        eps: Added to the variance for numerical stability.
-        momentum: Momentum of the running statistics.
-        device: Device of the parameters and statistics.
-        dtype: Floating-point type of the parameters and statistics.
+    A `(B, N, C)` tensor is normalized as its `(B * N, C)` view by `self.bn`, a `BatchNorm1d`
+    (so `SyncBatchNorm.convert_sync_batchnorm` converts it); arguments as `BatchNorm1d`'s. Under
+    activation checkpointing the running statistics are updated once per step.
 
     Examples:
         >>> norm = TokenBatchNorm(64)
@@ -136,11 +109,7 @@ class TokenBatchNorm(nn.Module):
 
 @contextlib.contextmanager
 def _scratch_running_stats(bn: nn.modules.batchnorm._BatchNorm) -> Iterator[None]:
-    """Let `bn` update copies of its running statistics, dropped after: the originals are not touched.
-
-    Not even their version counter moves, so a graph that saved them (the recomputation of a
-    reentrant checkpoint backpropagates through it right after) stays valid.
-    """
+    """Let `bn` update copies of its running statistics; the originals (and their version counters) stay untouched."""
     originals = {
         n: b for n in ("running_mean", "running_var", "num_batches_tracked") if (b := getattr(bn, n)) is not None
     }
@@ -157,13 +126,7 @@ def _scratch_running_stats(bn: nn.modules.batchnorm._BatchNorm) -> Iterator[None
 
 
 class _SyncBatchNormFunction(torch.autograd.Function):
-    """Training-mode BatchNorm over the samples of every process, with `all_reduce` (any backend).
-
-    The statistics are summed in float64: the mean first, then the squared deviations from it
-    (two passes, no cancellation). The backward pass reduces the two per-channel sums the input
-    gradient needs; the weight and bias gradients stay local, as `DistributedDataParallel`
-    averages them.
-    """
+    """Training-mode BatchNorm over the samples of every process via `all_reduce`; statistics in float64, two passes."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):  # type: ignore[override]
@@ -223,16 +186,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
 
 class CPUSyncBatchNorm(_BatchNorm):
-    """BatchNorm whose training statistics are those of the samples of all processes, on any device.
+    """BatchNorm with statistics over the samples of all processes, on any device (gloo included).
 
-    `torch.nn.SyncBatchNorm` synchronizes only CUDA (and a few accelerator) tensors, and
-    `DistributedDataParallel` refuses it in a CPU model. This is the same computation built on
-    `all_reduce`, so it runs with gloo on the CPU: in training mode, inside a process group of
-    more than one process, each channel is normalized with the mean and (biased) variance of
-    the inputs of every process together, and the running statistics are updated with them
-    (unbiased over the global count), exactly as one process holding the whole batch would.
-    Otherwise it is a plain BatchNorm. `convert_batchnorm` uses it for CPU models and torch's
-    `SyncBatchNorm` on accelerators. Inputs are `(N, C)` or `(N, C, *)`.
+    `torch.nn.SyncBatchNorm` synchronizes only accelerators; this is the same computation on
+    `all_reduce`. Outside training or a multi-process group it is a plain BatchNorm. Inputs are
+    `(N, C)` or `(N, C, *)`.
 
     Examples:
         >>> bn = CPUSyncBatchNorm(8)
@@ -284,21 +242,10 @@ class _Swap:
 
 
 def convert_batchnorm(model: nn.Module, device: torch.device | str = "cpu") -> list[_Swap]:
-    """Replace, in place, every BatchNorm inside `model` by a synchronized one sharing its state.
+    """Replace, in place, every BatchNorm in `model` by a synchronized one sharing its state.
 
-    On CUDA (and the other devices it supports) the replacement is `torch.nn.SyncBatchNorm`,
-    elsewhere `CPUSyncBatchNorm`. Parameters and buffers are the same tensors, so training the
-    converted model trains the original layers. `restore_batchnorm` puts the originals back.
-
-    Args:
-        model: The model, changed in place.
-        device: The device the model trains on.
-
-    Returns:
-        What `restore_batchnorm` needs.
-
-    Raises:
-        ValueError: If `model` itself is a BatchNorm (it cannot be replaced in place).
+    `torch.nn.SyncBatchNorm` where torch supports `device`, else `CPUSyncBatchNorm`. Returns what
+    `restore_batchnorm` needs; raises `ValueError` if `model` itself is a BatchNorm.
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
@@ -329,7 +276,7 @@ def convert_batchnorm(model: nn.Module, device: torch.device | str = "cpu") -> l
 
 
 def restore_batchnorm(swaps: list[_Swap]) -> None:
-    """Undo `convert_batchnorm`: the original layers, holding the current parameters and statistics.
+    """Undo `convert_batchnorm`: the original layers, holding the current state.
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))

@@ -1,20 +1,8 @@
 """Transformer building blocks with a choice of normalization.
 
-The one idea of this library lives here: `BatchNormFFN`, a feed-forward network with a
-BatchNorm between its two Linear layers and no LayerNorm in front of it. `EncoderBlock`
-takes the normalization as one argument:
-
-| `norm`     | attention pre-norm | feed-forward                      |
-|------------|--------------------|-----------------------------------|
-| `"ln"`     | LayerNorm          | `FeedForward` (LayerNorm first)   |
-| `"bn_ffn"` | LayerNorm          | `BatchNormFFN`                    |
-| `"bn"`     | `TokenBatchNorm`   | `BatchNormFFN`                    |
-
-BatchNorm on tokens (`TokenBatchNorm`, in `bnvit.models.batchnorm` with the rest of the BatchNorm
-code) normalizes each feature over the batch *and* the token axis: a `(B, N, C)` tensor is
-normalized as its `(B * N, C)` view, with no copy to a channels-first layout.
-
-`Attention`, with its factored form and kernel choice, is `bnvit.models.attention`'s.
+The library's one idea lives here: `BatchNormFFN`, a feed-forward network with a BatchNorm
+between its two Linear layers and no LayerNorm in front. `EncoderBlock` takes the norm as one
+argument (`"ln"`, `"bn_ffn"`, `"bn"`; see docs/models-and-norms.md).
 """
 
 from __future__ import annotations
@@ -49,8 +37,8 @@ NORMS = ("ln", "bn_ffn", "bn")
 def sincos_pos_embed(num_tokens: int, dim: int) -> torch.Tensor:
     """The article's fixed sine-cosine positional embedding, shape `(1, num_tokens, dim)`.
 
-    For token position `t` and `i = 1 .. dim/2`, `w_i = 10000 ** (-i / (dim/2))` and the
-    embedding is `[sin(t w_1), ..., sin(t w_{dim/2}), cos(t w_1), ..., cos(t w_{dim/2})]`.
+    For position `t` and `i = 1 .. dim/2`, `w_i = 10000 ** (-i / (dim/2))` and the embedding is
+    `[sin(t w_1), ..., sin(t w_{dim/2}), cos(t w_1), ..., cos(t w_{dim/2})]`.
 
     Examples:
         >>> sincos_pos_embed(17, 64).shape
@@ -65,17 +53,9 @@ def sincos_pos_embed(num_tokens: int, dim: int) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Split an image into `p x p` patches and embed each: `norm -> Linear -> norm`.
+    """Split an image into `p x p` patches and embed each: `norm -> Linear -> norm` (`"ln"` or `"bn"`).
 
-    Each patch is flattened in (row, column, channel) order, as in the reference
-    implementation's `Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)")`.
-
-    Args:
-        img_size: Input height and width.
-        patch_size: Patch side `p`; must divide both image sides.
-        in_chans: Input channels.
-        dim: Embedding width.
-        norm: `"ln"` or `"bn"` for both norms.
+    Patches are flattened in (row, column, channel) order, as the reference code's `Rearrange`.
 
     Examples:
         >>> embed = PatchEmbed((28, 28), 7, 1, 64)
@@ -109,10 +89,7 @@ class PatchEmbed(nn.Module):
 
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Images `(B, C, H, W)` -> patches `(B, (H/p)(W/p), p * p * C)`, in (row, column, channel) order.
-
-    A leaf for `torch.fx` (registered with `torch.fx.wrap`): tracing records one call instead
-    of following einops' Python code.
+    """Images `(B, C, H, W)` -> patches `(B, (H/p)(W/p), p * p * C)`; a `torch.fx` leaf.
 
     Examples:
         >>> patchify(torch.rand(2, 3, 8, 8), 4).shape
@@ -126,9 +103,7 @@ torch.fx.wrap("patchify")
 
 
 class FeedForward(nn.Module):
-    """The standard ViT feed-forward network, pre-normed with LayerNorm.
-
-    `LayerNorm(dim) -> Linear(dim, mlp_dim) -> GELU -> Dropout -> Linear(mlp_dim, dim) -> Dropout`.
+    """The standard ViT feed-forward network: `LayerNorm -> Linear -> GELU -> Dropout -> Linear -> Dropout`.
 
     Examples:
         >>> ffn = FeedForward(64, 128)
@@ -153,22 +128,15 @@ class FeedForward(nn.Module):
 class BatchNormFFN(nn.Module):
     """Feed-forward network with BatchNorm inside and no LayerNorm in front (ViTBNFFN).
 
-    `Linear(dim, mlp_dim) -> BatchNorm(mlp_dim) -> GELU -> Dropout -> Linear(mlp_dim, dim) -> Dropout`.
-    The BatchNorm normalizes each of the `mlp_dim` features over batch x tokens. In eval mode
-    it is a fixed affine map that `bnvit.fold_batchnorm` folds into `fc1`.
-
-    The keyword-only arguments generalise it to any FFN of this form (`bnvit.BatchNormMlp`
-    builds it from timm's `Mlp` arguments).
+    `Linear(dim, mlp_dim) -> BatchNorm -> GELU -> Dropout -> Linear -> Dropout`; the BatchNorm
+    normalizes over batch x tokens and folds into `fc1` in eval mode. `bnvit.BatchNormMlp` builds it
+    from timm's `Mlp` arguments.
 
     Args:
-        dim: Token width.
-        mlp_dim: Hidden width.
-        dropout: Dropout after the activation and after `fc2`, or a pair `(after act, after fc2)`.
+        dropout: Dropout after the activation and after `fc2`, or a pair of the two.
         out_dim: Output width (default: `dim`).
         bias: Give `fc1` and `fc2` a bias, or a pair `(fc1, fc2)`.
         act_layer: The activation's class (called without arguments).
-        device: Device of the parameters.
-        dtype: Floating-point type of the parameters.
 
     Examples:
         >>> ffn = BatchNormFFN(64, 128)
@@ -214,18 +182,9 @@ class BatchNormFFN(nn.Module):
 class EncoderBlock(nn.Module):
     """One transformer encoder block: `x = x + attn(x)`, then `x = x + ffn(x)`.
 
-    Args:
-        dim: Token width.
-        heads: Number of attention heads.
-        dim_head: Width of each head.
-        mlp_dim: Hidden width of the feed-forward network.
-        norm: `"ln"` (standard ViT), `"bn_ffn"` (BatchNorm inside the FFN, LayerNorm before
-            attention; the article's ViTBNFFN) or `"bn"` (BatchNorm everywhere; ViTBN).
-        dropout: Dropout after the attention projection and inside the FFN.
-        attn_dropout: Dropout on the attention weights.
-        qkv_bias: Give the qkv projection a bias.
-        drop_path: Stochastic-depth rate of both residual branches.
-        attn_impl: How attention is computed: `"auto"`, `"standard"` or `"factored"` (see `Attention`).
+    Arguments as `ViTConfig`'s (`dropout`, `attn_dropout` are its `drop_rate`, `attn_drop_rate`);
+    `norm` is `"ln"`, `"bn_ffn"` (ViTBNFFN) or `"bn"` (ViTBN); `drop_path` is the
+    stochastic-depth rate of both residual branches.
 
     Examples:
         >>> block = EncoderBlock(64, heads=8, dim_head=64, mlp_dim=128, norm="bn_ffn")

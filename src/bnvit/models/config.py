@@ -1,7 +1,4 @@
-"""`ViTConfig`: every setting of bnvit's `ViT`, validated once.
-
-Its own module so that `vit.py` holds the model alone; `bnvit.models.vit` re-exports every name here.
-"""
+"""`ViTConfig`: every setting of bnvit's `ViT`, validated once (re-exported by `bnvit.models.vit`)."""
 
 from __future__ import annotations
 
@@ -24,53 +21,38 @@ _POOL_ALIASES = {"token": "cls"}
 
 @dataclass(frozen=True)
 class ViTConfig:
-    """Every setting of a `ViT`, validated once (the single source of the model's settings).
+    """Every setting of a `ViT`, validated once.
 
-    The defaults are the article's MNIST configuration: 28x28x1 input, patch 7 (16 patches
-    plus a CLS token), dim 64, depth 6, 8 heads of width 64, MLP width 128, 10 classes,
-    CLS pooling, a learnable positional embedding and no dropout. `dataclasses.asdict(cfg)`
-    is what checkpoints and the timm builders store; `ViTConfig(**that_dict)` rebuilds it.
+    The defaults are the article's MNIST model (28x28x1, patch 7, dim 64, depth 6, 8 heads of 64,
+    MLP 128, CLS pooling). `dataclasses.asdict(cfg)` is what checkpoints and timm builders store.
 
     Args:
-        img_size: Input side, or `(height, width)` (stored as a pair).
+        img_size: Input side, or `(height, width)`.
         patch_size: Patch side; must divide the image sides.
         in_chans: Input channels.
-        num_classes: Output classes; 0 gives a model without a head (features only).
+        num_classes: Output classes; 0 gives a model without a head.
         dim: Token width.
         depth: Number of encoder blocks.
         heads: Attention heads per block.
         dim_head: Width of each attention head (independent of `dim`).
         mlp_dim: Hidden width of the feed-forward networks.
         norm: `"ln"`, `"bn_ffn"` or `"bn"`; see `EncoderBlock`.
-        pool: The pooling before the head (timm's `global_pool`, accepted as a synonym):
-            `"cls"` (the CLS token; timm's `"token"`, accepted too), `"avg"` (the mean of the
-            patch tokens, the CLS token excluded, as timm's `"avg"`), `"mean"` (the mean of
-            every token, the CLS token included: the article's `pool="mean"`) or `""` (none:
-            the head is applied to every token, as in timm).
+        pool: `"cls"` (timm's `"token"`), `"avg"` (patch tokens), `"mean"` (every token, the
+            article's `pool="mean"`) or `""` (none); timm's `global_pool` is a synonym.
         pos_embed: `"learn"` (learnable) or `"sincos"` (fixed).
         qkv_bias: Give the qkv projections a bias.
-        drop_rate: Dropout inside the blocks (after attention and in the FFN); the
-            reference implementation's `dropout`.
-        pos_drop_rate: Dropout after adding the positional embedding (the reference's
-            `emb_dropout`).
+        drop_rate: Dropout inside the blocks (the reference code's `dropout`).
+        pos_drop_rate: Dropout after the positional embedding (the reference's `emb_dropout`).
         attn_drop_rate: Dropout on the attention weights.
-        drop_path_rate: Stochastic depth, increasing linearly over the blocks up to this rate.
-        weight_init: `"reference"` (the article's: PyTorch defaults, CLS token and positional
-            embedding from N(0, 1)) or `"timm"` (truncated normal, std 0.02, for Linear
-            weights and the positional embedding, zero biases, a near-zero CLS token; what
-            large ViTs are usually trained with).
-        attn_impl: How attention is computed, never what: `"auto"` (the factored form where it
-            takes fewer multiply-adds), `"standard"` (the textbook form) or `"factored"`; see
-            `bnvit.models.attention.Attention`.
-        bn_momentum: Momentum of every BatchNorm's running statistics, in (0, 1] (PyTorch's 0.1
-            by default; a LayerNorm model has none to apply it to).
-        bn_eps: The `eps` of every BatchNorm, a finite number > 0 (PyTorch's 1e-5 by default).
-        dynamic_img_size: Take images of any size the patch size divides, the positional
-            embedding resampled to their patch grid on the fly (as timm's `dynamic_img_size`).
+        drop_path_rate: Stochastic depth, rising linearly over the blocks to this rate.
+        weight_init: `"reference"` (the article's) or `"timm"` (truncated normal, std 0.02).
+        attn_impl: `"auto"`, `"standard"` or `"factored"`; see `Attention`.
+        bn_momentum: Momentum of every BatchNorm's running statistics, in (0, 1].
+        bn_eps: The `eps` of every BatchNorm, a finite number > 0.
+        dynamic_img_size: Accept any image size the patch size divides (as timm's).
 
     Raises:
-        ValueError: A value out of range or an unknown choice; the message names the value and
-            what is valid.
+        ValueError: A value out of range or an unknown choice.
         TypeError: A value of the wrong type.
 
     Examples:
@@ -153,9 +135,10 @@ class ViTConfig:
 
     @classmethod
     def from_kwargs(cls, cfg: ViTConfig | None = None, **kwargs: Any) -> ViTConfig:
-        """`cfg` (default: the defaults) with `kwargs` replacing fields; unknown names raise `TypeError`.
+        """`cfg` (default: the defaults) with `kwargs` replacing fields (`global_pool` for `pool`).
 
-        timm's name `global_pool` is accepted for `pool`.
+        Raises:
+            TypeError: For an unknown field name.
         """
         if "global_pool" in kwargs:
             pool = kwargs.pop("global_pool")

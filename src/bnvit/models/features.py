@@ -1,13 +1,4 @@
-"""timm's feature and input-size API for bnvit's models: which blocks to take features from, and taking
-them; which images a model takes, and its positional embedding at another size.
-
-`feature_take_indices` resolves `forward_intermediates`' `indices` with a clear error;
-`forward_blocks` is the loop of every model's `forward_intermediates`. Shared by the ViT, the MLP
-and the builders (`features_only=True`). `check_images` is the ViT's input check,
-`resample_pos_embed` its positional embedding on another patch grid (timm's
-`resample_abs_pos_embed`, the CLS token kept), and `input_cfg` a pretrained cfg made to describe
-the images a model takes, so that timm's `resolve_data_config` feeds it what it takes.
-"""
+"""timm's feature and input-size API for bnvit's models: feature indices, input checks, resized embeddings."""
 
 from __future__ import annotations
 
@@ -27,18 +18,10 @@ OUTPUT_FMTS = ("NCHW", "NLC")
 
 
 def feature_take_indices(num_blocks: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
-    """The blocks to take features from, as timm's `feature_take_indices`, with a clear error.
+    """The blocks to take features from, as timm's `feature_take_indices`, with a clear `ValueError`.
 
-    Args:
-        num_blocks: Number of blocks of the model.
-        indices: `None` (all blocks), an int `n` (the last `n` blocks) or block indices
-            (negative ones count from the end).
-
-    Returns:
-        The absolute indices, and the largest of them.
-
-    Raises:
-        ValueError: If an index is out of range; the message names the valid range.
+    `indices`: `None` (all), an int `n` (the last `n`) or block indices (negative from the end).
+    Returns the absolute indices and the largest of them.
 
     Examples:
         >>> feature_take_indices(6, 3)
@@ -77,13 +60,9 @@ def forward_blocks(
     keep: Callable[[torch.Tensor], Any],
     run: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[Any]]:
-    """`stem(x)` through `blocks`, keeping `keep(output)` of those `indices` names: `forward_intermediates`' loop.
+    """`stem(x)` through `blocks`, keeping `keep(output)` of those in `indices`: `forward_intermediates`' loop.
 
-    `output_fmt` and `indices` are checked before anything runs. With `stop_early` the blocks
-    after the last one taken are skipped. `run(block, x)` runs a block (default `block(x)`).
-
-    Returns:
-        The output of the last block run, and what `keep` made of the blocks taken, in order.
+    Returns the output of the last block run and what `keep` made of the blocks taken.
 
     Examples:
         >>> blocks = [nn.Linear(4, 4) for _ in range(3)]
@@ -106,11 +85,7 @@ def forward_blocks(
 def check_images(
     x: torch.Tensor, in_chans: int, img_size: tuple[int, int], patch_size: int | None = None
 ) -> torch.Tensor:
-    """Return `x` if it is a float `(B, in_chans, *img_size)` batch; raise a clear error otherwise.
-
-    With `patch_size` (a model built with `dynamic_img_size=True`) any height and width that
-    `patch_size` divides are accepted. A leaf for `torch.fx` where the ViT calls it, so a traced
-    model keeps the check.
+    """Return `x` if it is a float `(B, in_chans, *img_size)` batch (any size `patch_size` divides); else raise.
 
     Examples:
         >>> check_images(torch.rand(2, 1, 28, 28), 1, (28, 28)).shape
@@ -139,11 +114,9 @@ def check_images(
 def resample_pos_embed(
     pos_embed: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None
 ) -> torch.Tensor:
-    """A `(1, 1 + h * w, dim)` positional embedding (CLS token first) resampled to another patch grid.
+    """A `(1, 1 + h * w, dim)` positional embedding resampled to another patch grid, the CLS token kept.
 
-    timm's `resample_abs_pos_embed` (bicubic, antialiased), as timm's ViTs do for weights at another
-    image size or `dynamic_img_size=True`; the CLS token's embedding is kept as it is. `old_grid`
-    defaults to the square grid the embedding's length gives.
+    timm's `resample_abs_pos_embed`; `old_grid` defaults to the square grid of the embedding.
 
     Raises:
         ValueError: If `old_grid` is not given and the patch tokens do not form a square.
@@ -165,11 +138,7 @@ def resample_pos_embed(
 
 
 def input_cfg(cfg: dict[str, Any], in_chans: int, img_size: tuple[int, int]) -> dict[str, Any]:
-    """`cfg` (a timm pretrained cfg) describing `(in_chans, *img_size)` images, so timm's data config fits the model.
-
-    `input_size` becomes `(in_chans, *img_size)`; a one-value `mean` / `std` is repeated over the
-    channels (exact for gray images copied into each), several are averaged into one for one
-    channel, or their average repeated for another count.
+    """`cfg` (a timm pretrained cfg) made to describe `(in_chans, *img_size)` images, mean and std included.
 
     Examples:
         >>> cfg = input_cfg(dict(input_size=(1, 28, 28), mean=(0.0,), std=(1.0,)), 3, (28, 28))

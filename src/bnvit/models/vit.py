@@ -1,11 +1,4 @@
-"""The Vision Transformer of the article, with the normalization as one argument.
-
-`ViT(norm="ln")` is the standard ViT of the article's reference implementation,
-`ViT(norm="bn_ffn")` (alias `ViTBNFFN`) puts a BatchNorm inside every feed-forward network,
-and `ViT(norm="bn")` (alias `ViTBN`) replaces every LayerNorm with a BatchNorm over
-batch x tokens. The model follows timm's model API (`forward_features`, `forward_head`,
-`reset_classifier`, ...), so it plugs into timm's optimizers, schedulers and scripts.
-"""
+"""The article's Vision Transformer, with the normalization as one argument and timm's model API."""
 
 from __future__ import annotations
 
@@ -44,18 +37,11 @@ torch.fx.wrap("check_images")
 class ViT(nn.Module):
     """Vision Transformer with a choice of normalization (the article's ViT, ViTBNFFN, ViTBN).
 
-    Built from a `ViTConfig`, given as `cfg` or as its fields in keywords (`ViT(depth=6,
-    norm="bn_ffn")`); `model.cfg` holds it and `model.config` is its `dataclasses.asdict`
-    (what checkpoints store). See `ViTConfig` for every argument and the defaults, which are
-    the article's MNIST configuration.
-
-    Initialization follows the reference implementation: PyTorch's default init for Linear,
-    LayerNorm and BatchNorm; the CLS token and the learnable positional embedding are drawn
-    from a standard normal distribution (`weight_init="timm"` for timm's).
-
-    The model has timm's model API: `forward_features` / `forward_head`, `reset_classifier`,
-    `forward_intermediates` and `feature_info` (one entry per block), `prune_intermediate_layers`,
-    `no_weight_decay`, `group_matcher`, `set_grad_checkpointing`; it traces with `torch.fx`.
+    Built from a `ViTConfig` (see it for every argument; the defaults are the article's MNIST
+    model), given as `cfg` or as keywords. `model.cfg` holds it, `model.config` is its
+    `dataclasses.asdict` (what checkpoints store). Initialization follows the reference code
+    (`weight_init="timm"` for timm's). Has timm's model API (`forward_features`, `forward_head`,
+    `forward_intermediates`, `reset_classifier`, ...) and traces with `torch.fx`.
 
     Args:
         cfg: The configuration; default `ViTConfig()`.
@@ -215,8 +201,8 @@ class ViT(nn.Module):
             indices: `None` (every block), an int `n` (the last `n`) or block indices.
             return_prefix_tokens: Return `(patch tokens, CLS token)` pairs instead of patch tokens.
             norm: Apply the final norm to each intermediate.
-            stop_early: Stop after the last block asked for (the final output is then that block's).
-            output_fmt: `"NCHW"` (patch tokens as a `(B, dim, H/p, W/p)` map) or `"NLC"` (`(B, H/p * W/p, dim)`).
+            stop_early: Stop after the last block asked for.
+            output_fmt: `"NCHW"` (a `(B, dim, H/p, W/p)` map) or `"NLC"` (`(B, H/p * W/p, dim)`).
             intermediates_only: Return only the intermediates.
 
         Returns:
@@ -251,11 +237,7 @@ class ViT(nn.Module):
     def prune_intermediate_layers(
         self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Drop the blocks after the last one in `indices` (and the final norm, the head), as timm's ViT.
-
-        Returns:
-            The absolute block indices kept for feature extraction.
-        """
+        """Drop the blocks after the last one in `indices` (and the final norm, the head); returns the indices kept."""
         take, last = feature_take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[: last + 1]
         self.feature_info = self.feature_info[: last + 1]
@@ -273,13 +255,7 @@ class ViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the head with a fresh one for `num_classes` (0: no head).
-
-        Args:
-            num_classes: New number of classes.
-            global_pool: Optionally a new pooling: `"cls"` (or timm's `"token"`), `"avg"` (patch
-                tokens), `"mean"` (every token) or `""` (none); see `ViTConfig.pool`.
-        """
+        """Replace the head with a fresh one for `num_classes` (0: no head), optionally with a new `global_pool`."""
         pool = self.cfg.pool
         if global_pool is not None:
             pool = _checks.choice("global_pool", _POOL_ALIASES.get(global_pool, global_pool), POOLS)
@@ -302,24 +278,16 @@ class ViT(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in the backward pass to save memory.
-
-        BatchNorm running statistics are updated once per step, as without checkpointing.
-        """
+        """Recompute block activations in backward to save memory; BatchNorm statistics stay exact."""
         self.grad_checkpointing = enable
 
     @torch.no_grad()
     def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: int | None = None) -> None:
-        """Take images of another size from now on, the positional embedding resampled (timm's `set_input_size`).
+        """Take images of another size from now on, as timm's `set_input_size`.
 
-        The learnable embedding is resampled as timm resamples its ViTs' (`resample_pos_embed`, the
-        CLS token kept); the sincos one is recomputed. The model's `pretrained_cfg`, if any,
-        follows, so timm's data config feeds the new size.
-
-        Args:
-            img_size: The new image side, or `(height, width)`; the patch size must divide it.
-            patch_size: Accepted only if equal to the model's: the patch pre-norm is learned per
-                value of a patch, so the patch size cannot change.
+        The learnable positional embedding is resampled (`resample_pos_embed`), the sincos one
+        recomputed; `pretrained_cfg` follows. The patch size cannot change (the patch pre-norm is
+        learned per patch value): `patch_size` is accepted only if equal to the model's.
 
         Examples:
             >>> model = ViT(depth=1)
@@ -364,11 +332,9 @@ class ViT(nn.Module):
 
 
 class ViTBNFFN(ViT):
-    """`ViT` with a BatchNorm inside every feed-forward network (`norm="bn_ffn"`).
+    """The article's model: `ViT` with `Linear -> BatchNorm -> GELU -> Linear` FFNs (`norm="bn_ffn"`).
 
-    This is the article's model: `Linear -> BatchNorm -> GELU -> Linear` in each FFN, no
-    LayerNorm before the FFN, the attention keeping its LayerNorm. Takes every argument of
-    `ViT` but `norm`.
+    Takes every argument of `ViT` but `norm`.
 
     Examples:
         >>> model = ViTBNFFN(depth=6)
@@ -383,8 +349,6 @@ class ViTBNFFN(ViT):
 
 class ViTBN(ViT):
     """`ViT` with every LayerNorm replaced by a BatchNorm over batch x tokens (`norm="bn"`).
-
-    Takes every argument of `ViT` but `norm`.
 
     Examples:
         >>> model = ViTBN(depth=2).eval()

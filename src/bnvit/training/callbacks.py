@@ -1,9 +1,7 @@
 """Callbacks for `fit()`: hooks at the start and end of a run and after every epoch.
 
-Loggers rewrite their output from the run's `History` rather than appending blindly, so a
-run that is resumed from a checkpoint logs each epoch exactly once. MLflow and TensorBoard
-are optional extras, imported only when their logger is created
-(`pip install "bnvit[mlflow]"` / `"bnvit[tensorboard]"`).
+Loggers rewrite their output from the run's `History`, so a resumed run logs each epoch once.
+MLflow and TensorBoard are optional extras, imported when their logger is created.
 """
 
 from __future__ import annotations

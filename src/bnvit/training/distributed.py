@@ -1,31 +1,8 @@
-"""Multi-process training: what `fit(distributed=...)` builds on, in one place.
+"""Multi-process training: what `fit(distributed=...)` builds on, importable from one place.
 
-`fit()` runs one loop for any number of processes: it asks `setup` for the world it trains in
-and calls the world's methods, which a world of one answers at once. The parts live where
-their job is, and are all importable from here:
-
-- the world (`bnvit.training.world`): `setup` decides whether the run is distributed
-  (torchrun's `RANK`, `WORLD_SIZE` and `LOCAL_RANK` with `WORLD_SIZE > 1`, or a process group
-  that is already initialized), picks this process's device (`cuda:LOCAL_RANK` on GPUs) and
-  initializes the process group (nccl on CUDA, gloo on the CPU) if nobody has yet; its `World`
-  reduces the metrics, agrees on divergence, makes a set-up error on one process raise on all
-  (`fail_together`), wraps the model in `DistributedDataParallel` (`wrap`), and tells `fit`
-  which process is rank 0 (the only one that writes checkpoints, logs and runs callbacks);
-- sharding (`bnvit.training.sharding`): each process's share of the data;
-- synchronized BatchNorm (`bnvit.models.batchnorm`): every BatchNorm of the user's model is swapped for
-  a synchronized one sharing its parameters and statistics, and swapped back when training
-  ends, so the trained weights are in the model the user passed, as plain BatchNorms.
-
-**Batch size.** `fit(batch_size=...)` is the *global* batch: with 4 processes and
-`batch_size=100`, each process takes 25 images per step and the gradient is that of the 100,
-so a run means the same training at any world size (with `sync_bn=True` the BatchNorm
-statistics are those of the 100 images too). It must be divisible by the world size.
-
-**BatchNorm on the CPU.** `torch.nn.SyncBatchNorm` only synchronizes CUDA (and a few other
-accelerator) tensors, and `DistributedDataParallel` refuses it in a CPU model. On CUDA the
-BatchNorms become torch's `SyncBatchNorm`; on the CPU they become `CPUSyncBatchNorm`, the
-same computation built on `all_reduce` (gloo), so multi-process training, and its tests, run
-on any machine.
+The world (`bnvit.training.world`), sharding (`bnvit.training.sharding`) and synchronized
+BatchNorm (`bnvit.models.batchnorm`, `CPUSyncBatchNorm` on the CPU). `fit(batch_size=...)` is
+the global batch, divisible by the world size. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -79,7 +56,7 @@ def wrap(model: nn.Module, world: World) -> nn.Module:
 
 
 def shard(loader: Any, world: World, *, name: str, train: bool, seed: int) -> Any:
-    """`world.shard(loader, ...)`: this process's share of `loader` (`bnvit.training.sharding.shard_for`).
+    """`world.shard(loader, ...)`: this process's share of `loader` (see `shard_for`).
 
     Examples:
         >>> import torch

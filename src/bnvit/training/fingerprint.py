@@ -1,23 +1,8 @@
 """What makes a training run what it is, as plain values a checkpoint stores and a resume compares.
 
-`fit` records the run's arguments (learning rate, batch size, optimizer, ...); with a
-`checkpoint_dir` it adds what this module describes, so that resuming a *different* run is
-refused instead of silently continued:
-
-- **the model's whole configuration**: `model.config` for bnvit's models (every `ViTConfig`
-  field: depth, widths, norm, dropout rates, ...), else the class and every submodule's
-  settings (`extra_repr`: layer sizes, dropout rates, BatchNorm eps and momentum);
-- **the loss**: its qualified name, and for a `functools.partial` or a torch loss module its
-  settings too (`label_smoothing`, `weight`, ...);
-- **the data**, training and validation: its kind and size, a loader's batch size, shuffling,
-  augmentation and seed, and a SHA-256 over a sample of `SAMPLE` examples spread evenly over
-  it (first and last included), images and labels.
-
-The sample is hashed from the stored data (a `DeviceLoader`'s tensors, a dataset's items), not
-from augmented batches. A dataset's items are read with every random generator seeded, so a
-random transform gives the same bytes at every call; a dataset whose items still differ
-between two reads, or hold values that have no stable bytes, gets no sample hash (its size is
-still compared).
+The model's whole configuration, the loss and its settings, and the data (kind, size, loader
+settings, a SHA-256 over `SAMPLE` stored examples), so that resuming a different run is
+refused (docs/checkpoints.md lists what is covered).
 """
 
 from __future__ import annotations
@@ -63,12 +48,7 @@ def describe_run(model: nn.Module, loss_fn: Callable | None, train: Any, val: An
 
 
 def describe_model(model: nn.Module) -> dict[str, Any]:
-    """The model's whole configuration as plain values.
-
-    bnvit's models give their `config`; any other module its class and a SHA-256 over every
-    submodule's name and settings (`extra_repr`), which a BatchNorm swapped for its synchronized
-    twin does not change.
-    """
+    """The model's whole configuration: its `config`, else its class and a hash of its submodules' `extra_repr`."""
     config = getattr(model, "config", None)
     described: dict[str, Any] = {"class": _qualname(type(model))}
     if isinstance(config, dict) and all(isinstance(k, str) for k in config):
@@ -80,8 +60,7 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
 
 
 def describe_loss(loss_fn: Callable | None) -> str:
-    """The loss as a string: `"torch.nn.functional.cross_entropy"` (the default), a function's qualified
-    name, or for a `functools.partial` and a torch loss module their settings too.
+    """The loss as a string: its qualified name, with the settings of a `functools.partial` or loss module.
 
     Examples:
         >>> describe_loss(torch.nn.CrossEntropyLoss(label_smoothing=0.1))

@@ -18,11 +18,7 @@ __all__ = ["EpochRecord", "History", "StepRecord"]
 
 @dataclass
 class EpochRecord:
-    """The measurements of one epoch (epochs count from 1).
-
-    `val_loss` and `val_acc` are `None` when the run has no validation data. Accuracies
-    are fractions in [0, 1].
-    """
+    """The measurements of one epoch (from 1); accuracies in [0, 1], `val_*` `None` without validation data."""
 
     epoch: int
     train_loss: float
@@ -36,12 +32,7 @@ class EpochRecord:
 
 @dataclass
 class StepRecord:
-    """Training loss and accuracy over the `fit(log_every=N)` steps that end at `step`.
-
-    `step` counts optimizer steps from 1 over the whole run (not within an epoch); the values
-    are means over the last N steps' images (of every process, in a distributed run), measured
-    in training mode as the steps were taken.
-    """
+    """Mean training loss and accuracy over the `fit(log_every=N)` steps ending at `step` (counted from 1)."""
 
     step: int
     epoch: int
@@ -55,9 +46,8 @@ class History:
 
     Attributes:
         records: One `EpochRecord` per completed epoch.
-        diverged_at: The epoch in which the training loss became non-finite, or `None`.
-            The records of the epochs before it are kept; the diverged epoch has none.
-        diverged_step: The step (counted from 1 within that epoch) where it was detected.
+        diverged_at: The epoch in which the training loss became non-finite (it has no record), or `None`.
+        diverged_step: The step (from 1 within that epoch) where it was detected.
         meta: Free-form run information (learning rate, batch size, model, device...).
         steps: With `fit(log_every=N)`, one `StepRecord` every N training steps; else empty.
 

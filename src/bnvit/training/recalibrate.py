@@ -25,15 +25,13 @@ def recalibrate_bn(
 ) -> nn.Module:
     """Recompute every BatchNorm's running statistics with the weights frozen ("precise BN").
 
-    The running statistics are reset and replaced by the exact average of the per-batch
-    statistics over `num_batches` batches (all of `data` if `None`), computed with the
-    model's other layers (dropout, ...) in eval mode. Useful after fine-tuning, before
-    `fold_batchnorm`, or when training ended with a large learning rate.
+    The statistics become the exact average over `num_batches` batches (other layers in eval
+    mode). Useful after fine-tuning, before `fold_batchnorm`, or after a large final learning rate.
 
     Args:
         model: The model; modified in place and returned.
         data: Anything `fit` accepts as data (use the training distribution).
-        num_batches: How many batches to average over.
+        num_batches: How many batches to average over (all of `data` if `None`).
         batch_size: Batch size for datasets and tensors.
         device: Where to run.
 

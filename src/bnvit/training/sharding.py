@@ -1,8 +1,4 @@
-"""How `fit` splits the data among the processes of a world: each takes its share of every batch.
-
-The rules are `shard_for`'s; `bnvit.training.world.World.shard` applies them in a world of several
-processes, and a world of one uses its loaders as they are.
-"""
+"""How `fit` splits the data among the processes of a world: each takes its share of every batch."""
 
 from __future__ import annotations
 
@@ -50,25 +46,15 @@ def shard_for(
 ) -> Any:
     """Process `rank`'s share of `loader` (a `DeviceLoader` or a `DataLoader`) among `world_size` processes.
 
-    `World.shard` calls this for a world of several processes (a world of one uses its loaders as
-    they are). Rules:
-
-    - A loader that is already sharded for this process (a `DeviceLoader` with this `rank`
-      and `world_size`, a `DataLoader` with a `DistributedSampler` for this rank) is used as
-      it is; its batch size is then per process.
-    - Any other loader is re-created sharded, keeping its settings. For training its batch
-      size is the global batch, so each process takes `batch_size / world_size` (which must
-      divide), and the union of the processes' k-th batches is the k-th batch a single process
-      would take from a `DeviceLoader` (a `DataLoader` gets a `DistributedSampler` seeded with
-      `seed`). A `DeviceLoader` is re-created on this process's device.
-    - For validation, each process takes every `world_size`-th sample (no padding, no
-      dropped sample), so the reduced metrics are those of the whole set.
+    A loader already sharded for this process is used as it is (its batch size per process).
+    Any other is re-created sharded: for training its batch size is the global batch, each process
+    taking `batch_size / world_size` (the union of the k-th batches is a single process's k-th
+    batch); for validation each process takes every `world_size`-th sample, nothing dropped.
 
     Raises:
         ValueError: For a loader sharded for another rank or world size, a batch size not
             divisible by the world size, fewer validation samples than processes, or a
-            `DataLoader` whose sampler cannot be re-created (custom samplers, iterable
-            datasets): give a `DataLoader` with a `DistributedSampler` then.
+            `DataLoader` whose sampler cannot be re-created (give one with a `DistributedSampler`).
 
     Examples:
         >>> from bnvit.data import DeviceLoader

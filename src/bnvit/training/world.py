@@ -1,14 +1,6 @@
 """The world a run trains in: one process, or several started by torchrun. `fit` never asks which.
 
-`setup` returns this process's `World`: for a run of one process a world of one (`alone`), whose
-collectives return their input and whose barrier returns at once; for several, a world over the
-process group, which it initializes (nccl on CUDA, gloo on the CPU) if nobody has yet. The loop
-then calls the same methods whatever the world: `sum`, `max`, `all_true` reduce the metrics and
-agree on divergence; `fail_together` makes an error raised while setting up on one process raise
-on all of them, instead of leaving the others waiting in the first collective; `shard` gives this
-process its share of the data (`bnvit.training.sharding`); `wrap` puts the model in
-`DistributedDataParallel`; `synced_batchnorm` swaps the model's BatchNorms for synchronized ones
-(`bnvit.models.batchnorm`) while it trains. Each of these is the identity, or nothing, in a world of one.
+`setup` returns this process's `World`; in a world of one every collective is the identity.
 """
 
 from __future__ import annotations
@@ -39,10 +31,9 @@ _destroy_registered = False
 
 @dataclass(frozen=True)
 class World:
-    """This process's place among the processes that train together, and the few collectives `fit` needs.
+    """This process's place among the processes that train together, and the collectives `fit` needs.
 
-    Every method is a collective: all processes must call it, in the same order. A world of one
-    process (`alone`) answers each of them at once.
+    Every method is a collective: all processes call it, in the same order.
 
     Attributes:
         rank: This process's rank in `[0, world_size)`.
@@ -127,11 +118,7 @@ class World:
 
     @contextlib.contextmanager
     def fail_together(self) -> Iterator[None]:
-        """Run a block that must not contain collectives; if it raises on any process, raise on all.
-
-        The process that failed re-raises its own error; the others raise a `RuntimeError` naming
-        the failed ranks.
-        """
+        """Run a block without collectives; if it raises on any process, raise on all (others get a `RuntimeError`)."""
         error: Exception | None = None
         try:
             yield
@@ -207,7 +194,7 @@ class _Alone(World):
 
 
 def alone(device: str | torch.device = "auto") -> World:
-    """The world of a process that trains alone: rank 0 of 1 on `device`, with no process group.
+    """The world of a process that trains alone: rank 0 of 1 on `device`, no process group.
 
     Examples:
         >>> world = alone("cpu")
@@ -260,9 +247,7 @@ def _local_device(device: str | torch.device, local_rank: int) -> torch.device:
 
 
 def local_device(device: str | torch.device = "auto") -> torch.device:
-    """The device `fit` trains on in this process: `cuda:LOCAL_RANK` on GPUs under torchrun.
-
-    Build data loaders there so that `fit` does not have to move them.
+    """The device `fit` trains on in this process (`cuda:LOCAL_RANK` under torchrun); build loaders there.
 
     Examples:
         >>> local_device("cpu")
@@ -278,18 +263,16 @@ def _destroy_process_group() -> None:
 
 
 def setup(distributed: bool | str, device: str | torch.device) -> World:
-    """The world this process trains in: decide whether to train with several processes, and prepare this one.
+    """The world this process trains in: decide whether several processes train, and prepare this one.
 
     Args:
-        distributed: `"auto"`: on when torchrun's `RANK`, `WORLD_SIZE` and `LOCAL_RANK` are
-            set with `WORLD_SIZE > 1`, or when a process group of more than one process is
-            already initialized. `True`: on (needs one of the two). `False`: off.
+        distributed: `"auto"` (on under torchrun with `WORLD_SIZE > 1`, or in an initialized
+            group of several), `True` or `False`.
         device: `fit`'s device argument; `"auto"` and `"cuda"` become `cuda:LOCAL_RANK` on GPUs.
 
     Returns:
-        This process's `World`: a world of one (`alone(device)`) for a single-process run. A
-        process group initialized here (nccl for CUDA, gloo otherwise) stays up for later `fit`
-        calls and is destroyed when the process exits.
+        This process's `World` (`alone(device)` for one process). A process group initialized
+        here (nccl for CUDA, gloo otherwise) stays up until the process exits.
 
     Examples:
         >>> world = setup(False, "cpu")

@@ -1,10 +1,4 @@
-"""What a ViT state dict holds, and how foreign ones map to bnvit's layout.
-
-`checkpoint_filter_fn` (timm's `pretrained_filter_fn`) converts the article's reference
-checkpoints and unwraps DDP / `torch.compile` keys; `adapt_in_chans` adapts the input layer to
-another number of channels, as timm does for its stems; `describe_state_dict` reads a `ViT`
-configuration off the keys and shapes. Nothing here reads a file: `bnvit.weights.loading` does.
-"""
+"""What a ViT state dict holds, and how foreign ones map to bnvit's layout (no file reading here)."""
 
 from __future__ import annotations
 
@@ -90,14 +84,10 @@ def _strip_wrappers(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ViT | None = None) -> dict[str, Any]:
     """Convert a state dict to bnvit's layout (timm's `pretrained_filter_fn` protocol).
 
-    Accepts the article's reference layout (`to_patch_embedding.*`, `transformer.layers.*`,
-    `linear_head` / `mlp_head`), bnvit's own layout, and either wrapped by DDP (`module.`) or
-    `torch.compile` (`_orig_mod.`). With a `model`, the input layer is adapted to its channels
-    (`adapt_in_chans`), a learnable positional embedding of another (square) patch grid is
-    resampled to the model's (`resample_pos_embed`, as timm's ViTs load weights at another image
-    size), and the result is checked against the model: a mismatch (model kind, depth, widths,
-    qkv bias) raises `ValueError` listing every difference; a different number of classes is left
-    for timm to adapt.
+    Accepts the article's reference layout and bnvit's own, either wrapped by DDP or
+    `torch.compile`. With a `model`, the input channels and a learnable positional embedding are
+    adapted to it, and the result is checked: a mismatch raises `ValueError` listing every
+    difference (a different number of classes is left for timm to adapt).
 
     Args:
         state_dict: The loaded state dict.
@@ -132,16 +122,11 @@ _PATCH_KEYS = (
 
 
 def adapt_in_chans(state_dict: dict[str, torch.Tensor], patch_size: int, in_chans: int) -> dict[str, torch.Tensor]:
-    """Adapt the input layer of a ViT state dict to `in_chans` input channels, as timm does for its stems.
+    """Adapt the input layer of a ViT state dict to `in_chans` channels, as timm does for its stems.
 
-    The patch projection is treated as the `p x p` convolution it is and adapted with timm's
-    `adapt_input_conv`: from 1 channel to `C` its weights are repeated and scaled by `1 / C`; from
-    `C` channels to 1 they are summed. The pre-norm's per-value parameters and statistics are
-    repeated (1 to `C`) or averaged (`C` to 1). From 1 to `C` channels a gray image copied into
-    every channel gives exactly the outputs of the original model; from `C` to 1 the result is
-    exact when the pre-norm's parameters agree across channels, otherwise a starting point for
-    fine-tuning. A state dict whose patches do not come from `patch_size` patches is returned
-    unchanged (the mismatch is reported when it is loaded).
+    The patch projection goes through timm's `adapt_input_conv`; the pre-norm's per-value
+    statistics are repeated (1 to `C`) or averaged (`C` to 1). 1 to `C` is exact for gray images
+    copied into every channel. A state dict with other patches is returned unchanged.
 
     Examples:
         >>> from bnvit import ViT
@@ -169,10 +154,7 @@ def adapt_in_chans(state_dict: dict[str, torch.Tensor], patch_size: int, in_chan
 
 
 def resample_to_grid(state_dict: dict[str, torch.Tensor], grid: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """`state_dict` with its learnable positional embedding resampled to a `grid` of patches, if it has another.
-
-    An embedding whose patch tokens do not form a square grid is left as it is (the mismatch is
-    reported when it is loaded).
+    """`state_dict` with its learnable positional embedding resampled to a `grid` of patches (non-square left as is).
 
     Examples:
         >>> from bnvit import ViT
@@ -190,11 +172,9 @@ def resample_to_grid(state_dict: dict[str, torch.Tensor], grid: tuple[int, int])
 
 
 def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Infer a `ViT` configuration from a state dict in bnvit's layout.
+    """Infer a `ViT` configuration (`norm`, `depth`, widths, `attn_width`, ...) from a state dict in bnvit's layout.
 
-    Infers `norm`, `depth`, `qkv_bias`, `dim`, `mlp_dim`, `num_classes`, `pos_embed`, the
-    attention width `heads * dim_head` (as `attn_width`), the patch length `patch_dim` and
-    the number of tokens. The split of `attn_width` into heads is not stored in a state dict.
+    The split of `attn_width` into heads is not stored in a state dict.
 
     Examples:
         >>> from bnvit import ViTBNFFN

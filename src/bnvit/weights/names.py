@@ -1,23 +1,7 @@
-"""The names of bnvit's registered models: one scheme, `<family>_<size>`, and the old names kept as aliases.
+"""The names of bnvit's registered models, `<family>_<size>`, and the old names kept as aliases.
 
-| family | what it builds |
-|---|---|
-| `vitln`, `vitbnffn`, `vitbn` | bnvit's `ViT` (the article's layout): LayerNorm, BatchNorm FFN, BatchNorm only |
-| `timmvitln`, `timmvitbnffn` | timm's `VisionTransformer` with timm's `Block` / `bnvit.BNFFNBlock` |
-| `dnn`, `dnnbn` | the article's MLPs, without and with BatchNorm |
-
-| size | input |
-|---|---|
-| `mnist` | 1x28x28, patch 7: the article's configuration |
-| `cifar` | 3x32x32, patch 4 |
-| `tiny_patch16_224`, `small_patch16_224`, `base_patch16_224` | 3x224x224, patch 16, ViT-Ti/S/B widths |
-
-Names bnvit used before this scheme (`RENAMED`) stay registered through timm's own mechanism for
-renamed models, `timm.models.register_model_deprecations`: `timm.create_model(old, ...)` builds
-the current model with a warning naming it, a tag after the old name carries over
-(`vit_mnist.bnvit_mnist`), and `timm.list_models` lists only the current names. bnvit's own
-functions that take a model name (`bnvit.weights.hub.model_card`, `shipped_record`, ...) read an old name
-as its current one (`current_name`).
+The families and sizes are listed in docs/timm.md. Old names (`RENAMED`) stay registered with
+`timm.models.register_model_deprecations`; bnvit's functions read them as `current_name`.
 """
 
 from __future__ import annotations
@@ -39,7 +23,7 @@ RENAMED: dict[str, str] = {
 
 
 def current_name(name: str) -> str:
-    """The current name of a model named `name`, tag kept: an old name mapped, any other name as given.
+    """The current name of a model named `name`, tag kept: an old name mapped, any other as given.
 
     Examples:
         >>> current_name("vit_mnist"), current_name("vit_mnist.bnvit_mnist"), current_name("vitbnffn_mnist")
@@ -50,7 +34,7 @@ def current_name(name: str) -> str:
 
 
 def registered_names() -> list[str]:
-    """The current names of bnvit's registered models, as `timm.list_models` orders them (old names not included).
+    """The current names of bnvit's registered models, in `timm.list_models` order.
 
     Examples:
         >>> names = registered_names()
@@ -61,10 +45,7 @@ def registered_names() -> list[str]:
 
 
 def check_name(name: str) -> str:
-    """`name`'s current name (an old name mapped, a tag kept), or a one-line error listing the current names.
-
-    Raises:
-        ValueError: If `name` is not one of bnvit's registered models, current or old.
+    """`name`'s current name (tag kept), or a one-line `ValueError` listing the current names.
 
     Examples:
         >>> check_name("timmvit_bnffn_mnist")
@@ -84,7 +65,7 @@ def check_name(name: str) -> str:
 
 
 def register_renamed(module_name: str) -> None:
-    """Register with timm the old names of the models the module `module_name` defines (call it at its end).
+    """Register with timm the old names of the models `module_name` defines (call it at its end).
 
     Examples:
         >>> import timm, warnings
