@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -133,11 +134,41 @@ def test_a_second_process_training_into_the_same_checkpoint_folder_is_refused(tm
         ):
             bnvit.fit(tiny_model(), toy_data(32), checkpoint_dir=folder, **FIT)
     finally:
-        holder.kill()  # SIGKILL: its lock file stays behind
+        holder.kill()  # SIGKILL: its lock file stays behind, and the kernel's lock goes with the process
         holder.wait()
     assert (folder / LOCK).exists()
-    history = bnvit.fit(tiny_model(), toy_data(32), checkpoint_dir=folder, **FIT)  # its process is gone: taken over
+    # A restarted container gets the same pid and host: the record left behind then names the new process itself.
+    record = json.loads((folder / LOCK).read_text())
+    (folder / LOCK).write_text(json.dumps({**record, "pid": os.getpid()}))
+    history = bnvit.fit(tiny_model(), toy_data(32), checkpoint_dir=folder, **FIT)  # resumes, no manual step
     assert len(history) == FIT["epochs"] and not (folder / LOCK).exists()
+
+
+def test_a_second_thread_training_into_the_same_checkpoint_folder_is_refused(tmp_path):
+    started, finish = threading.Event(), threading.Event()
+    outcome: dict[str, object] = {}
+
+    class Wait(bnvit.Callback):
+        def on_fit_start(self, state):
+            started.set()
+            finish.wait(60)
+
+    def first() -> None:
+        outcome["first"] = bnvit.fit(tiny_model(), toy_data(32), checkpoint_dir=tmp_path, callbacks=[Wait()], **FIT)
+
+    thread = threading.Thread(target=first, name="first-fit")
+    thread.start()
+    try:
+        assert started.wait(60)
+        with pytest.raises(
+            FolderLockedError, match=rf"{tmp_path} is in use: fit\(\) is training .*thread 'first-fit' of this process"
+        ):
+            bnvit.fit(tiny_model(), toy_data(32), checkpoint_dir=tmp_path, **FIT)
+    finally:
+        finish.set()
+        thread.join()
+    assert len(outcome["first"]) == FIT["epochs"]  # the first run was not disturbed
+    assert load_checkpoint(tmp_path)["epoch"] == FIT["epochs"] and not (tmp_path / LOCK).exists()
 
 
 # ----------------------------------------------------------------------------- a full disk, leftovers, no folder

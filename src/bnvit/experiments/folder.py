@@ -8,10 +8,10 @@ is written there, so nothing of the user's is overwritten.
 belongs to; a sweep with other settings or of another experiment is refused. (Folders written
 before the experiment was recorded have settings only; the next sweep adopts them.)
 
-`FolderLock` keeps two sweeps out of one folder: `sweep.lock` holds the pid, host, start time
-and command of the process running there. A second process is refused with one line naming the
-holder; a lock left by a process that no longer runs on this host (a SIGKILL, a reboot) is
-taken over.
+`sweep_lock` keeps two sweeps out of one folder: the sweep holds an OS lock on `sweep.lock`
+(`bnvit._util.io.FolderLock`, the same lock as a checkpoint folder's), which the kernel releases
+when the sweep's process ends, however it ends. A second sweep is refused with one line naming
+the holder recorded in the file (pid, host, start time, command).
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._util import io as _io
-from .._util.io import FolderLockedError, atomic_write_text, check_writable
+from .._util.io import FolderLock, FolderLockedError, atomic_write_text, check_writable
 from .grid import Settings
 
 __all__ = [
@@ -35,6 +34,7 @@ __all__ = [
     "check_not_foreign",
     "prepare_folder",
     "read_folder",
+    "sweep_lock",
 ]
 
 SETTINGS = "sweep.json"
@@ -122,8 +122,6 @@ def prepare_folder(out: str | os.PathLike, settings: Settings, experiment: str |
         atomic_write_text(out / SETTINGS, json.dumps(record, indent=2) + "\n")
 
 
-class FolderLock(_io.FolderLock):
-    """`with FolderLock(out):` ... only one process at a time sweeps `out` (re-entrant within a process)."""
-
-    def __init__(self, out: str | os.PathLike) -> None:
-        super().__init__(out, LOCK, "a sweep runs there", "output folder")
+def sweep_lock(out: str | os.PathLike) -> FolderLock:
+    """The lock of a sweep's folder: `with sweep_lock(out):` ... no other sweep (process or thread) writes `out`."""
+    return FolderLock(out, LOCK, "a sweep runs there", "output folder")

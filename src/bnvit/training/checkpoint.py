@@ -12,7 +12,8 @@ nothing from it is executed, and training does not silently start over on top of
 A checkpoint resumes only the run that wrote it: it records the run's arguments and its
 fingerprint (`bnvit.training.fingerprint`: the model's configuration, the loss, the data), and
 a call that differs in any of them is refused with the differences named. While `fit` trains,
-the process that writes the folder holds its lock (`fit.lock`): a second process is refused.
+the process that writes the folder holds its lock (`fit.lock`, an OS lock the kernel releases when
+that process ends, however it ends): a second `fit` there, in another process or thread, is refused.
 A disk that fills up during a save is reported with its cause and the checkpoint still intact.
 """
 
@@ -107,9 +108,9 @@ class FolderClaim:
 
     `open` checks the folder (an empty string is refused: it would mean the current folder),
     and in the process that writes there proves it writable, takes its lock (`fit.lock`: a
-    second process training into the same folder is refused with a `FolderLockedError` naming
-    the first) and removes the temporary files of a save that a killed process left behind.
-    Leaving the `with` block releases the lock.
+    second `fit` training into the same folder, from another process or thread, is refused with a
+    `FolderLockedError` naming the first) and removes the temporary files of a save that a killed
+    process left behind. Leaving the `with` block releases the lock.
 
     Examples:
         >>> import tempfile
@@ -131,7 +132,7 @@ class FolderClaim:
             TypeError: If `folder` is not a path.
             ValueError: If `folder` is an empty string.
             OSError: If the main process cannot write there.
-            FolderLockedError: If another running process trains into `folder`
+            FolderLockedError: If another running `fit` (process or thread) trains into `folder`
                 (`bnvit.training.FolderLockedError`).
         """
         if folder is None:

@@ -163,7 +163,7 @@ def fit(
             fails, all raise). Data that cannot be checked whole up front (a `Dataset` or
             `DataLoader`) is checked batch by batch, each before its forward pass, so a refused
             batch never updates the BatchNorm statistics; see `bnvit.training.inputs`.
-        FolderLockedError: If another process trains with the same `checkpoint_dir`.
+        FolderLockedError: If another `fit` (process or thread) trains with the same `checkpoint_dir`.
         OSError: If `checkpoint_dir` cannot be written, or a save fails (a full disk): the
             message names the cause and the checkpoint that is still intact.
 
