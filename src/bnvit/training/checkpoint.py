@@ -42,10 +42,12 @@ from .world import World
 __all__ = [
     "FolderClaim",
     "Resumable",
+    "finite_state",
     "load_checkpoint",
     "restore",
     "rng_state",
     "save_checkpoint",
+    "save_divergence",
     "save_state",
     "set_rng_state",
 ]
@@ -283,6 +285,32 @@ def save_state(folder: Path, epoch: int, parts: Resumable, history: History, wor
     """Rank 0 saves the state after `epoch`; the others wait until the file is complete, so any may read it next."""
     if world.is_main:
         _save(folder, epoch, parts, history)
+    world.barrier()
+
+
+def finite_state(parts: Resumable) -> torch.Tensor:
+    """Whether every floating-point value of the model's and the optimizer's state is finite (a 0-d bool
+    tensor on the model's device: no host sync until it is read)."""
+    tensors = [t for t in parts.model.state_dict().values() if t.is_floating_point()]
+    for state in parts.optimizer.state.values():
+        tensors += [t for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    device = tensors[0].device
+    return torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all()
+
+
+def save_divergence(folder: Path, history: History, world: World) -> None:
+    """Record that the run diverged, keeping the last finite state: the newest checkpoint's model, optimizer
+    and random state, now with the History that says where it diverged.
+
+    The model in memory (non-finite) is never saved. Without a checkpoint of the epoch before (the first
+    epoch diverged), nothing is written: `last.pt` never holds a state the run did not finish finite.
+    """
+    if world.is_main:
+        saved = load_checkpoint(folder)
+        if saved is not None and saved["epoch"] == history.epochs_done:
+            save_checkpoint(folder, {**saved, "history": history.to_dict()})
     world.barrier()
 
 

@@ -55,8 +55,9 @@ class History:
 
     Attributes:
         records: One `EpochRecord` per completed epoch.
-        diverged_at: The epoch in which the training loss became non-finite, or `None`.
-            The records of the epochs before it are kept; the diverged epoch has none.
+        diverged_at: The epoch in which the training loss became non-finite, or whose last
+            step left the weights or optimizer state non-finite; `None` if none did. The records
+            of the epochs before it are kept; the diverged epoch has none.
         diverged_step: The step (counted from 1 within that epoch) where it was detected.
         meta: Free-form run information (learning rate, batch size, model, device...).
         steps: With `fit(log_every=N)`, one `StepRecord` every N training steps; else empty.
