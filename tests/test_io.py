@@ -347,3 +347,23 @@ def test_a_forked_child_outliving_the_holder_does_not_keep_its_lock(tmp_path):
             os.kill(child_pid.value, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.kill(holder.pid, signal.SIGKILL)
+
+
+def test_a_lock_file_that_cannot_be_written_still_locks(tmp_path, monkeypatch):
+    """Another user's lock file: opening it for writing is refused (simulated, so that it is refused to root
+    too), and the OS lock needs only read access, so the folder still locks."""
+    lock_file = tmp_path / "fit.lock"
+    lock_file.write_text(_stale_record(1))
+    real_open, refused = os.open, []
+
+    def no_write_access(path, flags, *args):
+        if Path(path) == lock_file and flags & os.O_RDWR:
+            refused.append(path)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(_io.os, "open", no_write_access)
+    holder, other = _io.FolderLock(tmp_path, "fit.lock", "training"), _io.FolderLock(tmp_path, "fit.lock", "training")
+    with holder, pytest.raises(_io.FolderLockedError, match="pid 1 on"):  # its record could not be rewritten
+        other.acquire()
+    assert refused and not lock_file.exists()  # the folder is writable: released, removed

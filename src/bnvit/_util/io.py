@@ -186,7 +186,10 @@ class FolderLock:
     def _lock_file(self) -> int | None:
         """A descriptor of the lock file with the OS lock taken, or None if someone else holds it."""
         for _ in range(100):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except PermissionError:  # another user's lock file: locking needs only read access
+                fd = os.open(self.path, os.O_RDONLY)
             try:
                 if not filelock.lock_descriptor(fd, blocking=False):
                     os.close(fd)
