@@ -23,7 +23,7 @@ from scipy.stats import t as student_t
 from bnvit.experiments import cli, study
 from bnvit.experiments import sweep as article_sweep
 from bnvit.experiments.claims import EXPECTATIONS, judge
-from bnvit.experiments.folder import LOCK, FolderLock, FolderLockedError, prepare_folder
+from bnvit.experiments.folder import LOCK, FolderLockedError, prepare_folder, sweep_lock
 from bnvit.experiments.grid import (
     ARTICLE_FP32,
     ARTICLE_MLP,
@@ -345,8 +345,8 @@ def test_cli_refuses_another_experiments_folder_in_one_line(tmp_path, capsys):
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from bnvit.experiments.folder import FolderLock
-    with FolderLock(sys.argv[1]):
+    from bnvit.experiments.folder import sweep_lock
+    with sweep_lock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(60)
     """
@@ -359,12 +359,12 @@ def test_a_locked_folder_is_refused_and_a_stale_lock_taken_over(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(FolderLockedError, match=rf"is in use: a sweep runs there \(pid {holder.pid} on "):
-            FolderLock(tmp_path).acquire()
+            sweep_lock(tmp_path).acquire()
     finally:
-        holder.kill()  # SIGKILL: the lock file stays behind
+        holder.kill()  # SIGKILL: the lock file stays behind, the kernel's lock does not
         holder.wait()
     assert (tmp_path / LOCK).exists()
-    with FolderLock(tmp_path):  # its pid is gone: stale, taken over
+    with sweep_lock(tmp_path):  # taken: no one holds it
         assert json.loads((tmp_path / LOCK).read_text())["pid"] != holder.pid
     assert not (tmp_path / LOCK).exists()
 

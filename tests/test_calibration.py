@@ -18,6 +18,7 @@ from bnvit.weights.hub import model_card
 from bnvit.weights.loading import SHIPPED, WEIGHTS_DIR, shipped_record
 
 REFERENCE = "FinOptAug1_ViT_30.pth"
+ERRING = "FinOptAug1_ViTBNFFN_30.pth"  # wrong on 27 of MNIST's training images 59000-59999 at even positions
 
 
 def _sampled(temperature: float, n: int = 20_000, classes: int = 10, seed: int = 0):
@@ -132,6 +133,14 @@ def checkpoint(tmp_path, reference_checkpoints):
     return path
 
 
+@pytest.fixture
+def erring_checkpoint(tmp_path, reference_checkpoints):
+    """A copy of the reference checkpoint that makes enough mistakes on 1,000 training images to fit T on."""
+    path = tmp_path / ERRING
+    shutil.copy(reference_checkpoints / ERRING, path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def digit_png(tmp_path_factory, mnist_root):
     images, labels = load_mnist(mnist_root, train=False)
@@ -141,7 +150,8 @@ def digit_png(tmp_path_factory, mnist_root):
 
 
 @pytest.mark.slow
-def test_bnvit_calibrate_writes_what_predict_then_applies(checkpoint, mnist_root, digit_png, capsys):
+def test_bnvit_calibrate_writes_what_predict_then_applies(erring_checkpoint, mnist_root, digit_png, capsys):
+    checkpoint = erring_checkpoint
     path, label = digit_png
     assert main(["predict", path, "--checkpoint", str(checkpoint), "--json"]) == 0
     (raw,) = json.loads(capsys.readouterr().out)
@@ -153,7 +163,8 @@ def test_bnvit_calibrate_writes_what_predict_then_applies(checkpoint, mnist_root
     stored = json.loads(cal.calibration_path(checkpoint).read_text())
     assert stored["temperature"] == printed["temperature"] and stored["images"] == 1000
     assert stored["source"] == "MNIST training images 59000-59999"
-    assert stored["nll_after"] <= stored["nll_before"]
+    assert stored["held_out"] == 500 and stored["errors"] >= cal.MIN_ERRORS
+    assert stored["nll_after"] <= stored["nll_before"] and stored["ece_after"] <= stored["ece_before"]
 
     assert main(["predict", path, "--checkpoint", str(checkpoint), "--json"]) == 0
     (calibrated,) = json.loads(capsys.readouterr().out)
@@ -164,8 +175,7 @@ def test_bnvit_calibrate_writes_what_predict_then_applies(checkpoint, mnist_root
 
 
 def test_a_stale_calibration_is_refused_not_applied(checkpoint, mnist_root, digit_png, capsys):
-    model = timm.create_model("vitln_mnist")
-    result = cal.calibrate(model, torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,)), source="noise")
+    result = cal.Calibration(0.5, 8, "noise", 1.0, 0.9, 0.1, 0.05, held_out=4, errors=4)
     cal.write_calibration(checkpoint, result)
     state = torch.load(checkpoint, weights_only=True)
     state = state.get("model_state_dict", state.get("state_dict", state)) if isinstance(state, dict) else state
@@ -203,3 +213,65 @@ def test_bnvit_calibrate_without_mnist_says_where_it_looked(checkpoint, tmp_path
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("bnvit calibrate: error: MNIST training files not found") and "empty" in line
     assert not cal.calibration_path(checkpoint).exists()
+
+
+def test_the_summary_line_says_mnist_and_where_the_fit_was_checked(erring_checkpoint, mnist_root, capsys):
+    argv = ["calibrate", str(erring_checkpoint), "--images", "59000:60000", "--data-dir", str(mnist_root)]
+    assert main(argv) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert "fitted on 500 of the 1,000 MNIST training images 59000-59999 and checked on the other 500:" in line
+
+
+def test_a_range_without_mistakes_is_too_few_errors_and_nothing_is_written(checkpoint, mnist_root, capsys):
+    argv = ["calibrate", str(checkpoint), "--images", "59900:60000", "--data-dir", str(mnist_root)]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("bnvit calibrate: error: too few errors to fit a temperature on MNIST training images")
+    assert f"wrong on 0 of the 50 images it would be fitted on, and needs at least {cal.MIN_ERRORS}" in line
+    assert line.endswith("nothing was written") and not cal.calibration_path(checkpoint).exists()
+
+
+class _Table(torch.nn.Module):
+    """A 'model' whose logits for image i are row i of `table` (i is stored in the image's first pixel)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.table[images[:, 0, 0, 0].long()]
+
+
+def _images(n: int) -> torch.Tensor:
+    images = torch.zeros(n, 1, 28, 28)
+    images[:, 0, 0, 0] = torch.arange(n, dtype=torch.float32)
+    return images
+
+
+def test_a_temperature_that_raises_the_calibration_error_on_the_held_out_images_is_refused():
+    fit_logits, fit_labels = _sampled(3.0, n=1000, seed=1)  # images at even positions: calibrated at T = 3
+    check_logits, check_labels = _sampled(1.0, n=1000, seed=2)  # at odd positions: calibrated as they are
+    table = torch.stack([fit_logits, check_logits], 1).reshape(2000, -1).float()
+    labels = torch.stack([fit_labels, check_labels], 1).reshape(2000)
+    with pytest.raises(
+        ValueError,
+        match=r"^refusing the temperature fit on table: T = 3\.0541 raises the expected "
+        r"calibration error on the 1,000 held-out images from 3\.04% to 35\.89% \(",
+    ) as info:
+        cal.calibrate(_Table(table), _images(2000), labels, source="table")
+    assert "\n" not in str(info.value)
+    # the same images, both halves calibrated at T = 3: accepted, and the check improves
+    both, both_labels = _sampled(3.0, n=2000, seed=3)
+    result = cal.calibrate(_Table(both.float()), _images(2000), both_labels, source="table")
+    assert result.temperature == pytest.approx(3.0, rel=0.1) and result.ece_after < result.ece_before
+    assert (result.images, result.held_out) == (2000, 1000)
+
+
+def test_a_fit_that_ends_at_a_bound_is_refused_with_the_numbers():
+    labels = torch.arange(40) // 2 % 4  # logits that say nothing: 30 of 40 wrong, T runs to the upper bound
+    with pytest.raises(
+        ValueError,
+        match=r"ended at T = 1000, a bound of its search \(0\.001 to 1000\), with 15 of "
+        r"20 images wrong: the probabilities would be flattened to chance \(accuracy 25\.0%\)",
+    ):
+        cal.calibrate(_Table(torch.zeros(40, 4)), _images(40), labels, source="table")

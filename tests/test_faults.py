@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -134,11 +135,41 @@ def test_a_second_process_training_into_the_same_checkpoint_folder_is_refused(tm
         ):
             bnvit.fit(tiny_model(), toy_data(32), checkpoint_dir=folder, **FIT)
     finally:
-        holder.kill()  # SIGKILL: its lock file stays behind
+        holder.kill()  # SIGKILL: its lock file stays behind, and the kernel's lock goes with the process
         holder.wait()
     assert (folder / LOCK).exists()
-    history = bnvit.fit(tiny_model(), toy_data(32), checkpoint_dir=folder, **FIT)  # its process is gone: taken over
+    # A restarted container gets the same pid and host: the record left behind then names the new process itself.
+    record = json.loads((folder / LOCK).read_text())
+    (folder / LOCK).write_text(json.dumps({**record, "pid": os.getpid()}))
+    history = bnvit.fit(tiny_model(), toy_data(32), checkpoint_dir=folder, **FIT)  # resumes, no manual step
     assert len(history) == FIT["epochs"] and not (folder / LOCK).exists()
+
+
+def test_a_second_thread_training_into_the_same_checkpoint_folder_is_refused(tmp_path):
+    started, finish = threading.Event(), threading.Event()
+    outcome: dict[str, object] = {}
+
+    class Wait(bnvit.Callback):
+        def on_fit_start(self, state):
+            started.set()
+            finish.wait(60)
+
+    def first() -> None:
+        outcome["first"] = bnvit.fit(tiny_model(), toy_data(32), checkpoint_dir=tmp_path, callbacks=[Wait()], **FIT)
+
+    thread = threading.Thread(target=first, name="first-fit")
+    thread.start()
+    try:
+        assert started.wait(60)
+        with pytest.raises(
+            FolderLockedError, match=rf"{tmp_path} is in use: fit\(\) is training .*thread 'first-fit' of this process"
+        ):
+            bnvit.fit(tiny_model(), toy_data(32), checkpoint_dir=tmp_path, **FIT)
+    finally:
+        finish.set()
+        thread.join()
+    assert len(outcome["first"]) == FIT["epochs"]  # the first run was not disturbed
+    assert load_checkpoint(tmp_path)["epoch"] == FIT["epochs"] and not (tmp_path / LOCK).exists()
 
 
 # ----------------------------------------------------------------------------- a full disk, leftovers, no folder
@@ -317,8 +348,63 @@ def test_a_batch_that_makes_the_loss_non_finite_makes_the_cell_diverged_and_the_
         # the step of the huge batch, or the next one (its update made the weights non-finite)
         assert result["history"]["diverged_at"] == 1 and result["history"]["diverged_step"] in (2, 3)
         assert result["clean_test_acc"] is None and result["test_acc"] is None
-        assert load_checkpoint(tmp_path / "checkpoints" / result["key"])["history"]["diverged_at"] == 1
+        assert load_checkpoint(tmp_path / "checkpoints" / result["key"]) is None  # no finite epoch: no checkpoint
     assert len(healthy["history"]["records"]) == 1 and healthy["history"]["diverged_at"] is None
     assert 0.0 <= healthy["clean_test_acc"] <= 1.0
     for line in (tmp_path / "results.jsonl").read_text().splitlines():
         json.loads(line)  # strict JSON: no NaN literal
+
+
+# ----------------------------------------------------------------------------- a diverging epoch in fit
+
+
+class _LossThatBreaks:
+    """Cross-entropy that goes wrong at its `at`-th call: NaN (`"nan"`), or finite with NaN gradients (`"grad"`:
+    the loss looks fine and the step's update makes the weights NaN)."""
+
+    def __init__(self, at: int, how: str) -> None:
+        self.at, self.how, self.calls = at, how, 0
+
+    def __call__(self, logits, labels):
+        self.calls += 1
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        if self.calls < self.at:
+            return loss
+        if self.how == "nan":
+            return loss * float("nan")
+        return loss + torch.sqrt((logits * 0).sum())  # value + 0; gradient inf * 0 = NaN
+
+
+class _Snapshots(bnvit.Callback):
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_epoch_end(self, state, record):
+        self.states[record.epoch] = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("how", ["nan", "grad"])
+def test_a_diverging_epoch_leaves_the_last_finite_state_in_last_pt_and_it_loads(tmp_path, how):
+    # 2 steps per epoch, no validation: call 3 is step 1 of epoch 2; call 4 its last step ("grad": a finite loss)
+    snapshots = _Snapshots()
+    loss_fn = _LossThatBreaks(3 if how == "nan" else 4, how)
+    fit_args = {**FIT, "epochs": 4}
+    history = bnvit.fit(
+        tiny_model(), toy_data(64), checkpoint_dir=tmp_path, loss_fn=loss_fn, callbacks=[snapshots], **fit_args
+    )
+    assert history.diverged_at == 2 and len(history) == 1
+    assert history.diverged_step == (1 if how == "nan" else 2)
+    saved = load_checkpoint(tmp_path)
+    assert saved["epoch"] == 1 and saved["history"]["diverged_at"] == 2  # History says where it diverged
+    for name, value in saved["model"].items():
+        assert torch.equal(value, snapshots.states[1][name]), name  # the state after epoch 1, not after the step
+    model = bnvit.load_model(tmp_path / LAST)  # what docs/training.md promises
+    assert all(torch.equal(v, snapshots.states[1][k]) for k, v in model.state_dict().items())
+    again = bnvit.fit(tiny_model(), toy_data(64), checkpoint_dir=tmp_path, loss_fn=_LossThatBreaks(3, how), **fit_args)
+    assert again.diverged_at == 2 and len(again) == 1  # a diverged run is finished: not retrained
+
+
+def test_a_first_epoch_that_diverges_writes_no_checkpoint(tmp_path):
+    history = bnvit.fit(tiny_model(), toy_data(64), checkpoint_dir=tmp_path, loss_fn=_LossThatBreaks(2, "grad"), **FIT)
+    assert history.diverged_at == 1 and history.diverged_step == 2 and len(history) == 0
+    assert list(tmp_path.iterdir()) == []  # no state the run finished finite: nothing, and no lock left

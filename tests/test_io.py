@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import ast
+import contextlib
+import json
+import multiprocessing
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -184,3 +192,178 @@ def test_a_pickled_whole_model_is_refused_without_advising_weights_only_false(tm
     assert message.startswith(f"refusing {tmp_path / LAST}: it asks to import the Python object ")
     assert "weights_only" not in message and "\n" not in message
     assert info.value.__cause__ is None  # torch's advice is not chained either
+
+
+# ----------------------------------------------------------------------------- the folder lock
+
+
+def _stale_record(pid: int) -> str:
+    """What a lock file holds after its process was SIGKILLed: a record of a process the kernel no longer locks for."""
+    host = socket.gethostname()
+    return json.dumps({"pid": pid, "host": host, "started": "2026-01-01T00:00:00+00:00", "command": "train"})
+
+
+def _racer(folder: str, barrier, inside, most, wins, trials: int) -> None:
+    """One racing process: at each trial, try to take the lock once and, if it got in, hold it until all have tried."""
+    for _ in range(trials):
+        barrier.wait()  # go
+        lock = _LOCK[0](folder, "fit.lock", "racing")
+        try:
+            lock.acquire()
+            got_in = True
+        except _LOCK[1]:
+            got_in = False
+        if got_in:
+            with inside.get_lock():
+                inside.value += 1
+                most.value = max(most.value, inside.value)
+                wins.value += 1
+        barrier.wait()  # everyone has tried
+        if got_in:
+            with inside.get_lock():
+                inside.value -= 1
+            lock.release()
+        barrier.wait()  # everyone is out: the parent lays the next stale lock
+
+
+_LOCK: list = [_io.FolderLock, _io.FolderLockedError]  # the lock under test (another one can be raced too)
+
+
+def race_for_a_stale_lock(folder: Path, trials: int, processes: int = 4) -> tuple[int, int]:
+    """`processes` forked processes race `trials` times for a lock file left by a dead process (as after a SIGKILL).
+
+    Returns the most holders at once and the number of wins (one per trial if the lock is a lock).
+    """
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(processes + 1, timeout=60)
+    inside, most, wins = context.Value("i", 0), context.Value("i", 0), context.Value("i", 0)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid names no running process
+    racers = [
+        context.Process(target=_racer, args=(str(folder), barrier, inside, most, wins, trials))
+        for _ in range(processes)
+    ]
+    for racer in racers:
+        racer.start()
+    try:
+        for _ in range(trials):
+            (folder / "fit.lock").write_text(_stale_record(dead.pid))
+            for _ in range(3):
+                barrier.wait()
+    finally:
+        for racer in racers:
+            racer.join(timeout=60)
+    assert all(racer.exitcode == 0 for racer in racers)
+    return most.value, wins.value
+
+
+def test_four_processes_racing_400_times_for_a_stale_lock_never_hold_it_together(tmp_path):
+    most, wins = race_for_a_stale_lock(tmp_path, trials=400)
+    assert (most, wins) == (1, 400)  # exactly one holder in each trial: a stale file is no lock, and no double hold
+
+
+def test_a_lock_file_naming_this_very_pid_and_host_is_no_lock(tmp_path):
+    """A container restarted after a SIGKILL gets the same pid and host: the record left behind names the new
+    process itself. Only the kernel's lock counts, and nobody holds that."""
+    (tmp_path / "fit.lock").write_text(_stale_record(os.getpid()))
+    with _io.FolderLock(tmp_path, "fit.lock", "training"):
+        record = json.loads((tmp_path / "fit.lock").read_text())
+        assert record["pid"] == os.getpid() and record["thread"] == threading.current_thread().name
+    assert not (tmp_path / "fit.lock").exists()
+
+
+def test_a_second_thread_or_a_second_lock_of_this_process_is_refused_naming_the_folder_and_holder(tmp_path):
+    lock = _io.FolderLock(tmp_path, "fit.lock", "training runs there")
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            _io.FolderLock(tmp_path, "fit.lock", "training runs there").acquire()
+        except BaseException as err:
+            errors.append(err)
+
+    with lock:
+        thread = threading.Thread(target=other, name="second")
+        thread.start()
+        thread.join()
+        with pytest.raises(_io.FolderLockedError) as same_thread:
+            lock.acquire()  # not re-entrant either
+    assert len(errors) == 1 and isinstance(errors[0], _io.FolderLockedError)
+    for message in (str(errors[0]), str(same_thread.value)):
+        assert message.startswith(f"{tmp_path.resolve()} is in use: training runs there (pid {os.getpid()} on ")
+        assert f"thread '{threading.current_thread().name}' of this process" in message and "\n" not in message
+    with _io.FolderLock(tmp_path, "fit.lock", "training"):  # released: free again
+        pass
+
+
+def _hold_until_killed(folder: str, locked) -> None:
+    _io.FolderLock(folder, "fit.lock", "training").acquire()
+    locked.set()
+    time.sleep(120)
+
+
+def test_a_sigkilled_holder_leaves_a_lock_file_that_is_no_lock(tmp_path):
+    context = multiprocessing.get_context("fork")
+    locked = context.Event()
+    holder = context.Process(target=_hold_until_killed, args=(str(tmp_path), locked))
+    holder.start()
+    try:
+        assert locked.wait(60)
+        with pytest.raises(_io.FolderLockedError, match=rf"is in use: training \(pid {holder.pid} on "):
+            _io.FolderLock(tmp_path, "fit.lock", "training").acquire()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join()
+    assert json.loads((tmp_path / "fit.lock").read_text())["pid"] == holder.pid  # the file stays: it does not matter
+    with _io.FolderLock(tmp_path, "fit.lock", "training"):
+        pass
+
+
+def _hold_with_a_child_then_wait(folder: str, locked, child_pid) -> None:
+    _io.FolderLock(folder, "fit.lock", "training").acquire()
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,))  # a data-loading worker, say
+    child.start()
+    child_pid.value = child.pid
+    locked.set()
+    time.sleep(120)
+
+
+def test_a_forked_child_outliving_the_holder_does_not_keep_its_lock(tmp_path):
+    context = multiprocessing.get_context("fork")
+    locked, child_pid = context.Event(), context.Value("i", 0)
+    holder = context.Process(target=_hold_with_a_child_then_wait, args=(str(tmp_path), locked, child_pid))
+    holder.start()
+    try:
+        assert locked.wait(60)
+        with pytest.raises(_io.FolderLockedError):
+            _io.FolderLock(tmp_path, "fit.lock", "training").acquire()
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join()
+        os.kill(child_pid.value, 0)  # the child still runs
+        with _io.FolderLock(tmp_path, "fit.lock", "training"):
+            pass
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child_pid.value, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(holder.pid, signal.SIGKILL)
+
+
+def test_a_lock_file_that_cannot_be_written_still_locks(tmp_path, monkeypatch):
+    """Another user's lock file: opening it for writing is refused (simulated, so that it is refused to root
+    too), and the OS lock needs only read access, so the folder still locks."""
+    lock_file = tmp_path / "fit.lock"
+    lock_file.write_text(_stale_record(1))
+    real_open, refused = os.open, []
+
+    def no_write_access(path, flags, *args):
+        if Path(path) == lock_file and flags & os.O_RDWR:
+            refused.append(path)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(_io.os, "open", no_write_access)
+    holder, other = _io.FolderLock(tmp_path, "fit.lock", "training"), _io.FolderLock(tmp_path, "fit.lock", "training")
+    with holder, pytest.raises(_io.FolderLockedError, match="pid 1 on"):  # its record could not be rewritten
+        other.acquire()
+    assert refused and not lock_file.exists()  # the folder is writable: released, removed

@@ -3,6 +3,7 @@ image under BatchNorm, images of another dtype; and a resumed run says so."""
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -218,3 +219,52 @@ def test_a_model_with_every_parameter_frozen_is_refused_in_one_line():
             fit(model, toy_data(32), **{**FIT, "optimizer": optimizer})
     model.head.requires_grad_(True)  # a linear probe trains
     assert len(fit(model, toy_data(32), **FIT)) == 1
+
+
+# ----------------------------------------------------------------------------- labels of the wrong type
+
+
+class Labelled(Dataset):
+    """Images with labels of whatever type the test gives."""
+
+    def __init__(self, labels: list) -> None:
+        self.images, self.labels_ = toy_data(len(labels))[0], labels
+
+    def __len__(self) -> int:
+        return len(self.labels_)
+
+    def __getitem__(self, i: int):
+        return self.images[i], self.labels_[i]
+
+
+@pytest.mark.parametrize(
+    ("labels", "got"),
+    [
+        (["3", "1"] * 16, "got str ('3')"),
+        ([b"3", b"1"] * 16, "got bytes (b'3')"),
+        ([None] * 32, "got NoneType"),
+        ([{"digit": 3}] * 32, "got dict"),
+        ([1.0, 2.5] * 16, "got dtype torch.float64"),
+        ([True, False] * 16, "got dtype torch.bool"),
+    ],
+)
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_labels_of_the_wrong_type_are_one_value_error_naming_the_type(labels, got, split):
+    data, good = Labelled(labels), toy_data(32)
+    train, val = (data, good) if split == "train" else (good, data)
+    message = rf"^{split} labels must be integer class indices.*, {re.escape(got)}( \(item 0\))?$"
+    with pytest.raises(ValueError, match=message) as info:
+        fit(tiny_model(), train, val, **FIT)
+    assert "\n" not in str(info.value)
+
+
+def test_a_later_batch_with_string_labels_is_refused_naming_the_type_and_batch():
+    loader = DataLoader(Labelled([0, 1] * 8 + ["3"] * 16), batch_size=16)  # batch 1 is fine, batch 2 holds strings
+    with pytest.raises(ValueError, match=r"^train data, batch 2 of epoch 1/1: labels must be .*got str \('3'\)$"):
+        fit(tiny_model(), loader, **FIT)
+
+
+def test_a_dataset_mixing_ints_and_strings_is_refused_naming_the_first_string():
+    labels = [0, 1, 2] + ["3"] + [1] * 28  # collated together, they cannot be stacked
+    with pytest.raises(ValueError, match=r"^train labels must be integer .*got str \('3'\) \(item 3\)$"):
+        fit(tiny_model(), Labelled(labels), **{**FIT, "batch_size": 32})

@@ -1,6 +1,6 @@
 """Crash-safe file writes (a file is either the old one or the complete new one, never half), folder
-locks (one writing process per folder), and checkpoint integrity: checksums over tensors, CRC
-verification of torch's zip files."""
+locks (one writer per folder: an OS lock the kernel releases when its holder dies), and checkpoint
+integrity: checksums over tensors, CRC verification of torch's zip files."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import secrets
 import socket
 import sys
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
+import filelock
 import torch
 
 
@@ -103,29 +105,51 @@ def check_writable(folder: str | os.PathLike, what: str = "output folder") -> Pa
 
 
 class FolderLockedError(RuntimeError):
-    """Another running process holds the folder's lock."""
+    """Another holder (a running process, or another thread of this one) holds the folder's lock."""
 
 
-_held: dict[Path, int] = {}  # lock files this process holds -> nesting depth
+_held: dict[Path, FolderLock] = {}  # lock files this process holds
+_guard = threading.Lock()  # makes "is it held here? take it" one step for the threads of this process
 
 
-def _alive(pid: int) -> bool:
+def _forget_in_child() -> None:
+    """In a forked child: drop the parent's lock descriptors without unlocking them.
+
+    The child shares the parent's lock (one open file description); closing its copy keeps the
+    parent's lock and lets the kernel release it when the parent dies, even if the child lives on.
+    """
+    global _guard
+    _guard = threading.Lock()
+    for lock in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(lock._fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` still names the file open as `fd` (a releasing holder removes the file it locked)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        named = os.stat(path)
+    except FileNotFoundError:
         return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (named.st_dev, named.st_ino)
 
 
 class FolderLock:
-    """`with FolderLock(folder, "x.lock", "what runs there"):` only one process at a time writes `folder`.
+    """`with FolderLock(folder, "x.lock", "what runs there"):` one holder at a time writes `folder`.
 
-    The lock file holds the pid, host, start time and command of the process holding it. A
-    second process is refused with a `FolderLockedError` naming the holder; a lock left by a
-    process that no longer runs on this host (a SIGKILL, a reboot) is taken over. Re-entrant
-    within a process.
+    An exclusive OS lock on the lock file (`flock` on POSIX, `LockFileEx` on Windows, through
+    `filelock`), which the kernel releases when the holding process ends, however it ends: a
+    SIGKILL, a crash, a reboot or a container restarted with the same pid leaves nothing to
+    clean up, and no pid or host is ever guessed at. A second holder, another process or another
+    thread (or `FolderLock`) of this process, is refused at once with a `FolderLockedError` naming
+    the folder and the holder recorded in the lock file (pid, host, thread, start time, command).
+    Not re-entrant. Releasing removes the lock file.
 
     Args:
         folder: The folder to lock (created if needed).
@@ -137,67 +161,77 @@ class FolderLock:
     def __init__(self, folder: str | os.PathLike, name: str, activity: str, what: str = "folder") -> None:
         self.path = Path(folder).resolve() / name
         self.activity, self.what = activity, what
-
-    def _holder(self) -> dict[str, Any] | None:
-        try:
-            holder = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, json.JSONDecodeError):
-            return {}
-        return holder if isinstance(holder, dict) else {}
-
-    def _try_create(self) -> bool:
-        me = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv),
-        }
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(me, handle)
-            os.link(tmp, self.path)  # atomic, and fails if the lock exists: the lock is never half-written
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
+        self._fd = -1
 
     def acquire(self) -> None:
-        """Take the lock, or raise `FolderLockedError` naming the process that holds it."""
-        if self.path in _held:
-            _held[self.path] += 1
-            return
+        """Take the lock, or raise `FolderLockedError` naming the folder and its holder."""
         check_writable(self.path.parent, self.what)
-        for _ in range(2):
-            if self._try_create():
-                _held[self.path] = 1
-                return
-            holder = self._holder()
-            if holder is None:
-                continue  # released meanwhile
-            pid, host = holder.get("pid"), holder.get("host")
-            if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()  # stale: its process is gone
-                continue
-            raise FolderLockedError(
-                f"{self.path.parent} is in use: {self.activity} (pid {pid} on {host}, since "
-                f"{holder.get('started')}: {holder.get('command')}); if that process is gone, delete {self.path}"
-            )
-        raise FolderLockedError(f"{self.path.parent} is in use: another process took its lock just now")
+        with _guard:
+            fd = None if self.path in _held else self._lock_file()
+            if fd is None:
+                raise FolderLockedError(self._refusal(self.path in _held))
+            self._fd, _held[self.path] = fd, self
+            record = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "thread": threading.current_thread().name,
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "command": " ".join(sys.argv),
+            }
+            with contextlib.suppress(OSError):  # the record only informs a refused caller
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.write(fd, json.dumps(record).encode())
+
+    def _lock_file(self) -> int | None:
+        """A descriptor of the lock file with the OS lock taken, or None if someone else holds it."""
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except PermissionError:  # another user's lock file: locking needs only read access
+                fd = os.open(self.path, os.O_RDONLY)
+            try:
+                if not filelock.lock_descriptor(fd, blocking=False):
+                    os.close(fd)
+                    return None
+                if _same_file(fd, self.path):
+                    return fd
+                filelock.unlock_descriptor(fd)  # a file its holder removed on release: lock the new one
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        raise FolderLockedError(f"{self.path.parent} is in use: its lock file {self.path} keeps being replaced")
+
+    def _refusal(self, here: bool) -> str:
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            holder = None
+        if not isinstance(holder, dict):
+            who = "holder not recorded yet"
+        else:
+            who = f"pid {holder.get('pid')} on {holder.get('host')}"
+            if here:
+                who += f", thread {holder.get('thread')!r} of this process"
+            who += f", since {holder.get('started')}: {holder.get('command')}"
+        return f"{self.path.parent} is in use: {self.activity} ({who}); the lock ends when that run ends"
 
     def release(self) -> None:
-        """Give the lock back (the outermost release of this process removes the file)."""
-        depth = _held.get(self.path, 0)
-        if depth > 1:
-            _held[self.path] = depth - 1
-            return
-        if _held.pop(self.path, None) is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+        """Give the lock back and remove the lock file (nothing happens if this lock is not held)."""
+        with _guard:
+            if _held.get(self.path) is not self:
+                return
+            del _held[self.path]
+            fd, self._fd = self._fd, -1
+            try:
+                if _same_file(fd, self.path):
+                    with contextlib.suppress(OSError):  # Windows keeps a file that is open
+                        os.unlink(self.path)  # before unlocking: a waiter that opened it sees it is gone
+                with contextlib.suppress(OSError):
+                    filelock.unlock_descriptor(fd)
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> FolderLock:
         self.acquire()

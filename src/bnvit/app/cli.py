@@ -278,7 +278,8 @@ def calibrate(
         The `bnvit.weights.calibration.Calibration`.
 
     Raises:
-        CommandError: For an unsuitable checkpoint, missing data or a bad image range.
+        CommandError: For an unsuitable checkpoint, missing data or a bad image range, or a fit
+            `bnvit.weights.calibration.calibrate` refuses (nothing is written then).
     """
     from ..data import load_mnist  # deferred: only this command reads MNIST
 
@@ -294,9 +295,12 @@ def calibrate(
     if stop > len(train_labels):
         raise CommandError(f"--images {start}:{stop}: MNIST has {len(train_labels):,} training images")
     source = f"MNIST training images {start}-{stop - 1}"
-    result = calibration.calibrate(
-        for_inference(model), train_images[start:stop], train_labels[start:stop], source=source, device=target
-    )
+    try:
+        result = calibration.calibrate(
+            for_inference(model), train_images[start:stop], train_labels[start:stop], source=source, device=target
+        )
+    except ValueError as err:  # a fit that could make the probabilities worse
+        raise CommandError(f"{err}; nothing was written") from err
     if write:
         try:
             calibration.write_calibration(checkpoint, result)
@@ -374,9 +378,10 @@ def _print_calibration(checkpoint: str, result: Calibration, as_json: bool) -> N
         print(json.dumps(result.to_dict(), indent=2))
         return
     print(
-        f"{checkpoint}: temperature {result.temperature:.4f}, fitted on {result.images:,} {result.source[0].lower()}"
-        f"{result.source[1:]}: negative log-likelihood {result.nll_before:.4f} -> {result.nll_after:.4f}, "
-        f"expected calibration error {result.ece_before:.2%} -> {result.ece_after:.2%}"
+        f"{checkpoint}: temperature {result.temperature:.4f}, fitted on {result.images - result.held_out:,} of the "
+        f"{result.images:,} {result.source} and checked on the other {result.held_out:,}: negative log-likelihood "
+        f"{result.nll_before:.4f} -> {result.nll_after:.4f}, expected calibration error {result.ece_before:.2%} -> "
+        f"{result.ece_after:.2%}"
     )
 
 

@@ -15,7 +15,7 @@ if importlib.util.find_spec("scipy") is None:  # the verdicts' t tests
 from .claims import CLAIMS, Verdict, verdicts
 from .cli import build_parser, run_cli
 from .estimate import estimate_seconds
-from .folder import FolderLock, FolderLockedError
+from .folder import FolderLock, FolderLockedError, sweep_lock
 from .grid import (
     ARTICLE_FP32,
     ARTICLE_MLP,
@@ -61,6 +61,7 @@ __all__ = [
     "run_cli",
     "run_sweep",
     "summarize",
+    "sweep_lock",
     "t_interval",
     "verdicts",
     "write_report",

@@ -1,8 +1,9 @@
 """A sweep's output folder: which experiment and settings it belongs to, and who is writing it.
 
 A folder holding files bnvit did not write is refused before anything is written; `sweep.json`
-records the settings and experiment; `FolderLock` (`sweep.lock`) keeps two sweeps out of one
-folder, taking over a lock whose process no longer runs on this host.
+records the settings and experiment; `sweep_lock` keeps two sweeps out of one folder with an OS
+lock on `sweep.lock` (`bnvit._util.io.FolderLock`, the lock of checkpoint folders too), which the
+kernel releases when the holder's process ends, however it ends.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._util import io as _io
-from .._util.io import FolderLockedError, atomic_write_text, check_writable
+from .._util.io import FolderLock, FolderLockedError, atomic_write_text, check_writable
 from .grid import Settings
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "check_not_foreign",
     "prepare_folder",
     "read_folder",
+    "sweep_lock",
 ]
 
 SETTINGS = "sweep.json"
@@ -111,8 +112,6 @@ def prepare_folder(out: str | os.PathLike, settings: Settings, experiment: str |
         atomic_write_text(out / SETTINGS, json.dumps(record, indent=2) + "\n")
 
 
-class FolderLock(_io.FolderLock):
-    """`with FolderLock(out):` ... only one process at a time sweeps `out` (re-entrant within a process)."""
-
-    def __init__(self, out: str | os.PathLike) -> None:
-        super().__init__(out, LOCK, "a sweep runs there", "output folder")
+def sweep_lock(out: str | os.PathLike) -> FolderLock:
+    """The lock of a sweep's folder: `with sweep_lock(out):` ... no other sweep (process or thread) writes `out`."""
+    return FolderLock(out, LOCK, "a sweep runs there", "output folder")

@@ -26,7 +26,7 @@ from .._util.io import append_line_atomic
 from ..training import evaluate, fit
 from ..training.history import finite_or_none
 from .claims import BUILT_AS
-from .folder import FolderLock, check_not_foreign, prepare_folder
+from .folder import check_not_foreign, prepare_folder, sweep_lock
 from .grid import Cell, Settings
 from .parallel import LocalProcesses, RayTasks, SweepError, available_cores, check_ray, check_workers, run_jobs
 from .results import RESULTS, SCHEMA, load_results, machine
@@ -194,7 +194,7 @@ def run_sweep(
     data.load_mnist(data_dir, train=False, download=download)
     if ray is not None or workers > 1:
         data.load_mnist(data_dir, train=True, download=download)  # found (or downloaded) once, before the workers
-    with FolderLock(out):
+    with sweep_lock(out):
         prepare_folder(out, settings, experiment)
         remaining = todo(cells, out)
         if len(remaining) < len(cells):

@@ -12,7 +12,8 @@ nothing from it is executed, and training does not silently start over on top of
 A checkpoint resumes only the run that wrote it: it records the run's arguments and its
 fingerprint (`bnvit.training.fingerprint`: the model's configuration, the loss, the data), and
 a call that differs in any of them is refused with the differences named. While `fit` trains,
-the process that writes the folder holds its lock (`fit.lock`): a second process is refused.
+the process that writes the folder holds its lock (`fit.lock`, an OS lock the kernel releases when
+that process ends, however it ends): a second `fit` there, in another process or thread, is refused.
 A disk that fills up during a save is reported with its cause and the checkpoint still intact.
 """
 
@@ -41,10 +42,12 @@ from .world import World
 __all__ = [
     "FolderClaim",
     "Resumable",
+    "finite_state",
     "load_checkpoint",
     "restore",
     "rng_state",
     "save_checkpoint",
+    "save_divergence",
     "save_state",
     "set_rng_state",
 ]
@@ -107,9 +110,9 @@ class FolderClaim:
 
     `open` checks the folder (an empty string is refused: it would mean the current folder),
     and in the process that writes there proves it writable, takes its lock (`fit.lock`: a
-    second process training into the same folder is refused with a `FolderLockedError` naming
-    the first) and removes the temporary files of a save that a killed process left behind.
-    Leaving the `with` block releases the lock.
+    second `fit` training into the same folder, from another process or thread, is refused with a
+    `FolderLockedError` naming the first) and removes the temporary files of a save that a killed
+    process left behind. Leaving the `with` block releases the lock.
 
     Examples:
         >>> import tempfile
@@ -131,7 +134,7 @@ class FolderClaim:
             TypeError: If `folder` is not a path.
             ValueError: If `folder` is an empty string.
             OSError: If the main process cannot write there.
-            FolderLockedError: If another running process trains into `folder`
+            FolderLockedError: If another running `fit` (process or thread) trains into `folder`
                 (`bnvit.training.FolderLockedError`).
         """
         if folder is None:
@@ -282,6 +285,32 @@ def save_state(folder: Path, epoch: int, parts: Resumable, history: History, wor
     """Rank 0 saves the state after `epoch`; the others wait until the file is complete, so any may read it next."""
     if world.is_main:
         _save(folder, epoch, parts, history)
+    world.barrier()
+
+
+def finite_state(parts: Resumable) -> torch.Tensor:
+    """Whether every floating-point value of the model's and the optimizer's state is finite (a 0-d bool
+    tensor on the model's device: no host sync until it is read)."""
+    tensors = [t for t in parts.model.state_dict().values() if t.is_floating_point()]
+    for state in parts.optimizer.state.values():
+        tensors += [t for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    device = tensors[0].device
+    return torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all()
+
+
+def save_divergence(folder: Path, history: History, world: World) -> None:
+    """Record that the run diverged, keeping the last finite state: the newest checkpoint's model, optimizer
+    and random state, now with the History that says where it diverged.
+
+    The model in memory (non-finite) is never saved. Without a checkpoint of the epoch before (the first
+    epoch diverged), nothing is written: `last.pt` never holds a state the run did not finish finite.
+    """
+    if world.is_main:
+        saved = load_checkpoint(folder)
+        if saved is not None and saved["epoch"] == history.epochs_done:
+            save_checkpoint(folder, {**saved, "history": history.to_dict()})
     world.barrier()
 
 

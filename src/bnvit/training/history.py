@@ -46,7 +46,8 @@ class History:
 
     Attributes:
         records: One `EpochRecord` per completed epoch.
-        diverged_at: The epoch in which the training loss became non-finite (it has no record), or `None`.
+        diverged_at: The epoch in which the training loss became non-finite, or whose last step
+            left the weights or optimizer state non-finite (it has no record), or `None`.
         diverged_step: The step (from 1 within that epoch) where it was detected.
         meta: Free-form run information (learning rate, batch size, model, device...).
         steps: With `fit(log_every=N)`, one `StepRecord` every N training steps; else empty.

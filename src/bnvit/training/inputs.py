@@ -1,7 +1,8 @@
 """What `fit` does with the data before the model sees it.
 
 - **Loaders** from what the user passed (`as_loader`), checked against the model before any
-  step (`preflight`): the model's output shape, the labels' dtype and range.
+  step (`preflight`): the model's output shape, the labels' type, dtype and range (a label that
+  is a `str`, a float or anything but an integer class index is one `ValueError` naming its type).
 - **Nothing wrong passes silently.** NaN or inf in the images is a data problem, not a
   divergence: tensor data (an `(images, labels)` pair, a `DeviceLoader`) is checked whole, once,
   before training; batches of any other loader are checked one by one before the forward pass,
@@ -22,6 +23,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -101,11 +103,12 @@ def preflight(model: nn.Module, loader: Any, name: str, device: torch.device) ->
     Tensor data (a `DeviceLoader`) is checked whole here: its images must be finite, so its
     batches need no check later.
     """
-    images, labels = next(iter(loader))
+    images, labels = _first_batch(loader, name)
     all_labels = _all_labels(loader)
     labels = all_labels if all_labels is not None else labels
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"{name} labels must be integer class indices, got dtype {labels.dtype}")
+    problem = _label_type_problem(labels)
+    if problem is not None:
+        raise ValueError(f"{name} {problem}")
     was_training = model.training
     model.eval()
     try:
@@ -130,6 +133,44 @@ def preflight(model: nn.Module, loader: Any, name: str, device: torch.device) ->
     return num_classes
 
 
+def _first_batch(loader: Any, name: str) -> tuple[Any, Any]:
+    """The loader's first `(images, labels)` batch, or a `ValueError` naming what its items are instead."""
+    try:
+        batch = next(iter(loader))
+    except TypeError as err:  # torch's collate cannot stack the items: find a label that is not a class index
+        dataset = loader.dataset if isinstance(loader, DataLoader) else None
+        for i in range(min(len(dataset), 10_000) if isinstance(dataset, Dataset) else 0):  # type: ignore[arg-type]
+            item = dataset[i]
+            if isinstance(item, (tuple, list)) and len(item) == 2 and not _class_index(item[1]):
+                raise ValueError(f"{name} {_label_type_problem([item[1]])} (item {i})") from err
+        raise
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        got = f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        raise ValueError(f"{name} data must yield (images, labels) pairs, got {got}")
+    images, labels = batch
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"{name} images must be tensors, got {type(images).__name__}")
+    return images, labels
+
+
+def _class_index(label: Any) -> bool:
+    """Whether one item's label can be a class index: an integer (not a bool) or an integer tensor."""
+    if isinstance(label, torch.Tensor):
+        return _label_type_problem(label) is None
+    return isinstance(label, numbers.Integral) and not isinstance(label, bool)
+
+
+def _label_type_problem(labels: Any) -> str | None:
+    """Why `labels` (a batch's, or all of them) are not integer class indices, or None if they are."""
+    if isinstance(labels, torch.Tensor):
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            return f"labels must be integer class indices, got dtype {labels.dtype}"
+        return None
+    first = labels[0] if isinstance(labels, (tuple, list)) and labels else labels  # a collated batch: a list
+    got = f"{type(first).__name__} ({first!r})" if isinstance(first, (str, bytes, float)) else type(first).__name__
+    return f"labels must be integer class indices (an int or an integer tensor per image), got {got}"
+
+
 _DATA_NOT_DIVERGENCE = "NaN or inf in the images is a data problem, not a divergence: fix or filter the data"
 
 
@@ -149,7 +190,13 @@ def _non_finite(images: torch.Tensor) -> str | None:
 
 
 def batch_problem(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> str | None:
-    """What is wrong with one batch (non-finite images, labels outside `[0, num_classes)`), or None."""
+    """What is wrong with one batch (labels of the wrong type, non-finite images, labels outside
+    `[0, num_classes)`), or None."""
+    problem = _label_type_problem(labels)
+    if problem is not None:
+        return problem
+    if not isinstance(images, torch.Tensor):
+        return f"images must be tensors, got {type(images).__name__}"
     if images.is_floating_point():
         problem = _non_finite(images)
         if problem is not None:

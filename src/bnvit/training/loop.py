@@ -163,7 +163,7 @@ def fit(
             fails, all raise). Data that cannot be checked whole up front (a `Dataset` or
             `DataLoader`) is checked batch by batch, each before its forward pass, so a refused
             batch never updates the BatchNorm statistics; see `bnvit.training.inputs`.
-        FolderLockedError: If another process trains with the same `checkpoint_dir`.
+        FolderLockedError: If another `fit` (process or thread) trains with the same `checkpoint_dir`.
         OSError: If `checkpoint_dir` cannot be written, or a save fails (a full disk): the
             message names the cause and the checkpoint that is still intact.
 
@@ -223,12 +223,15 @@ def fit(
             result = _train_epoch(step_model, train_loader, opt, s, epoch, r.epochs)
             train_seconds = time.perf_counter() - began
             history.steps += result["steps"]
+            if result["diverged_step"] is None:
+                world.sync_buffers(model)  # rank 0's BatchNorm statistics everywhere: what it evaluates and saves
+                if not world.all_true(checkpoint.finite_state(parts)):  # the last update broke it, its loss finite
+                    result["diverged_step"] = len(train_loader)
             if result["diverged_step"] is not None:
                 history.diverged_at, history.diverged_step = epoch, result["diverged_step"]
-                if checkpoint_dir is not None:
-                    checkpoint.save_state(checkpoint_dir, epoch - 1, parts, history, world)
+                if checkpoint_dir is not None:  # the last finite state stays: no checkpoint holds NaN
+                    checkpoint.save_divergence(checkpoint_dir, history, world)
                 break
-            world.sync_buffers(model)  # rank 0's BatchNorm statistics everywhere: what it evaluates and saves
             val_metrics = {"loss": None, "acc": None} if val_loader is None else _evaluate(eval_model, val_loader, s)
             if sched is not None:
                 sched.step()

@@ -15,8 +15,11 @@ Calibration is measured by the expected calibration error (ECE): the images are 
 bins of confidence (the top probability), and ECE is the average, weighted by the bins' sizes, of
 |accuracy - mean confidence| in each bin. `reliability` gives the bins for a reliability diagram.
 
-A user's checkpoint is calibrated with `calibrate` (or `bnvit calibrate CHECKPOINT`), which can
-write the temperature beside the checkpoint (`CHECKPOINT.calibration.json`, tied to its tensors by
+A user's checkpoint is calibrated with `calibrate` (or `bnvit calibrate CHECKPOINT`): T is fitted
+on every other image and checked on the others, and a fit that cannot be trusted is refused
+rather than returned (too few wrong answers to fit on, a temperature at a bound of the search, or
+a calibration error that rises on the held-out images). The command can write the temperature
+beside the checkpoint (`CHECKPOINT.calibration.json`, tied to its tensors by
 their sha256); `bnvit predict` and `bnvit demo` apply it. The weights shipped with bnvit carry
 theirs in their record and in their file's metadata (`shipped_temperature`).
 
@@ -45,6 +48,7 @@ from .loading import read_state_dict, shipped_record
 
 __all__ = [
     "ECE_BINS",
+    "MIN_ERRORS",
     "Calibration",
     "calibrate",
     "calibration_path",
@@ -60,6 +64,9 @@ __all__ = [
 ECE_BINS = 15
 """Confidence bins of the expected calibration error (the usual choice since Guo et al., 2017)."""
 _BETA_RANGE = (1e-3, 1e3)  # 1 / T searched in here: T from 0.001 to 1000
+MIN_ERRORS = 10
+"""Wrong answers `calibrate` needs among the images it fits on: T is set by how confident the model
+is when it is wrong, and with no wrong answer the fit sharpens without limit."""
 
 
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,16 +213,18 @@ def model_logits(
 
 @dataclass(frozen=True)
 class Calibration:
-    """A fitted temperature and what it did on the images it was fitted on.
+    """A fitted temperature and what it does on images held out of its fit.
 
     Attributes:
         temperature: Divide the logits by it before the softmax.
-        images: How many images it was fitted on.
+        images: How many images were given: `images - held_out` to fit T, `held_out` to check it.
         source: Which images (a sentence, e.g. "MNIST training images 50000-59999").
-        nll_before: Mean negative log-likelihood at T = 1.
+        nll_before: Mean negative log-likelihood on the held-out images at T = 1.
         nll_after: The same at the fitted T.
-        ece_before: Expected calibration error at T = 1.
+        ece_before: Expected calibration error on the held-out images at T = 1.
         ece_after: The same at the fitted T.
+        held_out: How many of the images checked the fit (every other one).
+        errors: How many of the images it was fitted on the model gets wrong.
     """
 
     temperature: float
@@ -225,6 +234,8 @@ class Calibration:
     nll_after: float
     ece_before: float
     ece_after: float
+    held_out: int
+    errors: int
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
@@ -240,7 +251,10 @@ def calibrate(
     batch_size: int = 1000,
     device: str | torch.device = "cpu",
 ) -> Calibration:
-    """Fit a model's temperature on labelled images it was not trained on (never the test set).
+    """Fit a model's temperature on labelled images it was not trained on (never the test set), and check it.
+
+    T is fitted on the images at even positions and checked on those at odd positions; a fit
+    that could make the probabilities worse is refused instead of returned.
 
     Args:
         model: The classifier (put in eval mode for the fit, then restored).
@@ -252,34 +266,74 @@ def calibrate(
 
     Returns:
         The `Calibration`: the temperature, and the negative log-likelihood and expected
-        calibration error on these images before and after.
+        calibration error on the checking images before and after.
+
+    Raises:
+        ValueError: One line with the numbers, if the model is wrong on fewer than `MIN_ERRORS` of
+            the fitting images (too few errors to fit a temperature), if the fit ends at a bound
+            of the search (T = 0.001 or 1000), or if the fitted T raises the expected calibration
+            error on the checking images.
 
     Examples:
         >>> import bnvit
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
         <torch._C.Generator object at ...>
         >>> images, labels = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
-        >>> result = calibrate(bnvit.ViTBNFFN(depth=1), images, labels, source="random pixels")
-        >>> result.images, result.nll_after <= result.nll_before
-        (64, True)
+        >>> calibrate(bnvit.ViTBNFFN(depth=1), images, labels, source="random pixels")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: refusing the temperature fit on random pixels: it ended at T = 1000, ...
     """
     logits = model_logits(model, images, batch_size=batch_size, device=device)
     if len(labels) != len(logits):
         raise ValueError(f"{len(logits)} images but {len(labels)} labels")
     labels = labels.long().cpu()
-    temperature = fit_temperature(logits, labels)
+    fit_logits, fit_labels, check_logits, check_labels = logits[0::2], labels[0::2], logits[1::2], labels[1::2]
+    errors = int((fit_logits.argmax(1) != fit_labels).sum()) if len(fit_labels) else 0
+    if errors < MIN_ERRORS:
+        raise ValueError(
+            f"too few errors to fit a temperature on {source}: the model is wrong on {errors} of the "
+            f"{len(fit_labels):,} images it would be fitted on, and needs at least {MIN_ERRORS} (T is set by how "
+            "confident it is when wrong); calibrate on more images, or on images it finds harder"
+        )
+    temperature = fit_temperature(fit_logits, fit_labels)
+    result = _measured(temperature, check_logits, check_labels, images=len(labels), source=source, errors=errors)
+    low, high = 1 / _BETA_RANGE[1], 1 / _BETA_RANGE[0]
+    if not low * (1 + 1e-9) < temperature < high * (1 - 1e-9):
+        accuracy = 1 - errors / len(fit_labels)
+        why = "sharpen without limit" if temperature < 1 else f"be flattened to chance (accuracy {accuracy:.1%})"
+        raise ValueError(
+            f"refusing the temperature fit on {source}: it ended at T = {temperature:g}, a bound of its search "
+            f"({low:g} to {high:g}), with {errors} of {len(fit_labels):,} images wrong: the probabilities would {why}"
+        )
+    if result.ece_after > result.ece_before:
+        raise ValueError(
+            f"refusing the temperature fit on {source}: T = {temperature:.4f} raises the expected calibration "
+            f"error on the {result.held_out:,} held-out images from {result.ece_before:.2%} to {result.ece_after:.2%} "
+            f"(negative log-likelihood {result.nll_before:.4f} -> {result.nll_after:.4f}): the raw softmax is "
+            "better calibrated there"
+        )
+    return result
+
+
+def _measured(
+    temperature: float, logits: torch.Tensor, labels: torch.Tensor, *, images: int, source: str, errors: int
+) -> Calibration:
+    """`temperature` with the NLL and ECE before and after on the checking images `logits`, `labels`."""
 
     def nll(t: float) -> float:
         return float(nn.functional.cross_entropy(logits.double() / t, labels))
 
     return Calibration(
         temperature=temperature,
-        images=len(labels),
+        images=images,
         source=source,
         nll_before=nll(1.0),
         nll_after=nll(temperature),
         ece_before=expected_calibration_error(logits.softmax(1), labels),
         ece_after=expected_calibration_error((logits.double() / temperature).softmax(1), labels),
+        held_out=len(labels),
+        errors=errors,
     )
 
 
