@@ -153,6 +153,8 @@ BAD_REQUESTS = {
     "bad base64": (json.dumps({"image": "data:image/png;base64,@@not*base64!!"}).encode(), 400, "base64"),
     "empty image": (json.dumps({"image": "data:image/png;base64,"}).encode(), 400, "empty"),
     "not an image": (json.dumps({"image": _b64(b"hello, this is text")}).encode(), 400, "not an image"),
+    "EPS": (json.dumps({"image": _b64(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n")}).encode(), 400, "EPS"),
+    "PDF": (json.dumps({"image": _b64(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")}).encode(), 400, "not opened: use PNG"),
     "truncated PNG": (json.dumps({"image": _b64(TRUNCATED_PNG)}).encode(), 400, "truncated or corrupt"),
     "image too large": (drawing(HUGE_IMAGE), 413, f"at most {MAX_IMAGE_SIDE}"),
     "blank canvas": (drawing(BLANK), 422, "no digit"),

@@ -44,7 +44,7 @@ import timm
 import torch
 
 from .._util.device import resolve_device
-from ..data.digits import MNIST_SIZE, prepare_digit
+from ..data.digits import MNIST_SIZE, prepare_digit, printable
 from ..inference.deploy import for_inference
 from ..models.vit import ViT
 from ..timm.blocks import BNFFNBlock
@@ -172,7 +172,7 @@ def _prepare_each(paths: Sequence[str]) -> list[torch.Tensor | str]:
         try:
             prepared.append(prepare_digit(Path(path)))
         except (OSError, ValueError) as err:
-            prepared.append(f"image {path}: {err}")
+            prepared.append(printable(f"image {path}: {err}"))  # a name with a newline stays on one line
     return prepared
 
 
@@ -355,7 +355,7 @@ def _print_text(results: list[dict]) -> None:
         if "error" in r:
             continue
         ranked = ", ".join(f"{t['digit']} {100 * t['probability']:.1f}%" for t in r["top_k"])
-        print(f"{r['file']}: {r['digit']}  (top {len(r['top_k'])}: {ranked})")
+        print(f"{printable(r['file'])}: {r['digit']}  (top {len(r['top_k'])}: {ranked})")
 
 
 def _print_models(rows: list[dict], as_json: bool) -> None:

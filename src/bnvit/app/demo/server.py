@@ -41,11 +41,11 @@ from importlib import resources
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch import nn
 
 from ..._util.checks import check_bn_statistics
-from ...data.digits import prepare_digit
+from ...data.digits import open_raster, prepare_digit
 
 __all__ = [
     "BODY_IDLE_SECONDS",
@@ -175,13 +175,11 @@ def decode_drawing(body: bytes) -> Image.Image:
 
 def _open_image(data: bytes) -> Image.Image:
     try:
-        image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
-        raise DrawingError(
-            HTTPStatus.BAD_REQUEST, f'"image" is not an image PIL can read (PNG, JPEG, ...): {err}'
-        ) from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DrawingError(HTTPStatus.BAD_REQUEST, f'"image" cannot be read: {err}') from None
+        image = open_raster(io.BytesIO(data), '"image"')
+    except Image.DecompressionBombError as err:
+        raise DrawingError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f'"image" has too many pixels: {err}') from None
+    except ValueError as err:
+        raise DrawingError(HTTPStatus.BAD_REQUEST, str(err)) from None
     width, height = image.size
     if max(width, height) > MAX_IMAGE_SIDE:
         raise DrawingError(
