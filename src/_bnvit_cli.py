@@ -158,6 +158,14 @@ def _add_predict(commands) -> None:
         help="divide the logits by T before the softmax (default: the checkpoint's calibrated temperature, "
         "else 1; 1 gives the raw softmax)",
     )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="how many images are prepared and classified at once (default 256); memory does not grow "
+        "with the number of files",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 

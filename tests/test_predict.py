@@ -643,3 +643,39 @@ def test_a_file_name_with_a_newline_prints_on_one_line(tmp_path, digit_files, ca
     captured = capsys.readouterr()
     assert captured.out.count("\n") == 1 and captured.out.startswith(f"{tmp_path}/two\\nlines.png: {label}  ")
     assert captured.err.count("\n") == 1 and "gone\\n\\x1b[2J.png" in captured.err
+
+
+# ---------------------------------------------------------------------- many files
+
+
+def test_predict_streams_the_files_in_fixed_size_batches(clean_test_digits, tmp_path, monkeypatch, capsys):
+    """7 files (one unreadable) with --batch-size 3: batches of 3, 2 and 1 images; the same answers as in one batch."""
+    import bnvit.app.cli as cli
+
+    paths, labels = clean_test_digits
+    (tmp_path / "notes.png").write_text("not an image")
+    files = [*paths[:4], str(tmp_path / "notes.png"), *paths[4:6]]
+    batches: list[int] = []
+    real = cli.for_inference
+
+    def recording(model):
+        model = real(model)
+        model.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+        return model
+
+    monkeypatch.setattr(cli, "for_inference", recording)
+    assert main(["predict", *files, "--json", "--batch-size", "3"]) == 2
+    out = capsys.readouterr().out
+    streamed = json.loads(out)
+    assert out == json.dumps(streamed, indent=2) + "\n"  # the same text as printing the whole list
+    assert batches == [3, 2, 1]
+    assert [r.get("digit") for r in streamed] == [*labels[:4], None, *labels[4:6]]
+    batches.clear()
+    whole = cli.predict(files, batch_size=len(files))
+    assert batches == [6]
+    for a, b in zip(streamed, whole, strict=True):
+        assert a.keys() == b.keys() and a.get("error") == b.get("error")
+        np.testing.assert_allclose(a.get("probabilities", []), b.get("probabilities", []), atol=1e-6)
+    assert main(["predict", "--json", paths[0], "--batch-size", "1"]) == 0 and json.loads(capsys.readouterr().out)
+    with pytest.raises(cli.CommandError, match="--batch-size 0"):
+        cli.predict(files, batch_size=0)
