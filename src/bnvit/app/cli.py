@@ -103,8 +103,12 @@ def demo(
 
     Each model's probabilities are calibrated with its temperature, as in `bnvit predict`.
     """
-    # Deferred: the web server is this command's alone; `bnvit predict` need not load it.
-    from .demo import DemoModel, make_server, serve, shipped_model
+    try:  # deferred: the web server is this command's alone; `bnvit predict` need not load it
+        from .demo import DemoModel, make_server, serve, shipped_model
+    except ModuleNotFoundError as err:
+        if err.name not in ("starlette", "uvicorn", "anyio", "h11"):
+            raise
+        raise CommandError(f"the demo needs {err.name}, in bnvit's demo extra: pip install 'bnvit[demo]'") from err
 
     target = _device(device)
     if checkpoint is None:

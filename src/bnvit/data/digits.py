@@ -142,7 +142,7 @@ def open_raster(source: BinaryIO, name: str) -> Image.Image:
     try:
         return Image.open(source, formats=RASTER_FORMATS)
     except UnidentifiedImageError:  # PIL's own message names only the open file object
-        raise ValueError(f"{name} is not an image in a format bnvit reads ({ACCEPTED_FORMATS})") from None
+        raise ValueError(f"{name} is not an image file in a format bnvit reads ({ACCEPTED_FORMATS})") from None
     except (OSError, SyntaxError, ValueError) as err:  # a header PIL cannot parse
         raise ValueError(f"cannot read the image {name}: {err}") from None
 
