@@ -8,11 +8,18 @@ the server's lock), or half of each (`--kind mixed`). It counts the answers by s
 failures by kind (a reset, a timeout) and prints them as JSON, with the wall time and the
 server's listen backlog.
 
+`--memory` measures the server's memory instead: the server runs in a child process, and N
+clients post at once a small PNG that decodes to a large picture (`--side 2048`: a 2048x2048
+RGBA PNG of about 30 KB, 16 MB once decoded; `--side 1000`: one the server accepts and decodes).
+It prints the server's resident memory when idle and its peak during the burst (Linux: the peak
+is reset through `/proc/PID/clear_refs` before the burst and read from `VmHWM`), and the answers.
+
 This is a load check, not a speed benchmark: nothing is a ratio, and the wall time depends on
 the machine. docs/demo.md states what it measured.
 
     python benchmarks/demo_load.py --requests 200 --kind mixed
-    python benchmarks/demo_load.py --requests 200 --backlog 5   # the socketserver default, for comparison
+    python benchmarks/demo_load.py --requests 200 --backlog 5   # a small backlog, for comparison
+    python benchmarks/demo_load.py --memory --requests 80 --side 2048
 """
 
 from __future__ import annotations
@@ -94,14 +101,107 @@ def measure(requests: int, kind: str = "mixed", backlog: int | None = None, time
     )
 
 
+_SERVER = """
+import sys, torch, bnvit
+from bnvit.app.demo import DemoModel, make_server
+torch.manual_seed(0)
+server = make_server([DemoModel("untrained", bnvit.for_inference(bnvit.ViTBNFFN(depth=1)))], "127.0.0.1", 0)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def _big_drawing(side: int) -> bytes:
+    """A `side` x `side` RGBA PNG (white, one black stroke): small on the wire, `4 * side**2` bytes decoded."""
+    image = Image.new("RGBA", (side, side), (255, 255, 255, 255))
+    ImageDraw.Draw(image).line(
+        [(side // 2, side // 8), (side // 2, 7 * side // 8)], fill=(0, 0, 0, 255), width=side // 12
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return json.dumps({"image": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}).encode()
+
+
+def _memory_kb(pid: int) -> dict[str, int]:
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                fields[name] = int(value.split()[0])
+    return fields
+
+
+def measure_memory(requests: int, side: int, timeout: float = 120.0) -> dict:
+    """The demo server's idle and peak resident memory while `requests` clients post a `side`-pixel RGBA PNG at once."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", _SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(child.stdout.readline())
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        connection.request("GET", "/api/models")  # served once: the server is up and warm
+        connection.getresponse().read()
+        connection.close()
+        time.sleep(1.0)
+        idle = _memory_kb(child.pid)["VmRSS"]
+        with open(f"/proc/{child.pid}/clear_refs", "w") as refs:
+            refs.write("5")  # the peak (VmHWM) starts again from the current size
+        body = _big_drawing(side)
+        outcomes: collections.Counter[str] = collections.Counter()
+        lock, start = threading.Lock(), threading.Barrier(requests)
+
+        def one() -> None:
+            start.wait()
+            try:
+                client = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+                client.request("POST", "/api/predict", body, {"Content-Type": "application/json"})
+                response = client.getresponse()
+                response.read()
+                outcome = str(response.status)
+                client.close()
+            except OSError as err:
+                outcome = type(err).__name__
+            with lock:
+                outcomes[outcome] += 1
+
+        threads = [threading.Thread(target=one) for _ in range(requests)]
+        began = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - began
+        peak = _memory_kb(child.pid)["VmHWM"]
+    finally:
+        child.terminate()
+        child.wait(timeout=30)
+    return dict(
+        requests=requests,
+        side=side,
+        body_bytes=len(body),
+        idle_mb=round(idle / 1024, 1),
+        peak_mb=round(peak / 1024, 1),
+        peak_over_idle_mb=round((peak - idle) / 1024, 1),
+        outcomes=dict(sorted(outcomes.items())),
+        seconds=round(seconds, 2),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200, help="simultaneous requests (default 200)")
     parser.add_argument("--kind", choices=("models", "predict", "mixed"), default="mixed")
     parser.add_argument("--backlog", type=int, help="listen backlog to try (default: the server's own)")
     parser.add_argument("--timeout", type=float, default=60.0, help="client timeout per request, seconds")
+    parser.add_argument("--memory", action="store_true", help="measure the server's memory under big drawings")
+    parser.add_argument("--side", type=int, default=2048, help="--memory: the drawings' side in pixels")
     args = parser.parse_args()
-    print(json.dumps(measure(args.requests, args.kind, args.backlog, args.timeout)))
+    if args.memory:
+        print(json.dumps(measure_memory(args.requests, args.side, max(args.timeout, 120.0))))
+    else:
+        print(json.dumps(measure(args.requests, args.kind, args.backlog, args.timeout)))
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ def _add_predict(commands) -> None:
         "predict",
         help="classify pictures of handwritten digits",
         description=(
-            "Classify pictures of handwritten digits (any format PIL reads; dark on light or light on dark) with "
+            "Classify pictures of handwritten digits (PNG, JPEG, GIF, BMP, TIFF, WebP and other raster formats; "
+            "never EPS, PostScript or PDF; dark on light or light on dark) with "
             "a bnvit checkpoint or one of the article's reference checkpoints. Each picture is prepared like an "
             "MNIST digit: inverted if needed, cropped, scaled to 20 pixels and centred in 28x28. Probabilities "
             "are calibrated: the logits are divided by the checkpoint's temperature (`bnvit calibrate`). A file "
@@ -156,6 +157,14 @@ def _add_predict(commands) -> None:
         metavar="T",
         help="divide the logits by T before the softmax (default: the checkpoint's calibrated temperature, "
         "else 1; 1 gives the raw softmax)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="how many images are prepared and classified at once (default 256); memory does not grow "
+        "with the number of files",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import os
 import re
@@ -568,3 +569,116 @@ def test_a_bad_temperature_is_a_usage_error(value, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["predict", "a.png", "--temperature", value])
     assert exit_.value.code == 2 and "--temperature" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- raster images only
+
+
+def _document(kind: str) -> bytes:
+    """An EPS or PDF as PIL writes it, or a hand-written PostScript program."""
+    if kind == "PS":
+        return b"%!PS\n/Times-Roman findfont 12 scalefont setfont 72 72 moveto (7) show showpage\n"
+    buffer = io.BytesIO()
+    Image.new("RGB" if kind == "PDF" else "L", (32, 32), 255).save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("kind", "named"), [("EPS", "an EPS file"), ("PS", "a PostScript file"), ("PDF", "a PDF file")]
+)
+def test_postscript_and_pdf_are_refused_before_any_interpreter_runs(
+    tmp_path, monkeypatch, digit_files, capsys, kind, named
+):
+    from PIL import EpsImagePlugin
+
+    def no_interpreter(*args, **kwargs):
+        raise AssertionError("PIL's EPS reader was reached")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", no_interpreter)
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", no_interpreter)
+    path = tmp_path / "digit.png"  # the name does not matter, the bytes do
+    path.write_bytes(_document(kind))
+    with pytest.raises(
+        ValueError, match=rf"digit\.png is {named}, read by an interpreter.*use PNG, JPEG, GIF, BMP, TIFF"
+    ):
+        load_image(path)
+    good, label = digit_files[2]
+    assert main(["predict", str(path), str(good), "--top-k", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and f"image {path}: {path} is {named}" in captured.err
+    assert captured.out.startswith(f"{good}: {label}  ")
+
+
+def test_only_the_listed_raster_formats_are_tried(monkeypatch):
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(
+        Image, "open", lambda fp, mode="r", formats=None: opened.append(formats) or real_open(fp, mode, formats)
+    )
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format="PNG")
+    buffer.seek(0)
+    from bnvit.data.digits import RASTER_FORMATS, open_raster
+
+    open_raster(buffer, "x.png").load()
+    assert opened == [RASTER_FORMATS] and "EPS" not in RASTER_FORMATS and "PDF" not in RASTER_FORMATS
+
+
+def test_a_float_tiff_with_huge_values_is_classified(tmp_path):
+    """A mode-F TIFF at +-3e38 (near float32's limit): the contrast stretch must not overflow to 'no digit'."""
+    canvas = np.zeros((60, 60), np.float32)
+    canvas[10:50, 28:33] = 1.0  # a "1"
+    expected = prepare_digit(canvas)
+    Image.fromarray(np.where(canvas > 0, 3e38, -3e38).astype(np.float32), "F").save(tmp_path / "huge.tif")
+    torch.testing.assert_close(prepare_digit(tmp_path / "huge.tif"), expected)
+    torch.testing.assert_close(prepare_digit(canvas.astype(np.float64) * 1e300), expected)
+    torch.testing.assert_close(prepare_digit(torch.from_numpy(canvas).long() * (1 << 62)), expected)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        prepare_digit(np.where(canvas > 0, np.inf, 0))
+
+
+def test_a_file_name_with_a_newline_prints_on_one_line(tmp_path, digit_files, capsys):
+    good, label = digit_files[2]
+    tricky = tmp_path / "two\nlines.png"
+    tricky.write_bytes(good.read_bytes())
+    missing = tmp_path / "gone\n\x1b[2J.png"
+    assert main(["predict", str(tricky), str(missing), "--top-k", "1"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 1 and captured.out.startswith(f"{tmp_path}/two\\nlines.png: {label}  ")
+    assert captured.err.count("\n") == 1 and "gone\\n\\x1b[2J.png" in captured.err
+
+
+# ---------------------------------------------------------------------- many files
+
+
+def test_predict_streams_the_files_in_fixed_size_batches(clean_test_digits, tmp_path, monkeypatch, capsys):
+    """7 files (one unreadable) with --batch-size 3: batches of 3, 2 and 1 images; the same answers as in one batch."""
+    import bnvit.app.cli as cli
+
+    paths, labels = clean_test_digits
+    (tmp_path / "notes.png").write_text("not an image")
+    files = [*paths[:4], str(tmp_path / "notes.png"), *paths[4:6]]
+    batches: list[int] = []
+    real = cli.for_inference
+
+    def recording(model):
+        model = real(model)
+        model.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+        return model
+
+    monkeypatch.setattr(cli, "for_inference", recording)
+    assert main(["predict", *files, "--json", "--batch-size", "3"]) == 2
+    out = capsys.readouterr().out
+    streamed = json.loads(out)
+    assert out == json.dumps(streamed, indent=2) + "\n"  # the same text as printing the whole list
+    assert batches == [3, 2, 1]
+    assert [r.get("digit") for r in streamed] == [*labels[:4], None, *labels[4:6]]
+    batches.clear()
+    whole = cli.predict(files, batch_size=len(files))
+    assert batches == [6]
+    for a, b in zip(streamed, whole, strict=True):
+        assert a.keys() == b.keys() and a.get("error") == b.get("error")
+        np.testing.assert_allclose(a.get("probabilities", []), b.get("probabilities", []), atol=1e-6)
+    assert main(["predict", "--json", paths[0], "--batch-size", "1"]) == 0 and json.loads(capsys.readouterr().out)
+    with pytest.raises(cli.CommandError, match="--batch-size 0"):
+        cli.predict(files, batch_size=0)

@@ -37,14 +37,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import timm
 import torch
 
 from .._util.device import resolve_device
-from ..data.digits import MNIST_SIZE, prepare_digit
+from ..data.digits import MNIST_SIZE, prepare_digit, printable
 from ..inference.deploy import for_inference
 from ..models.vit import ViT
 from ..timm.blocks import BNFFNBlock
@@ -52,11 +52,24 @@ from ..weights import calibration
 from ..weights.calibration import Calibration, read_calibration, shipped_temperature
 from ..weights.loading import SHIPPED_TAG, WEIGHTS_DIR, load_model
 
-__all__ = ["USAGE_ERROR", "CommandError", "calibrate", "demo", "list_models", "predict", "reproduce", "run"]
+__all__ = [
+    "PREDICT_BATCH",
+    "USAGE_ERROR",
+    "CommandError",
+    "calibrate",
+    "demo",
+    "iter_predict",
+    "list_models",
+    "predict",
+    "reproduce",
+    "run",
+]
 
 USAGE_ERROR = 2
 """Exit status for bad input (argparse's convention, which `_bnvit_cli` follows for bad arguments)."""
 
+PREDICT_BATCH = 256
+"""How many images `bnvit predict` prepares and classifies at once: its memory does not grow with the file count."""
 SHIPPED_MODEL = "vitbnffn_mnist"
 """What `bnvit predict` uses without `--checkpoint`: bnvit's ViTBNFFN trained on MNIST."""
 
@@ -90,8 +103,12 @@ def demo(
 
     Each model's probabilities are calibrated with its temperature, as in `bnvit predict`.
     """
-    # Deferred: the web server is this command's alone; `bnvit predict` need not load it.
-    from .demo import DemoModel, make_server, serve, shipped_model
+    try:  # deferred: the web server is this command's alone; `bnvit predict` need not load it
+        from .demo import DemoModel, make_server, serve, shipped_model
+    except ModuleNotFoundError as err:
+        if err.name not in ("starlette", "uvicorn", "anyio", "h11"):
+            raise
+        raise CommandError(f"the demo needs {err.name}, in bnvit's demo extra: pip install 'bnvit[demo]'") from err
 
     target = _device(device)
     if checkpoint is None:
@@ -172,7 +189,7 @@ def _prepare_each(paths: Sequence[str]) -> list[torch.Tensor | str]:
         try:
             prepared.append(prepare_digit(Path(path)))
         except (OSError, ValueError) as err:
-            prepared.append(f"image {path}: {err}")
+            prepared.append(printable(f"image {path}: {err}"))  # a name with a newline stays on one line
     return prepared
 
 
@@ -183,11 +200,13 @@ def predict(
     device: str = "cpu",
     top_k: int = 3,
     temperature: float | None = None,
+    batch_size: int = PREDICT_BATCH,
 ) -> list[dict]:
     """Classify digit pictures with a checkpoint: the work of `bnvit predict`.
 
     An image that cannot be used does not stop the others; every image's problem and the
-    checkpoint's are reported together.
+    checkpoint's are reported together. The images go through the model `batch_size` at a
+    time (`iter_predict` yields the results as each batch is done).
 
     Args:
         images: Image files.
@@ -198,6 +217,7 @@ def predict(
         temperature: Divide the logits by it before the softmax; `None`: the checkpoint's
             calibrated temperature (the shipped weights' own, or the one `bnvit calibrate`
             wrote beside the checkpoint), else 1.
+        batch_size: How many images are prepared and classified at once.
 
     Returns:
         One dict per image, in order. For an image classified: `file`, `digit` (the
@@ -213,45 +233,74 @@ def predict(
         >>> predict(["seven.png"], "FinOptAug1_ViT_30.pth")[0]["digit"]  # doctest: +SKIP
         7
     """
+    return list(
+        iter_predict(images, checkpoint, device=device, top_k=top_k, temperature=temperature, batch_size=batch_size)
+    )
+
+
+def iter_predict(
+    images: Sequence[str],
+    checkpoint: str | None = None,
+    *,
+    device: str = "cpu",
+    top_k: int = 3,
+    temperature: float | None = None,
+    batch_size: int = PREDICT_BATCH,
+) -> Iterator[dict]:
+    """`predict`'s results one at a time, `batch_size` images in memory at once, whatever their number.
+
+    The options and the checkpoint are checked, and the model loaded, before this returns: a
+    `CommandError` is raised here, not while iterating. Arguments and results as in `predict`.
+    """
     target = _device(device)
     if top_k > 10:
         raise CommandError(f"--top-k {top_k}: there are only 10 digits; use 1 to 10")
     if temperature is not None and not 0 < temperature < float("inf"):
         raise CommandError(f"--temperature {temperature}: use a positive finite number")
-    prepared = _prepare_each(images)
-    try:  # the checkpoint is checked even when no image is usable: every problem is reported at once
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise CommandError(f"--batch-size {batch_size!r}: use a positive integer")
+    try:
         if checkpoint is None:
             model = _load_shipped(target)
             temperature = temperature or shipped_temperature(SHIPPED_MODEL) or 1.0
         else:
             model = _load_classifier(checkpoint, target)
             temperature = temperature or _checkpoint_temperature(checkpoint)
-    except CommandError as err:  # the images' own errors first, then the checkpoint's
-        raise CommandError("\n".join([*(x for x in prepared if isinstance(x, str)), str(err)])) from err
-    good = [x for x in prepared if isinstance(x, torch.Tensor)]
-    probabilities: list[torch.Tensor] = []
-    if good:
-        with torch.inference_mode():
-            logits = for_inference(model)(torch.stack(good).to(target)).float().cpu()
-        probabilities = list((logits / temperature).softmax(dim=1))
-    results = []
-    for path, x in zip(images, prepared, strict=True):
-        if isinstance(x, str):
-            results.append(dict(file=str(path), error=x))
-            continue
-        p = probabilities.pop(0)
-        values, digits = p.topk(top_k)
-        results.append(
-            dict(
-                file=str(path),
-                digit=int(digits[0]),
-                probability=float(values[0]),
-                top_k=[dict(digit=int(d), probability=float(v)) for d, v in zip(digits, values, strict=True)],
-                probabilities=[float(v) for v in p],
-                temperature=float(temperature),
-            )
-        )
-    return results
+    except CommandError as err:  # every problem at once: the images' own errors first, then the checkpoint's
+        problems = [x for x in _prepare_each(images) if isinstance(x, str)]
+        raise CommandError("\n".join([*problems, str(err)])) from err
+    return _stream(list(images), for_inference(model), target, top_k, float(temperature), batch_size)
+
+
+def _stream(
+    images: list[str], model: torch.nn.Module, target: torch.device, top_k: int, temperature: float, batch_size: int
+) -> Iterator[dict]:
+    for start in range(0, len(images), batch_size):
+        paths = images[start : start + batch_size]
+        prepared = _prepare_each(paths)
+        good = [x for x in prepared if isinstance(x, torch.Tensor)]
+        probabilities = iter(())
+        if good:
+            with torch.inference_mode():
+                logits = model(torch.stack(good).to(target)).float().cpu()
+            probabilities = iter((logits / temperature).softmax(dim=1))
+        for path, x in zip(paths, prepared, strict=True):
+            if isinstance(x, str):
+                yield dict(file=str(path), error=x)
+            else:
+                yield _result(str(path), next(probabilities), top_k, temperature)
+
+
+def _result(path: str, p: torch.Tensor, top_k: int, temperature: float) -> dict:
+    values, digits = p.topk(top_k)
+    return dict(
+        file=path,
+        digit=int(digits[0]),
+        probability=float(values[0]),
+        top_k=[dict(digit=int(d), probability=float(v)) for d, v in zip(digits, values, strict=True)],
+        probabilities=[float(v) for v in p],
+        temperature=temperature,
+    )
 
 
 def calibrate(
@@ -354,12 +403,22 @@ def _summary(model: torch.nn.Module) -> dict:
     )
 
 
-def _print_text(results: list[dict]) -> None:
+def _print_predictions(results: Iterator[dict], as_json: bool) -> list[str]:
+    """Print each result as it comes (JSON: the list `json.dumps(results, indent=2)` prints); the errors."""
+    errors, first = [], True
     for r in results:
         if "error" in r:
-            continue
-        ranked = ", ".join(f"{t['digit']} {100 * t['probability']:.1f}%" for t in r["top_k"])
-        print(f"{r['file']}: {r['digit']}  (top {len(r['top_k'])}: {ranked})")
+            errors.append(r["error"])
+        if as_json:
+            item = json.dumps(r, indent=2).replace("\n", "\n  ")
+            print(f"[\n  {item}" if first else f",\n  {item}", end="")
+        elif "error" not in r:
+            ranked = ", ".join(f"{t['digit']} {100 * t['probability']:.1f}%" for t in r["top_k"])
+            print(f"{printable(r['file'])}: {r['digit']}  (top {len(r['top_k'])}: {ranked})")
+        first = False
+    if as_json:
+        print("[]" if first else "\n]")
+    return errors
 
 
 def _print_models(rows: list[dict], as_json: bool) -> None:
@@ -393,14 +452,15 @@ def run(args: argparse.Namespace) -> int:
     errors: list[str] = []
     try:
         if args.command == "predict":
-            results = predict(
-                args.images, args.checkpoint, device=args.device, top_k=args.top_k, temperature=args.temperature
+            results = iter_predict(
+                args.images,
+                args.checkpoint,
+                device=args.device,
+                top_k=args.top_k,
+                temperature=args.temperature,
+                batch_size=args.batch_size,
             )
-            errors = [r["error"] for r in results if "error" in r]
-            if args.json:
-                print(json.dumps(results, indent=2))
-            else:
-                _print_text(results)
+            errors = _print_predictions(results, as_json=args.json)
         elif args.command == "calibrate":
             result = calibrate(args.checkpoint, args.images, data_dir=args.data_dir, device=args.device)
             _print_calibration(args.checkpoint, result, args.json)

@@ -13,13 +13,23 @@ import os
 import stat
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["MAX_IMAGE_PIXELS", "MNIST_BOX", "MNIST_SIZE", "load_image", "prepare_digit"]
+__all__ = [
+    "MAX_IMAGE_PIXELS",
+    "MNIST_BOX",
+    "MNIST_SIZE",
+    "RASTER_FORMATS",
+    "load_image",
+    "open_raster",
+    "prepare_digit",
+    "printable",
+]
 
 MNIST_SIZE = 28
 """Side of an MNIST image."""
@@ -27,6 +37,13 @@ MNIST_BOX = 20
 """Side of the box an MNIST digit is scaled into (its longer side)."""
 MAX_IMAGE_PIXELS = 50_000_000
 """The most pixels `load_image` decodes (50 megapixels: a phone's photo at full resolution is 12 to 50)."""
+RASTER_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "PPM", "TGA", "ICO")
+"""The image formats bnvit opens (PIL's names): raster formats PIL decodes itself. PostScript, EPS
+and PDF are never opened: PIL hands them to Ghostscript, an interpreter of the file's program."""
+ACCEPTED_FORMATS = "PNG, JPEG, GIF, BMP, TIFF, WebP, PBM/PGM/PPM, TGA or ICO"
+"""`RASTER_FORMATS` as an error message names them."""
+_INTERPRETED = {b"%!PS-Adobe-3.0 EPSF": "EPS", b"%!": "PostScript", b"\xc5\xd0\xd3\xc6": "EPS", b"%PDF": "PDF"}
+_FLOAT_PEAK = 1e6  # float pictures with larger values are divided by their peak first (float32 overflows near 3.4e38)
 _CENTRE = 14.0  # MNIST's centre of mass, in pixel-index coordinates (measured: 13.99 / 14.01 on the test set)
 _WORK_SIDE = 512  # larger pictures are first reduced to this longer side (plenty for a 20-pixel digit)
 
@@ -43,7 +60,7 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     2.5 GB).
 
     Args:
-        path: The image file (any format PIL reads: PNG, JPEG, BMP, TIFF, GIF, ...).
+        path: The image file, in one of `RASTER_FORMATS` (PNG, JPEG, GIF, BMP, TIFF, WebP, ...).
         max_pixels: The most pixels (width x height) accepted; default `MAX_IMAGE_PIXELS`.
 
     Returns:
@@ -52,8 +69,9 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     Raises:
         FileNotFoundError: If `path` does not exist.
         IsADirectoryError: If `path` is a folder.
-        ValueError: If `path` is not a regular file, not an image PIL can read, truncated or
-            corrupt, or larger than `max_pixels`.
+        ValueError: If `path` is not a regular file, not a raster image of `RASTER_FORMATS`
+            (EPS, PostScript and PDF are refused unread), truncated or corrupt, or larger than
+            `max_pixels`.
 
     Examples:
         >>> import tempfile, pathlib
@@ -74,13 +92,9 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
         try:
             with warnings.catch_warnings():  # PIL's own bomb warning: the size is checked below, against `limit`
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(handle)
+                image = open_raster(handle, str(path))
         except Image.DecompressionBombError as err:
             raise ValueError(f"{path} has too many pixels to read ({err})") from err
-        except UnidentifiedImageError as err:  # PIL's own message names only the open file object
-            raise ValueError(f"{path} is not an image file PIL can read (PNG, JPEG, BMP, TIFF, ...)") from err
-        except (OSError, SyntaxError, ValueError) as err:  # a header PIL cannot parse
-            raise ValueError(f"cannot read the image {path}: {err}") from err
         with image:
             width, height = image.size
             if width * height > limit:
@@ -90,6 +104,61 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
                 return ImageOps.exif_transpose(image)
             except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
                 raise ValueError(f"cannot read the image {path}: {err}") from err
+
+
+def open_raster(source: BinaryIO, name: str) -> Image.Image:
+    """Open an image (its header only, nothing decoded) if it is in one of `RASTER_FORMATS`.
+
+    Only PIL's raster decoders are tried: a PostScript, EPS or PDF file is refused before PIL
+    could hand it to Ghostscript, whose input is a program.
+
+    Args:
+        source: The image's bytes, as a binary file object positioned at its start.
+        name: What to call the image in an error message (its path, say).
+
+    Returns:
+        The opened, not yet decoded image (call `load()`).
+
+    Raises:
+        ValueError: One line naming `name`, what it is if known, and the accepted formats:
+            for another format, no image at all, or a header PIL cannot parse.
+        PIL.Image.DecompressionBombError: From PIL, for a header announcing far too many pixels.
+
+    Examples:
+        >>> open_raster(io.BytesIO(b"%!PS-Adobe-3.0 EPSF-3.0\\n"), "drawing.eps")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: drawing.eps is an EPS file, read by an interpreter, not a raster image; not opened: use PNG, ...
+    """
+    start = source.tell()
+    head = source.read(32)
+    source.seek(start)
+    kind = next((kind for magic, kind in _INTERPRETED.items() if head.lstrip(b"\r\n\t ").startswith(magic)), None)
+    if kind is not None:
+        raise ValueError(
+            f"{name} is a{'n' if kind[0] in 'AEIOU' else ''} {kind} file, read by an interpreter, not a raster image; "
+            f"not opened: use {ACCEPTED_FORMATS}"
+        )
+    try:
+        return Image.open(source, formats=RASTER_FORMATS)
+    except UnidentifiedImageError:  # PIL's own message names only the open file object
+        raise ValueError(f"{name} is not an image file in a format bnvit reads ({ACCEPTED_FORMATS})") from None
+    except (OSError, SyntaxError, ValueError) as err:  # a header PIL cannot parse
+        raise ValueError(f"cannot read the image {name}: {err}") from None
+
+
+def printable(text: str) -> str:
+    """`text` with each character that would break a line or a terminal escaped (`\\n`, `\\x1b`, ...).
+
+    A file name can hold a newline; printed through this, one result stays one line.
+
+    Examples:
+        >>> printable("two\\nlines.png")
+        'two\\\\nlines.png'
+        >>> printable("chiffre_sept.png")
+        'chiffre_sept.png'
+    """
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in text)
 
 
 def _open_regular(path: Path) -> io.BufferedReader:
@@ -170,9 +239,9 @@ def _to_gray(image: ImageLike) -> torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)
     if isinstance(image, Image.Image):
-        return _pil_to_gray(image)
+        return _within_float32(_pil_to_gray(image))
     if isinstance(image, (np.ndarray, torch.Tensor)):
-        return _array_to_gray(image)
+        return _within_float32(_array_to_gray(image))
     raise TypeError(
         f"prepare_digit needs a PIL image, a file path, or a 2-D array or tensor, got {type(image).__name__}"
     )
@@ -199,6 +268,21 @@ def _pil_to_gray(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image.convert("L"), dtype=np.float32) / 255.0)
 
 
+def _within_float32(gray: torch.Tensor) -> torch.Tensor:
+    """A float32 image whose differences cannot overflow: divided by its peak if that is over `_FLOAT_PEAK`.
+
+    A float TIFF can hold values near float32's limit (3.4e38); the contrast stretch subtracts
+    them, which would overflow to infinity. Dividing by a positive number changes nothing else:
+    the preparation only looks at values relative to the image's range.
+    """
+    if not torch.isfinite(gray).all():
+        raise ValueError("the image has NaN or infinite values")
+    peak = float(gray.abs().max().double()) if gray.numel() else 0.0
+    if peak > _FLOAT_PEAK:
+        gray = (gray.double() / peak).float()
+    return gray.float()
+
+
 def _array_to_gray(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     tensor = torch.as_tensor(np.asarray(array) if isinstance(array, np.ndarray) else array.detach().cpu())
     shape = tuple(tensor.shape)
@@ -212,7 +296,8 @@ def _array_to_gray(array: np.ndarray | torch.Tensor) -> torch.Tensor:
         return tensor.float() / 255.0
     if tensor.is_complex():
         raise TypeError(f"expected a real-valued image, got dtype {tensor.dtype}")
-    tensor = tensor.float()
+    if not tensor.is_floating_point():
+        tensor = tensor.double()  # int64 beyond float32's range is scaled down before the cast
     if not torch.isfinite(tensor).all():
         raise ValueError("the image has NaN or infinite values")
     return tensor

@@ -3,7 +3,8 @@
 A local web page with a drawing canvas (mouse, pen or finger), undo and clear, the 28x28
 image the model sees (the drawing prepared by `bnvit.data.prepare_digit`, as `bnvit predict`
 prepares a picture) and a bar chart of the ten class probabilities for each model served,
-updated while the person draws. The server is the standard library's; see `bnvit.app.demo.server`.
+updated while the person draws. The server is a Starlette application served by uvicorn; see
+`bnvit.app.demo.server`.
 
 Examples:
     >>> import threading, urllib.request, json
@@ -24,19 +25,20 @@ from torch import nn
 
 from ..._util.checks import first_line
 from ...timm import registry as _registry  # noqa: F401  (registers vitbnffn_mnist with timm)
-from .server import (
+from .drawing import (
     MAX_BODY_BYTES,
+    MAX_DRAWING_PIXELS,
     MAX_IMAGE_SIDE,
     DemoModel,
-    DemoServer,
     DrawingError,
     classify_drawing,
     decode_drawing,
-    make_server,
 )
+from .server import DemoServer, make_server
 
 __all__ = [
     "MAX_BODY_BYTES",
+    "MAX_DRAWING_PIXELS",
     "MAX_IMAGE_SIDE",
     "DemoModel",
     "DemoServer",

@@ -26,7 +26,7 @@ function setStatus(state, text) {
 // ------------------------------------------------------------------ drawing
 
 function setUpCanvas() {
-  const ratio = window.devicePixelRatio || 1;
+  const ratio = Math.min(window.devicePixelRatio || 1, 3.5);  // the server takes at most 1024x1024 pixels
   const { width, height } = canvas.getBoundingClientRect();
   canvas.width = Math.round(width * ratio);
   canvas.height = Math.round(height * ratio);
