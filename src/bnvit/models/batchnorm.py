@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._util import checks as _checks
+from .fold import bn_scale_shift
 
 __all__ = [
     "CPUSyncBatchNorm",
@@ -132,6 +133,16 @@ class TokenBatchNorm(nn.Module):
         else:
             out = self.bn(flat)
         return out.view(x.shape)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Module:
+        """The per-feature `ScaleShift` this norm is in eval mode, for where no Linear can take it.
+
+        The modules around a `TokenBatchNorm` fold it into their Linear layers themselves; this
+        is what timm's `reparameterize_model` replaces one by when no module around it did (a
+        `ViTBN`'s final norm when the `ViTBN` is the model timm starts from).
+        """
+        return bn_scale_shift(self.bn)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from torch import nn
 
 from .._util import checks as _checks
 from .features import feature_take_indices, forward_blocks
-from .fold import fold_sequential
+from .fold import FoldingSequential
 
 __all__ = ["MLP"]
 
@@ -94,7 +94,7 @@ class MLP(nn.Module):
             if norm == "bn":
                 layers.append(nn.BatchNorm1d(hidden))
             layers.append(_ACTIVATIONS[activation]())
-        self.layers = nn.Sequential(*layers)
+        self.layers = FoldingSequential(*layers)  # its fuse() folds the BatchNorms (timm's --reparam)
         self.head = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
         per_layer = len(layers) // depth
         self.feature_info = [
@@ -177,7 +177,7 @@ class MLP(nn.Module):
         """Drop the hidden layers after the last one in `indices` (and the head), as timm's models do."""
         groups = self._hidden_layers()
         take, last = feature_take_indices(len(groups), indices)
-        self.layers = nn.Sequential(*[m for group in groups[: last + 1] for m in group])
+        self.layers = FoldingSequential(*[m for group in groups[: last + 1] for m in group])
         self.feature_info = self.feature_info[: last + 1]
         self.config["depth"] = last + 1
         if prune_head:
@@ -197,6 +197,7 @@ class MLP(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
 
     @torch.no_grad()
-    def fuse(self) -> None:
-        """Fold each BatchNorm into the Linear before it, in place (eval mode only)."""
-        fold_sequential(self.layers)
+    def fuse(self) -> MLP:
+        """Fold each BatchNorm into the Linear before it, in place (eval mode only); returns `self`."""
+        self.layers.fuse()
+        return self

@@ -347,8 +347,8 @@ class ViT(nn.Module):
             self.pretrained_cfg = self.default_cfg = input_cfg(self.pretrained_cfg, self.in_chans, self.cfg.img_size)
 
     @torch.no_grad()
-    def fuse(self) -> None:
-        """Fold a BatchNorm final norm into the head, in place (eval mode only).
+    def fuse(self) -> ViT:
+        """Fold a BatchNorm final norm into the head, in place (eval mode only); returns `self`.
 
         Pooling (CLS token or mean) commutes with a per-feature affine map, so `head(pool(BN(x)))`
         is `head'(pool(x))`. The blocks and the patch embedding fold themselves (`bnvit.fold_batchnorm`
@@ -357,6 +357,7 @@ class ViT(nn.Module):
         if isinstance(self.norm, TokenBatchNorm) and isinstance(self.head, nn.Linear):
             self.head = fold_bn_before_linear(self.norm.bn, self.head)
             self.norm = nn.Identity()
+        return self
 
     def extra_repr(self) -> str:
         c = self.cfg
