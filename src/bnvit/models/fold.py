@@ -43,6 +43,7 @@ __all__ = [
     "FoldingSequential",
     "ScaleShift",
     "bn_scale_shift",
+    "fold_affine_before_linear",
     "fold_batchnorm",
     "fold_bn_after_linear",
     "fold_bn_before_linear",
@@ -127,12 +128,31 @@ def fold_bn_before_linear(bn: _BatchNorm, linear: nn.Linear) -> nn.Linear:
         >>> torch.allclose(fold_bn_before_linear(bn, lin)(x), lin(bn(x)), atol=1e-6)
         True
     """
-    scale, shift = _bn_affine(bn)
-    weight = linear.weight.double()
-    bias = weight @ shift
-    if linear.bias is not None:
-        bias = bias + linear.bias.double()
-    return _new_linear(linear, weight * scale[None, :], bias)
+    weight, bias = fold_affine_before_linear(*_bn_affine(bn), linear.weight, linear.bias)
+    return _new_linear(linear, weight, bias)
+
+
+def fold_affine_before_linear(
+    scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of `x -> W (scale * x + shift) + b`, computed in float64, in `weight`'s dtype.
+
+    The arithmetic of every per-feature affine map folded into the Linear after it: a BatchNorm
+    in eval mode, or the affine part of a LayerNorm dropped in front of a Linear.
+
+    Examples:
+        >>> lin = nn.Linear(4, 3)
+        >>> s, t, x = torch.rand(4) + 0.5, torch.randn(4), torch.randn(5, 4)
+        >>> w, b = fold_affine_before_linear(s, t, lin.weight, lin.bias)
+        >>> torch.allclose(x @ w.T + b, lin(x * s + t), atol=1e-6)
+        True
+    """
+    w = weight.detach().double()
+    folded_bias = w @ shift.detach().double()
+    if bias is not None:
+        folded_bias = folded_bias + bias.detach().double()
+    folded = w * scale.detach().double()[None, :]
+    return folded.to(weight.dtype), folded_bias.to(weight.dtype)
 
 
 def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:

@@ -10,7 +10,13 @@
 |---|---|
 | `mnist` | 1x28x28, patch 7: the article's configuration |
 | `cifar` | 3x32x32, patch 4 |
-| `tiny_patch16_224`, `small_patch16_224`, `base_patch16_224` | 3x224x224, patch 16, ViT-Ti/S/B widths |
+| `ti16_224`, `s16_224`, `b16_224` | 3x224x224, patch 16, ViT-Ti/S/B widths in bnvit's layout |
+
+timm's own ViT and DeiT sizes with the BatchNorm FFN follow timm's scheme instead, the variant
+between the patch and the resolution as in timm's `vit_base_patch16_gap_224`:
+`{vit,deit}_{tiny,small,base}_patch16_bnffn_224` is timm's `VisionTransformer` with
+`bnvit.BNFFNBlock`, loading the LayerNorm weights of `{vit,deit}_*_patch16_224`. A `patch16`
+in a name means timm's layout; bnvit's layout never uses it.
 
 Names bnvit used before this scheme (`RENAMED`) stay registered through timm's own mechanism for
 renamed models, `timm.models.register_model_deprecations`: `timm.create_model(old, ...)` builds
@@ -34,6 +40,11 @@ RENAMED: dict[str, str] = {
     "vit_cifar": "vitln_cifar",
     "timmvit_mnist": "timmvitln_mnist",
     "timmvit_bnffn_mnist": "timmvitbnffn_mnist",
+    **{
+        f"{family}_{size}_patch16_224": f"{family}_{short}16_224"
+        for family in ("vitln", "vitbnffn", "vitbn")
+        for size, short in (("tiny", "ti"), ("small", "s"), ("base", "b"))
+    },
 }
 """Old name -> current name, for every registered model bnvit has renamed."""
 
@@ -72,7 +83,7 @@ def check_name(name: str) -> str:
         >>> check_name("vit_tiny_patch16_224")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: unknown bnvit model 'vit_tiny_patch16_224'; bnvit's models are dnn_mnist, ...
+        ValueError: unknown bnvit model 'vit_tiny_patch16_224'; bnvit's models are deit_base_patch16_bnffn_224, ...
     """
     if not isinstance(name, str):
         raise TypeError(f"a model name must be a string, got {type(name).__name__}")
