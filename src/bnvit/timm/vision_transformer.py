@@ -31,10 +31,10 @@ import timm
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ..models.features import input_cfg
 from ..weights.convert import ln_ffn_to_bn_ffn
 from ..weights.names import register_renamed
 from .blocks import BNFFNBlock
+from .builder import MNIST_LABELS, fitted_cfg
 
 __all__ = ["LN_TWINS", "MNIST_ARGS", "bn_ffn_filter_fn", "timmvitbnffn_mnist", "timmvitln_mnist"]
 
@@ -60,6 +60,7 @@ default_cfgs = generate_default_cfgs(
             mean=(0.0,),
             std=(1.0,),
             num_classes=10,
+            label_names=MNIST_LABELS,
             fixed_input_size=True,
             interpolation="bilinear",
             crop_pct=1.0,
@@ -93,7 +94,13 @@ def _create(variant: str, pretrained: bool, blocks: type, **kwargs: Any) -> Visi
     )
     # the cfg describes the images the model takes (in_chans, img_size), for timm's data config
     vit = next(m for m in model.modules() if isinstance(m, VisionTransformer))
-    fitted = input_cfg(vit.pretrained_cfg, vit.patch_embed.proj.in_channels, vit.patch_embed.img_size)
+    config = dict(
+        in_chans=vit.patch_embed.proj.in_channels,
+        img_size=vit.patch_embed.img_size,
+        num_classes=vit.num_classes,
+        dynamic_img_size=vit.dynamic_img_size,
+    )
+    fitted = fitted_cfg(vit.pretrained_cfg, config)
     vit.pretrained_cfg = vit.default_cfg = fitted
     if model is not vit:
         model.pretrained_cfg = model.default_cfg = {
@@ -194,7 +201,7 @@ def _create_timm_size(variant: str, pretrained: bool, size: str, deit: bool, **k
         raise ValueError(f"{variant} is built from bnvit.BNFFNBlock; got block_fn={block_fn!r}")
     out_indices = kwargs.pop("out_indices", 3)
     fold_norm = kwargs.pop("fold_norm", True)
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         VisionTransformer,
         variant,
         pretrained,
@@ -202,6 +209,9 @@ def _create_timm_size(variant: str, pretrained: bool, size: str, deit: bool, **k
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **{**_TIMM_SIZES[size], **kwargs, "block_fn": BNFFNBlock},
     )
+    if getattr(model, "dynamic_img_size", False):  # it takes other sizes: say so to timm's data config
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "fixed_input_size": False}
+    return model
 
 
 @register_model
