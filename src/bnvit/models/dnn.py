@@ -17,6 +17,7 @@ import torch.fx
 from torch import nn
 
 from .._util import checks as _checks
+from .batchnorm import set_bn_hyperparameters
 from .features import feature_take_indices, forward_blocks
 from .fold import FoldingSequential
 
@@ -50,6 +51,8 @@ class MLP(nn.Module):
         img_size: Input side, or `(height, width)`.
         in_chans: Input channels; the input is flattened to `in_chans * height * width` values.
         num_classes: Output classes; 0 gives a model without a head (features only).
+        bn_momentum: Momentum of the BatchNorms' running statistics (`norm="bn"`), in (0, 1].
+        bn_eps: The `eps` of the BatchNorms, a finite number > 0.
 
     Examples:
         >>> model = MLP(depth=3, norm="bn")
@@ -68,6 +71,8 @@ class MLP(nn.Module):
         img_size: int | tuple[int, int] = 28,
         in_chans: int = 1,
         num_classes: int = 10,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         depth = _checks.positive_int("depth", depth)
@@ -93,6 +98,7 @@ class MLP(nn.Module):
             layers.append(nn.Linear(in_features if i == 0 else hidden, hidden))
             if norm == "bn":
                 layers.append(nn.BatchNorm1d(hidden))
+                set_bn_hyperparameters(layers[-1], bn_momentum, bn_eps)
             layers.append(_ACTIVATIONS[activation]())
         self.layers = FoldingSequential(*layers)  # its fuse() folds the BatchNorms (timm's --reparam)
         self.head = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()

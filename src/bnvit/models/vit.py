@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .._util import checks as _checks
-from .batchnorm import TokenBatchNorm, bn_safe_context_fn, token_norm
+from .batchnorm import TORCHSCRIPT_REFUSAL, TokenBatchNorm, bn_safe_context_fn, token_norm
 from .blocks import EncoderBlock, PatchEmbed, sincos_pos_embed
 from .config import _POOL_ALIASES, POOLS, POS_EMBEDS, WEIGHT_INITS, ViTConfig  # noqa: F401
 from .features import check_images, feature_take_indices, forward_blocks, input_cfg, resample_pos_embed
@@ -358,6 +358,9 @@ class ViT(nn.Module):
             self.head = fold_bn_before_linear(self.norm.bn, self.head)
             self.norm = nn.Identity()
         return self
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TypeError(TORCHSCRIPT_REFUSAL)
 
     def extra_repr(self) -> str:
         c = self.cfg

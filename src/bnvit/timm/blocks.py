@@ -33,6 +33,7 @@ from timm.models.vision_transformer import ATTN_LAYERS, Block, VisionTransformer
 from torch import nn
 
 from .._util import checks as _checks
+from ..models.batchnorm import TORCHSCRIPT_REFUSAL
 from ..models.blocks import BatchNormFFN, EncoderBlock, FeedForward
 from ..models.fold import fold_affine_before_linear
 from ..models.vit import ViT
@@ -229,8 +230,15 @@ class BNFFNBlock(nn.Module):
         depth: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **unsupported: Any,
     ) -> None:
         super().__init__()
+        if unsupported:
+            raise TypeError(
+                f"BNFFNBlock takes the arguments of timm's Block (the block of timm's VisionTransformer: vit_*, "
+                f"deit_*, ...); got {', '.join(sorted(unsupported))}, which another ViT family passes "
+                "(rel_pos_cls: vit_relpos_*); that family's blocks are not supported"
+            )
         if scale_mlp_norm:
             raise ValueError(
                 "BNFFNBlock has no norm inside its FFN but its BatchNorm; scale_mlp_norm must be False, got True"
@@ -265,6 +273,9 @@ class BNFFNBlock(nn.Module):
         )
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TypeError(TORCHSCRIPT_REFUSAL)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
@@ -310,6 +321,11 @@ def _refuse_timm_block(index: int, block: nn.Module) -> None:
             "whose layout it does not know"
         )
     mlp = block.mlp
+    if isinstance(mlp, BatchNormFFN):
+        raise ValueError(
+            f"blocks.{index}.mlp is already a BatchNorm FFN (mlp_layer=BatchNormMlp), behind timm's norm2 "
+            "LayerNorm; for the article's form, with no norm before the FFN, build with block_fn=bnvit.BNFFNBlock"
+        )
     if type(mlp) is not Mlp or isinstance(mlp.fc1, nn.Conv2d):
         raise ValueError(
             f"to_bn_ffn converts timm's Mlp (Linear -> act -> Linear); blocks.{index}.mlp is a "

@@ -31,6 +31,7 @@ import timm
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
+from ..models.batchnorm import set_bn_hyperparameters
 from ..weights.convert import ln_ffn_to_bn_ffn
 from ..weights.names import register_renamed
 from .blocks import BNFFNBlock
@@ -85,6 +86,7 @@ def _create(variant: str, pretrained: bool, blocks: type, **kwargs: Any) -> Visi
             "pretrained_cfg_overlay=dict(file=PATH)"
         )
     out_indices = kwargs.pop("out_indices", 3)
+    bn = dict(momentum=kwargs.pop("bn_momentum", None), eps=kwargs.pop("bn_eps", None))
     model = build_model_with_cfg(
         VisionTransformer,
         variant,
@@ -92,6 +94,7 @@ def _create(variant: str, pretrained: bool, blocks: type, **kwargs: Any) -> Visi
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **{**MNIST_ARGS, **kwargs, "block_fn": blocks},
     )
+    set_bn_hyperparameters(model, **bn)  # timm's ViT does not take them; a LayerNorm model has no BatchNorm
     # the cfg describes the images the model takes (in_chans, img_size), for timm's data config
     vit = next(m for m in model.modules() if isinstance(m, VisionTransformer))
     config = dict(
@@ -201,6 +204,7 @@ def _create_timm_size(variant: str, pretrained: bool, size: str, deit: bool, **k
         raise ValueError(f"{variant} is built from bnvit.BNFFNBlock; got block_fn={block_fn!r}")
     out_indices = kwargs.pop("out_indices", 3)
     fold_norm = kwargs.pop("fold_norm", True)
+    bn = dict(momentum=kwargs.pop("bn_momentum", None), eps=kwargs.pop("bn_eps", None))
     model = build_model_with_cfg(
         VisionTransformer,
         variant,
@@ -209,6 +213,7 @@ def _create_timm_size(variant: str, pretrained: bool, size: str, deit: bool, **k
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **{**_TIMM_SIZES[size], **kwargs, "block_fn": BNFFNBlock},
     )
+    set_bn_hyperparameters(model, **bn)
     if getattr(model, "dynamic_img_size", False):  # it takes other sizes: say so to timm's data config
         model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "fixed_input_size": False}
     return model
