@@ -171,11 +171,11 @@ def _time_batch(
 
 
 def build_small_models(device: torch.device | None = None, depth: int | None = None) -> dict[str, ViT]:
-    """ViT-S/16 at 224: `vitln_small_patch16_224` and `vitbn_small_patch16_224` (BatchNorm calibrated), eval mode."""
+    """ViT-S/16 at 224: `vitln_s16_224` and `vitbn_s16_224` (BatchNorm calibrated), eval mode."""
     from bnvit.timm import registry  # the timm builders; only this section needs them
 
     models = {}
-    builders = {"ViT": registry.vitln_small_patch16_224, "ViTBN folded": registry.vitbn_small_patch16_224}
+    builders = {"ViT": registry.vitln_s16_224, "ViTBN folded": registry.vitbn_s16_224}
     for name, builder in builders.items():
         torch.manual_seed(0)
         model = (builder() if depth is None else builder(depth=depth)).train()
@@ -204,7 +204,7 @@ def run_small(
         image_shape=(3, 224, 224),
         diagnosis=False,
     )
-    out["models"] = {"ViT": "vitln_small_patch16_224", "ViTBN folded": "vitbn_small_patch16_224"}
+    out["models"] = {"ViT": "vitln_s16_224", "ViTBN folded": "vitbn_s16_224"}
     out["depth"] = depth or 12
     return out
 

@@ -15,7 +15,7 @@ Sections (all by default, or pick with `--only`):
 5. `deploy`: inference latency (batch 1) and throughput (batches 64, 256 and 5000) of the LayerNorm ViT,
    folded ViTBNFFN and folded ViTBN, in PyTorch eager, torch.compile and onnxruntime, with the ratios
    "folded ViTBN / ViT" and "folded ViTBNFFN / ViT", and the LayerNorm share of the ViT's time.
-6. `small`: ViT-S/16 at 224 pixels, folded `vitbn_small_patch16_224` against `vitln_small_patch16_224`,
+6. `small`: ViT-S/16 at 224 pixels, folded `vitbn_s16_224` against `vitln_s16_224`,
    batch 1 and 16, eager and onnxruntime.
 
    On a CPU both deploy sections run with `--deploy-threads` threads (default 1: one serving

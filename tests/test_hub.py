@@ -32,7 +32,7 @@ def test_model_stats_count_what_the_model_has():
     assert stats["Params (M)"] == round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     assert stats["Image size"] == "28 x 28, 1 channel"
     # timm's published figure for the same-shaped ViT-S/16 at 224 is 4.6 GMACs.
-    assert hub.model_stats("vitln_small_patch16_224")["GMACs"] == pytest.approx(4.6, abs=0.01)
+    assert hub.model_stats("vitln_s16_224")["GMACs"] == pytest.approx(4.6, abs=0.01)
 
 
 def test_card_of_shipped_weights_names_dataset_recipe_and_accuracy():
@@ -54,7 +54,8 @@ def test_card_without_shipped_weights_claims_no_accuracy():
 
 @pytest.mark.parametrize("name", ["resnet18", "vitbnffn_nope"])
 def test_card_of_unknown_model_lists_the_current_names(name):
-    with pytest.raises(ValueError, match=rf"unknown bnvit model '{name}'; bnvit's models are dnn_mnist, ") as err:
+    first = "deit_base_patch16_bnffn_224"  # in timm.list_models' order
+    with pytest.raises(ValueError, match=rf"unknown bnvit model '{name}'; bnvit's models are {first}, ") as err:
         hub.model_card(name)
     listed = str(err.value).split("bnvit's models are ")[1].split(", ")
     assert "vitln_mnist" in listed and "timmvitbnffn_mnist" in listed and "vit_mnist" not in listed
@@ -111,11 +112,13 @@ def test_timm_suite_gives_timms_tests_every_bnvit_model_and_nothing_else(tmp_pat
     plugin = suite.BnvitOnly(families)
     plugin.pytest_configure(None)
     everything = timm.list_models()
-    assert len(everything) == 19 and "resnet18" not in everything and "vit_base_patch16_224" not in everything
+    assert len(everything) == 25 and "resnet18" not in everything and "vit_base_patch16_224" not in everything
     assert timm.list_models(filter=["vit_*", "deit*"]) == everything  # a family filter keeps all of bnvit
     assert timm.list_models(exclude_filters=["*huge*", "vit_*"]) == everything  # ... and so does its exclusion
     assert "vitln_mnist" not in timm.list_models(exclude_filters=["vitln_mnist"])  # other filters apply as written
-    assert sorted(timm.list_models(pretrained=True)) == sorted(f"{n}.bnvit_mnist" for n in SHIPPED)
+    converted = timm.list_pretrained("*_patch16_bnffn_224.*")  # timm's LayerNorm weights, converted on load
+    assert len(converted) == 19
+    assert sorted(timm.list_models(pretrained=True)) == sorted([f"{n}.bnvit_mnist" for n in SHIPPED] + converted)
     (tmp_path / "empty").mkdir()
     assert suite.main([str(tmp_path / "empty")]) == 2
 

@@ -25,7 +25,14 @@ from bnvit.weights.names import RENAMED, check_name, current_name, registered_na
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("vitln", "vitbnffn", "vitbn", "timmvitln", "timmvitbnffn", "dnn", "dnnbn")
-SIZES = ("mnist", "cifar", "tiny_patch16_224", "small_patch16_224", "base_patch16_224")
+SIZES = ("mnist", "cifar", "ti16_224", "s16_224", "b16_224")
+# timm's ViT and DeiT sizes with the BatchNorm FFN, named in timm's scheme
+TIMM_LAYOUT = {f"{f}_{w}_patch16_bnffn_224" for f in ("vit", "deit") for w in ("tiny", "small", "base")}
+OLD_IMAGENET = {
+    f"{f}_{w}_patch16_224": f"{f}_{s}16_224"
+    for f in ("vitln", "vitbnffn", "vitbn")
+    for w, s in (("tiny", "ti"), ("small", "s"), ("base", "b"))
+}
 SMALL = dict(depth=1)  # every old name is an MNIST or CIFAR model, all of which take depth=
 
 
@@ -39,22 +46,30 @@ def _build(name: str, **kwargs) -> tuple[torch.nn.Module, list[str]]:
 
 def test_every_registered_name_is_family_underscore_size():
     names = registered_names()
-    assert len(names) == 19
-    for name in names:
+    assert len(names) == 25 and set(names) >= TIMM_LAYOUT
+    for name in set(names) - TIMM_LAYOUT:
         family, _, size = name.partition("_")
         assert family in FAMILIES and size in SIZES, name
 
 
-def test_the_renamed_are_exactly_the_four_and_nothing_else_changed():
+def test_the_renamed_are_exactly_these_and_nothing_else_changed():
     assert RENAMED == {
         "vit_mnist": "vitln_mnist",
         "vit_cifar": "vitln_cifar",
         "timmvit_mnist": "timmvitln_mnist",
         "timmvit_bnffn_mnist": "timmvitbnffn_mnist",
+        **OLD_IMAGENET,  # bnvit's layout at ImageNet sizes: a `patch16` name reads as timm's layout
     }
     kept = {"vitbnffn_mnist", "vitbn_mnist", "vitbnffn_cifar", "vitbn_cifar", "dnn_mnist", "dnnbn_mnist"}
-    kept |= {f"{f}_{w}_patch16_224" for f in ("vitln", "vitbnffn", "vitbn") for w in ("tiny", "small", "base")}
-    assert set(registered_names()) == kept | set(RENAMED.values())
+    assert set(registered_names()) == kept | set(RENAMED.values()) | TIMM_LAYOUT
+
+
+def test_no_name_of_bnvits_layout_says_patch16():
+    for name in registered_names():
+        entry = timm.models.model_entrypoint(name)
+        model = timm.create_model(name, depth=1)
+        timm_layout = isinstance(model, timm.models.VisionTransformer)
+        assert ("patch16" in name) == (timm_layout and name.endswith("_224")), (name, entry.__module__)
 
 
 @pytest.mark.parametrize(("old", "new"), RENAMED.items())

@@ -376,7 +376,8 @@ def test_the_parser_accepts_the_documented_command():
 def test_bnvit_list_names_every_registered_model_and_its_weights(capsys):
     assert main(["list", "--json"]) == 0
     rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
-    assert len(rows) == 19 and {"dnn_mnist", "vitbn_base_patch16_224", "timmvitbnffn_mnist"} <= set(rows)
+    assert len(rows) == 25 and {"dnn_mnist", "vitbn_b16_224", "timmvitbnffn_mnist"} <= set(rows)
+    assert rows["vit_tiny_patch16_bnffn_224"]["params"] == 5731240  # timm's vit_tiny_patch16_224, BatchNorm FFN
     assert rows["vitln_mnist"]["params"] == 893164 and rows["vitbnffn_mnist"]["params"] == 893932
     assert rows["vitbnffn_mnist"]["trained_weights"] and not rows["vitbn_mnist"]["trained_weights"]
     assert rows["vitbnffn_mnist"]["config"]["norm"] == "bn_ffn"

@@ -11,19 +11,19 @@ from bnvit import ViT
 
 MNIST = ["vitln_mnist", "vitbnffn_mnist", "vitbn_mnist"]
 CIFAR = ["vitln_cifar", "vitbnffn_cifar", "vitbn_cifar"]
-IMAGENET = [f"{p}_{w}_patch16_224" for p in ("vitln", "vitbnffn", "vitbn") for w in ("tiny", "small", "base")]
+IMAGENET = [f"{p}_{w}16_224" for p in ("vitln", "vitbnffn", "vitbn") for w in ("ti", "s", "b")]
 ALL = MNIST + CIFAR + IMAGENET
 NORM_OF = {"vitln": "ln", "vitbnffn": "bn_ffn", "vitbn": "bn"}
 # name -> (in_chans, side, patch, dim, num_classes) of the default build
 DEFAULTS = {
     **{n: (1, 28, 7, 64, 10) for n in MNIST},
     **{n: (3, 32, 4, 64, 10) for n in CIFAR},
-    **{n: (3, 224, 16, {"tiny": 192, "small": 384, "base": 768}[n.split("_")[1]], 1000) for n in IMAGENET},
+    **{n: (3, 224, 16, {"ti16": 192, "s16": 384, "b16": 768}[n.split("_")[1]], 1000) for n in IMAGENET},
 }
 
 
 def test_all_names_are_registered():
-    listed = set(timm.list_models("vit*_mnist") + timm.list_models("vit*_cifar") + timm.list_models("vit*_patch16_224"))
+    listed = set(timm.list_models("vit*_mnist") + timm.list_models("vit*_cifar") + timm.list_models("vit*16_224"))
     assert set(ALL) <= listed
     assert sorted(timm.list_models(module="registry")) == sorted([*ALL, "dnn_mnist", "dnnbn_mnist"])
     for name in ALL:
@@ -90,7 +90,7 @@ def test_mnist_and_cifar_builders_use_the_article_config():
     assert timm.get_pretrained_cfg_value("vitln_mnist", "std") == (1.0,)
 
 
-@pytest.mark.parametrize("name", ["vitbn_mnist", "vitln_tiny_patch16_224"])  # no weights shipped for these
+@pytest.mark.parametrize("name", ["vitbn_mnist", "vitln_ti16_224"])  # no weights shipped for these
 def test_pretrained_without_a_file_raises(name):
     with pytest.raises(ValueError, match=rf"{name}.*pretrained_cfg_overlay"):
         timm.create_model(name, pretrained=True)

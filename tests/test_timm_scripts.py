@@ -134,3 +134,24 @@ def test_validate_pretrained_on_the_mnist_test_set(tmp_path):
     done = _run("validate.py", *args, "--workers", "0", "--batch-size", "500", cwd=tmp_path)
     results = json.loads(done.stdout.split("--result\n", 1)[1])  # validate.py prints its results as JSON last
     assert results["model"] == "vitbnffn_mnist" and results["top1"] >= 99.5, results
+
+
+@pytest.mark.slow
+@needs_checkout
+@pytest.mark.parametrize("name", ["vitbnffn_mnist"])  # onnx_export.py loads pretrained weights: the shipped ones
+def test_reparam_in_onnx_export_leaves_no_batchnorm_node(name, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    path = tmp_path / "model.onnx"
+    _run("onnx_export.py", str(path), "--model", name, "--reparam", cwd=tmp_path)
+    assert "BatchNormalization" not in {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+@pytest.mark.slow
+@needs_checkout
+def test_validate_with_reparam_and_a_timm_layout_name(image_folder, tmp_path):
+    common = ("--data-dir", str(image_folder), "--device", "cpu", "--workers", "0", "--batch-size", "16")
+    done = _run("validate.py", "--model", "vitbnffn_mnist", "--pretrained", "--reparam", *common, cwd=tmp_path)
+    assert "Acc@1" in done.stdout + done.stderr
+    bench = ("--model", "vit_tiny_patch16_bnffn_224", "--model-kwargs", "depth=1", "img_size=32", "--img-size", "32")
+    bench += ("--reparam", "--device", "cpu", "--bench", "inference", "--batch-size", "2")
+    _run("benchmark.py", *bench, "--num-warm-iter", "1", "--num-bench-iter", "5", cwd=tmp_path)

@@ -90,8 +90,8 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
     @torch.no_grad()
-    def fuse(self) -> None:
-        """Fold a BatchNorm pre-norm into the qkv projection, in place (eval mode only).
+    def fuse(self) -> Attention:
+        """Fold a BatchNorm pre-norm into the qkv projection, in place (eval mode only); returns `self`.
 
         The shift becomes a bias of the projection; in the factored form (`bnvit.models.attention`) that is
         a `heads * dim`-wide bias inside one matrix product. Keeping the shift on the `dim`-wide
@@ -100,6 +100,7 @@ class Attention(nn.Module):
         if isinstance(self.norm, TokenBatchNorm):
             self.qkv = fold_bn_before_linear(self.norm.bn, self.qkv)
             self.norm = nn.Identity()
+        return self
 
 
 # The kernels.

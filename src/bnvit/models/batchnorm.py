@@ -15,15 +15,21 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._util import checks as _checks
+from .fold import bn_scale_shift
 
 __all__ = [
+    "TORCHSCRIPT_REFUSAL",
     "CPUSyncBatchNorm",
+    "FrozenBatchNorm1d",
     "TokenBatchNorm",
     "bn_safe_context_fn",
     "convert_batchnorm",
+    "freeze_batchnorm",
     "in_recomputation",
     "restore_batchnorm",
+    "set_bn_hyperparameters",
     "synced_batchnorm",
+    "unfreeze_batchnorm",
 ]
 
 _TORCH_SYNC_DEVICES = ("cuda", "hpu", "xpu")  # where torch's own SyncBatchNorm synchronizes
@@ -72,6 +78,99 @@ def in_recomputation() -> bool:
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
+TORCHSCRIPT_REFUSAL = (
+    "TorchScript cannot compile bnvit's models (einops, and BatchNorm statistics kept exact under activation "
+    "checkpointing through Python state); use torch.export.export(model, (x,)), torch.compile or "
+    "bnvit.export_onnx instead"
+)
+"""What `torch.jit.script` says for a bnvit model or block (TorchScript is deprecated in PyTorch)."""
+
+
+def set_bn_hyperparameters(model: nn.Module, momentum: float | None = None, eps: float | None = None) -> nn.Module:
+    """Give every BatchNorm in `model` this momentum and eps (`None`: unchanged), checked as `ViTConfig` checks them.
+
+    timm's `VisionTransformer` does not take `bn_momentum` / `bn_eps`; bnvit's builders of timm
+    models with the BatchNorm FFN apply them with this after building.
+
+    Raises:
+        ValueError: momentum outside (0, 1], or eps not a finite number > 0.
+    """
+    if momentum is not None:
+        if isinstance(momentum, bool) or not isinstance(momentum, int | float):
+            raise TypeError(f"bn_momentum must be a number in (0, 1], got {momentum!r}")
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"bn_momentum must be in (0, 1], got {momentum}")
+    if eps is not None:
+        eps = _checks.positive_float("bn_eps", eps)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = module.momentum if momentum is None else float(momentum)
+            module.eps = module.eps if eps is None else eps
+    return model
+
+
+class FrozenBatchNorm1d(nn.Module):
+    """A `BatchNorm1d` with fixed statistics and affine parameters (buffers): eval mode's map, in train mode too.
+
+    What timm's `freeze_batch_norm_2d` makes of a `BatchNorm2d` (torchvision's
+    `FrozenBatchNorm2d`), for the `(N, C)` BatchNorm of bnvit's FFN. Its state dict keys are a
+    BatchNorm's (`num_batches_tracked` kept), so a frozen model's weights load into an unfrozen one.
+    """
+
+    def __init__(self, bn: nn.BatchNorm1d) -> None:
+        super().__init__()
+        self.num_features, self.eps = bn.num_features, bn.eps
+        n = bn.num_features
+        like = dict(device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+        weight = torch.ones(n, **like) if bn.weight is None else bn.weight.detach().clone()
+        bias = torch.zeros(n, **like) if bn.bias is None else bn.bias.detach().clone()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.register_buffer("running_mean", bn.running_mean.detach().clone())
+        self.register_buffer("running_var", bn.running_var.detach().clone())
+        self.register_buffer("num_batches_tracked", bn.num_batches_tracked.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        return x * scale + (self.bias - self.running_mean * scale)
+
+
+def freeze_batchnorm(model: nn.Module) -> nn.Module:
+    """Freeze every `BatchNorm1d` in `model` (statistics and affine) in place, as timm's `freeze` does for BatchNorm2d.
+
+    `timm.utils.freeze(model)` stops the gradients of every parameter, and freezes the running
+    statistics of `BatchNorm2d` layers only; the BatchNorm of bnvit's FFN is a `BatchNorm1d`
+    over tokens. This replaces each by a `FrozenBatchNorm1d`; `unfreeze_batchnorm` undoes it.
+
+    Returns:
+        `model` itself.
+
+    Examples:
+        >>> from bnvit import ViTBNFFN
+        >>> model = freeze_batchnorm(ViTBNFFN(depth=1))
+        >>> type(model.blocks[0].ffn.norm.bn).__name__
+        'FrozenBatchNorm1d'
+    """
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.BatchNorm1d) and child.track_running_stats:
+            setattr(model, name, FrozenBatchNorm1d(child))
+        else:
+            freeze_batchnorm(child)
+    return model
+
+
+def unfreeze_batchnorm(model: nn.Module) -> nn.Module:
+    """Turn every `FrozenBatchNorm1d` in `model` back into a trainable `BatchNorm1d` (same values), in place."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, FrozenBatchNorm1d):
+            bn = nn.BatchNorm1d(child.num_features, eps=child.eps, device=child.weight.device, dtype=child.weight.dtype)
+            bn.load_state_dict(child.state_dict())
+            setattr(model, name, bn)
+        else:
+            unfreeze_batchnorm(child)
+    return model
+
+
 class TokenBatchNorm(nn.Module):
     """BatchNorm of the last (feature) axis, with statistics over every other axis.
 
@@ -97,6 +196,9 @@ class TokenBatchNorm(nn.Module):
         super().__init__()
         self.bn = nn.BatchNorm1d(num_features, eps=eps, momentum=momentum, device=device, dtype=dtype)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TypeError(TORCHSCRIPT_REFUSAL)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if self.training and in_recomputation():
@@ -105,6 +207,16 @@ class TokenBatchNorm(nn.Module):
         else:
             out = self.bn(flat)
         return out.view(x.shape)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Module:
+        """The per-feature `ScaleShift` this norm is in eval mode, for where no Linear can take it.
+
+        The modules around a `TokenBatchNorm` fold it into their Linear layers themselves; this
+        is what timm's `reparameterize_model` replaces one by when no module around it did (a
+        `ViTBN`'s final norm when the `ViTBN` is the model timm starts from).
+        """
+        return bn_scale_shift(self.bn)
 
 
 @contextlib.contextmanager

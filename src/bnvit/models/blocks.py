@@ -78,14 +78,15 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(self.pre_norm(patchify(x, self.patch_size))))
 
     @torch.no_grad()
-    def fuse(self) -> None:
-        """Fold BatchNorm norms into the projection, in place (eval mode only)."""
+    def fuse(self) -> PatchEmbed:
+        """Fold BatchNorm norms into the projection, in place (eval mode only); returns `self`, as timm expects."""
         if isinstance(self.norm, TokenBatchNorm):
             self.proj = fold_bn_after_linear(self.proj, self.norm.bn)
             self.norm = nn.Identity()
         if isinstance(self.pre_norm, TokenBatchNorm):
             self.proj = fold_bn_before_linear(self.pre_norm.bn, self.proj)
             self.pre_norm = nn.Identity()
+        return self
 
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -172,11 +173,15 @@ class BatchNormFFN(nn.Module):
         return self.drop2(self.fc2(x))
 
     @torch.no_grad()
-    def fuse(self) -> None:
-        """Fold the BatchNorm into `fc1`, in place (eval mode only): `fc1` then does both."""
+    def fuse(self) -> BatchNormFFN:
+        """Fold the BatchNorm into `fc1`, in place (eval mode only): `fc1` then does both.
+
+        Returns `self`: timm's `reparameterize_model` replaces a module by what its `fuse()` returns.
+        """
         if isinstance(self.norm, TokenBatchNorm):
             self.fc1 = fold_bn_after_linear(self.fc1, self.norm.bn)
             self.norm = nn.Identity()
+        return self
 
 
 class EncoderBlock(nn.Module):

@@ -17,8 +17,9 @@ import torch.fx
 from torch import nn
 
 from .._util import checks as _checks
+from .batchnorm import set_bn_hyperparameters
 from .features import feature_take_indices, forward_blocks
-from .fold import fold_sequential
+from .fold import FoldingSequential
 
 __all__ = ["MLP"]
 
@@ -50,6 +51,8 @@ class MLP(nn.Module):
         img_size: Input side, or `(height, width)`.
         in_chans: Input channels; the input is flattened to `in_chans * height * width` values.
         num_classes: Output classes; 0 gives a model without a head (features only).
+        bn_momentum: Momentum of the BatchNorms' running statistics (`norm="bn"`), in (0, 1].
+        bn_eps: The `eps` of the BatchNorms, a finite number > 0.
 
     Examples:
         >>> model = MLP(depth=3, norm="bn")
@@ -68,6 +71,8 @@ class MLP(nn.Module):
         img_size: int | tuple[int, int] = 28,
         in_chans: int = 1,
         num_classes: int = 10,
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         depth = _checks.positive_int("depth", depth)
@@ -93,8 +98,9 @@ class MLP(nn.Module):
             layers.append(nn.Linear(in_features if i == 0 else hidden, hidden))
             if norm == "bn":
                 layers.append(nn.BatchNorm1d(hidden))
+                set_bn_hyperparameters(layers[-1], bn_momentum, bn_eps)
             layers.append(_ACTIVATIONS[activation]())
-        self.layers = nn.Sequential(*layers)
+        self.layers = FoldingSequential(*layers)  # its fuse() folds the BatchNorms (timm's --reparam)
         self.head = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
         per_layer = len(layers) // depth
         self.feature_info = [
@@ -177,7 +183,7 @@ class MLP(nn.Module):
         """Drop the hidden layers after the last one in `indices` (and the head), as timm's models do."""
         groups = self._hidden_layers()
         take, last = feature_take_indices(len(groups), indices)
-        self.layers = nn.Sequential(*[m for group in groups[: last + 1] for m in group])
+        self.layers = FoldingSequential(*[m for group in groups[: last + 1] for m in group])
         self.feature_info = self.feature_info[: last + 1]
         self.config["depth"] = last + 1
         if prune_head:
@@ -197,6 +203,7 @@ class MLP(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
 
     @torch.no_grad()
-    def fuse(self) -> None:
-        """Fold each BatchNorm into the Linear before it, in place (eval mode only)."""
-        fold_sequential(self.layers)
+    def fuse(self) -> MLP:
+        """Fold each BatchNorm into the Linear before it, in place (eval mode only); returns `self`."""
+        self.layers.fuse()
+        return self

@@ -17,10 +17,15 @@ model cheaper than its LayerNorm twin at inference.
 A folded `ViTBN` therefore has no normalization left; a folded `ViTBNFFN` keeps the
 attention LayerNorms, which cannot be folded.
 
-Each module that can fold owns a `fuse()` method that folds its own norms in place
-(`BatchNormFFN`, `Attention`, `PatchEmbed`, `ViT` for its final norm, `MLP`), as timm's LeViT
-does; `fold_batchnorm` walks a model and calls them. The float64 arithmetic is shared here,
-so this module imports no model code (the models import it).
+Each module that can fold owns a `fuse()` method that folds its own norms (`BatchNormFFN`,
+`Attention`, `PatchEmbed`, `ViT` for its final norm, the MLP's `FoldingSequential`), as timm's
+LeViT does, and returns the folded module: timm's `reparameterize_model` (`--reparam` in timm's
+scripts) replaces each child by what its `fuse()` returns. bnvit's modules fold in place and
+return themselves; a `TokenBatchNorm` left with no Linear to fold into (a `ViTBN`'s final norm
+when it is the model timm starts from: timm calls the `fuse()` of children only) returns the
+`ScaleShift` it is in eval mode. `fold_batchnorm` walks a model the same way, starting with the
+model's own `fuse()`. The float64 arithmetic is shared here, so this module imports no model
+code (the models import it).
 """
 
 from __future__ import annotations
@@ -34,7 +39,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._util.checks import check_bn_statistics
 
-__all__ = ["fold_batchnorm", "fold_bn_after_linear", "fold_bn_before_linear", "fold_sequential"]
+__all__ = [
+    "FoldingSequential",
+    "ScaleShift",
+    "bn_scale_shift",
+    "fold_affine_before_linear",
+    "fold_batchnorm",
+    "fold_bn_after_linear",
+    "fold_bn_before_linear",
+    "fold_sequential",
+]
 
 
 def _bn_affine(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,12 +65,43 @@ def _bn_affine(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
+class ScaleShift(nn.Module):
+    """`x * scale + shift` over the last axis: a BatchNorm in eval mode with nothing to fold into.
+
+    Args:
+        scale: Per-feature scale, shape `(C,)`.
+        shift: Per-feature shift, shape `(C,)`.
+    """
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+def bn_scale_shift(bn: _BatchNorm) -> ScaleShift:
+    """The eval-mode map of `bn` as a `ScaleShift` (features on the last axis), in `bn`'s dtype and device.
+
+    Examples:
+        >>> bn = nn.BatchNorm1d(3).eval()
+        >>> x = torch.randn(5, 3)
+        >>> torch.allclose(bn_scale_shift(bn)(x), bn(x), atol=1e-6)
+        True
+    """
+    scale, shift = _bn_affine(bn)
+    like = bn.running_mean
+    return ScaleShift(scale.to(like.dtype), shift.to(like.dtype))
+
+
 def _new_linear(like: nn.Linear, weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
     out = nn.Linear(like.in_features, like.out_features, bias=True, device=like.weight.device, dtype=like.weight.dtype)
     with torch.no_grad():
         out.weight.copy_(weight)
         out.bias.copy_(bias)
-    return out
+    return out.train(like.training)
 
 
 def fold_bn_after_linear(linear: nn.Linear, bn: _BatchNorm) -> nn.Linear:
@@ -83,12 +128,31 @@ def fold_bn_before_linear(bn: _BatchNorm, linear: nn.Linear) -> nn.Linear:
         >>> torch.allclose(fold_bn_before_linear(bn, lin)(x), lin(bn(x)), atol=1e-6)
         True
     """
-    scale, shift = _bn_affine(bn)
-    weight = linear.weight.double()
-    bias = weight @ shift
-    if linear.bias is not None:
-        bias = bias + linear.bias.double()
-    return _new_linear(linear, weight * scale[None, :], bias)
+    weight, bias = fold_affine_before_linear(*_bn_affine(bn), linear.weight, linear.bias)
+    return _new_linear(linear, weight, bias)
+
+
+def fold_affine_before_linear(
+    scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of `x -> W (scale * x + shift) + b`, computed in float64, in `weight`'s dtype.
+
+    The arithmetic of every per-feature affine map folded into the Linear after it: a BatchNorm
+    in eval mode, or the affine part of a LayerNorm dropped in front of a Linear.
+
+    Examples:
+        >>> lin = nn.Linear(4, 3)
+        >>> s, t, x = torch.rand(4) + 0.5, torch.randn(4), torch.randn(5, 4)
+        >>> w, b = fold_affine_before_linear(s, t, lin.weight, lin.bias)
+        >>> torch.allclose(x @ w.T + b, lin(x * s + t), atol=1e-6)
+        True
+    """
+    w = weight.detach().double()
+    folded_bias = w @ shift.detach().double()
+    if bias is not None:
+        folded_bias = folded_bias + bias.detach().double()
+    folded = w * scale.detach().double()[None, :]
+    return folded.to(weight.dtype), folded_bias.to(weight.dtype)
 
 
 def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -133,18 +197,49 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     check_bn_statistics(model, "fold_batchnorm: the model")
     if not inplace:
         model = copy.deepcopy(model)
-    for module in list(model.modules()):
-        if _owns_fuse(module):
-            module.fuse()
-        elif isinstance(module, nn.Sequential):
-            fold_sequential(module)
+    if _owns_fuse(model):
+        model = model.fuse()
+    if isinstance(model, nn.Sequential):
+        fold_sequential(model)
+    _fold_children(model)
     return model.eval()
 
 
+def _fold_children(module: nn.Module) -> None:
+    """Fold each child (its `fuse()`, or the pairs of an `nn.Sequential`), then its children: timm's walk."""
+    for name, child in list(module.named_children()):
+        if _owns_fuse(child):
+            folded = child.fuse()
+            if folded is not child:
+                setattr(module, name, folded)
+            child = folded
+        elif isinstance(child, nn.Sequential):
+            fold_sequential(child)
+        _fold_children(child)
+
+
 def _owns_fuse(module: nn.Module) -> bool:
-    """Whether `module` has bnvit's in-place `fuse()` (also when a user subclasses a bnvit module)."""
+    """Whether `module` has bnvit's `fuse()` (also when a user subclasses a bnvit module)."""
     fuse = getattr(type(module), "fuse", None)
     return callable(fuse) and getattr(fuse, "__module__", "").startswith("bnvit.")
+
+
+class FoldingSequential(nn.Sequential):
+    """An `nn.Sequential` whose `fuse()` folds its `Linear -> BatchNorm1d` pairs (`fold_sequential`) and returns it.
+
+    The article's MLPs hold their layers in one, so timm's `reparameterize_model` folds them
+    (timm calls the `fuse()` of a model's children, not the model's own).
+
+    Examples:
+        >>> seq = FoldingSequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU()).eval()
+        >>> [type(m).__name__ for m in seq.fuse()]
+        ['Linear', 'Identity', 'ReLU']
+    """
+
+    def fuse(self) -> FoldingSequential:
+        """Fold each `Linear -> BatchNorm1d` pair in place (eval mode only); returns `self`."""
+        fold_sequential(self)
+        return self
 
 
 @torch.no_grad()

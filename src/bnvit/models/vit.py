@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .._util import checks as _checks
-from .batchnorm import TokenBatchNorm, bn_safe_context_fn, token_norm
+from .batchnorm import TORCHSCRIPT_REFUSAL, TokenBatchNorm, bn_safe_context_fn, token_norm
 from .blocks import EncoderBlock, PatchEmbed, sincos_pos_embed
 from .config import _POOL_ALIASES, POOLS, POS_EMBEDS, WEIGHT_INITS, ViTConfig  # noqa: F401
 from .features import check_images, feature_take_indices, forward_blocks, input_cfg, resample_pos_embed
@@ -315,8 +315,8 @@ class ViT(nn.Module):
             self.pretrained_cfg = self.default_cfg = input_cfg(self.pretrained_cfg, self.in_chans, self.cfg.img_size)
 
     @torch.no_grad()
-    def fuse(self) -> None:
-        """Fold a BatchNorm final norm into the head, in place (eval mode only).
+    def fuse(self) -> ViT:
+        """Fold a BatchNorm final norm into the head, in place (eval mode only); returns `self`.
 
         Pooling (CLS token or mean) commutes with a per-feature affine map, so `head(pool(BN(x)))`
         is `head'(pool(x))`. The blocks and the patch embedding fold themselves (`bnvit.fold_batchnorm`
@@ -325,6 +325,10 @@ class ViT(nn.Module):
         if isinstance(self.norm, TokenBatchNorm) and isinstance(self.head, nn.Linear):
             self.head = fold_bn_before_linear(self.norm.bn, self.head)
             self.norm = nn.Identity()
+        return self
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TypeError(TORCHSCRIPT_REFUSAL)
 
     def extra_repr(self) -> str:
         c = self.cfg

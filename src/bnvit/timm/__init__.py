@@ -4,6 +4,6 @@
 Inside this package `import timm` still means timm itself (absolute imports).
 """
 
-from .blocks import BatchNormMlp, BNFFNBlock, to_bn_ffn
+from .blocks import BatchNormMlp, BNFFNBlock, name_bn_ffn, to_bn_ffn
 
-__all__ = ["BNFFNBlock", "BatchNormMlp", "to_bn_ffn"]
+__all__ = ["BNFFNBlock", "BatchNormMlp", "name_bn_ffn", "to_bn_ffn"]

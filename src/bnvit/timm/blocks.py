@@ -21,9 +21,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
+import timm
 import torch
 from timm.layers import Attention as TimmAttention
 from timm.layers import DropPath, LayerNorm, LayerScale, Mlp, get_act_layer
@@ -31,10 +33,12 @@ from timm.models.vision_transformer import ATTN_LAYERS, Block, VisionTransformer
 from torch import nn
 
 from .._util import checks as _checks
+from ..models.batchnorm import TORCHSCRIPT_REFUSAL
 from ..models.blocks import BatchNormFFN, EncoderBlock, FeedForward
+from ..models.fold import fold_affine_before_linear
 from ..models.vit import ViT
 
-__all__ = ["BNFFNBlock", "BatchNormMlp", "to_bn_ffn"]
+__all__ = ["BNFFNBlock", "BatchNormMlp", "name_bn_ffn", "to_bn_ffn"]
 
 
 def _two(name: str, value: Any, check: Callable[[str, Any], Any]) -> tuple[Any, Any]:
@@ -226,8 +230,15 @@ class BNFFNBlock(nn.Module):
         depth: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **unsupported: Any,
     ) -> None:
         super().__init__()
+        if unsupported:
+            raise TypeError(
+                f"BNFFNBlock takes the arguments of timm's Block (the block of timm's VisionTransformer: vit_*, "
+                f"deit_*, ...); got {', '.join(sorted(unsupported))}, which another ViT family passes "
+                "(rel_pos_cls: vit_relpos_*); that family's blocks are not supported"
+            )
         if scale_mlp_norm:
             raise ValueError(
                 "BNFFNBlock has no norm inside its FFN but its BatchNorm; scale_mlp_norm must be False, got True"
@@ -263,6 +274,9 @@ class BNFFNBlock(nn.Module):
         self.ls2 = LayerScale(dim, init_values=init_values, **dd) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TypeError(TORCHSCRIPT_REFUSAL)
+
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         return x + self.drop_path2(self.ls2(self.mlp(x)))
@@ -271,13 +285,24 @@ class BNFFNBlock(nn.Module):
 # ---------------------------------------------------------------------------- conversion
 
 
-def _with_bn(ffn: Mlp | FeedForward, build: Callable[[int, int, int], BatchNormFFN]) -> BatchNormFFN:
+def _with_bn(
+    ffn: Mlp | FeedForward, build: Callable[[int, int, int], BatchNormFFN], norm: nn.Module | None
+) -> BatchNormFFN:
     """`build(in, hidden, out)` holding `ffn`'s own Linear layers, activation and dropouts, and a fresh BatchNorm.
 
     The BatchNorm after `fc1` is initialised as for training (scale 1, shift 0, running mean 0
-    and variance 1), on `fc1`'s device and dtype, in `ffn`'s train/eval mode.
+    and variance 1), on `fc1`'s device and dtype, in `ffn`'s train/eval mode. `norm`, the
+    LayerNorm dropped before the FFN, has its affine map folded into `fc1` (in place, the same
+    parameters), unless it is `None`.
     """
     fc1, fc2 = ffn.fc1, ffn.fc2
+    if norm is not None and getattr(norm, "weight", None) is not None:
+        shift = norm.bias if norm.bias is not None and fc1.bias is not None else torch.zeros_like(norm.weight)
+        weight, bias = fold_affine_before_linear(norm.weight, shift, fc1.weight, fc1.bias)
+        with torch.no_grad():
+            fc1.weight.copy_(weight)
+            if fc1.bias is not None:
+                fc1.bias.copy_(bias)
     with torch.device("meta"):  # nothing allocated: every module but the BatchNorm is replaced by ffn's own
         new = build(fc1.in_features, fc1.out_features, fc2.out_features)
     new.norm = type(new.norm)(fc1.out_features, device=fc1.weight.device, dtype=fc1.weight.dtype)
@@ -296,6 +321,11 @@ def _refuse_timm_block(index: int, block: nn.Module) -> None:
             "whose layout it does not know"
         )
     mlp = block.mlp
+    if isinstance(mlp, BatchNormFFN):
+        raise ValueError(
+            f"blocks.{index}.mlp is already a BatchNorm FFN (mlp_layer=BatchNormMlp), behind timm's norm2 "
+            "LayerNorm; for the article's form, with no norm before the FFN, build with block_fn=bnvit.BNFFNBlock"
+        )
     if type(mlp) is not Mlp or isinstance(mlp.fc1, nn.Conv2d):
         raise ValueError(
             f"to_bn_ffn converts timm's Mlp (Linear -> act -> Linear); blocks.{index}.mlp is a "
@@ -307,19 +337,19 @@ def _refuse_timm_block(index: int, block: nn.Module) -> None:
         )
 
 
-def _convert_timm(model: VisionTransformer) -> None:
+def _convert_timm(model: VisionTransformer, fold_norm: bool) -> None:
     for index, block in enumerate(model.blocks):
         _refuse_timm_block(index, block)
     for index, block in enumerate(model.blocks):
         new = BNFFNBlock.__new__(BNFFNBlock)  # assembled from the block's own modules, nothing re-initialised
         nn.Module.__init__(new)
         new.norm1, new.attn, new.ls1, new.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
-        new.mlp = _with_bn(block.mlp, BatchNormMlp)
+        new.mlp = _with_bn(block.mlp, BatchNormMlp, block.norm2 if fold_norm else None)
         new.ls2, new.drop_path2 = block.ls2, block.drop_path2
         model.blocks[index] = new.train(block.training)
 
 
-def _convert_bnvit(model: ViT) -> None:
+def _convert_bnvit(model: ViT, fold_norm: bool) -> None:
     if model.cfg.norm != "ln":
         form = "already in the article's form" if model.cfg.norm == "bn_ffn" else "a ViTBN (BatchNorm everywhere)"
         raise ValueError(
@@ -332,11 +362,78 @@ def _convert_bnvit(model: ViT) -> None:
                 f"{type(block).__name__} with a {type(getattr(block, 'ffn', None)).__name__}"
             )
     for block in model.blocks:
-        block.ffn = _with_bn(block.ffn, lambda dim, hidden, out: BatchNormFFN(dim, hidden, out_dim=out))
+        block.ffn = _with_bn(block.ffn, _bnvit_ffn, block.ffn.norm if fold_norm else None)
     model.cfg = dataclasses.replace(model.cfg, norm="bn_ffn")
 
 
-def to_bn_ffn(model: nn.Module) -> nn.Module:
+def name_bn_ffn(model: VisionTransformer) -> VisionTransformer:
+    """Name a timm ViT with `BNFFNBlock`s by its registered BatchNorm-FFN name, so `save_for_hf` can export it.
+
+    A model built as `timm.create_model("vit_tiny_patch16_224", block_fn=bnvit.BNFFNBlock)`
+    records a class among its reconstruction arguments, which `timm.models.save_for_hf` cannot
+    write, and its `pretrained_cfg` names the LayerNorm model. This names it by its twin
+    (`vit_tiny_patch16_bnffn_224`, `timmvitbnffn_mnist`, ...: `architecture` in its
+    `pretrained_cfg`, with a note) and drops `block_fn` from its reconstruction arguments: the
+    twin builds the same model, so `timm.create_model("local-dir:...", pretrained=True)` rebuilds
+    it from the saved folder. `to_bn_ffn` does this itself.
+
+    Args:
+        model: A timm `VisionTransformer` whose blocks are all `BNFFNBlock`s.
+
+    Returns:
+        `model` itself.
+
+    Raises:
+        TypeError: `model` is not a timm `VisionTransformer`.
+        ValueError: A block is not a `BNFFNBlock`, or bnvit registers no BatchNorm-FFN twin of
+            the model's architecture (the message lists the registered ones).
+
+    Examples:
+        >>> import timm
+        >>> model = timm.create_model("vit_tiny_patch16_224", block_fn=BNFFNBlock, img_size=32, depth=1)
+        >>> name_bn_ffn(model).pretrained_cfg["architecture"], "block_fn" in model._model_args
+        ('vit_tiny_patch16_bnffn_224', False)
+    """
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"name_bn_ffn names a timm VisionTransformer, got {type(model).__name__}")
+    if not all(isinstance(block, BNFFNBlock) for block in model.blocks):
+        raise ValueError("name_bn_ffn names a ViT whose blocks are all bnvit.BNFFNBlock; convert it with to_bn_ffn")
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    arch = cfg.get("architecture") or ""
+    twin = _twin(arch)
+    if twin is None:
+        registered = ", ".join(n for n in timm.list_models("*bnffn*") if _is_bnvits(n))
+        raise ValueError(
+            f"bnvit registers no BatchNorm-FFN twin of {arch!r}; registered: {registered} "
+            "(save_for_hf needs a name that rebuilds the model)"
+        )
+    if twin != arch:
+        cfg["notes"] = (f"{arch} with bnvit.BNFFNBlock: the weights of {arch}.{cfg.get('tag')} converted",)
+    cfg["architecture"] = twin
+    model.pretrained_cfg = model.default_cfg = cfg
+    model._model_args = {k: v for k, v in getattr(model, "_model_args", {}).items() if k != "block_fn"}
+    return model
+
+
+def _is_bnvits(name: str) -> bool:
+    return timm.is_model(name) and timm.models.model_entrypoint(name).__module__.startswith("bnvit.")
+
+
+def _twin(arch: str) -> str | None:
+    """The registered BatchNorm-FFN name of a timm ViT architecture (itself if it is one), or None."""
+    if _is_bnvits(arch) and "bnffn" in arch:
+        return arch
+    for candidate in (re.sub(r"_(\d+)$", r"_bnffn_\1", arch), arch.replace("timmvitln_", "timmvitbnffn_", 1)):
+        if candidate != arch and _is_bnvits(candidate):
+            return candidate
+    return None
+
+
+def _bnvit_ffn(dim: int, hidden: int, out: int) -> BatchNormFFN:
+    return BatchNormFFN(dim, hidden, out_dim=out)
+
+
+def to_bn_ffn(model: nn.Module, *, fold_norm: bool = True) -> nn.Module:
     """Convert a LayerNorm ViT to the article's form in place: BatchNorm inside each FFN, no norm before it.
 
     For a timm `VisionTransformer` built from timm's `Block` (ViT, DeiT, ... at any size) each
@@ -344,17 +441,20 @@ def to_bn_ffn(model: nn.Module) -> nn.Module:
     `BatchNormFFN` and the model's `cfg.norm` becomes `"bn_ffn"` (its checkpoints then load as
     `ViTBNFFN`). Every weight that carries over is kept, as the same tensors: the attention with
     its pre-norm, `fc1`, `fc2`, LayerScale, and everything outside the blocks. The LayerNorm
-    before each FFN is dropped, and a new BatchNorm after each `fc1` starts as in training
-    (scale 1, shift 0, running mean 0, running variance 1).
+    before each FFN is dropped, its affine map (`x * weight + bias`) folded into `fc1` when
+    `fold_norm` (its normalization cannot be kept), and a new BatchNorm after each `fc1` starts
+    as in training (scale 1, shift 0, running mean 0, running variance 1). The same conversion
+    of a state dict is `bnvit.weights.convert.ln_ffn_to_bn_ffn`.
 
-    The converted model computes something else than the original: use it as the starting point
-    for fine-tuning (a few epochs at a small learning rate), not as a drop-in replacement. Before
-    evaluating it without training, give the BatchNorms their statistics with
-    `bnvit.recalibrate_bn(model, data)`.
+    The converted model computes something else than the original: give its BatchNorms their
+    statistics with `bnvit.recalibrate_bn(model, data)` before evaluating it, and fine-tune it
+    (a few epochs at a small learning rate) to get the original's accuracy back
+    (docs/timm-blocks.md measures both on MNIST).
 
     Args:
         model: A timm `VisionTransformer` whose blocks are all timm's `Block` with timm's `Mlp`,
             or a bnvit `ViT` with `norm="ln"`.
+        fold_norm: Fold the dropped LayerNorm's affine map into `fc1` (True) or drop it (False).
 
     Returns:
         `model` itself, converted.
@@ -372,11 +472,16 @@ def to_bn_ffn(model: nn.Module) -> nn.Module:
         >>> model = to_bn_ffn(model)
         >>> type(model.blocks[0]).__name__, model.blocks[0].mlp.fc1 is fc1
         ('BNFFNBlock', True)
+        >>> model.pretrained_cfg["architecture"]
+        'deit_tiny_patch16_bnffn_224'
     """
+    _bool("fold_norm", fold_norm)
     if isinstance(model, VisionTransformer):
-        _convert_timm(model)
+        _convert_timm(model, fold_norm)
+        if _twin((getattr(model, "pretrained_cfg", None) or {}).get("architecture") or "") is not None:
+            name_bn_ffn(model)
     elif isinstance(model, ViT):
-        _convert_bnvit(model)
+        _convert_bnvit(model, fold_norm)
     else:
         raise TypeError(
             f"to_bn_ffn converts a timm VisionTransformer or a bnvit ViT, got {type(model).__name__} "

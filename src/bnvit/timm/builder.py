@@ -24,10 +24,11 @@ from ..models.features import feature_take_indices, input_cfg
 from ..weights.convert import checkpoint_filter_fn
 from ..weights.loading import locate_shipped, read_state_dict
 
-__all__ = ["build_with_weights", "pretrained_cfg", "pretrained_state_dict"]
+__all__ = ["build_with_weights", "fitted_cfg", "pretrained_cfg", "pretrained_state_dict"]
 
-MNIST_INPUT = dict(input_size=(1, 28, 28), mean=(0.0,), std=(1.0,), num_classes=10)
-"""The pretrained-cfg fields of a 28x28 MNIST model: one channel in [0, 1], ten classes."""
+MNIST_LABELS = tuple(str(digit) for digit in range(10))
+MNIST_INPUT = dict(input_size=(1, 28, 28), mean=(0.0,), std=(1.0,), num_classes=10, label_names=MNIST_LABELS)
+"""The pretrained-cfg fields of a 28x28 MNIST model: one channel in [0, 1], ten classes named "0" to "9"."""
 
 Infer = Callable[[dict[str, torch.Tensor], str, str, Mapping[str, Any], Mapping[str, Any]], dict[str, Any]]
 
@@ -50,6 +51,28 @@ def pretrained_cfg(*, first_conv: str, **fields: Any) -> dict[str, Any]:
         license="mit",
     )
     return {**shared, "first_conv": first_conv, **fields}
+
+
+def fitted_cfg(cfg: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """A model's pretrained cfg for what it was built as (`config`: its `in_chans`, `img_size`, ...).
+
+    The input size and a one-channel `mean` / `std` follow the channels and image size
+    (`bnvit.models.features.input_cfg`); `fixed_input_size` is false for a model built with
+    `dynamic_img_size=True` (it takes other sizes); `label_names` are dropped for another number
+    of classes than the cfg's.
+
+    Examples:
+        >>> cfg = fitted_cfg(pretrained_cfg(first_conv="x", **MNIST_INPUT), dict(in_chans=1, img_size=(56, 56),
+        ...                  num_classes=3, dynamic_img_size=True))
+        >>> cfg["input_size"], cfg["fixed_input_size"], "label_names" in cfg
+        ((1, 56, 56), False, False)
+    """
+    out = input_cfg(dict(cfg), config["in_chans"], config["img_size"])
+    if config.get("dynamic_img_size"):
+        out["fixed_input_size"] = False
+    if config.get("num_classes") != cfg.get("num_classes"):
+        out.pop("label_names", None)
+    return out
 
 
 def pretrained_state_dict(
@@ -184,7 +207,7 @@ def build_with_weights(
             # pretrained: the cfg says where the weights came from and holds no copy of them; and
             # it describes the images the model takes (`in_chans`, `img_size`), for timm's data config
             base = cfg if pretrained else module.pretrained_cfg
-            fitted = input_cfg(base, module.config["in_chans"], module.config["img_size"])
+            fitted = fitted_cfg(base, module.config)
             module.pretrained_cfg = module.default_cfg = fitted
             if feature_cfg:
                 model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(fitted)

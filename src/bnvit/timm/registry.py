@@ -8,13 +8,16 @@ Importing `bnvit` registers these names in timm's model registry (`<family>_<siz
 | `vitbnffn_mnist`                 | 1x28x28   | 7     | `bn_ffn` |
 | `vitbn_mnist`                    | 1x28x28   | 7     | `bn`     |
 | `vitln_cifar`, `vitbnffn_cifar`, `vitbn_cifar` | 3x32x32 | 4 | as named |
-| `vitln_{tiny,small,base}_patch16_224`, `vitbnffn_...`, `vitbn_...` | 3x224x224 | 16 | as named |
+| `vitln_{ti,s,b}16_224`, `vitbnffn_...`, `vitbn_...` | 3x224x224 | 16 | as named |
 
 The MNIST and CIFAR builders use the article's configuration (dim 64, 8 heads of width 64,
 MLP width 128, depth 6 unless `depth=` is given) and its initialization. The ImageNet-size
-twins use the usual ViT-Ti/S/B widths, qkv bias and timm-style initialization. The LayerNorm
-family is `vitln` at every size (`vit_*_patch16_224` are timm's own models); its earlier names
-`vit_mnist` and `vit_cifar` still build it, with timm's warning for a renamed model.
+twins use the usual ViT-Ti/S/B widths, qkv bias and timm-style initialization, in bnvit's
+layout (its patch embedding, 64-wide heads): their sizes are written `ti16_224`, `s16_224`,
+`b16_224` so that no name reads as timm's layout (`*_patch16_*` names are timm's
+`VisionTransformer`, `bnvit.timm.vision_transformer_bnffn`). Their earlier names
+(`vitbnffn_tiny_patch16_224`, ...) and `vit_mnist`, `vit_cifar` still build them, with timm's
+warning for a renamed model.
 
 The article's reference checkpoints load with
 `timm.create_model("vitbnffn_mnist", pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`
@@ -63,6 +66,7 @@ _IMAGENET_WIDTHS = {
     "small": dict(dim=384, heads=6, mlp_dim=1536),
     "base": dict(dim=768, heads=12, mlp_dim=3072),
 }
+_SHORT = {"tiny": "ti", "small": "s", "base": "b"}  # ViT-Ti/16, ViT-S/16, ViT-B/16, as the papers write them
 _PREFIX_NORM = {"vitln": "ln", "vitbnffn": "bn_ffn", "vitbn": "bn"}
 
 _MNIST_CFG = pretrained_cfg(first_conv="patch_embed.proj", **MNIST_INPUT)
@@ -93,7 +97,7 @@ default_cfgs = generate_default_cfgs(
         **{f"{prefix}_cifar": _CIFAR_CFG for prefix in ("vitln", "vitbnffn", "vitbn")},
         **{name: pretrained_cfg(first_conv="layers.0", **MNIST_INPUT) for name in ("dnn_mnist", "dnnbn_mnist")},
         **{
-            f"{prefix}_{width}_patch16_224": _IMAGENET_CFG
+            f"{prefix}_{_SHORT[width]}16_224": _IMAGENET_CFG
             for prefix in ("vitln", "vitbnffn", "vitbn")
             for width in _IMAGENET_WIDTHS
         },
@@ -177,57 +181,57 @@ def _imagenet(width: str, norm: str) -> dict[str, Any]:
 
 
 @register_model
-def vitln_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
+def vitln_ti16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
     """ViT-Ti/16 (dim 192, 3 heads) with LayerNorm, in bnvit's architecture."""
-    return _create_vit("vitln_tiny_patch16_224", pretrained, _imagenet("tiny", "ln"), **kwargs)
+    return _create_vit("vitln_ti16_224", pretrained, _imagenet("tiny", "ln"), **kwargs)
 
 
 @register_model
-def vitln_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
+def vitln_s16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
     """ViT-S/16 (dim 384, 6 heads) with LayerNorm, in bnvit's architecture."""
-    return _create_vit("vitln_small_patch16_224", pretrained, _imagenet("small", "ln"), **kwargs)
+    return _create_vit("vitln_s16_224", pretrained, _imagenet("small", "ln"), **kwargs)
 
 
 @register_model
-def vitln_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
+def vitln_b16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
     """ViT-B/16 (dim 768, 12 heads) with LayerNorm, in bnvit's architecture."""
-    return _create_vit("vitln_base_patch16_224", pretrained, _imagenet("base", "ln"), **kwargs)
+    return _create_vit("vitln_b16_224", pretrained, _imagenet("base", "ln"), **kwargs)
 
 
 @register_model
-def vitbnffn_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
+def vitbnffn_ti16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
     """ViT-Ti/16 with a BatchNorm in every FFN."""
-    return _create_vit("vitbnffn_tiny_patch16_224", pretrained, _imagenet("tiny", "bn_ffn"), **kwargs)
+    return _create_vit("vitbnffn_ti16_224", pretrained, _imagenet("tiny", "bn_ffn"), **kwargs)
 
 
 @register_model
-def vitbnffn_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
+def vitbnffn_s16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
     """ViT-S/16 with a BatchNorm in every FFN."""
-    return _create_vit("vitbnffn_small_patch16_224", pretrained, _imagenet("small", "bn_ffn"), **kwargs)
+    return _create_vit("vitbnffn_s16_224", pretrained, _imagenet("small", "bn_ffn"), **kwargs)
 
 
 @register_model
-def vitbnffn_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
+def vitbnffn_b16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
     """ViT-B/16 with a BatchNorm in every FFN."""
-    return _create_vit("vitbnffn_base_patch16_224", pretrained, _imagenet("base", "bn_ffn"), **kwargs)
+    return _create_vit("vitbnffn_b16_224", pretrained, _imagenet("base", "bn_ffn"), **kwargs)
 
 
 @register_model
-def vitbn_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
+def vitbn_ti16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
     """ViT-Ti/16 with BatchNorm in place of every LayerNorm."""
-    return _create_vit("vitbn_tiny_patch16_224", pretrained, _imagenet("tiny", "bn"), **kwargs)
+    return _create_vit("vitbn_ti16_224", pretrained, _imagenet("tiny", "bn"), **kwargs)
 
 
 @register_model
-def vitbn_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
+def vitbn_s16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
     """ViT-S/16 with BatchNorm in place of every LayerNorm."""
-    return _create_vit("vitbn_small_patch16_224", pretrained, _imagenet("small", "bn"), **kwargs)
+    return _create_vit("vitbn_s16_224", pretrained, _imagenet("small", "bn"), **kwargs)
 
 
 @register_model
-def vitbn_base_patch16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
+def vitbn_b16_224(pretrained: bool = False, **kwargs: Any) -> ViT:
     """ViT-B/16 with BatchNorm in place of every LayerNorm."""
-    return _create_vit("vitbn_base_patch16_224", pretrained, _imagenet("base", "bn"), **kwargs)
+    return _create_vit("vitbn_b16_224", pretrained, _imagenet("base", "bn"), **kwargs)
 
 
 # The article's MLPs (`bnvit.models.dnn`).

@@ -11,9 +11,10 @@ from timm.models._manipulate import adapt_input_conv
 
 from .._util import checks as _checks
 from ..models.features import resample_pos_embed
+from ..models.fold import fold_affine_before_linear
 from ..models.vit import ViT
 
-__all__ = ["adapt_in_chans", "checkpoint_filter_fn", "describe_state_dict", "resample_to_grid"]
+__all__ = ["adapt_in_chans", "checkpoint_filter_fn", "describe_state_dict", "ln_ffn_to_bn_ffn", "resample_to_grid"]
 
 # The reference repository's keys -> bnvit's keys (see docs/checkpoints.md).
 _REFERENCE_KEYS = [
@@ -303,3 +304,66 @@ def _normalized(key: str, value: Any) -> Any:
     if key == "img_size" and isinstance(value, list):
         return tuple(value)
     return value
+
+
+_NORM2 = re.compile(r"^(?P<block>(?:.*\.)?blocks\.\d+)\.norm2\.weight$")
+
+
+def ln_ffn_to_bn_ffn(state_dict: Mapping[str, torch.Tensor], *, fold_norm: bool = True) -> dict[str, torch.Tensor]:
+    """A timm ViT state dict with LayerNorm `Block`s as the same model with `bnvit.BNFFNBlock`s.
+
+    Per block `blocks.{i}`: kept are the attention with its pre-norm (`norm1`), `mlp.fc1`,
+    `mlp.fc2`, LayerScale and everything outside the blocks; dropped is `norm2`, the LayerNorm
+    before the MLP, whose affine map (`x * weight + bias`) is folded into `mlp.fc1` when
+    `fold_norm` (its normalization cannot be kept); new is `mlp.norm.bn`, the BatchNorm after
+    `fc1`, with weight 1, bias 0, running mean 0 and running variance 1 (the identity in eval
+    mode until `bnvit.recalibrate_bn` or training gives it statistics). A state dict with no
+    `norm2` (already in the BatchNorm-FFN form) is returned as a copy, unchanged.
+
+    Args:
+        state_dict: timm's `VisionTransformer` keys (`blocks.0.norm2.weight`, `blocks.0.mlp.fc1.weight`, ...).
+        fold_norm: Fold `norm2`'s weight and bias into `fc1` (True) or drop them (False).
+
+    Returns:
+        A new state dict; the tensors not changed are the same objects.
+
+    Raises:
+        ValueError: A block whose MLP is not timm's `Mlp` (a gated MLP, or a norm inside it),
+            or a state dict with `norm2` in some blocks only.
+
+    Examples:
+        >>> import timm
+        >>> sd = timm.create_model("vit_tiny_patch16_224", depth=1, img_size=32).state_dict()
+        >>> out = ln_ffn_to_bn_ffn(sd)
+        >>> "blocks.0.norm2.weight" in out, float(out["blocks.0.mlp.norm.bn.running_var"][0])
+        (False, 1.0)
+    """
+    out = dict(state_dict)
+    blocks = [m["block"] for k in state_dict if (m := _NORM2.match(k))]
+    converted = {k.rsplit(".mlp.norm.bn.", 1)[0] for k in state_dict if ".mlp.norm.bn." in k}
+    if blocks and converted:
+        raise ValueError(
+            f"the state dict mixes LayerNorm blocks ({blocks[0]} has norm2) and BatchNorm-FFN blocks "
+            f"({sorted(converted)[0]} has mlp.norm.bn); it is neither timm's ViT nor its BatchNorm-FFN form"
+        )
+    for block in blocks:
+        if f"{block}.mlp.fc1.weight" not in state_dict or f"{block}.mlp.norm.weight" in state_dict:
+            mlp_keys = sorted(k[len(block) + 1 :] for k in state_dict if k.startswith(f"{block}.mlp."))
+            raise ValueError(
+                f"{block}'s MLP is not timm's Mlp (Linear fc1 -> act -> Linear fc2, no inner norm): it holds "
+                f"{', '.join(mlp_keys)}; only that MLP converts to the BatchNorm FFN (gated MLPs such as SwiGLU do not)"
+            )
+        gamma, beta = out.pop(f"{block}.norm2.weight"), out.pop(f"{block}.norm2.bias", None)
+        weight, bias = out[f"{block}.mlp.fc1.weight"], out.get(f"{block}.mlp.fc1.bias")
+        if fold_norm:  # without a bias in fc1 only the scale folds (the BatchNorm after it removes shifts)
+            shift = torch.zeros_like(gamma) if beta is None or bias is None else beta
+            weight, folded_bias = fold_affine_before_linear(gamma, shift, weight, bias)
+            out[f"{block}.mlp.fc1.weight"] = weight
+            if bias is not None:
+                out[f"{block}.mlp.fc1.bias"] = folded_bias
+        hidden, like = weight.shape[0], dict(dtype=weight.dtype)
+        bn = f"{block}.mlp.norm.bn."
+        out[bn + "weight"], out[bn + "bias"] = torch.ones(hidden, **like), torch.zeros(hidden, **like)
+        out[bn + "running_mean"], out[bn + "running_var"] = torch.zeros(hidden, **like), torch.ones(hidden, **like)
+        out[bn + "num_batches_tracked"] = torch.tensor(0)
+    return out

@@ -1,7 +1,10 @@
 """The names of bnvit's registered models, `<family>_<size>`, and the old names kept as aliases.
 
-The families and sizes are listed in docs/timm.md. Old names (`RENAMED`) stay registered with
-`timm.models.register_model_deprecations`; bnvit's functions read them as `current_name`.
+The families and sizes are listed in docs/timm.md ("Names"). A `patch16` in a name means timm's
+layout (`{vit,deit}_{tiny,small,base}_patch16_bnffn_224`: timm's `VisionTransformer` with
+`bnvit.BNFFNBlock`); bnvit's own layout never uses it (`vit{ln,bnffn,bn}_{ti,s,b}16_224`). Old
+names (`RENAMED`) stay registered with `timm.models.register_model_deprecations`; bnvit's
+functions read them as `current_name`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ RENAMED: dict[str, str] = {
     "vit_cifar": "vitln_cifar",
     "timmvit_mnist": "timmvitln_mnist",
     "timmvit_bnffn_mnist": "timmvitbnffn_mnist",
+    **{
+        f"{family}_{size}_patch16_224": f"{family}_{short}16_224"
+        for family in ("vitln", "vitbnffn", "vitbn")
+        for size, short in (("tiny", "ti"), ("small", "s"), ("base", "b"))
+    },
 }
 """Old name -> current name, for every registered model bnvit has renamed."""
 
@@ -53,7 +61,7 @@ def check_name(name: str) -> str:
         >>> check_name("vit_tiny_patch16_224")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: unknown bnvit model 'vit_tiny_patch16_224'; bnvit's models are dnn_mnist, ...
+        ValueError: unknown bnvit model 'vit_tiny_patch16_224'; bnvit's models are deit_base_patch16_bnffn_224, ...
     """
     if not isinstance(name, str):
         raise TypeError(f"a model name must be a string, got {type(name).__name__}")
