@@ -108,7 +108,8 @@ def measure(test: int, enlarged_test: int, per_kind: int, seed: int) -> dict:
     return rows
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's flags."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit", action="store_true", help="fit the limits instead of measuring")
     parser.add_argument("--fit-images", default="50000:60000", help="MNIST training images to fit on (START:STOP)")
@@ -116,7 +117,11 @@ def main() -> None:
     parser.add_argument("--enlarged", type=int, default=2_000, help="MNIST test digits to measure on, enlarged")
     parser.add_argument("--per-kind", type=int, default=500, help="generated pictures of each kind")
     parser.add_argument("--seed", type=int, default=1, help="seed of the generated and enlarged pictures")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.fit:
         start, stop = map(int, args.fit_images.split(":"))
         print(json.dumps(fit(load_mnist(None, train=True)[0][start:stop], args.seed)))

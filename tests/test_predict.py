@@ -761,3 +761,12 @@ def test_shipped_weights_are_chosen_by_name(clean_test_digits, tmp_path, capsys)
     assert "--model 'vit_tiny': no weights ship with bnvit" in err and "vitln_mnist" in err
     assert main(["predict", paths[0], "--model", "vitln_mnist", "--checkpoint", "x.pth"]) == 2
     assert "give one of them" in capsys.readouterr().err
+
+
+def test_calibrate_takes_a_shipped_name_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["calibrate", "vitln_mnist", "--images", "59800:60000", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["images"] == 200
+    assert "vitln_mnist ships with bnvit at temperature" in captured.err and "not written" in captured.err
+    assert list(tmp_path.iterdir()) == []
