@@ -18,10 +18,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-__all__ = ["REPRODUCE", "USAGE_ERROR", "build_parser", "main"]
+__all__ = ["NOT_ONE_DIGIT", "REPRODUCE", "USAGE_ERROR", "build_parser", "main"]
 
 USAGE_ERROR = 2
 """Exit status for bad input: unreadable images, wrong checkpoints, invalid options."""
+NOT_ONE_DIGIT = 3
+"""Exit status of `bnvit predict` when every file was classified but some picture holds no single digit."""
 
 REPRODUCE = {
     "depths": "ViT vs ViTBNFFN at several depths, the article's depth figures (examples/compare_depths.py)",
@@ -31,6 +33,11 @@ REPRODUCE = {
     "all": "the seed study: every claim's cells over several seeds, three folders, one command (examples/reproduce.py)",
 }
 """`bnvit reproduce WHAT`: each experiment, with the line `bnvit reproduce --help` shows for it."""
+
+
+_MODEL_HELP = (
+    "weights shipped with bnvit, by name: vitbnffn_mnist (the default) or vitln_mnist; instead of --checkpoint"
+)
 
 
 def _positive_int(text: str) -> int:
@@ -138,15 +145,19 @@ def _add_predict(commands) -> None:
             "a bnvit checkpoint or one of the article's reference checkpoints. Each picture is prepared like an "
             "MNIST digit: inverted if needed, cropped, scaled to 20 pixels and centred in 28x28. Probabilities "
             "are calibrated: the logits are divided by the checkpoint's temperature (`bnvit calibrate`). A file "
-            "that cannot be used is reported on its own line; the others are classified, and the exit status is 2."
+            "that cannot be used is reported on its own line; the others are classified, and the exit status is 2. "
+            "A picture that does not hold one digit (several marks side by side, like a number; noise; a texture) "
+            "is answered with the model's guess, marked as such, and the exit status is 3 (when no file failed)."
         ),
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     parser.add_argument(
         "--checkpoint",
         metavar="PATH",
-        help="a bnvit or reference ViT checkpoint (.pth/.pt); default: the vitbnffn_mnist weights shipped with bnvit",
+        help="a bnvit or reference ViT checkpoint (.pth/.pt), or the name of weights shipped with bnvit; "
+        "default: the vitbnffn_mnist weights shipped with bnvit",
     )
+    parser.add_argument("--model", metavar="NAME", help=_MODEL_HELP)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     parser.add_argument(
         "--top-k", type=_positive_int, default=3, metavar="K", help="how many classes to list per image (default 3)"
@@ -180,7 +191,12 @@ def _add_calibrate(commands) -> None:
             "Never fitted on the test set."
         ),
     )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a bnvit or reference ViT checkpoint (.pth/.pt)")
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a bnvit or reference ViT checkpoint (.pth/.pt), or the name of weights shipped with bnvit "
+        "(vitbnffn_mnist, vitln_mnist: the fit is shown, not written; they carry their own temperature)",
+    )
     parser.add_argument(
         "--images",
         type=_slice,
@@ -203,15 +219,22 @@ def _add_demo(commands) -> None:
             "probabilities as you draw. Without --checkpoint it shows the weights shipped with bnvit."
         ),
     )
-    parser.add_argument("--checkpoint", metavar="PATH", help="a bnvit or reference ViT checkpoint (.pth/.pt)")
-    parser.add_argument("--compare", metavar="PATH", help="a second checkpoint, shown side by side")
+    parser.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="a bnvit or reference ViT checkpoint (.pth/.pt), or the name of weights shipped with bnvit",
+    )
+    parser.add_argument("--model", metavar="NAME", help=_MODEL_HELP)
+    parser.add_argument(
+        "--compare", metavar="PATH", help="a second checkpoint (or shipped weights' name), shown side by side"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=_port, default=7860, help="TCP port (default 7860; 0: any free port)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the `bnvit` command; returns the exit status (0, or 2 for bad input).
+    """Run the `bnvit` command; returns the exit status (0; 2 for bad input; 3 when `predict` saw no single digit).
 
     Examples:
         >>> main(["predict", "digit.png", "--checkpoint", "FinOptAug1_ViT_30.pth"])  # doctest: +SKIP

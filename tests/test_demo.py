@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 import bnvit
 import bnvit.app.demo
@@ -505,3 +505,29 @@ def test_drawing_with_a_finger(browser, server, digit):
     draw_strokes(browser, strokes_from_digit(image), pointer="touch")
     assert wait_for_answer(browser) == [str(label)]
     assert browser.find_element(By.ID, "canvas").get_attribute("data-pointer") == "touch"
+
+
+def test_a_drawing_that_is_not_one_digit_says_so(toy_server):
+    image = Image.new("L", (280, 280), 255)
+    ImageDraw.Draw(image).line([(70, 40), (70, 240)], fill=0, width=20)
+    status, answer = post(toy_server, drawing(image))
+    assert status == 200 and answer["one_digit"] is True and answer["not_one_digit"] is None
+    ImageDraw.Draw(image).line([(210, 40), (210, 240)], fill=0, width=20)  # "11"
+    status, answer = post(toy_server, drawing(image))
+    assert status == 200 and answer["one_digit"] is False
+    assert "like a number" in answer["not_one_digit"] and 0 <= answer["models"][0]["digit"] <= 9
+
+
+def test_cli_serves_shipped_weights_by_name(no_serving):
+    from bnvit.weights.calibration import shipped_temperature
+
+    assert main(["demo", "--model", "vitln_mnist", "--compare", "vitbnffn_mnist", "--port", "0"]) == 0
+    served = no_serving[0].models
+    assert [(m.name, m.description) for m in served] == [
+        ("vitln_mnist", "ViT (LayerNorm), depth 6"),
+        ("vitbnffn_mnist", "ViTBNFFN, depth 6"),
+    ]
+    assert [m.temperature for m in served] == [
+        shipped_temperature("vitln_mnist"),
+        shipped_temperature("vitbnffn_mnist"),
+    ]

@@ -19,6 +19,7 @@ from .article import MNISTDataset, article_transform
 from .augment import AugmentParams, apply_augment, augment_batch, augment_matrices, sample_augment_params
 from .digits import load_image, prepare_digit
 from .loader import DeviceLoader
+from .marks import one_digit_problem
 from .mnist import ENV_VAR, MNIST_FILES, cache_dir, find_mnist_root, load_mnist, mnist_files, read_idx
 from .sets import TEST_METHODS, augmented_test_set, mnist_loaders
 
@@ -40,6 +41,7 @@ __all__ = [
     "load_mnist",
     "mnist_files",
     "mnist_loaders",
+    "one_digit_problem",
     "prepare_digit",
     "read_idx",
     "sample_augment_params",

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..._util.checks import check_bn_statistics, first_line
 from ...data.digits import open_raster, prepare_digit
+from ...data.marks import one_digit_problem
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -185,7 +186,9 @@ def classify_drawing(models: Sequence[DemoModel], image: Image.Image | torch.Ten
 
     Returns:
         `{"input": the 28x28 model input as rows of 0-255 ints, "models": [{"name", "digit",
-        "probability", "probabilities"}, ...]}`.
+        "probability", "probabilities"}, ...], "one_digit": bool, "not_one_digit": why not, or None}`:
+        when `one_digit` is False (several marks side by side, or ink unlike a digit's,
+        `bnvit.data.marks.one_digit_problem`), each model's digit is only its guess.
 
     Raises:
         DrawingError: 422 if there is no digit in the drawing (a blank canvas).
@@ -201,4 +204,5 @@ def classify_drawing(models: Sequence[DemoModel], image: Image.Image | torch.Ten
             dict(name=served.name, digit=digit, probability=float(p[digit]), probabilities=[float(v) for v in p])
         )
     pixels = (x[0] * 255).round().to(torch.uint8)  # (28, 28)
-    return dict(input=pixels.tolist(), models=results)
+    problem = one_digit_problem(x)
+    return dict(input=pixels.tolist(), models=results, one_digit=problem is None, not_one_digit=problem)

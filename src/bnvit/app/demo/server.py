@@ -8,7 +8,8 @@ framing) with a 400 before they reach the application. Routes:
 * `GET /api/models`: the models being served, `{"models": [{"name", "description"}, ...]}`.
 * `POST /api/predict` with `{"image": "data:image/png;base64,..."}` (`Content-Type:
   application/json`, at most `MAX_BODY_BYTES`): `{"input": 28 rows of 28 values in 0-255,
-  "models": [{"name", "digit", "probability", "probabilities": [10 floats]}, ...]}`.
+  "models": [{"name", "digit", "probability", "probabilities": [10 floats]}, ...], "one_digit":
+  false when the drawing holds no single digit (each digit is then a guess), "not_one_digit": why}`.
 
 Every bad request gets a 4xx status with `{"error": message}`; the drawing is prepared with
 `bnvit.data.prepare_digit`, exactly as `bnvit predict` prepares a picture file.

@@ -158,7 +158,8 @@ function show(answer) {
   answer.models.forEach((result, i) => panels[i] && updatePanel(panels[i], result));  // panels: once /api/models answered
   drawInput(answer.input);
   const names = answer.models.map((r) => `${r.digit} (${(100 * r.probability).toFixed(1)}%)`).join(" vs ");
-  setStatus("ready", `Prediction: ${names}`);
+  if (answer.one_digit === false) setStatus("doubt", `Not one digit? ${answer.not_one_digit}. The model's guess: ${names}`);
+  else setStatus("ready", `Prediction: ${names}`);
 }
 
 function showProblem(message) {
