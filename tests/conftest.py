@@ -2,6 +2,9 @@
 
 Tests that need the real MNIST files read them from `BNVIT_DATA` (`../shared/data` from the
 project root in CI); without it they are skipped with a message saying so.
+
+bnvit is imported before torch, so the suite's OpenMP threads wait passively: with a core taken by
+another program, spinning threads made tests many times slower (docs/training.md).
 """
 
 from __future__ import annotations
@@ -11,7 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
+# isort: off
+import bnvit  # noqa: F401  before torch: bnvit._util.device sets OpenMP's passive waiting (robust to a busy core)
 import torch
+
+# isort: on
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_CHECKPOINTS = Path(

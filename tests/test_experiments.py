@@ -79,6 +79,9 @@ def test_example_quick_mode_writes_every_output(mnist_root, tmp_path, capsys, na
         assert "**" not in row, row
     printed = capsys.readouterr().out
     assert "estimated time" in printed and "report:" in printed
+    # the estimate says what it assumes of the rest of the machine (it is measured under today's load)
+    estimate = next(line for line in printed.splitlines() if line.startswith("estimated time"))
+    assert "it holds while the machine stays as busy as now" in estimate, estimate
     # It ends with what to look at, and says it was a smoke test; it prints no verdict.
     *_, smoke, report_line, figures_line, checkpoints_line = printed.strip().splitlines()
     assert smoke.startswith("This was a quick run: a smoke test") and "not a verdict" in smoke

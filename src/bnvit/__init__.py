@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._util import device as _device  # noqa: F401  first: sets OpenMP's passive waiting before torch loads
 from .inference import export_onnx, fold_batchnorm, for_inference
 from .models import (
     MLP,

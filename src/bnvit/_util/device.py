@@ -1,19 +1,37 @@
-"""Devices and training precision: what `"auto"` means on this machine (below training and inference)."""
+"""Devices, precision and CPU threads: what `"auto"` means on this machine.
+
+Importing this module (which `import bnvit` does first) sets `OMP_WAIT_POLICY=PASSIVE` unless it
+is already set, before torch is imported: OpenMP reads its waiting policy once, when torch loads
+it, and spinning threads make training crawl when another program holds a core
+(docs/training.md). A script that imports torch before bnvit keeps OpenMP's default unless it
+sets the variable itself.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import platform
+import sys
 from collections.abc import Iterator
 from typing import Any
 
-import torch
+OPENMP_WAIT_POLICY = "PASSIVE"
+"""The OpenMP waiting policy bnvit asks for (`OMP_WAIT_POLICY`) unless one is set already."""
 
-from . import checks as _checks
+TORCH_LOADED_FIRST = "torch" in sys.modules
+"""Whether torch was imported before bnvit; then OpenMP kept the policy it found in the environment."""
+
+os.environ.setdefault("OMP_WAIT_POLICY", OPENMP_WAIT_POLICY)
+
+import torch  # noqa: E402  after the waiting policy is in the environment: OpenMP reads it when torch loads it
+
+from . import checks as _checks  # noqa: E402
 
 __all__ = [
+    "OPENMP_WAIT_POLICY",
     "PRECISIONS",
+    "TORCH_LOADED_FIRST",
     "autocast",
     "cpu_has_fast_bf16",
     "describe_machine",

@@ -21,7 +21,7 @@ from .._util import checks as _checks
 from .._util.device import resolve_device, resolve_precision
 from ..data import find_mnist_root, mnist_files
 from .claims import verdicts
-from .estimate import MNIST_TEST, MNIST_TRAIN, choose_workers, estimate_seconds
+from .estimate import MNIST_TEST, MNIST_TRAIN, choose_workers, estimate_seconds, load_note
 from .folder import FolderLockedError, check_folder, prepare_folder, read_folder
 from .grid import Cell, Experiment, Settings
 from .parallel import SweepError, check_ray, check_workers
@@ -281,7 +281,10 @@ def _run(experiment: Experiment, args, settings: Settings, cells, out: Path, dev
     print(f"{experiment.name}: {len(cells)} runs ({state}) on {device}, output in {out}")
     if remaining and not args.report_only:
         seconds = estimate_seconds(remaining, settings, device, threads=args.threads)
-        print(f"estimated time: {duration(seconds)} (measured by fit() on a few batches of each model on {device})")
+        print(
+            f"estimated time: {duration(seconds)} (measured by fit() on a few batches of each model on {device}; "
+            f"{load_note()})"
+        )
     if args.estimate:
         return 0
     if not args.report_only:

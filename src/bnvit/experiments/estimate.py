@@ -2,12 +2,15 @@
 
 Timing `fit` itself (not a copy of a step) keeps the estimate true as the loop changes. Each
 model is timed at its smallest and largest depth and the depths between interpolated (cost per
-image is a fixed part plus one per block). `choose_workers` picks processes and threads.
+image is a fixed part plus one per block). The timing is taken with the machine as busy as it is
+then, so the estimate holds while that load stays; the commands print `load_note()` beside it.
+`choose_workers` picks processes and threads.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import statistics
 from collections.abc import Callable, Sequence
 
@@ -20,7 +23,7 @@ from .grid import Cell, Settings
 from .parallel import available_cores
 from .sweep import build_model
 
-__all__ = ["choose_workers", "estimate_seconds", "measure_workers"]
+__all__ = ["choose_workers", "estimate_seconds", "load_note", "measure_workers"]
 
 MNIST_TRAIN, MNIST_TEST = 60_000, 10_000
 
@@ -97,6 +100,20 @@ def estimate_seconds(
         # every epoch trains and scores the test set; the clean test set is scored once more at the end
         total += settings.epochs * (n_train * per_train + n_test * per_eval) + n_test * per_eval
     return total
+
+
+def load_note() -> str:
+    """What an estimate assumes of the rest of the machine, with its load now, for the line beside it.
+
+    Examples:
+        >>> load_note().startswith("it holds while the machine stays as busy as now")
+        True
+    """
+    try:
+        load = f" (load average {os.getloadavg()[0]:.1f} on {available_cores()} cores)"
+    except (AttributeError, OSError):  # no load average on this system
+        load = ""
+    return f"it holds while the machine stays as busy as now{load}; other programs starting or stopping change it"
 
 
 def _interpolated(

@@ -26,7 +26,7 @@ from .cli import (
     run_guarded,
     write_outputs,
 )
-from .estimate import estimate_seconds
+from .estimate import estimate_seconds, load_note
 from .folder import check_folder
 from .grid import ARTICLE_FP32, ARTICLE_MLP, ARTICLE_VIT, Cell, Experiment, Settings
 from .report import report_folder, summary_table
@@ -129,7 +129,8 @@ def _run(args, plan, device: torch.device) -> int:
             line += f", about {duration(seconds)}"
         print(line)
     if not args.report_only:
-        print(f"estimated time: {duration(total)} on {device} (fit() timed on a few batches of each model)")
+        note = load_note()
+        print(f"estimated time: {duration(total)} on {device} (fit() timed on a few batches of each model; {note})")
     if args.estimate:
         return 0
     for _, experiment, settings, cells, folder in plan:
