@@ -278,6 +278,7 @@ def _background(x: torch.Tensor, ink_dark: bool, rounds: int = 10) -> tuple[torc
     middle = values.median()  # to start, the half of the pixels on the background's side (ink is the smaller part)
     keep = values >= middle if ink_dark else values <= middle
     coef = torch.zeros(6, 1, dtype=torch.float64)
+    coef[0] = middle  # too few pixels for a surface (a tiny picture): a flat background at the median
     for _ in range(rounds):
         if int(keep.sum()) < 12:
             break
