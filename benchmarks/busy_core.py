@@ -8,8 +8,9 @@ timed with the machine as it is ("idle") and with one more process spinning on a
 in the rest of the machine's load hits every configuration alike. A run that passes
 `--cap` seconds is stopped and reported as "> cap".
 
-    python benchmarks/busy_core.py                  # about 8 minutes on a 2-core CPU
-    python benchmarks/busy_core.py --rounds 1 --images 500   # a smoke run
+    python benchmarks/busy_core.py                  # minutes; a spinning run on a busy core is stopped at --cap
+    python benchmarks/busy_core.py --rounds 1 --images 300 --epochs 2 --cap 120   # as in docs/benchmarks.md
+    python benchmarks/busy_core.py --all            # also GOMP_SPINCOUNT=10000 and threads = free cores
 
 Prints one line per configuration: median seconds per training epoch (the warm-up epoch
 excluded) idle and busy, busy / idle, and each against the old default idle. Writes the numbers

@@ -3,7 +3,7 @@
     python tests/timm_suite.py PATH/TO/pytorch-image-models [more pytest arguments]
 
 timm's test module chooses its models with `timm.list_models(...)` when it is imported. Here that
-function answers with bnvit's models only (all 17, and the shipped weights' tagged names where
+function answers with bnvit's models only (all of them, and the shipped weights' tagged names where
 timm asks for pretrained or tagged names), reading timm's filters as they are meant for bnvit:
 
 * every test gets every bnvit model, whatever its module or family: the tests over timm's

@@ -46,6 +46,7 @@ _INTERPRETED = {b"%!PS-Adobe-3.0 EPSF": "EPS", b"%!": "PostScript", b"\xc5\xd0\x
 _FLOAT_PEAK = 1e6  # float pictures with larger values are divided by their peak first (float32 overflows near 3.4e38)
 _CENTRE = 14.0  # MNIST's centre of mass, in pixel-index coordinates (measured: 13.99 / 14.01 on the test set)
 _WORK_SIDE = 512  # larger pictures are first reduced to this longer side (plenty for a 20-pixel digit)
+_BACKGROUND_SIDE = 64  # the background (uneven light) is estimated at this longer side at most
 
 ImageLike = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
 """What `prepare_digit` accepts."""
@@ -192,10 +193,13 @@ def prepare_digit(image: ImageLike) -> torch.Tensor:
     """Prepare a picture of one handwritten digit the way MNIST digits were prepared.
 
     Steps: to grayscale (transparent pixels are laid on the background that contrasts with
-    the ink); stretch the contrast to [0, 1]; if the background is light (the median of the
-    border, after a 3x3 median filter against noise, is above mid-grey), invert, so the digit
-    is light on dark; separate ink from background (Otsu's threshold), set the background to
-    0 (cutting its noise at its median + 3 robust standard deviations) and the ink to 1; crop
+    the ink); stretch the contrast to [0, 1]; take uneven light (a shadow across the page) out:
+    fit a smooth surface to the background, the ink left out, and divide the picture by it if
+    the background is light (the median of the border, after a 3x3 median filter against
+    noise, is above mid-grey: paper, the result inverted so the digit is light on dark), or
+    subtract it if dark; separate ink from background (Otsu's threshold, and standing out
+    from the noise, which the division amplifies in the shadow), set the background to 0
+    (cutting its noise at 3 standard deviations) and the ink to 1; crop
     to the digit's bounding box; scale its longer side to 20 pixels with anti-aliasing,
     keeping the aspect ratio (and the brightest stroke at 1); paste it into a 28x28 canvas so
     that its centre of mass is at the centre (pixel 14, 14, as in MNIST; shifted only as far
@@ -339,6 +343,71 @@ def _robust_background(values: torch.Tensor) -> float:
     return float(median + 3 * 1.4826 * mad)
 
 
+def _background(x: torch.Tensor, ink_dark: bool, rounds: int = 10) -> tuple[torch.Tensor, float]:
+    """The light falling on `x` (`(H, W)` in [0, 1]) at `x`'s size, and the noise around it.
+
+    A quadratic surface in the pixel coordinates, fitted by least squares to the pixels that are
+    not ink, on a copy at most `_BACKGROUND_SIDE` pixels across. Fitted first to the half of the
+    pixels on the background's side of the median, then to all but the ink: the pixels more than
+    2.5 robust standard deviations (1.4826 MAD) on its side of the surface (darker for dark ink),
+    refitting until that no longer changes (at most `rounds` times). A quadratic follows
+    a shadow or a gradient across the picture, even at its edges, but cannot bend around a
+    stroke. The noise is the robust standard deviation of the picture about the surface, from
+    the pixels on the side away from the ink.
+    """
+    h, w = x.shape
+    scale = min(1.0, _BACKGROUND_SIDE / max(h, w))
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    small = F.interpolate(x[None, None].double(), size=size, mode="area")[0, 0] if scale < 1 else x.double()
+    basis, values = _quadratic_basis(*size), small.flatten()
+    middle = values.median()  # to start, the half of the pixels on the background's side (ink is the smaller part)
+    keep = values >= middle if ink_dark else values <= middle
+    coef = torch.zeros(6, 1, dtype=torch.float64)
+    coef[0] = middle  # too few pixels for a surface (a tiny picture): a flat background at the median
+    for _ in range(rounds):
+        if int(keep.sum()) < 12:
+            break
+        coef = torch.linalg.lstsq(basis[keep], values[keep, None]).solution
+        residual = values - (basis @ coef)[:, 0]
+        centre = residual[keep].median()
+        spread = float(1.4826 * (residual[keep] - centre).abs().median())
+        kept = residual >= centre - 2.5 * spread if ink_dark else residual <= centre + 2.5 * spread
+        if torch.equal(kept, keep):
+            break
+        keep = kept
+    surface = (_quadratic_basis(h, w) @ coef)[:, 0].reshape(h, w).float()
+    # The noise at full size, from the side of the surface away from the ink (ink never lies there).
+    away = (x - surface) if ink_dark else (surface - x)
+    away = away[away > 0]
+    return surface, 1.4826 * float(away.median()) if away.numel() else 0.0
+
+
+def _quadratic_basis(rows: int, cols: int) -> torch.Tensor:
+    """`(rows * cols, 6)`: 1, x, y, x², xy, y² at every pixel, with x and y from -1 to 1."""
+    yy, xx = torch.meshgrid(
+        torch.linspace(-1, 1, rows, dtype=torch.float64),
+        torch.linspace(-1, 1, cols, dtype=torch.float64),
+        indexing="ij",
+    )
+    return torch.stack([torch.ones_like(xx), xx, yy, xx * xx, xx * yy, yy * yy], dim=-1).reshape(-1, 6)
+
+
+def _flatten(norm: torch.Tensor, paper: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`norm` (in [0, 1]) with its uneven light taken out, as light ink on a background near 0, and its noise.
+
+    On paper (a light background, `paper`), light multiplies what the paper reflects, so the
+    picture is divided by its background: the ink's darkness relative to the paper around it,
+    the same in the shadow as in the light. On a dark background (MNIST, a screen, a board) the
+    background is subtracted. The noise returned is, per pixel, the standard deviation of the
+    background's noise after that step, which the division amplifies where the light is low.
+    """
+    background, noise = _background(norm, ink_dark=paper)
+    if paper:
+        background = background.clamp_min(1e-3)
+        return (1 - norm / background).clamp(0, 1), noise / background
+    return (norm - background).clamp(0, 1), torch.full_like(norm, noise)
+
+
 def _prepare(gray: torch.Tensor) -> torch.Tensor:
     h, w = gray.shape
     if not torch.isfinite(gray).all():
@@ -357,18 +426,31 @@ def _prepare(gray: torch.Tensor) -> torch.Tensor:
     norm = ((gray - lo) / (hi - lo)).clamp(0, 1)
     smooth = ((smooth - lo) / (hi - lo)).clamp(0, 1)
 
-    # MNIST digits are light on dark: invert a light background.
-    if float(_border(smooth).median()) > 0.5:
-        norm, smooth = 1 - norm, 1 - smooth
+    # MNIST digits are light on dark: invert a light background. Uneven light (a shadow across the
+    # paper) is taken out first, so that the dark side of the background is not mistaken for ink.
+    paper = float(_border(smooth).median()) > 0.5
+    norm, noise = _flatten(norm, paper)
+    smooth = _median3(norm)
+    lo, hi = float(smooth.min()), float(smooth.max())
+    if hi - lo <= 1e-6:
+        raise ValueError("the image is blank once its uneven light is taken out: there is no digit to find")
+    norm = ((norm - lo) / (hi - lo)).clamp(0, 1)
+    smooth = ((smooth - lo) / (hi - lo)).clamp(0, 1)
+    noise = noise / (hi - lo)
 
     # Ink against background: background to 0 (with its noise), ink to 1.
     threshold = _otsu(smooth)
     ink = smooth > threshold
+    # In a shadow the division amplified the noise too: there, ink must also stand out from the
+    # noise (twice its standard deviation, on the median-filtered picture where it is less than half).
+    ink &= smooth > 2 * noise
     if not bool(ink.any()):
         raise ValueError("no digit found in the image (nothing stands out from the background)")
-    cut = min(_robust_background(norm[~ink]), 0.9 * threshold)
+    # The cut: 3 standard deviations of the background noise, measured before the clamp at 0 (`noise`,
+    # larger in a shadow) or around the background's median, whichever is higher.
+    cut = (3 * noise).clamp_min(_robust_background(norm[~ink])).clamp_max(0.9 * threshold)
     top = float(torch.quantile(norm[ink].double(), 0.9))
-    if top <= cut:
+    if top <= float(cut.max()):
         top = 1.0
     digit = ((norm - cut) / (top - cut)).clamp(0, 1)
 
