@@ -699,13 +699,13 @@ def _one_digit_check():
 
 
 def test_pictures_that_are_not_one_digit_are_answered_as_guesses(tmp_path, mnist_test, clean_test_digits, capsys):
-    """A two-digit number and uniform noise: the model's guess, marked; exit status 3; a clean digit as before."""
+    """A two-digit number: the model's guess, marked, exit status 3; uniform noise: no digit found (status 2)."""
     images, labels = mnist_test
     number = np.concatenate([images[0].numpy(), np.zeros((28, 4), np.uint8), images[1].numpy()], axis=1)
     Image.fromarray(number).save(tmp_path / "number.png")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 90)).astype(np.uint8)).save(tmp_path / "noise.png")
     clean = clean_test_digits[0][0]
-    files = [clean, str(tmp_path / "number.png"), str(tmp_path / "noise.png")]
+    files = [clean, str(tmp_path / "number.png")]
     assert main(["predict", *files, "--top-k", "1"]) == 3
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"{clean}: {labels[0]}  (top 1: ")
@@ -714,13 +714,15 @@ def test_pictures_that_are_not_one_digit_are_answered_as_guesses(tmp_path, mnist
         r"the model's guess: \d  \(top 1: \d [\d.]+%\)",
         lines[1],
     )
-    assert lines[2].startswith(f"{files[2]}: not one digit (not like a handwritten digit (")
     assert main(["predict", *files, "--json"]) == 3
     results = json.loads(capsys.readouterr().out)
-    assert [r["one_digit"] for r in results] == [True, False, False]
+    assert [r["one_digit"] for r in results] == [True, False]
     assert results[0]["not_one_digit"] is None and "like a number" in results[1]["not_one_digit"]
     assert all(0 <= r["digit"] <= 9 for r in results)  # the guess is still there
-    assert main(["predict", *files, str(tmp_path / "gone.png")]) == 2  # bad input wins
+    # Noise has no ink that stands out from its background once the background is removed: no digit at all.
+    assert main(["predict", *files, str(tmp_path / "noise.png")]) == 2  # bad input wins
+    captured = capsys.readouterr()
+    assert f"{tmp_path / 'noise.png'}: no digit found" in captured.out + captured.err
 
 
 def test_the_one_digit_check_on_mnist_and_on_generated_non_digits(mnist_test):
@@ -732,15 +734,14 @@ def test_the_one_digit_check_on_mnist_and_on_generated_non_digits(mnist_test):
     flagged = [one_digit_problem(prepare_digit(images[i].numpy())) for i in range(0, 10_000, 100)]
     assert sum(f is not None for f in flagged) <= 2, [f for f in flagged if f]  # 100 digits, at most 2%
     for k, kind in enumerate(check.KINDS):
-        rng, hits, answered = np.random.default_rng([7, k]), 0, 0
+        rng, said = np.random.default_rng([7, k]), 0
         for _ in range(12):
-            try:
-                hits += one_digit_problem(prepare_digit(check.non_digit(kind, rng, images))) is not None
-                answered += 1
-            except ValueError:  # refused as blank: an error, not an answer
-                pass
-        floor = 0.5 if kind == "texture" else 0.75  # textures are the weak kind (78% in docs/weights.md)
-        assert hits >= floor * answered and answered >= 6, (kind, hits, answered)
+            try:  # flagged as not one digit, or refused as holding no digit: either says it plainly
+                said += one_digit_problem(prepare_digit(check.non_digit(kind, rng, images))) is not None
+            except ValueError as err:
+                said += "no digit" in str(err) or "blank" in str(err)
+        floor = 0.5 if kind == "texture" else 0.75  # textures are the weak kind (docs/weights.md)
+        assert said >= floor * 12, (kind, said)
 
 
 # ---------------------------------------------------------------------- shipped weights by name
