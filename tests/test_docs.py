@@ -35,6 +35,13 @@ blocks, including blocks indented inside admonitions or lists.
   - `pip install ...` lines are not checked here: `.ci/run` runs the README's install
     commands on a fresh clone;
   - anything else (`cd`, `pytest`, `mkdocs`, ...) is left as written.
+
+Why this file and not a maintained plugin: pytest-markdown-docs and Sybil run a page's Python
+blocks (Sybil also doctest-style blocks and skips), which is the first bullet above. Neither
+checks a shell command's flags against the real argument parsers, runs marked shell blocks in
+the clone and compares their output, nor skips the rest of a page on a missing data variable;
+those are most of what this file does, and its Python-block runner is the shared part that
+would remain to be written around either plugin.
 """
 
 from __future__ import annotations
