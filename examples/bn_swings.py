@@ -129,6 +129,8 @@ def train(seed: int, out: Path, data_dir: str | None) -> None:
 
 def report(out: Path) -> None:
     lines = [json.loads(line) for line in (out / "swings.jsonl").read_text().splitlines()]
+    seeds = sorted({r["seed"] for r in lines})
+    recorded = ", ".join(f"seed {s}: {sum(r['seed'] == s for r in lines)}" for s in seeds)
     text = [
         "# Why BatchNorm's validation curves swing (exploratory)",
         "",
@@ -137,6 +139,10 @@ def report(out: Path) -> None:
         f"with statistics recalibrated on {CALIBRATION_BATCHES * 100:,} training images, and with each test",
         "batch's own statistics; and the distance of the running statistics from the recalibrated ones,",
         "averaged over the model's BatchNorm layers (shift: |mu_run - mu_cal| / sigma_cal; scale: |log var ratio|).",
+        "",
+        "Each seed is a rerun of the study's cell on the machine this ran on; on another CPU (the study's seeds",
+        f"0-2 ran on one with AVX-512) a seed need not reproduce the published curve bit for bit. Epochs "
+        f"recorded: {recorded} of {TRANSFER.settings.epochs}.",
         "",
         "| seed | epoch | train loss | running | recalibrated | batch | shift (mean / max layer) "
         "| scale (mean / max layer) |",
