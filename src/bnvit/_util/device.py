@@ -65,10 +65,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """`"auto"` -> the fastest precision that does not change what training reaches on `device`.
 
     That is bf16 autocast (matrix products in bf16; BatchNorm statistics, softmax and the loss
-    in fp32) on CUDA and on CPUs with native bf16 instructions (AVX512-BF16 or AMX), where it
-    makes a training step about twice as fast; fp32 on other CPUs, where bf16 is emulated and
-    slower. `tests/test_precision.py` shows the accuracies of bf16 and fp32 runs agree within
-    seed noise; `docs/benchmarks.md` has the measurements.
+    in fp32) on CUDA and on CPUs with native bf16 instructions (AVX512-BF16 or AMX); fp32 on
+    other CPUs, where bf16 is emulated and slower (docs/benchmarks.md).
 
     Examples:
         >>> resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")

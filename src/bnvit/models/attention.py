@@ -93,9 +93,8 @@ class Attention(nn.Module):
     def fuse(self) -> Attention:
         """Fold a BatchNorm pre-norm into the qkv projection, in place (eval mode only); returns `self`.
 
-        The shift becomes a bias of the projection; in the factored form (`bnvit.models.attention`) that is
-        a `heads * dim`-wide bias inside one matrix product. Keeping the shift on the `dim`-wide
-        input instead (scale into the weight, `x + t / s`) measured no faster (docs/benchmarks.md).
+        The shift becomes a bias of the projection (in the factored form, a bias inside its one
+        matrix product).
         """
         if isinstance(self.norm, TokenBatchNorm):
             self.qkv = fold_bn_before_linear(self.norm.bn, self.qkv)
