@@ -1,31 +1,11 @@
-"""Fold BatchNorm into neighbouring Linear layers for inference.
+"""Fold BatchNorm into neighbouring Linear layers for inference (docs/folding.md has the arithmetic).
 
-In eval mode a BatchNorm is a fixed per-feature affine map `y = s * x + t` with
-`s = gamma / sqrt(running_var + eps)` and `t = beta - running_mean * s`. Next to a Linear
-layer it can be merged into that layer's weight and bias, and disappears from the graph.
-A LayerNorm cannot: its statistics depend on each token. This is what makes a BatchNorm
-model cheaper than its LayerNorm twin at inference.
-
-- A BatchNorm *after* a Linear (`BN(W x + b)`) folds into it: `W' = s W`, `b' = s b + t`.
-  This covers the BatchNorm of every `BatchNormFFN` and, for `norm="bn"`, the norm after the
-  patch projection.
-- A BatchNorm *before* a Linear (`W BN(x) + b`) folds into it: `W' = W s`, `b' = b + W t`.
-  For `norm="bn"` this removes the attention pre-norms (into the qkv projections), the norm
-  in front of the patch projection, and the final norm (into the head: pooling commutes with
-  a per-feature affine map).
-
-A folded `ViTBN` therefore has no normalization left; a folded `ViTBNFFN` keeps the
-attention LayerNorms, which cannot be folded.
-
-Each module that can fold owns a `fuse()` method that folds its own norms (`BatchNormFFN`,
-`Attention`, `PatchEmbed`, `ViT` for its final norm, the MLP's `FoldingSequential`), as timm's
-LeViT does, and returns the folded module: timm's `reparameterize_model` (`--reparam` in timm's
-scripts) replaces each child by what its `fuse()` returns. bnvit's modules fold in place and
-return themselves; a `TokenBatchNorm` left with no Linear to fold into (a `ViTBN`'s final norm
-when it is the model timm starts from: timm calls the `fuse()` of children only) returns the
-`ScaleShift` it is in eval mode. `fold_batchnorm` walks a model the same way, starting with the
-model's own `fuse()`. The float64 arithmetic is shared here, so this module imports no model
-code (the models import it).
+In eval mode a BatchNorm is a per-feature affine map `y = s * x + t`; next to a Linear layer it
+merges into that layer's weight and bias (after: `W' = s W`, `b' = s b + t`; before: `W' = W s`,
+`b' = b + W t`). A LayerNorm cannot: its statistics depend on each token. Each module that can
+fold owns a `fuse()` that folds its own norms and returns the folded module, the hook timm's
+`reparameterize_model` calls; `fold_batchnorm` walks a model and calls them. The float64
+arithmetic lives here, so this module imports no model code.
 """
 
 from __future__ import annotations
@@ -158,11 +138,9 @@ def fold_affine_before_linear(
 def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Fold every BatchNorm that sits next to a Linear into it, for inference.
 
-    The folded model gives the same outputs as `model` in eval mode (up to float rounding)
-    and has no BatchNorm left in its feed-forward networks; for `norm="bn"` it has no
-    normalization left at all. Calls the in-place `fuse()` of every bnvit module that has one
-    (other libraries' `fuse()` methods, such as timm's LeViT ones that return a new module, are
-    left alone) and folds `Linear -> BatchNorm1d` pairs in any other `nn.Sequential`.
+    Same outputs in eval mode (up to float rounding); no BatchNorm left in the FFNs, and for
+    `norm="bn"` no normalization at all. Calls bnvit modules' `fuse()` and folds
+    `Linear -> BatchNorm1d` pairs in other `nn.Sequential`s.
 
     Args:
         model: A model in eval mode.
@@ -174,9 +152,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     Raises:
         TypeError: If `model` is not an `nn.Module`.
         ValueError: If `model` or one of its BatchNorms is in training mode, or a BatchNorm holds
-            statistics no BatchNorm can have (a negative or non-finite running variance, a
-            non-finite running mean: `bnvit._util.checks.check_bn_statistics`), which would fold
-            into NaN weights.
+            impossible statistics (negative or non-finite variance, non-finite mean).
 
     Examples:
         >>> from bnvit import ViTBNFFN
