@@ -747,6 +747,16 @@ def test_the_one_digit_check_on_mnist_and_on_generated_non_digits(mnist_test):
 # ---------------------------------------------------------------------- shipped weights by name
 
 
+def test_predict_passes_the_model_name_on(clean_test_digits):
+    """`predict(model=...)` (the function, not only the command) uses the named shipped weights."""
+    from bnvit.app.predict import predict
+
+    paths, labels = clean_test_digits
+    results = predict(paths[:2], model="vitln_mnist")
+    assert [r["digit"] for r in results] == labels[:2]
+    assert all(r["temperature"] == shipped_temperature("vitln_mnist") for r in results)
+
+
 def test_shipped_weights_are_chosen_by_name(clean_test_digits, tmp_path, capsys):
     """`--model vitln_mnist` and `--checkpoint vitln_mnist`: the second shipped weights, at their own temperature."""
     paths, labels = clean_test_digits

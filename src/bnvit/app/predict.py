@@ -80,9 +80,8 @@ def predict(
         >>> predict(["seven.png"], "FinOptAug1_ViT_30.pth")[0]["digit"]  # doctest: +SKIP
         7
     """
-    return list(
-        iter_predict(images, checkpoint, device=device, top_k=top_k, temperature=temperature, batch_size=batch_size)
-    )
+    options = dict(device=device, top_k=top_k, temperature=temperature, batch_size=batch_size, model=model)
+    return list(iter_predict(images, checkpoint, **options))
 
 
 def iter_predict(
