@@ -31,6 +31,8 @@ __all__ = [
     "describe",
     "interval_text",
     "judge",
+    "p_text",
+    "points_text",
     "signed",
 ]
 
@@ -173,3 +175,18 @@ def signed(x: float) -> str:
     """
     rounded = Decimal(repr(round(x, 9))).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
     return f"{float(rounded) + 0.0:+.2f}"
+
+
+def points_text(values: Sequence[float], empty: str = "–") -> str:
+    """`"+1.37 ± 1.02"`: the mean ± std of per-seed values in points, rounded once (`empty` for none)."""
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return empty
+    return signed(mean) + ("" if std is None else f" ± {std:.2f}")
+
+
+def p_text(p: float | None) -> str:
+    """A p-value, rounded once: `"0.003"`, `"<0.001"` (`"–"` for none)."""
+    if p is None:
+        return "–"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"

@@ -30,10 +30,12 @@ from .protocol import (
     TARGET_ACC,
     interval_text,
     judge,
+    p_text,
+    points_text,
     signed,
 )
 from .results import RESULTS, describe_machines, load_results, results_sha256
-from .stats import fmt, mean_std, summarize, t_interval
+from .stats import fmt, summarize, t_interval
 from .transfer import transfer_section
 from .window import window_section
 
@@ -87,13 +89,6 @@ def describe_reduced(settings: Mapping[str, Any]) -> str:
     if settings.get("test_subset"):
         parts.append(f"{settings['test_subset']:,} test images")
     return ", ".join(parts)
-
-
-def _fmt_points(values: Sequence[float]) -> str:
-    mean, std = mean_std(values)
-    if math.isnan(mean):
-        return "–"
-    return signed(mean) + ("" if std is None else f" ± {std:.2f}")
 
 
 def _fmt_interval(values: Sequence[float]) -> str:
@@ -219,8 +214,8 @@ def _claims_tables(vs: Sequence[Verdict], reduced: str | None) -> list[str]:
         for p in v.parts:
             per_seed = ", ".join(f"s{s}: {signed(x)}" for s, x in zip(p.seeds, p.values, strict=True)) or "not run"
             t = p.test
-            pvalues = f"{_p(t.p_hold)} / {_p(t.p_fail)}" if t and p.judged else "–"
-            holm = f"{_p(p.p_hold_holm)} / {_p(p.p_fail_holm)}" if p.p_hold_holm is not None else "–"
+            pvalues = f"{p_text(t.p_hold)} / {p_text(t.p_fail)}" if t and p.judged else "–"
+            holm = f"{p_text(p.p_hold_holm)} / {p_text(p.p_fail_holm)}" if p.p_hold_holm is not None else "–"
             needed = "–" if not t or t.verdict != "inconclusive" or not p.judged else str(t.needed or "none would")
             note = f" ({p.note})" if p.note else ""
             cells = [
@@ -228,7 +223,7 @@ def _claims_tables(vs: Sequence[Verdict], reduced: str | None) -> list[str]:
                 p.label + note,
                 EXPECTATION_TEXT.get(p.expect, p.expect),
                 per_seed,
-                _fmt_points(p.values),
+                points_text(p.values),
                 interval_text(t.interval) if t else "–",
                 pvalues,
                 holm,
@@ -237,13 +232,6 @@ def _claims_tables(vs: Sequence[Verdict], reduced: str | None) -> list[str]:
             lines.append("| " + " | ".join(map(str, cells)) + f" | {verdict} | {needed} |")
     lines += ["", "### How the verdicts are computed", "", RULES]
     return lines
-
-
-def _p(p: float | None) -> str:
-    """A p-value, rounded once: `"0.003"`, `"<0.001"`."""
-    if p is None:
-        return "–"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _figures(out: Path, results: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -279,7 +267,7 @@ def precision_section(results: Sequence[Mapping[str, Any]], reference: Sequence[
             for g in (groups, ref_groups)
         ]
         row = [f"depth {depth}, lr {lr:g}", ", ".join(map(str, common)) or "none in common"]
-        row += [_fmt_points(gaps), _fmt_points([ref[s] for s in common]), _fmt_points(diff), _fmt_interval(diff)]
+        row += [points_text(gaps), points_text([ref[s] for s in common]), points_text(diff), _fmt_interval(diff)]
         expect = next((c.expect.get(depth) for c in DEPTH_CLAIMS.values() if c.lr == lr), None)
         for values in (gaps, [ref[s] for s in common]):
             row.append(f"{judge(values, expect).verdict} ({expect} expected)" if expect and values else "–")

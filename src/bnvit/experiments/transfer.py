@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .claims import final, mean_over_epochs, paired
-from .protocol import ALPHA, CLEARLY, COMPARABLE, LEVEL, interval_text, signed
+from .protocol import ALPHA, CLEARLY, COMPARABLE, LEVEL, interval_text, p_text, points_text, signed
 from .stats import holm, mean_std, power, seeds_needed, summarize, t_interval, t_test
 
 __all__ = ["EXPECTED", "CellVerdict", "transfer_section", "transfer_verdicts"]
@@ -120,14 +120,8 @@ def _by_machine(cell: CellVerdict) -> str:
     texts = []
     for name, group in (("0-2", range(3)), ("3-9", range(3, 10))):
         values = [g for s, g in zip(cell.seeds, cell.gaps, strict=True) if s in group]
-        mean, std = mean_std(values)
-        shown = "none yet" if math.isnan(mean) else signed(mean) + ("" if std is None else f" ± {std:.2f}")
-        texts.append(f"seeds {name} {shown} (n = {len(values)})")
+        texts.append(f"seeds {name} {points_text(values, empty='none yet')} (n = {len(values)})")
     return ", ".join(texts)
-
-
-def _p(p: float) -> str:
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _secondary(cell: CellVerdict) -> str:
@@ -161,22 +155,20 @@ def transfer_section(results: Sequence[Mapping[str, Any]], models: Sequence[str]
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
-        mean, std = mean_std(c.gaps)
-        last_mean, last_std = mean_std(c.last_gaps)
         row = [
             f"lr {c.lr:g}, depth {c.depth}",
             c.expected,
             str(len(c.seeds)),
-            "–" if math.isnan(mean) else signed(mean) + ("" if std is None else f" ± {std:.2f}"),
+            points_text(c.gaps),
             interval_text(t_interval(c.gaps, level=LEVEL)),
-            f"{_p(c.p_ahead)} / {_p(c.p_behind)}",
-            f"{_p(c.p_ahead_holm)} / {_p(c.p_behind_holm)}",
+            f"{p_text(c.p_ahead)} / {p_text(c.p_behind)}",
+            f"{p_text(c.p_ahead_holm)} / {p_text(c.p_behind_holm)}",
             c.shown,
             f"**{c.carries}**",
             _secondary(c),
             " / ".join("–" if math.isnan(p) else f"{p:.0%}" for p in c.power),
             "–" if c.shown == "ahead" or c.expected == "comparable" else str(c.needed or "none would"),
-            "–" if math.isnan(last_mean) else signed(last_mean) + ("" if last_std is None else f" ± {last_std:.2f}"),
+            points_text(c.last_gaps),
         ]
         lines.append("| " + " | ".join(row) + " |")
     lines += [
