@@ -778,9 +778,10 @@ def test_shipped_weights_are_chosen_by_name(clean_test_digits, tmp_path, capsys)
     assert "give one of them" in capsys.readouterr().err
 
 
-def test_calibrate_takes_a_shipped_name_and_writes_nothing(tmp_path, monkeypatch, capsys):
+def test_calibrate_takes_a_shipped_name_and_writes_nothing(tmp_path, monkeypatch, capsys, mnist_root):
     """A shipped name is read as its weights (not a missing file); the shipped model makes no mistake on
     these 200 training images, so the fit is refused as having too few errors, and nothing is written."""
+    monkeypatch.setenv("BNVIT_DATA", str(mnist_root))  # absolute: the test changes directory
     monkeypatch.chdir(tmp_path)
     assert main(["calibrate", "vitln_mnist", "--images", "59800:60000", "--json"]) == 2
     err = capsys.readouterr().err
