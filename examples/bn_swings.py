@@ -156,6 +156,7 @@ def report(out: Path) -> None:
             f"{100 * r['recalibrated']:.1f}% | {100 * r['batch']:.1f}% | {statistics.fmean(shifts):.3f} / "
             f"{max(shifts):.3f} | {statistics.fmean(scales):.3f} / {max(scales):.3f} |"
         )
+    text += ["", *per_layer(lines)]
     (out / "report.md").write_text("\n".join(text) + "\n\n![swings.png](swings.png)\n")
     try:
         import matplotlib  # deferred: optional, only the figure needs it
@@ -176,6 +177,30 @@ def report(out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "swings.png", dpi=110)
     plt.close(fig)
+
+
+def per_layer(lines: list[dict]) -> list[str]:
+    """Which layer's gap goes with the accuracy the running statistics lose: a Pearson correlation per layer."""
+    lost = [100 * (r["recalibrated"] - r["running"]) for r in lines]
+    text = [
+        "## Per layer: which gap goes with the accuracy the running statistics lose",
+        "",
+        f"Over the {len(lines)} epochs above, the Pearson correlation of the accuracy lost (recalibrated minus",
+        "running, in points) with each BatchNorm's shift and scale gap, and the gap's mean (a description of",
+        "these runs, not a test).",
+        "",
+        "| BatchNorm | shift: mean | shift: correlation | scale: mean | scale: correlation |",
+        "|---|---|---|---|---|",
+    ]
+    rows = {f"`{name}`": [r["gaps"][name] for r in lines] for name in lines[0]["gaps"]}
+    rows["the mean over layers"] = [[statistics.fmean(g[i] for g in r["gaps"].values()) for i in (0, 1)] for r in lines]
+    for name, gaps in rows.items():
+        shift, scale = ([g[i] for g in gaps] for i in (0, 1))
+        text.append(
+            f"| {name} | {statistics.fmean(shift):.3f} | {statistics.correlation(lost, shift):+.2f} | "
+            f"{statistics.fmean(scale):.3f} | {statistics.correlation(lost, scale):+.2f} |"
+        )
+    return text
 
 
 def _complete(out: Path, seed: int) -> bool:
