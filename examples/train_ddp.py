@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         args.data_dir,
         batch_size=args.batch_size,
         device=device,
+        threads="auto",  # on the CPU: follow the cores other programs leave free
         test=args.test,
         seed=args.seed,
         train_subset=args.train_subset,

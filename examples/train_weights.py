@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=RECIPE["label_smoothing"]),
         max_grad_norm=RECIPE["max_grad_norm"],
         device=device,
+        threads="auto",  # on the CPU: follow the cores other programs leave free
         precision=args.precision,
         seed=args.seed,
         checkpoint_dir=out / f"{args.model}-checkpoints",

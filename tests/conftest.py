@@ -3,8 +3,9 @@
 Tests that need the real MNIST files read them from `BNVIT_DATA` (`../shared/data` from the
 project root in CI); without it they are skipped with a message saying so.
 
-bnvit is imported before torch, so the suite's OpenMP threads wait passively: with a core taken by
-another program, spinning threads made tests many times slower (docs/training.md).
+Between tests, the suite's CPU threads follow the cores other programs leave free
+(`bnvit._util.device.FreeCoreThreads`): with a core taken by another program, PyTorch's spinning
+threads made tests many times slower (docs/training.md).
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-# isort: off
-import bnvit  # noqa: F401  before torch: bnvit._util.device sets OpenMP's passive waiting (robust to a busy core)
 import torch
 
-# isort: on
+from bnvit._util.device import FreeCoreThreads
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_CHECKPOINTS = Path(
@@ -28,6 +26,21 @@ REFERENCE_CHECKPOINTS = Path(
 
 # benchmarks/reference_vit.py is the straightforward reference-style model the library is checked against.
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+_THREADS = FreeCoreThreads(every=0.5)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _THREADS.__enter__()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _THREADS.poll()  # between tests, never inside one: a test sees one thread count throughout
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _THREADS.__exit__()
 
 
 @pytest.fixture(autouse=True)

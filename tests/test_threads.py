@@ -1,57 +1,123 @@
-"""OpenMP waits passively in bnvit's processes, so training survives a core taken by another program.
+"""CPU threads that follow the free cores, so training survives a core taken by another program.
 
-`bnvit._util.device` puts `OMP_WAIT_POLICY=PASSIVE` in the environment before torch is imported
-(OpenMP reads it once, when torch loads it) unless the variable is set already. The speed itself is
-measured in `benchmarks/busy_core.py`, never asserted here.
+`FreeCoreThreads` is checked here on scripted `/proc/stat` samples (the arithmetic) and once with
+real spinning processes; the speed itself is measured in `benchmarks/busy_core.py`, never asserted.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
+import time
 
-from conftest import ROOT
+import pytest
+import torch
 
-# Records the environment at the moment torch is first imported, then imports what the test names.
-PROBE = r"""
-import importlib.abc, json, os, sys
-seen = {}
-
-class Watch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" and "policy" not in seen:
-            seen["policy"] = os.environ.get("OMP_WAIT_POLICY")
-        return None
-
-sys.meta_path.insert(0, Watch())
-__import__(sys.argv[1])
-print(json.dumps({"at_torch_import": seen.get("policy"), "after": os.environ.get("OMP_WAIT_POLICY")}))
-"""
+from bnvit import ViTBNFFN, fit
+from bnvit._util.device import FreeCoreThreads
 
 
-def _probe(module: str, **env: str) -> dict:
-    environ = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), environ.get("PYTHONPATH", "")])
-    environ.update(env)
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE, module], env=environ, capture_output=True, text=True, timeout=300, check=True
+def _scripted(monkeypatch, threads: FreeCoreThreads, samples: list[tuple[float, float, float]]) -> None:
+    """Feed `threads` these (wall s, busy CPU s of its cores, own CPU s) samples, one per look."""
+    queue = list(samples)
+    monkeypatch.setattr(threads, "_sample", lambda: queue.pop(0))
+
+
+@pytest.mark.parametrize(
+    "others, expected",  # cores' worth of CPU the other processes took over one second, on 2 cores
+    [(0.0, 2), (0.3, 2), (0.7, 1), (1.0, 1), (2.0, 1)],
+)
+def test_threads_are_the_cores_others_leave(monkeypatch, others, expected):
+    threads = FreeCoreThreads(most=2, every=0.0)
+    threads._cpus = [0, 1]
+    own = 1.0
+    _scripted(monkeypatch, threads, [(0.0, 0.0, 0.0), (1.0, own + others, own)])
+    with torch.no_grad(), threads:
+        threads.poll()
+        assert torch.get_num_threads() == expected
+
+
+def test_threads_come_back_when_the_other_program_ends_and_are_restored_after(monkeypatch):
+    before = torch.get_num_threads()
+    threads = FreeCoreThreads(most=2, every=0.0)
+    threads._cpus = [0, 1]
+    # second 1: another program takes a core; second 2: it has ended, this process uses both
+    _scripted(monkeypatch, threads, [(0.0, 0.0, 0.0), (1.0, 2.0, 1.0), (2.0, 4.0, 3.0)])
+    with threads:
+        threads.poll()
+        assert torch.get_num_threads() == 1
+        threads.poll()
+        assert torch.get_num_threads() == 2
+    assert threads.used == {1, 2}
+    assert torch.get_num_threads() == before
+
+
+def test_no_more_threads_than_most_and_no_look_before_every_seconds(monkeypatch):
+    threads = FreeCoreThreads(most=1, every=3600.0)
+    threads._cpus = [0, 1, 2, 3]
+    _scripted(monkeypatch, threads, [(time.monotonic(), 0.0, 0.0)])  # a second look would fail: the queue is empty
+    with threads:
+        threads.poll()
+        assert torch.get_num_threads() == 1
+
+
+def test_without_proc_stat_nothing_changes(monkeypatch):
+    threads = FreeCoreThreads(every=0.0)
+    monkeypatch.setattr(threads, "_sample", lambda: None)
+    with threads:
+        count = torch.get_num_threads()
+        threads.poll()
+        assert torch.get_num_threads() == count == threads.most
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) != 2, reason="the scenario is written for a 2-core machine")
+def test_a_real_spinning_program_takes_a_thread_and_gives_it_back():
+    x = torch.randn(256, 256)
+
+    def work(seconds: float, threads: FreeCoreThreads) -> set[int]:
+        seen, end = set(), time.monotonic() + seconds
+        while time.monotonic() < end:
+            x @ x
+            threads.poll()
+            seen.add(torch.get_num_threads())
+        return seen
+
+    with FreeCoreThreads(most=2, every=0.3) as threads:
+        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+        try:
+            assert 1 in work(3.0, threads)
+        finally:
+            for spinner in spinners:
+                spinner.kill()
+                spinner.wait()
+        time.sleep(0.5)
+        assert work(3.0, threads) & {2}
+
+
+def _tiny_run(**kwargs):
+    images, labels = torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    return fit(
+        ViTBNFFN(depth=1), (images, labels), epochs=1, lr=1e-3, batch_size=16, device="cpu", progress=False, **kwargs
     )
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_import_bnvit_sets_passive_waiting_before_torch_loads():
-    assert _probe("bnvit") == {"at_torch_import": "PASSIVE", "after": "PASSIVE"}
+def test_fit_pins_the_threads_it_is_given_and_restores_them():
+    before = torch.get_num_threads()
+    history = _tiny_run(threads=1)
+    assert history.meta["cpu_threads"] == [1]
+    assert torch.get_num_threads() == before
 
 
-def test_a_policy_already_set_is_kept():
-    assert _probe("bnvit", OMP_WAIT_POLICY="ACTIVE") == {"at_torch_import": "ACTIVE", "after": "ACTIVE"}
+def test_fit_auto_threads_records_the_counts_it_used():
+    history = _tiny_run(threads="auto")
+    assert history.meta["cpu_threads"] and set(history.meta["cpu_threads"]) <= set(
+        range(1, torch.get_num_threads() + 1)
+    )
 
 
-def test_the_test_suite_runs_with_passive_waiting():
-    """conftest.py imports bnvit before torch, so this very process waits passively."""
-    assert os.environ.get("OMP_WAIT_POLICY") == "PASSIVE"
-    from bnvit._util.device import TORCH_LOADED_FIRST
-
-    assert TORCH_LOADED_FIRST is False
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "all", True])
+def test_fit_refuses_a_bad_thread_count(bad):
+    with pytest.raises(ValueError, match=r"threads must be None, 'auto' or an int >= 1, got"):
+        _tiny_run(threads=bad)

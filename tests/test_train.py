@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -528,6 +529,33 @@ def test_recalibrate_bn_computes_exact_statistics_with_weights_frozen():
 def test_recalibrate_bn_needs_a_batchnorm():
     with pytest.raises(ValueError, match="no BatchNorm"):
         recalibrate_bn(tiny_model(norm="ln"), toy_data(32), device="cpu")
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+
+
+def test_fit_precise_bn_trains_the_same_weights_and_recalibrates_the_statistics(tmp_path):
+    """precise_bn changes what is evaluated and saved, never the training: the same weights bit for bit."""
+    data, val = toy_data(96), toy_data(64, seed=2)
+    plain, precise = tiny_model(), tiny_model()
+    fit(plain, data, val, threads=1, **FIT)
+    history = fit(precise, data, val, threads=1, precise_bn=3, checkpoint_dir=tmp_path, **FIT)  # 3: every batch
+    assert all(torch.equal(v, _weights(precise)[k]) for k, v in _weights(plain).items())
+    # over every batch (of equal size) the mean statistic is the data's, whatever the order
+    expected = recalibrate_bn(copy.deepcopy(precise), data, batch_size=32, device="cpu")
+    bn, bn_plain, bn_expected = (m.blocks[0].ffn.norm.bn for m in (precise, plain, expected))
+    torch.testing.assert_close(bn.running_mean, bn_expected.running_mean, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(bn_plain.running_mean, bn_expected.running_mean, atol=1e-3)
+    assert history.meta["precise_bn"] == 3
+    with pytest.raises(ValueError, match="precise_bn"):  # a resume must repeat it
+        fit(tiny_model(), data, val, checkpoint_dir=tmp_path, **{**FIT, "epochs": 4})
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-3, ValueError), (2.5, TypeError)])
+def test_fit_refuses_a_bad_precise_bn(bad, error):
+    with pytest.raises(error, match=r"precise_bn must be an int >= 1, got"):
+        fit(tiny_model(), toy_data(32), precise_bn=bad, **FIT)
 
 
 def test_checkpoint_files_are_never_half_written(tmp_path, monkeypatch):

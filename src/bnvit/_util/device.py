@@ -1,37 +1,21 @@
-"""Devices, precision and CPU threads: what `"auto"` means on this machine.
-
-Importing this module (which `import bnvit` does first) sets `OMP_WAIT_POLICY=PASSIVE` unless it
-is already set, before torch is imported: OpenMP reads its waiting policy once, when torch loads
-it, and spinning threads make training crawl when another program holds a core
-(docs/training.md). A script that imports torch before bnvit keeps OpenMP's default unless it
-sets the variable itself.
-"""
+"""Devices, precision and CPU threads: what `"auto"` means on this machine."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import platform
-import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
-OPENMP_WAIT_POLICY = "PASSIVE"
-"""The OpenMP waiting policy bnvit asks for (`OMP_WAIT_POLICY`) unless one is set already."""
+import torch
 
-TORCH_LOADED_FIRST = "torch" in sys.modules
-"""Whether torch was imported before bnvit; then OpenMP kept the policy it found in the environment."""
-
-os.environ.setdefault("OMP_WAIT_POLICY", OPENMP_WAIT_POLICY)
-
-import torch  # noqa: E402  after the waiting policy is in the environment: OpenMP reads it when torch loads it
-
-from . import checks as _checks  # noqa: E402
+from . import checks as _checks
 
 __all__ = [
-    "OPENMP_WAIT_POLICY",
     "PRECISIONS",
-    "TORCH_LOADED_FIRST",
+    "FreeCoreThreads",
     "autocast",
     "cpu_has_fast_bf16",
     "describe_machine",
@@ -116,6 +100,78 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class FreeCoreThreads:
+    """Keeps torch's CPU threads at the cores that other programs leave free, as the load changes.
+
+    PyTorch's CPU threads spin while they wait for each other at every operation (OpenMP's
+    default, the fastest on free cores); when another program holds one of the cores, the
+    thread that has lost its core holds up all the others, and training crawls (5 to 22 times
+    slower on a 2-core machine, docs/benchmarks.md). Inside this context, `poll()` (cheap;
+    call it between steps) measures at most every `every` seconds how many cores the machine's
+    *other* processes used since the last look (`/proc/stat` less this process's own CPU time;
+    niced processes count as free: they give way) and sets `torch.set_num_threads` to the cores
+    left, between 1 and `most`. On leaving, the count before is restored. Where `/proc/stat` is
+    missing (not Linux), it changes nothing.
+
+    The count can change mid-run, and with it the float rounding of a few operations, so a
+    seeded run repeats exactly only where the load does; pin the threads for that.
+
+    Example:
+        >>> with FreeCoreThreads(every=0.0) as threads:
+        ...     threads.poll()
+        ...     1 <= torch.get_num_threads() <= threads.most
+        True
+    """
+
+    def __init__(self, most: int | None = None, every: float = 1.0) -> None:
+        self.most = most or torch.get_num_threads()
+        self.every = every
+        self.used: set[int] = set()
+        """Every thread count this context has run with."""
+        self._cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self._tick = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+        self._niced_free = hasattr(os, "nice") and os.nice(0) == 0  # niced processes give way to this one
+
+    def __enter__(self) -> FreeCoreThreads:
+        self._before = torch.get_num_threads()
+        torch.set_num_threads(min(self.most, self._before) if self._before else self.most)
+        self.used = {torch.get_num_threads()}
+        self._last = self._sample()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self._before)
+
+    def poll(self) -> None:
+        """Follow the free cores: re-measure if `every` seconds have passed since the last look."""
+        if self._last is None or time.monotonic() - self._last[0] < self.every:
+            return
+        now = self._sample()
+        if now is None:
+            return
+        wall, busy, own = (b - a for a, b in zip(self._last, now, strict=True))
+        self._last = now
+        if wall <= 0:
+            return
+        others = max(0.0, (busy - own) / wall)  # cores' worth of CPU the other processes took
+        threads = max(1, min(self.most, round(len(self._cpus) - others)))
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            self.used.add(threads)
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        """(monotonic seconds, busy CPU seconds of this process's CPUs, this process's CPU seconds)."""
+        try:
+            with open("/proc/stat") as handle:
+                rows = {r[0]: r for line in handle if line.startswith("cpu") and (r := line.split())}
+            ticks = [[int(v) for v in rows[f"cpu{i}"][1:9]] for i in self._cpus]
+        except (OSError, KeyError, ValueError):
+            return None
+        # busy: all but idle and iowait; work at a lower priority than this process's counts as free (it gives way)
+        busy = sum(sum(t) - t[3] - t[4] - (t[1] if self._niced_free else 0) for t in ticks)
+        return time.monotonic(), busy * self._tick, time.process_time()
 
 
 def describe_machine(device: torch.device) -> dict[str, Any]:

@@ -113,6 +113,7 @@ def train_cell(job: Job) -> str:
         eval_batch_size=settings.eval_batch_size,
         device=device,
         precision=settings.precision,
+        threads=job.threads or "auto",  # no count asked for: follow the cores other programs leave free
         seed=cell.seed,
         log_every=settings.log_every,
         progress=job.progress,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._util.device import autocast, resolve_precision
+from .._util.device import FreeCoreThreads, autocast, resolve_precision
 from . import checkpoint, fingerprint, inputs
 from .callbacks import Callback, CallbackList, TrainState
 from .evaluation import evaluate
@@ -48,6 +48,13 @@ def _set_epoch(loader: Any, epoch: int) -> None:
         if hasattr(target, "set_epoch"):
             target.set_epoch(epoch)
             return
+
+
+def _start_epoch(loader: Any, epoch: int, seed: int | None, rank: int) -> None:
+    """Seed the epoch's randomness (with a seed) and tell the loader which epoch it is."""
+    if seed is not None:
+        _seed_everything(_epoch_seed(seed, epoch, rank))
+    _set_epoch(loader, epoch)
 
 
 def _seed_everything(seed: int) -> None:
@@ -81,6 +88,7 @@ def fit(
     device: str | torch.device = "auto",
     precision: str = "auto",
     compile: bool = False,
+    threads: int | str | None = None,
     seed: int | None = None,
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
@@ -90,6 +98,7 @@ def fit(
     distributed: bool | str = "auto",
     sync_bn: bool = True,
     log_every: int | None = None,
+    precise_bn: int | None = None,
 ) -> History:
     """Train `model` on `train` for `epochs` epochs, evaluating on `val` after each.
 
@@ -130,6 +139,13 @@ def fit(
         precision: `"auto"` (bf16 autocast on CUDA and on CPUs with native bf16, else fp32;
             see `resolve_precision`), `"fp32"`, `"bf16"`, `"fp16"` (CUDA only).
         compile: Train through `torch.compile(model)`.
+        threads: PyTorch's CPU threads while training on the CPU: None leaves them as they are;
+            an int sets them for the run; `"auto"` follows the cores that other programs leave
+            free, re-checked every second (`bnvit._util.device.FreeCoreThreads`), at most as
+            many as before: the choice on a machine that is also doing something else, where
+            a core taken away makes spinning threads crawl (docs/training.md). With `"auto"`
+            a seeded run repeats exactly only under the same load. The counts used are in
+            `history.meta["cpu_threads"]`.
         seed: Makes the run reproducible: each epoch's randomness is seeded from `(seed, epoch)`
             (and the rank, in a distributed run).
         callbacks: `bnvit.training.callbacks.Callback` objects (loggers, early stopping...); run by
@@ -148,6 +164,12 @@ def fit(
         log_every: Also record the training loss and accuracy every `log_every` steps, as means
             over those steps (windows restart at each epoch), in `History.steps`: how fast a model
             learns within an epoch.
+        precise_bn: After every epoch, recompute the BatchNorm running statistics on this many
+            training batches with the weights frozen (`recalibrate_bn`, "precise BN") before
+            the model is evaluated and saved. The weights train exactly as without it; the
+            statistics that validation and inference use are the current weights' own,
+            instead of a running average that lags them. Costs that many forward passes per
+            epoch (docs/training.md).
 
     Returns:
         The `History` of the run. A run whose loss becomes non-finite (on any process) stops
@@ -179,7 +201,7 @@ def fit(
         `torchrun --standalone --nproc_per_node=2 examples/train_ddp.py --epochs 1 --quick`.
     """
     # -- arguments, before anything expensive
-    _check_types(model=model, sync_bn=sync_bn)
+    _check_types(model=model, sync_bn=sync_bn, threads=threads)
     r = Run(
         epochs=epochs,
         lr=lr,
@@ -191,6 +213,7 @@ def fit(
         seed=seed,
         max_grad_norm=max_grad_norm,
         log_every=log_every,
+        precise_bn=precise_bn,
     )
     world = setup(distributed, device)  # one process or many: the loop below never asks which
     device, main = world.device, world.is_main  # main: the process that writes, reports and runs callbacks
@@ -198,7 +221,11 @@ def fit(
     run = r.record(precision)
     history = History(meta={**run, "epochs": r.epochs, **world.describe(sync_bn), **(meta or {})})
 
-    with (claim := checkpoint.FolderClaim()), world.synced_batchnorm(model.to(device), sync_bn):  # claim: a lock
+    with (
+        (claim := checkpoint.FolderClaim()),  # a lock on checkpoint_dir
+        world.synced_batchnorm(model.to(device), sync_bn),
+        (cpu_threads := _cpu_threads(threads, device)),
+    ):
         # -- data, model, optimizer, resume: anything that can fail, before any collective
         with world.fail_together():
             checkpoint_dir = claim.open(checkpoint_dir, main)
@@ -216,21 +243,15 @@ def fit(
         hooks.on_fit_start(state)
         start = r.epochs + 1 if history.diverged else history.epochs_done + 1  # a diverged run is finished
         for epoch in range(start, r.epochs + 1):
-            if r.seed is not None:
-                _seed_everything(_epoch_seed(r.seed, epoch, world.rank))
-            _set_epoch(train_loader, epoch)
+            _start_epoch(train_loader, epoch, r.seed, world.rank)
             current_lr, began = opt.param_groups[0]["lr"], time.perf_counter()
-            result = _train_epoch(step_model, train_loader, opt, s, epoch, r.epochs)
+            result = _train_epoch(step_model, train_loader, opt, s, epoch, r.epochs, cpu_threads.poll)
             train_seconds = time.perf_counter() - began
             history.steps += result["steps"]
             if result["diverged_step"] is None:
-                world.sync_buffers(model)  # rank 0's BatchNorm statistics everywhere: what it evaluates and saves
-                if not world.all_true(checkpoint.finite_state(parts)):  # the last update broke it, its loss finite
-                    result["diverged_step"] = len(train_loader)
+                result["diverged_step"] = _settle(step_model, train_loader, r, world, parts)
             if result["diverged_step"] is not None:
-                history.diverged_at, history.diverged_step = epoch, result["diverged_step"]
-                if checkpoint_dir is not None:  # the last finite state stays: no checkpoint holds NaN
-                    checkpoint.save_divergence(checkpoint_dir, history, world)
+                _record_divergence(history, epoch, result["diverged_step"], checkpoint_dir, world)
                 break
             val_metrics = {"loss": None, "acc": None} if val_loader is None else _evaluate(eval_model, val_loader, s)
             if sched is not None:
@@ -248,14 +269,62 @@ def fit(
             if state.stop:
                 break
         hooks.on_fit_end(state)
+    history.meta["cpu_threads"] = sorted(cpu_threads.used)
     return history
 
 
-def _check_types(*, model: Any, sync_bn: Any) -> None:
+def _check_types(*, model: Any, sync_bn: Any, threads: Any) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(sync_bn, bool):
         raise TypeError(f"sync_bn must be a bool, got {sync_bn!r}")
+    if not (threads is None or threads == "auto" or (type(threads) is int and threads >= 1)):
+        raise ValueError(f"threads must be None, 'auto' or an int >= 1, got {threads!r}")
+
+
+def _settle(step_model: nn.Module, loader: Any, r: Run, world: World, parts: checkpoint.Resumable) -> int | None:
+    """After an epoch's steps: precise statistics if asked, rank 0's buffers everywhere, a check that all is finite.
+
+    Returns None, or the epoch's last step if the last update left a non-finite weight or statistic.
+    """
+    if r.precise_bn is not None:  # the weights stay as trained; only the statistics change
+        recalibrate_bn(step_model, loader, r.precise_bn, device=world.device)
+    world.sync_buffers(parts.model)  # rank 0's BatchNorm statistics everywhere: what it evaluates and saves
+    if not world.all_true(checkpoint.finite_state(parts)):  # the last update broke it, its loss finite
+        return len(loader)
+    return None
+
+
+def _record_divergence(history: History, epoch: int, step: int, folder: Path | None, world: World) -> None:
+    history.diverged_at, history.diverged_step = epoch, step
+    if folder is not None:  # the last finite state stays: no checkpoint holds NaN
+        checkpoint.save_divergence(folder, history, world)
+
+
+class _PinnedThreads:
+    """`threads` CPU threads for the run (None: as they are), restored after; `poll` does nothing."""
+
+    def __init__(self, threads: int | None) -> None:
+        self.threads = threads
+
+    def __enter__(self) -> _PinnedThreads:
+        self.before = torch.get_num_threads()
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        self.used = {torch.get_num_threads()}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.before)
+
+    def poll(self) -> None:
+        pass
+
+
+def _cpu_threads(threads: int | str | None, device: torch.device) -> FreeCoreThreads | _PinnedThreads:
+    if threads == "auto":
+        return FreeCoreThreads() if device.type == "cpu" else _PinnedThreads(None)
+    return _PinnedThreads(threads)  # type: ignore[arg-type]  # checked: None or an int
 
 
 def _resume(
@@ -351,7 +420,13 @@ def _epoch_record(
 
 
 def _train_epoch(
-    model: nn.Module, loader: Any, opt: torch.optim.Optimizer, s: StepSettings, epoch: int, epochs: int
+    model: nn.Module,
+    loader: Any,
+    opt: torch.optim.Optimizer,
+    s: StepSettings,
+    epoch: int,
+    epochs: int,
+    poll_threads: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Epoch `epoch` of `epochs`: one pass over `loader`, checking the loss every `check_every` steps.
 
@@ -378,6 +453,7 @@ def _train_epoch(
                 logits = model(images)
             loss = s.loss_fn(logits.float(), labels)
             _step(model, opt, loss, s)
+            poll_threads()
             loss = loss.detach()
             finite &= torch.isfinite(loss)
             loss_sum += loss.double() * len(labels)

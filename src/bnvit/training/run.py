@@ -45,6 +45,7 @@ class Run:
     seed: int | None
     max_grad_norm: float | None
     log_every: int | None = None  # a measurement, not part of what makes the run: not in `record`
+    precise_bn: int | None = None
 
     def __post_init__(self) -> None:
         checked = dict(
@@ -60,6 +61,8 @@ class Run:
             checked["seed"] = _checks.positive_int("seed", self.seed, minimum=0)
         if self.log_every is not None:
             checked["log_every"] = _checks.positive_int("log_every", self.log_every)
+        if self.precise_bn is not None:
+            checked["precise_bn"] = _checks.positive_int("precise_bn", self.precise_bn)
         for name, value in checked.items():
             object.__setattr__(self, name, value)
 
@@ -76,6 +79,7 @@ class Run:
             seed=self.seed,
             max_grad_norm=self.max_grad_norm,
             precision=precision,
+            precise_bn=self.precise_bn,
         )
 
 
