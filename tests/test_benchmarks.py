@@ -115,3 +115,39 @@ def test_demo_load_check_runs_and_counts_every_request(tmp_path):
     result = json.loads(run.stdout)
     assert result["requests"] == 16 and sum(result["outcomes"].values()) == 16
     assert result["answered"] == result["outcomes"].get("200", 0) == 16 and result["backlog"] >= 200
+
+
+@pytest.mark.slow
+def test_bn_ffn_finetune_saves_the_start_of_the_timm_train_py_run(mnist_root, tmp_path, monkeypatch):
+    """`--epochs 0 --save FILE`: converted, recalibrated `vitln_mnist`, as `train.py --initial-checkpoint` loads it."""
+    import timm
+
+    import bn_ffn_finetune
+    import bnvit
+    from bnvit.data.mnist import load_mnist
+
+    monkeypatch.setenv("BNVIT_DATA", str(mnist_root))
+    path = tmp_path / "start.safetensors"
+    images, labels = load_mnist(train=False)
+    test = (images.float().div(255).unsqueeze(1), labels)
+    threads = torch.get_num_threads()
+    try:
+        out = bn_ffn_finetune.main(["--epochs", "0", "--save", str(path)])  # sets one thread
+        # what timm's train.py does with --model vitbnffn_mnist --initial-checkpoint FILE (a strict load)
+        model = timm.create_model("vitbnffn_mnist", checkpoint_path=str(path))
+        accuracy = bnvit.evaluate(model, test, device="cpu")["acc"]
+    finally:
+        torch.set_num_threads(threads)
+    assert out["save"] == str(path) and "fine_tuned" not in out and 0.9 < out["recalibrated"] < 1.0
+    assert accuracy == out["recalibrated"]
+
+
+def test_bn_ffn_finetune_refuses_a_save_path_that_is_not_safetensors(capsys):
+    import bn_ffn_finetune
+
+    with pytest.raises(SystemExit):
+        bn_ffn_finetune.main(["--epochs", "0", "--save", "start.pt"])
+    assert "give a .safetensors path, got start.pt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bn_ffn_finetune.main(["--epochs", "-1"])
+    assert "--epochs must be >= 0 (0: recalibrate only), got -1" in capsys.readouterr().err

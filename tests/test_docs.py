@@ -15,15 +15,20 @@ blocks, including blocks indented inside admonitions or lists.
   `<!-- needs: BNVIT_DATA -->` (real MNIST, found through the `BNVIT_DATA` environment
   variable, as in `conftest.py`), `<!-- needs: BNVIT_REFERENCE -->` (the article's reference
   checkpoints; the test sets `BNVIT_REFERENCE` to the folder `conftest.py` uses, so the
-  snippet reads it from the environment), or both names separated by a space. When the data
-  is absent, the page's blocks up to that one still run and the rest of the page is skipped
-  with a reason naming the variable.
+  snippet reads it from the environment), `<!-- needs: BNVIT_TIMM_CHECKOUT -->` (a clone of
+  timm, whose scripts are not in the timm package), or several names separated by spaces. When
+  the data is absent, the page's blocks up to that one still run and the rest of the page is
+  skipped with a reason naming the variable.
 * `bash` / `sh` / `shell` blocks marked `<!-- run -->` on the line above the fence (or
   `<!-- run; needs: BNVIT_REFERENCE -->`) are executed, as a newcomer would type them: with
   `bash -e` from the root of the clone, with `bnvit` and `python` on the `PATH` running this
   checkout's code, `BNVIT_DATA` / `BNVIT_REFERENCE` set as for the Python snippets, and a private
-  cache folder. They must be cheap (seconds) and write nothing. When a `text` block follows one
-  directly, it is the block's expected output, compared line by line.
+  cache folder. A block that needs `BNVIT_TIMM_CHECKOUT` also gets `$TIMM` (the checkout) and
+  `$IMAGES` (a tiny image folder in timm's layout: `train/<class>/*.png`,
+  `validation/<class>/*.png`), the two paths its page tells the reader to substitute. They must
+  be cheap (seconds to a minute) and write nothing into the clone (`mktemp -d` gives a folder
+  inside the test's own temporary folder). When a `text` block follows one directly, it is the
+  block's expected output, compared line by line.
 * Other `bash` / `sh` / `shell` / `console` blocks are not executed (they install packages or
   train for minutes). Their commands (split at `&&`, `;`, `|` and line ends, `VAR=value` prefixes
   dropped) are checked instead:
@@ -58,6 +63,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 import _bnvit_cli
 from bnvit.experiments import cli as experiments
@@ -141,7 +148,14 @@ def _missing(needs: str) -> str | None:
         if not REFERENCE_CHECKPOINTS.is_dir():
             return f"the reference checkpoints are not at {REFERENCE_CHECKPOINTS} (set BNVIT_REFERENCE)"
         return None
-    raise ValueError(f"unknown <!-- needs: {needs} --> marker; valid: BNVIT_DATA, BNVIT_REFERENCE")
+    if needs == "BNVIT_TIMM_CHECKOUT":
+        value = os.environ.get("BNVIT_TIMM_CHECKOUT")
+        if not value:
+            return "BNVIT_TIMM_CHECKOUT is not set; set it to a clone of timm (its scripts) to run this snippet"
+        if not (Path(value) / "train.py").is_file():
+            raise FileNotFoundError(f"BNVIT_TIMM_CHECKOUT={value} has no train.py: it is not a clone of timm")
+        return None
+    raise ValueError(f"unknown <!-- needs: {needs} --> marker; valid: BNVIT_DATA, BNVIT_REFERENCE, BNVIT_TIMM_CHECKOUT")
 
 
 @pytest.mark.parametrize("page", _pages_with(PYTHON | PYCON))
@@ -315,6 +329,11 @@ def test_marked_shell_blocks_run(block: Block, expected: str | None, commands_pa
     }
     if os.environ.get("BNVIT_DATA"):
         env["BNVIT_DATA"] = str(Path(os.environ["BNVIT_DATA"]).resolve())
+    if "BNVIT_TIMM_CHECKOUT" in block.needs:
+        env["TIMM"] = str(Path(os.environ["BNVIT_TIMM_CHECKOUT"]).resolve())
+        env["IMAGES"] = str(tiny_image_folder(tmp_path / "images"))
+    (tmp_path / "tmp").mkdir()
+    env["TMPDIR"] = str(tmp_path / "tmp")  # what the block writes with mktemp lands in the test's folder
     before = _tree(ROOT)
     done = subprocess.run(
         ["bash", "-e", "-c", block.code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
@@ -324,6 +343,22 @@ def test_marked_shell_blocks_run(block: Block, expected: str | None, commands_pa
     if expected is not None:
         assert done.stdout.strip().splitlines() == expected.strip().splitlines(), f"{where}: other output"
     assert _tree(ROOT) == before, f"{where}: the commands wrote into the clone"
+
+
+def tiny_image_folder(root: Path, per_class: tuple[int, int] = (4, 2)) -> Path:
+    """Two classes of 32x32 PNGs in timm's folder layout, `per_class` images each in `train/` and `validation/`.
+
+    Class `0` is dark noise, class `1` bright noise: enough for timm's `train.py` to run an epoch on.
+    """
+    generator = torch.Generator().manual_seed(0)
+    for split, count in zip(("train", "validation"), per_class, strict=True):
+        for label in (0, 1):
+            folder = root / split / str(label)
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 128, (32, 32, 3), generator=generator, dtype=torch.uint8) + 127 * label
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return root
 
 
 def _tree(root: Path) -> set[str]:
@@ -368,3 +403,29 @@ def test_the_readme_and_installation_give_the_same_cpu_only_pytorch_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "download.pytorch.org" not in ci  # CI reaches package registries only
     assert 'pip install -e ".[test]" && pytest' in ci
+
+
+# ----------------------------------------------------------------------------- timm's scripts
+
+
+def test_a_timm_checkout_need_skips_without_one_and_refuses_a_wrong_one(monkeypatch, tmp_path):
+    monkeypatch.delenv("BNVIT_TIMM_CHECKOUT", raising=False)
+    assert "BNVIT_TIMM_CHECKOUT is not set" in _missing("BNVIT_TIMM_CHECKOUT")
+    monkeypatch.setenv("BNVIT_TIMM_CHECKOUT", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"BNVIT_TIMM_CHECKOUT=.* has no train.py"):
+        _missing("BNVIT_TIMM_CHECKOUT")
+    (tmp_path / "train.py").write_text("")
+    assert _missing("BNVIT_TIMM_CHECKOUT") is None
+
+
+def test_the_timm_walkthrough_is_a_block_the_tests_run():
+    """docs/timm-blocks.md's commands, LayerNorm weights to a folded ONNX file, run with a timm checkout."""
+    page = ROOT / "docs" / "timm-blocks.md"
+    runs = [b for b in code_blocks(page) if b.run and "BNVIT_TIMM_CHECKOUT" in b.needs]
+    assert len(runs) == 1, f"{page.name}: {len(runs)} blocks marked <!-- run; needs: BNVIT_TIMM_CHECKOUT -->"
+    commands = [" ".join(tokens) for tokens in shell_commands(runs[0].code)]
+    train = [c for c in commands if c.startswith("python -m bnvit.timm.script $TIMM/train.py")]
+    assert train and "--pretrained --pretrained-path" in train[0] and "--data-dir $IMAGES" in train[0], commands
+    export = [c for c in commands if c.startswith("python -m bnvit.timm.script $TIMM/onnx_export.py")]
+    assert export and "--reparam" in export[0], commands
+    assert "BatchNormalization" in commands[-1], commands
