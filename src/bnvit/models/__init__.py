@@ -1,8 +1,4 @@
-"""The article's models as plain `nn.Module`s: blocks, attention, BatchNorm over tokens, the ViT, the MLPs.
-
-Nothing here imports the rest of bnvit: training, weights, timm registration and the experiments
-sit above. `BatchNormFFN.forward` (`blocks.py`) is the article's idea in two lines.
-"""
+"""The article's models as plain `nn.Module`s; nothing here imports the rest of bnvit."""
 
 from .attention import Attention
 from .batchnorm import TokenBatchNorm

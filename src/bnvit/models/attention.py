@@ -1,9 +1,5 @@
 """Multi-head self-attention: the textbook `Attention`, its factored form, and the choice of kernel.
 
-Two speed-ups live beside the textbook `Attention.forward`, each switchable and equal to float
-rounding: the factored form (keys and values are the tokens themselves; `takes_factored`
-decides; docs/benchmarks.md derives it) and the kernel choice (`attend`).
-
 Examples:
     >>> x = torch.randn(4, 17, 64, dtype=torch.float64)
     >>> qkv, proj = torch.nn.Linear(64, 3 * 512).double(), torch.nn.Linear(512, 64).double()
@@ -40,11 +36,9 @@ ATTN_IMPLS = ("auto", "standard", "factored")
 
 
 class Attention(nn.Module):
-    """Pre-norm multi-head self-attention: `norm -> qkv -> heads -> softmax(q k^T / sqrt(d)) v -> proj`.
+    """Pre-norm multi-head self-attention; `attn_impl` changes the computation, never the result.
 
-    Arguments as `ViTConfig`'s (`dropout`, `attn_dropout` are its `drop_rate`, `attn_drop_rate`).
-    The qkv projection is laid out `q | k | v`, each heads-major, as in the article's reference
-    code. `attn_impl` changes how it is computed, never the result or the state dict.
+    The qkv projection is laid out `q | k | v`, heads-major, as in the reference code.
 
     Examples:
         >>> attn = Attention(64, heads=8, dim_head=64)
@@ -91,11 +85,7 @@ class Attention(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> Attention:
-        """Fold a BatchNorm pre-norm into the qkv projection, in place (eval mode only); returns `self`.
-
-        The shift becomes a bias of the projection (in the factored form, a bias inside its one
-        matrix product).
-        """
+        """Fold a BatchNorm pre-norm into the qkv projection, in place (eval mode only); returns `self`."""
         if isinstance(self.norm, TokenBatchNorm):
             self.qkv = fold_bn_before_linear(self.norm.bn, self.qkv)
             self.norm = nn.Identity()
@@ -108,10 +98,7 @@ class Attention(nn.Module):
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0, scale: float | None = None
 ) -> torch.Tensor:
-    """`softmax(scale q k^T) v` with torch's fused kernel, or a faster path under CPU autocast.
-
-    `scale` defaults to `1 / sqrt(q.shape[-1])`. A `torch.fx` leaf, so a traced model keeps the
-    runtime kernel choice.
+    """`softmax(scale q k^T) v` (a `torch.fx` leaf, so traced models keep the runtime kernel choice).
 
     Examples:
         >>> q = k = v = torch.randn(2, 8, 17, 64)  # (batch, heads, tokens, dim_head)
@@ -138,10 +125,7 @@ def _cpu_autocast_attention(
 def attend_shared_kv(
     x: torch.Tensor, w_query: torch.Tensor, b_query: torch.Tensor | None, heads: int, dropout_p: float = 0.0
 ) -> torch.Tensor:
-    """`softmax(q_h x^T) x` for every head `h`, with `q = x w_query^T + b_query`: keys and values are `x (B, N, C)`.
-
-    `w_query` is `(heads * C, C)`, the scale already in it; the result is `(B, N, heads * C)`. One
-    fused attention on GPUs and when compiling or exporting, two batched products in eager CPU code.
+    """`softmax(q_h x^T) x` per head, keys and values being `x (B, N, C)`; `w_query` `(heads * C, C)` holds the scale.
 
     Examples:
         >>> attend_shared_kv(torch.randn(2, 17, 64), torch.randn(8 * 64, 64), None, heads=8).shape
@@ -164,9 +148,7 @@ def attend_shared_kv(
 
 
 def factored_pays(dim: int, heads: int, dim_head: int, tokens: int, seq: int) -> bool:
-    """Whether the factored form takes fewer multiply-adds than the standard one.
-
-    `tokens <= 0` asks only per token (the choice when tracing for export or compilation).
+    """Whether the factored form takes fewer multiply-adds; `tokens <= 0` asks per token only.
 
     Examples:
         >>> factored_pays(64, 8, 64, tokens=100 * 17, seq=17)  # the article's model, batch 100
@@ -181,10 +163,7 @@ def factored_pays(dim: int, heads: int, dim_head: int, tokens: int, seq: int) ->
 
 
 def takes_factored(attn_impl: str, x: torch.Tensor, heads: int, dim_head: int) -> bool:
-    """Whether attention over normalized tokens `x (B, N, dim)` runs in factored form: the one place that decides.
-
-    `"auto"` asks `factored_pays` for this batch (per token under compile/export; yes while
-    `torch.fx` traces, since the traced `self_attention` asks again).
+    """Whether attention over `x (B, N, dim)` runs in factored form: the one place that decides.
 
     Examples:
         >>> x = torch.randn(1, 17, 64)

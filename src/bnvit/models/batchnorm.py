@@ -49,19 +49,12 @@ def _recomputing() -> Iterator[None]:
 
 
 def bn_safe_context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    """`context_fn` for `torch.utils.checkpoint.checkpoint` that keeps BatchNorm statistics exact.
-
-    Checkpointing runs a block's forward twice; in the recomputation every `TokenBatchNorm`
-    restores its running statistics, so they are updated once per step.
-    """
+    """`context_fn` for `torch.utils.checkpoint` under which BatchNorm statistics update once per step."""
     return contextlib.nullcontext(), _recomputing()
 
 
 def in_recomputation() -> bool:
-    """Whether the running forward pass is activation checkpointing's recomputation.
-
-    True inside `bn_safe_context_fn` and for any forward run by autograd during backward (any
-    caller of `torch.utils.checkpoint`); False under `torch.compile` / `torch.export`.
+    """Whether this forward is a recomputation by autograd (activation checkpointing); False when compiling.
 
     Examples:
         >>> in_recomputation()
@@ -87,13 +80,10 @@ TORCHSCRIPT_REFUSAL = (
 
 
 def set_bn_hyperparameters(model: nn.Module, momentum: float | None = None, eps: float | None = None) -> nn.Module:
-    """Give every BatchNorm in `model` this momentum and eps (`None`: unchanged), checked as `ViTConfig` checks them.
-
-    timm's `VisionTransformer` does not take `bn_momentum` / `bn_eps`; bnvit's builders of timm
-    models with the BatchNorm FFN apply them with this after building.
+    """Set every BatchNorm's momentum and eps in `model` (`None`: unchanged), validated as in `ViTConfig`.
 
     Raises:
-        ValueError: momentum outside (0, 1], or eps not a finite number > 0.
+        ValueError: momentum outside (0, 1], or eps not finite and > 0.
     """
     if momentum is not None:
         if isinstance(momentum, bool) or not isinstance(momentum, int | float):
@@ -110,12 +100,7 @@ def set_bn_hyperparameters(model: nn.Module, momentum: float | None = None, eps:
 
 
 class FrozenBatchNorm1d(nn.Module):
-    """A `BatchNorm1d` with fixed statistics and affine parameters (buffers): eval mode's map, in train mode too.
-
-    What timm's `freeze_batch_norm_2d` makes of a `BatchNorm2d` (torchvision's
-    `FrozenBatchNorm2d`), for the `(N, C)` BatchNorm of bnvit's FFN. Its state dict keys are a
-    BatchNorm's (`num_batches_tracked` kept), so a frozen model's weights load into an unfrozen one.
-    """
+    """A `BatchNorm1d` frozen to its eval-mode map; its state dict keys are a BatchNorm's."""
 
     def __init__(self, bn: nn.BatchNorm1d) -> None:
         super().__init__()
@@ -136,14 +121,9 @@ class FrozenBatchNorm1d(nn.Module):
 
 
 def freeze_batchnorm(model: nn.Module) -> nn.Module:
-    """Freeze every `BatchNorm1d` in `model` (statistics and affine) in place, as timm's `freeze` does for BatchNorm2d.
+    """Replace every `BatchNorm1d` in `model` by a `FrozenBatchNorm1d`, in place; returns `model`.
 
-    `timm.utils.freeze(model)` stops the gradients of every parameter, and freezes the running
-    statistics of `BatchNorm2d` layers only; the BatchNorm of bnvit's FFN is a `BatchNorm1d`
-    over tokens. This replaces each by a `FrozenBatchNorm1d`; `unfreeze_batchnorm` undoes it.
-
-    Returns:
-        `model` itself.
+    `timm.utils.freeze` freezes only `BatchNorm2d`; `unfreeze_batchnorm` undoes this.
 
     Examples:
         >>> from bnvit import ViTBNFFN
@@ -172,11 +152,7 @@ def unfreeze_batchnorm(model: nn.Module) -> nn.Module:
 
 
 class TokenBatchNorm(nn.Module):
-    """BatchNorm of the last (feature) axis, with statistics over every other axis.
-
-    A `(B, N, C)` tensor is normalized as its `(B * N, C)` view by `self.bn`, a `BatchNorm1d`
-    (so `SyncBatchNorm.convert_sync_batchnorm` converts it); arguments as `BatchNorm1d`'s. Under
-    activation checkpointing the running statistics are updated once per step.
+    """BatchNorm of the last axis over every other axis, as `self.bn` (a `BatchNorm1d`) on the `(B * N, C)` view.
 
     Examples:
         >>> norm = TokenBatchNorm(64)
@@ -210,12 +186,7 @@ class TokenBatchNorm(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> nn.Module:
-        """The per-feature `ScaleShift` this norm is in eval mode, for where no Linear can take it.
-
-        The modules around a `TokenBatchNorm` fold it into their Linear layers themselves; this
-        is what timm's `reparameterize_model` replaces one by when no module around it did (a
-        `ViTBN`'s final norm when the `ViTBN` is the model timm starts from).
-        """
+        """The eval-mode `ScaleShift` of this norm, for timm's `reparameterize_model` when no Linear takes it."""
         return bn_scale_shift(self.bn)
 
 
@@ -298,11 +269,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
 
 class CPUSyncBatchNorm(_BatchNorm):
-    """BatchNorm with statistics over the samples of all processes, on any device (gloo included).
-
-    `torch.nn.SyncBatchNorm` synchronizes only accelerators; this is the same computation on
-    `all_reduce`. Outside training or a multi-process group it is a plain BatchNorm. Inputs are
-    `(N, C)` or `(N, C, *)`.
+    """BatchNorm with statistics over all processes' samples via `all_reduce`, on any device (gloo too).
 
     Examples:
         >>> bn = CPUSyncBatchNorm(8)
@@ -354,10 +321,10 @@ class _Swap:
 
 
 def convert_batchnorm(model: nn.Module, device: torch.device | str = "cpu") -> list[_Swap]:
-    """Replace, in place, every BatchNorm in `model` by a synchronized one sharing its state.
+    """Replace every BatchNorm in `model` by a synchronized one sharing its state, in place.
 
-    `torch.nn.SyncBatchNorm` where torch supports `device`, else `CPUSyncBatchNorm`. Returns what
-    `restore_batchnorm` needs; raises `ValueError` if `model` itself is a BatchNorm.
+    `SyncBatchNorm` where torch supports `device`, else `CPUSyncBatchNorm`; returns what
+    `restore_batchnorm` needs. Raises `ValueError` if `model` itself is a BatchNorm.
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
@@ -405,7 +372,7 @@ def restore_batchnorm(swaps: list[_Swap]) -> None:
 
 @contextlib.contextmanager
 def synced_batchnorm(model: nn.Module, enabled: bool, device: torch.device | str = "cpu") -> Iterator[nn.Module]:
-    """Inside the block, `model`'s BatchNorms are synchronized (if `enabled`); the originals again after.
+    """Synchronize `model`'s BatchNorms (if `enabled`) inside the block, restoring them after.
 
     Examples:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))

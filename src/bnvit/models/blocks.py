@@ -1,9 +1,4 @@
-"""Transformer building blocks with a choice of normalization.
-
-The library's one idea lives here: `BatchNormFFN`, a feed-forward network with a BatchNorm
-between its two Linear layers and no LayerNorm in front. `EncoderBlock` takes the norm as one
-argument (`"ln"`, `"bn_ffn"`, `"bn"`; see docs/models-and-norms.md).
-"""
+"""Transformer blocks with a choice of norm; `BatchNormFFN` is the article's idea (docs/models-and-norms.md)."""
 
 from __future__ import annotations
 
@@ -37,9 +32,6 @@ NORMS = ("ln", "bn_ffn", "bn")
 def sincos_pos_embed(num_tokens: int, dim: int) -> torch.Tensor:
     """The article's fixed sine-cosine positional embedding, shape `(1, num_tokens, dim)`.
 
-    For position `t` and `i = 1 .. dim/2`, `w_i = 10000 ** (-i / (dim/2))` and the embedding is
-    `[sin(t w_1), ..., sin(t w_{dim/2}), cos(t w_1), ..., cos(t w_{dim/2})]`.
-
     Examples:
         >>> sincos_pos_embed(17, 64).shape
         torch.Size([1, 17, 64])
@@ -53,9 +45,7 @@ def sincos_pos_embed(num_tokens: int, dim: int) -> torch.Tensor:
 
 
 class PatchEmbed(nn.Module):
-    """Split an image into `p x p` patches and embed each: `norm -> Linear -> norm` (`"ln"` or `"bn"`).
-
-    Patches are flattened in (row, column, channel) order, as the reference code's `Rearrange`.
+    """Patches of `p x p` pixels, flattened (row, column, channel) as the reference, embedded: `norm -> Linear -> norm`.
 
     Examples:
         >>> embed = PatchEmbed((28, 28), 7, 1, 64)
@@ -104,7 +94,7 @@ torch.fx.wrap("patchify")
 
 
 class FeedForward(nn.Module):
-    """The standard ViT feed-forward network: `LayerNorm -> Linear -> GELU -> Dropout -> Linear -> Dropout`.
+    """The standard ViT FFN: `LayerNorm -> Linear -> GELU -> Dropout -> Linear -> Dropout`.
 
     Examples:
         >>> ffn = FeedForward(64, 128)
@@ -127,17 +117,13 @@ class FeedForward(nn.Module):
 
 
 class BatchNormFFN(nn.Module):
-    """Feed-forward network with BatchNorm inside and no LayerNorm in front (ViTBNFFN).
-
-    `Linear(dim, mlp_dim) -> BatchNorm -> GELU -> Dropout -> Linear -> Dropout`; the BatchNorm
-    normalizes over batch x tokens and folds into `fc1` in eval mode. `bnvit.BatchNormMlp` builds it
-    from timm's `Mlp` arguments.
+    """FFN with BatchNorm inside and no LayerNorm in front: `Linear -> BatchNorm -> GELU -> Linear` (ViTBNFFN).
 
     Args:
-        dropout: Dropout after the activation and after `fc2`, or a pair of the two.
+        dropout: After the activation and after `fc2`, or a pair of the two.
         out_dim: Output width (default: `dim`).
-        bias: Give `fc1` and `fc2` a bias, or a pair `(fc1, fc2)`.
-        act_layer: The activation's class (called without arguments).
+        bias: For `fc1` and `fc2`, or a pair.
+        act_layer: The activation's class.
 
     Examples:
         >>> ffn = BatchNormFFN(64, 128)
@@ -174,10 +160,7 @@ class BatchNormFFN(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> BatchNormFFN:
-        """Fold the BatchNorm into `fc1`, in place (eval mode only): `fc1` then does both.
-
-        Returns `self`: timm's `reparameterize_model` replaces a module by what its `fuse()` returns.
-        """
+        """Fold the BatchNorm into `fc1`, in place (eval mode only); returns `self` for `reparameterize_model`."""
         if isinstance(self.norm, TokenBatchNorm):
             self.fc1 = fold_bn_after_linear(self.fc1, self.norm.bn)
             self.norm = nn.Identity()
@@ -185,11 +168,7 @@ class BatchNormFFN(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """One transformer encoder block: `x = x + attn(x)`, then `x = x + ffn(x)`.
-
-    Arguments as `ViTConfig`'s (`dropout`, `attn_dropout` are its `drop_rate`, `attn_drop_rate`);
-    `norm` is `"ln"`, `"bn_ffn"` (ViTBNFFN) or `"bn"` (ViTBN); `drop_path` is the
-    stochastic-depth rate of both residual branches.
+    """One pre-norm encoder block, `norm` `"ln"`, `"bn_ffn"` or `"bn"`; other arguments as `ViTConfig`'s.
 
     Examples:
         >>> block = EncoderBlock(64, heads=8, dim_head=64, mlp_dim=128, norm="bn_ffn")

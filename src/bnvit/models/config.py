@@ -21,35 +21,27 @@ _POOL_ALIASES = {"token": "cls"}
 
 @dataclass(frozen=True)
 class ViTConfig:
-    """Every setting of a `ViT`, validated once.
+    """Every setting of a `ViT`, validated once; the defaults are the article's MNIST model.
 
-    The defaults are the article's MNIST model (28x28x1, patch 7, dim 64, depth 6, 8 heads of 64,
-    MLP 128, CLS pooling). `dataclasses.asdict(cfg)` is what checkpoints and timm builders store.
+    `dataclasses.asdict(cfg)` is what checkpoints and timm builders store.
 
     Args:
         img_size: Input side, or `(height, width)`.
         patch_size: Patch side; must divide the image sides.
-        in_chans: Input channels.
-        num_classes: Output classes; 0 gives a model without a head.
-        dim: Token width.
-        depth: Number of encoder blocks.
-        heads: Attention heads per block.
+        num_classes: 0 gives a model without a head.
         dim_head: Width of each attention head (independent of `dim`).
-        mlp_dim: Hidden width of the feed-forward networks.
+        mlp_dim: Hidden width of the FFNs.
         norm: `"ln"`, `"bn_ffn"` or `"bn"`; see `EncoderBlock`.
-        pool: `"cls"` (timm's `"token"`), `"avg"` (patch tokens), `"mean"` (every token, the
-            article's `pool="mean"`) or `""` (none); timm's `global_pool` is a synonym.
-        pos_embed: `"learn"` (learnable) or `"sincos"` (fixed).
-        qkv_bias: Give the qkv projections a bias.
+        pool: `"cls"`, `"avg"` (patch tokens), `"mean"` (every token) or `""`; alias `global_pool`.
+        pos_embed: `"learn"` or `"sincos"` (fixed).
         drop_rate: Dropout inside the blocks (the reference code's `dropout`).
-        pos_drop_rate: Dropout after the positional embedding (the reference's `emb_dropout`).
-        attn_drop_rate: Dropout on the attention weights.
+        pos_drop_rate: Dropout after the positional embedding (`emb_dropout`).
         drop_path_rate: Stochastic depth, rising linearly over the blocks to this rate.
         weight_init: `"reference"` (the article's) or `"timm"` (truncated normal, std 0.02).
         attn_impl: `"auto"`, `"standard"` or `"factored"`; see `Attention`.
-        bn_momentum: Momentum of every BatchNorm's running statistics, in (0, 1].
-        bn_eps: The `eps` of every BatchNorm, a finite number > 0.
-        dynamic_img_size: Accept any image size the patch size divides (as timm's).
+        bn_momentum: Momentum of every BatchNorm, in (0, 1].
+        bn_eps: `eps` of every BatchNorm, finite and > 0.
+        dynamic_img_size: Accept any image size the patch size divides.
 
     Raises:
         ValueError: A value out of range or an unknown choice.
@@ -135,11 +127,7 @@ class ViTConfig:
 
     @classmethod
     def from_kwargs(cls, cfg: ViTConfig | None = None, **kwargs: Any) -> ViTConfig:
-        """`cfg` (default: the defaults) with `kwargs` replacing fields (`global_pool` for `pool`).
-
-        Raises:
-            TypeError: For an unknown field name.
-        """
+        """`cfg` (default: the defaults) with `kwargs` replacing fields; raises `TypeError` for an unknown one."""
         if "global_pool" in kwargs:
             pool = kwargs.pop("global_pool")
             if "pool" in kwargs and kwargs["pool"] != pool:

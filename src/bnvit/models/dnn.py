@@ -1,10 +1,6 @@
-"""The article's opening experiment: a sigmoid MLP with and without BatchNorm.
+"""The article's opening experiment: a sigmoid MLP with (DNNBN) and without (DNN) BatchNorm.
 
-`MLP(depth=3)` is the article's DNN_d3 (3 hidden layers of 100 sigmoid units);
-`MLP(depth=3, norm="bn")` is DNNBN_d3, with a BatchNorm between each Linear and its sigmoid.
-Both are registered in timm as `dnn_mnist` and `dnnbn_mnist` (`bnvit.timm.registry`), with timm's
-model API: the hidden layers are the features (`forward_features`, `forward_intermediates`, `features_only=True`,
-one feature level per hidden layer) and `head` is the classifier.
+Registered in timm as `dnn_mnist` and `dnnbn_mnist`; the hidden layers are the feature levels.
 """
 
 from __future__ import annotations
@@ -27,10 +23,7 @@ _ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "gelu": nn.GELU, "tanh":
 
 
 def check_flat_inputs(x: torch.Tensor, in_features: int) -> torch.Tensor:
-    """`x` flattened to `(B, in_features)`; a clear error if it has another number of values per sample.
-
-    A leaf for `torch.fx` (registered with `torch.fx.wrap`), so a traced MLP keeps the check.
-    """
+    """`x` flattened to `(B, in_features)`, or a clear error; a `torch.fx` leaf."""
     x = x.flatten(1)
     if x.shape[1] != in_features:
         raise ValueError(f"expected inputs with {in_features} values per sample, got shape {tuple(x.shape)}")
@@ -46,13 +39,11 @@ class MLP(nn.Module):
     Args:
         depth: Number of hidden layers.
         hidden: Width of each hidden layer.
-        norm: `None` (the article's DNN) or `"bn"` (DNNBN: BatchNorm before each activation).
+        norm: `None` (the article's DNN) or `"bn"` (DNNBN).
         activation: `"sigmoid"` (the article's), `"relu"`, `"gelu"` or `"tanh"`.
-        img_size: Input side, or `(height, width)`.
-        in_chans: Input channels; the input is flattened to `in_chans * height * width` values.
-        num_classes: Output classes; 0 gives a model without a head (features only).
-        bn_momentum: Momentum of the BatchNorms' running statistics (`norm="bn"`), in (0, 1].
-        bn_eps: The `eps` of the BatchNorms, a finite number > 0.
+        num_classes: 0 gives a model without a head.
+        bn_momentum: BatchNorm momentum, in (0, 1].
+        bn_eps: BatchNorm eps, finite and > 0.
 
     Examples:
         >>> model = MLP(depth=3, norm="bn")
@@ -155,11 +146,7 @@ class MLP(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """The outputs of chosen hidden layers, with timm's `forward_intermediates` interface.
-
-        An MLP has no spatial grid: each intermediate is a `(B, hidden, 1, 1)` map for `"NCHW"`
-        and `(B, 1, hidden)` for `"NLC"` (one location covering the whole image). `norm` is
-        accepted for timm's feature wrapper and has no effect (there is no final norm).
+        """timm's `forward_intermediates`; each intermediate is one location (`(B, hidden, 1, 1)` in NCHW).
 
         Examples:
             >>> final, feats = MLP(depth=3).forward_intermediates(torch.rand(2, 1, 28, 28))

@@ -18,10 +18,7 @@ OUTPUT_FMTS = ("NCHW", "NLC")
 
 
 def feature_take_indices(num_blocks: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
-    """The blocks to take features from, as timm's `feature_take_indices`, with a clear `ValueError`.
-
-    `indices`: `None` (all), an int `n` (the last `n`) or block indices (negative from the end).
-    Returns the absolute indices and the largest of them.
+    """The blocks to take features from, as timm's `feature_take_indices`; returns `(indices, max index)`.
 
     Examples:
         >>> feature_take_indices(6, 3)
@@ -60,9 +57,7 @@ def forward_blocks(
     keep: Callable[[torch.Tensor], Any],
     run: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[Any]]:
-    """`stem(x)` through `blocks`, keeping `keep(output)` of those in `indices`: `forward_intermediates`' loop.
-
-    Returns the output of the last block run and what `keep` made of the blocks taken.
+    """The loop of `forward_intermediates`: run `blocks`, keeping `keep(output)` of those in `indices`.
 
     Examples:
         >>> blocks = [nn.Linear(4, 4) for _ in range(3)]
@@ -114,9 +109,7 @@ def check_images(
 def resample_pos_embed(
     pos_embed: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None
 ) -> torch.Tensor:
-    """A `(1, 1 + h * w, dim)` positional embedding resampled to another patch grid, the CLS token kept.
-
-    timm's `resample_abs_pos_embed`; `old_grid` defaults to the square grid of the embedding.
+    """A `(1, 1 + h * w, dim)` positional embedding resampled to another grid, CLS kept (as timm's).
 
     Raises:
         ValueError: If `old_grid` is not given and the patch tokens do not form a square.
@@ -138,7 +131,7 @@ def resample_pos_embed(
 
 
 def input_cfg(cfg: dict[str, Any], in_chans: int, img_size: tuple[int, int]) -> dict[str, Any]:
-    """`cfg` (a timm pretrained cfg) made to describe `(in_chans, *img_size)` images, mean and std included.
+    """A timm pretrained `cfg` made to describe `(in_chans, *img_size)` images.
 
     Examples:
         >>> cfg = input_cfg(dict(input_size=(1, 28, 28), mean=(0.0,), std=(1.0,)), 3, (28, 28))

@@ -1,11 +1,7 @@
 """Fold BatchNorm into neighbouring Linear layers for inference (docs/folding.md has the arithmetic).
 
-In eval mode a BatchNorm is a per-feature affine map `y = s * x + t`; next to a Linear layer it
-merges into that layer's weight and bias (after: `W' = s W`, `b' = s b + t`; before: `W' = W s`,
-`b' = b + W t`). A LayerNorm cannot: its statistics depend on each token. Each module that can
-fold owns a `fuse()` that folds its own norms and returns the folded module, the hook timm's
-`reparameterize_model` calls; `fold_batchnorm` walks a model and calls them. The float64
-arithmetic lives here, so this module imports no model code.
+Each foldable module's `fuse()` folds its own norms (the hook timm's `reparameterize_model` calls);
+`fold_batchnorm` calls them. Imports no model code.
 """
 
 from __future__ import annotations
@@ -46,12 +42,7 @@ def _bn_affine(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ScaleShift(nn.Module):
-    """`x * scale + shift` over the last axis: a BatchNorm in eval mode with nothing to fold into.
-
-    Args:
-        scale: Per-feature scale, shape `(C,)`.
-        shift: Per-feature shift, shape `(C,)`.
-    """
+    """`x * scale + shift` over the last axis: an eval-mode BatchNorm with nothing to fold into."""
 
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
         super().__init__()
@@ -63,7 +54,7 @@ class ScaleShift(nn.Module):
 
 
 def bn_scale_shift(bn: _BatchNorm) -> ScaleShift:
-    """The eval-mode map of `bn` as a `ScaleShift` (features on the last axis), in `bn`'s dtype and device.
+    """The eval-mode map of `bn` as a `ScaleShift`, in `bn`'s dtype and device.
 
     Examples:
         >>> bn = nn.BatchNorm1d(3).eval()
@@ -115,10 +106,7 @@ def fold_bn_before_linear(bn: _BatchNorm, linear: nn.Linear) -> nn.Linear:
 def fold_affine_before_linear(
     scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight and bias of `x -> W (scale * x + shift) + b`, computed in float64, in `weight`'s dtype.
-
-    The arithmetic of every per-feature affine map folded into the Linear after it: a BatchNorm
-    in eval mode, or the affine part of a LayerNorm dropped in front of a Linear.
+    """The weight and bias of `x -> W (scale * x + shift) + b`, computed in float64.
 
     Examples:
         >>> lin = nn.Linear(4, 3)
@@ -136,23 +124,18 @@ def fold_affine_before_linear(
 
 
 def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Fold every BatchNorm that sits next to a Linear into it, for inference.
-
-    Same outputs in eval mode (up to float rounding); no BatchNorm left in the FFNs, and for
-    `norm="bn"` no normalization at all. Calls bnvit modules' `fuse()` and folds
-    `Linear -> BatchNorm1d` pairs in other `nn.Sequential`s.
+    """Fold every BatchNorm next to a Linear into it, for inference (same eval outputs up to rounding).
 
     Args:
         model: A model in eval mode.
-        inplace: Modify `model` itself instead of returning a folded copy.
+        inplace: Fold `model` itself instead of a copy.
 
     Returns:
-        The folded model (a copy unless `inplace`), in eval mode.
+        The folded model, in eval mode.
 
     Raises:
         TypeError: If `model` is not an `nn.Module`.
-        ValueError: If `model` or one of its BatchNorms is in training mode, or a BatchNorm holds
-            impossible statistics (negative or non-finite variance, non-finite mean).
+        ValueError: If a module is in training mode or a BatchNorm holds impossible statistics.
 
     Examples:
         >>> from bnvit import ViTBNFFN
@@ -201,10 +184,7 @@ def _owns_fuse(module: nn.Module) -> bool:
 
 
 class FoldingSequential(nn.Sequential):
-    """An `nn.Sequential` whose `fuse()` folds its `Linear -> BatchNorm1d` pairs (`fold_sequential`) and returns it.
-
-    The article's MLPs hold their layers in one, so timm's `reparameterize_model` folds them
-    (timm calls the `fuse()` of a model's children, not the model's own).
+    """An `nn.Sequential` whose `fuse()` folds its `Linear -> BatchNorm1d` pairs, so `reparameterize_model` folds MLPs.
 
     Examples:
         >>> seq = FoldingSequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU()).eval()
@@ -220,9 +200,7 @@ class FoldingSequential(nn.Sequential):
 
 @torch.no_grad()
 def fold_sequential(seq: nn.Sequential) -> None:
-    """Fold `Linear -> BatchNorm1d` pairs inside an `nn.Sequential`, in place (eval mode only).
-
-    Each folded BatchNorm is replaced by `nn.Identity`, so the indices of the other layers stay.
+    """Fold `Linear -> BatchNorm1d` pairs of an `nn.Sequential` in place, leaving `nn.Identity` in each BN's slot.
 
     Examples:
         >>> seq = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU()).eval()

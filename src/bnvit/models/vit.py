@@ -37,11 +37,7 @@ torch.fx.wrap("check_images")
 class ViT(nn.Module):
     """Vision Transformer with a choice of normalization (the article's ViT, ViTBNFFN, ViTBN).
 
-    Built from a `ViTConfig` (see it for every argument; the defaults are the article's MNIST
-    model), given as `cfg` or as keywords. `model.cfg` holds it, `model.config` is its
-    `dataclasses.asdict` (what checkpoints store). Initialization follows the reference code
-    (`weight_init="timm"` for timm's). Has timm's model API (`forward_features`, `forward_head`,
-    `forward_intermediates`, `reset_classifier`, ...) and traces with `torch.fx`.
+    Has timm's model API and traces with `torch.fx`; `model.config` is `dataclasses.asdict(model.cfg)`.
 
     Args:
         cfg: The configuration; default `ViTConfig()`.
@@ -199,10 +195,10 @@ class ViT(nn.Module):
         Args:
             x: Images `(B, C, H, W)`.
             indices: `None` (every block), an int `n` (the last `n`) or block indices.
-            return_prefix_tokens: Return `(patch tokens, CLS token)` pairs instead of patch tokens.
+            return_prefix_tokens: Return `(patch tokens, CLS token)` pairs.
             norm: Apply the final norm to each intermediate.
             stop_early: Stop after the last block asked for.
-            output_fmt: `"NCHW"` (a `(B, dim, H/p, W/p)` map) or `"NLC"` (`(B, H/p * W/p, dim)`).
+            output_fmt: `"NCHW"` or `"NLC"`.
             intermediates_only: Return only the intermediates.
 
         Returns:
@@ -283,11 +279,7 @@ class ViT(nn.Module):
 
     @torch.no_grad()
     def set_input_size(self, img_size: int | tuple[int, int] | None = None, patch_size: int | None = None) -> None:
-        """Take images of another size from now on, as timm's `set_input_size`.
-
-        The learnable positional embedding is resampled (`resample_pos_embed`), the sincos one
-        recomputed; `pretrained_cfg` follows. The patch size cannot change (the patch pre-norm is
-        learned per patch value): `patch_size` is accepted only if equal to the model's.
+        """Take images of another size from now on (timm's `set_input_size`); the patch size cannot change.
 
         Examples:
             >>> model = ViT(depth=1)
@@ -316,12 +308,7 @@ class ViT(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> ViT:
-        """Fold a BatchNorm final norm into the head, in place (eval mode only); returns `self`.
-
-        Pooling (CLS token or mean) commutes with a per-feature affine map, so `head(pool(BN(x)))`
-        is `head'(pool(x))`. The blocks and the patch embedding fold themselves (`bnvit.fold_batchnorm`
-        calls every `fuse()`).
-        """
+        """Fold a BatchNorm final norm into the head, in place (eval mode only); returns `self`."""
         if isinstance(self.norm, TokenBatchNorm) and isinstance(self.head, nn.Linear):
             self.head = fold_bn_before_linear(self.norm.bn, self.head)
             self.norm = nn.Identity()
@@ -337,8 +324,6 @@ class ViT(nn.Module):
 
 class ViTBNFFN(ViT):
     """The article's model: `ViT` with `Linear -> BatchNorm -> GELU -> Linear` FFNs (`norm="bn_ffn"`).
-
-    Takes every argument of `ViT` but `norm`.
 
     Examples:
         >>> model = ViTBNFFN(depth=6)
