@@ -1,8 +1,4 @@
-"""bnvit as a timm citizen: entry points and pretrained configs, the one builder, the BN-FFN timm block.
-
-`import bnvit` registers every model here in timm's registry (`timm.create_model("vitbnffn_mnist")`).
-Inside this package `import timm` still means timm itself (absolute imports).
-"""
+"""bnvit as a timm citizen: entry points, pretrained cfgs, the builder, the BN-FFN block (`import timm` is timm's)."""
 
 from .blocks import BatchNormMlp, BNFFNBlock, name_bn_ffn, to_bn_ffn
 

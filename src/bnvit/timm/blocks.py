@@ -1,19 +1,7 @@
-"""The article's BatchNorm FFN inside timm's own Vision Transformers.
+"""The article's BatchNorm FFN inside timm's own Vision Transformers (docs/timm-blocks.md).
 
-bnvit's `ViT` builds the article's form from its own blocks. This module puts the same FFN into
-timm's `VisionTransformer` (and every model built from timm's `Block`: ViT, DeiT, ...):
-
-- `BatchNormMlp`: timm's `Mlp` signature, `Linear -> BatchNorm over tokens -> act -> drop ->
-  Linear -> drop`; it is a `bnvit.BatchNormFFN`, so it folds the same way.
-- `BNFFNBlock`: a `block_fn` with the signature of timm's `Block`: timm's attention with its
-  LayerNorm pre-norm, then the BatchNorm FFN with no norm in front of it (the article's form),
-  LayerScale and drop path as timm's `Block` has them.
-  `timm.create_model("vit_small_patch16_224", block_fn=bnvit.BNFFNBlock)` builds the article's form.
-- `to_bn_ffn`: turns an existing timm ViT (or a LayerNorm bnvit `ViT`) into that form in place,
-  keeping every weight that carries over: the starting point for fine-tuning.
-
-The BatchNorm statistics stay exact under timm's `set_grad_checkpointing`, as in bnvit's own
-ViT (`bnvit.models.blocks.in_recomputation`).
+`BatchNormMlp` is the FFN with timm's `Mlp` signature, `BNFFNBlock` a `block_fn` for timm's
+`VisionTransformer`, and `to_bn_ffn` converts an existing LayerNorm ViT in place.
 """
 
 from __future__ import annotations
@@ -61,32 +49,19 @@ def _bool(name: str, value: Any) -> bool:
 
 
 class BatchNormMlp(BatchNormFFN):
-    """The article's BatchNorm FFN with the signature of timm's `Mlp`.
-
-    `Linear(in, hidden) -> BatchNorm(hidden) over tokens -> act -> Dropout -> Linear(hidden, out)
-    -> Dropout`, on inputs of shape `(..., in_features)`: each hidden feature is normalized over
-    every other axis (batch and tokens), as `x.flatten(0, -2)` would be. It is a
-    `bnvit.BatchNormFFN` (the same modules, forward and `fuse()`), so `bnvit.fold_batchnorm`
-    folds its BatchNorm into `fc1`. Pass it as timm's `mlp_layer` where a model has no norm in
-    front of its MLP, or use `BNFFNBlock`, which also drops the LayerNorm timm's `Block` puts
-    there.
+    """The article's BatchNorm FFN with the signature of timm's `Mlp`; a `bnvit.BatchNormFFN`, so it folds.
 
     Args:
-        in_features: Input width.
         hidden_features: Hidden width (default: `in_features`).
         out_features: Output width (default: `in_features`).
-        act_layer: The activation: a class called without arguments, or a name timm knows
-            (`"gelu"`, `"silu"`, ...).
-        norm_layer: Must be `None`: the hidden norm of this FFN is its BatchNorm (timm's `Mlp`
-            puts an optional norm after the activation instead).
-        bias: Give `fc1` and `fc2` a bias, or a pair `(fc1, fc2)`.
+        act_layer: A class called without arguments, or a name timm knows (`"gelu"`, ...).
+        norm_layer: Must be `None`: the hidden norm is the BatchNorm.
+        bias: For `fc1` and `fc2`, or a pair.
         drop: Dropout after the activation and after `fc2`, or a pair.
-        use_conv: Must be `False`: tokens come as `(..., C)`, not as `NCHW` maps.
-        device: Device of the parameters.
-        dtype: Floating-point type of the parameters.
+        use_conv: Must be `False`.
 
     Raises:
-        ValueError: `norm_layer` given, `use_conv=True`, a width below 1 or a dropout rate outside [0, 1).
+        ValueError: `norm_layer` given, `use_conv=True`, a width below 1 or a rate outside [0, 1).
         TypeError: A width, flag or rate of the wrong type.
 
     Examples:
@@ -164,41 +139,20 @@ def _mlp_class(mlp_layer: Any) -> type[BatchNormMlp]:
 class BNFFNBlock(nn.Module):
     """The article's transformer block as a `block_fn` for timm's `VisionTransformer`.
 
-    `x = x + drop_path(ls1(attn(norm1(x))))`, then `x = x + drop_path(ls2(mlp(x)))`: timm's
-    attention with its pre-norm, and the BatchNorm FFN (`BatchNormMlp`) with no norm in front of
-    it. It takes every argument timm's `Block` takes, so timm's `VisionTransformer` builds it as
-    it builds its own blocks, and everything timm's ViT offers works on the result: `attn_mask`,
-    `forward_intermediates`, `features_only=True`, `set_grad_checkpointing` (the BatchNorm
-    statistics updated once per step, as without it), torch.fx, `torch.compile`,
-    `torch.export`, ONNX, and `bnvit.fold_batchnorm` (no BatchNorm left, the same logits).
-
-    The BatchNorm normalizes over every token of the batch, masked ones included: with
-    `attn_mask` hiding padding tokens, the padding is part of its statistics.
+    timm's attention with its pre-norm, then `BatchNormMlp` with no norm in front; takes every
+    argument of timm's `Block`. The BatchNorm's statistics include tokens hidden by `attn_mask`.
 
     Args:
-        dim: Token width.
-        num_heads: Attention heads.
-        mlp_ratio: Hidden width of the FFN, as a multiple of `dim`.
-        qkv_bias: Give the qkv projection a bias.
-        qk_norm: Normalize queries and keys (with `norm_layer`).
-        scale_attn_norm: Normalize the attention output before its projection (with `norm_layer`).
-        scale_mlp_norm: Must be `False`: a norm inside the FFN is what its BatchNorm is.
-        proj_bias: Give the attention's output projection and the FFN's Linear layers a bias.
+        scale_mlp_norm: Must be `False`: the FFN's norm is its BatchNorm.
+        proj_bias: Bias of the attention's output projection and of the FFN's Linear layers.
         proj_drop: Dropout after the attention's projection and inside the FFN.
-        attn_drop: Dropout on the attention weights.
-        init_values: LayerScale's initial value on both branches (`None` or 0: no LayerScale).
-        drop_path: Stochastic-depth rate of both branches.
-        act_layer: The FFN's activation.
+        init_values: LayerScale's initial value (`None` or 0: none).
         norm_layer: The attention's pre-norm (and its q/k norms).
-        mlp_layer: timm's default `Mlp` (replaced by `BatchNormMlp`) or a `BatchNormMlp` subclass.
-        attn_layer: timm's attention class, or a name timm's ViT knows (`""`, `"attn"`, `"diff"`).
-        depth: The block's index, passed to attention classes that take it.
-        device: Device of the parameters.
-        dtype: Floating-point type of the parameters.
+        mlp_layer: timm's `Mlp` (replaced by `BatchNormMlp`) or a `BatchNormMlp` subclass.
+        attn_layer: timm's attention class, or a name timm's ViT knows.
 
     Raises:
-        ValueError: `scale_mlp_norm=True`, an `mlp_layer` that is not a `BatchNormMlp`, an
-            unknown `attn_layer` name, or a bad width or rate.
+        ValueError: `scale_mlp_norm=True`, a foreign `mlp_layer`, an unknown `attn_layer`, a bad width or rate.
 
     Examples:
         >>> import timm
@@ -288,13 +242,7 @@ class BNFFNBlock(nn.Module):
 def _with_bn(
     ffn: Mlp | FeedForward, build: Callable[[int, int, int], BatchNormFFN], norm: nn.Module | None
 ) -> BatchNormFFN:
-    """`build(in, hidden, out)` holding `ffn`'s own Linear layers, activation and dropouts, and a fresh BatchNorm.
-
-    The BatchNorm after `fc1` is initialised as for training (scale 1, shift 0, running mean 0
-    and variance 1), on `fc1`'s device and dtype, in `ffn`'s train/eval mode. `norm`, the
-    LayerNorm dropped before the FFN, has its affine map folded into `fc1` (in place, the same
-    parameters), unless it is `None`.
-    """
+    """`build(...)` with `ffn`'s layers and a fresh BatchNorm; `norm`'s affine map folded into `fc1`."""
     fc1, fc2 = ffn.fc1, ffn.fc2
     if norm is not None and getattr(norm, "weight", None) is not None:
         shift = norm.bias if norm.bias is not None and fc1.bias is not None else torch.zeros_like(norm.weight)
@@ -367,26 +315,16 @@ def _convert_bnvit(model: ViT, fold_norm: bool) -> None:
 
 
 def name_bn_ffn(model: VisionTransformer) -> VisionTransformer:
-    """Name a timm ViT with `BNFFNBlock`s by its registered BatchNorm-FFN name, so `save_for_hf` can export it.
+    """Name a timm ViT of `BNFFNBlock`s by its registered BN-FFN twin, so `save_for_hf` can export it.
 
-    A model built as `timm.create_model("vit_tiny_patch16_224", block_fn=bnvit.BNFFNBlock)`
-    records a class among its reconstruction arguments, which `timm.models.save_for_hf` cannot
-    write, and its `pretrained_cfg` names the LayerNorm model. This names it by its twin
-    (`vit_tiny_patch16_bnffn_224`, `timmvitbnffn_mnist`, ...: `architecture` in its
-    `pretrained_cfg`, with a note) and drops `block_fn` from its reconstruction arguments: the
-    twin builds the same model, so `timm.create_model("local-dir:...", pretrained=True)` rebuilds
-    it from the saved folder. `to_bn_ffn` does this itself.
-
-    Args:
-        model: A timm `VisionTransformer` whose blocks are all `BNFFNBlock`s.
+    Sets `pretrained_cfg["architecture"]` and drops `block_fn` from the reconstruction arguments.
 
     Returns:
         `model` itself.
 
     Raises:
         TypeError: `model` is not a timm `VisionTransformer`.
-        ValueError: A block is not a `BNFFNBlock`, or bnvit registers no BatchNorm-FFN twin of
-            the model's architecture (the message lists the registered ones).
+        ValueError: A block is not a `BNFFNBlock`, or the architecture has no registered twin.
 
     Examples:
         >>> import timm
@@ -434,36 +372,21 @@ def _bnvit_ffn(dim: int, hidden: int, out: int) -> BatchNormFFN:
 
 
 def to_bn_ffn(model: nn.Module, *, fold_norm: bool = True) -> nn.Module:
-    """Convert a LayerNorm ViT to the article's form in place: BatchNorm inside each FFN, no norm before it.
+    """Convert a LayerNorm ViT in place to the article's form: BatchNorm inside each FFN, no norm before it.
 
-    For a timm `VisionTransformer` built from timm's `Block` (ViT, DeiT, ... at any size) each
-    block becomes a `BNFFNBlock`; for a bnvit `ViT` with `norm="ln"` each FFN becomes a
-    `BatchNormFFN` and the model's `cfg.norm` becomes `"bn_ffn"` (its checkpoints then load as
-    `ViTBNFFN`). Every weight that carries over is kept, as the same tensors: the attention with
-    its pre-norm, `fc1`, `fc2`, LayerScale, and everything outside the blocks. The LayerNorm
-    before each FFN is dropped, its affine map (`x * weight + bias`) folded into `fc1` when
-    `fold_norm` (its normalization cannot be kept), and a new BatchNorm after each `fc1` starts
-    as in training (scale 1, shift 0, running mean 0, running variance 1). The same conversion
-    of a state dict is `bnvit.weights.convert.ln_ffn_to_bn_ffn`.
-
-    The converted model computes something else than the original: give its BatchNorms their
-    statistics with `bnvit.recalibrate_bn(model, data)` before evaluating it, and fine-tune it
-    (a few epochs at a small learning rate) to get the original's accuracy back
-    (docs/timm-blocks.md measures both on MNIST).
+    Weights that carry over are kept as the same tensors; new BatchNorms start as in training:
+    recalibrate (`bnvit.recalibrate_bn`) and fine-tune before use. For a state dict: `ln_ffn_to_bn_ffn`.
 
     Args:
-        model: A timm `VisionTransformer` whose blocks are all timm's `Block` with timm's `Mlp`,
-            or a bnvit `ViT` with `norm="ln"`.
-        fold_norm: Fold the dropped LayerNorm's affine map into `fc1` (True) or drop it (False).
+        model: A timm `VisionTransformer` of timm `Block`s, or a bnvit `ViT` with `norm="ln"`.
+        fold_norm: Fold the dropped LayerNorm's affine map into `fc1` (else drop it).
 
     Returns:
         `model` itself, converted.
 
     Raises:
-        TypeError: `model` is neither a timm `VisionTransformer` nor a bnvit `ViT` (a compiled or
-            DDP-wrapped model: convert the model inside first).
-        ValueError: A block or FFN of a layout the conversion does not know (the message names
-            it), or a model already in the article's form. Nothing is changed then.
+        TypeError: `model` is neither (a compiled or DDP-wrapped model: convert the inner one).
+        ValueError: A layout the conversion does not know, or already converted; nothing changed.
 
     Examples:
         >>> import timm

@@ -1,12 +1,4 @@
-"""The one builder behind every bnvit entry point: timm's `build_model_with_cfg`, weights read first.
-
-A model family's builders (the ViT's in `registry.py`, the MLP's in `mlp.py`) are laid out the
-same way: pretrained cfgs made with `pretrained_cfg`, an `_args_from_weights(state_dict, ...)`
-that reads the architecture off the weights, a `_create_*` calling `build_with_weights`, and
-the `@register_model` entry points. With `pretrained=True` the weights are read once
-(`pretrained_state_dict`): the family reads the depth and widths they hold, and timm loads that
-same state dict into the model built to fit them.
-"""
+"""The one builder behind every bnvit entry point: timm's `build_model_with_cfg`, the weights read once, first."""
 
 from __future__ import annotations
 
@@ -56,11 +48,6 @@ def pretrained_cfg(*, first_conv: str, **fields: Any) -> dict[str, Any]:
 def fitted_cfg(cfg: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
     """A model's pretrained cfg for what it was built as (`config`: its `in_chans`, `img_size`, ...).
 
-    The input size and a one-channel `mean` / `std` follow the channels and image size
-    (`bnvit.models.features.input_cfg`); `fixed_input_size` is false for a model built with
-    `dynamic_img_size=True` (it takes other sizes); `label_names` are dropped for another number
-    of classes than the cfg's.
-
     Examples:
         >>> cfg = fitted_cfg(pretrained_cfg(first_conv="x", **MNIST_INPUT), dict(in_chans=1, img_size=(56, 56),
         ...                  num_classes=3, dynamic_img_size=True))
@@ -78,17 +65,10 @@ def fitted_cfg(cfg: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, A
 def pretrained_state_dict(
     variant: str, pretrained_cfg: Any = None, pretrained_cfg_overlay: dict[str, Any] | None = None
 ) -> tuple[dict[str, torch.Tensor], str]:
-    """The weights `timm.create_model(variant, pretrained=True, ...)` loads, read as timm's loader reads them.
-
-    `pretrained_cfg` and `pretrained_cfg_overlay` are those of `timm.create_model` (a tag, a
-    dict or a `PretrainedCfg`; `local-dir:` and `hf-hub:` names arrive as such a cfg).
-
-    In timm's order: a `state_dict` in the cfg, a `local-dir:` folder (`model.safetensors`
-    first), an `hf-hub:` repository (through timm's hub loader and its cache), a `file`
-    (bnvit's shipped weights are looked up in `WEIGHTS_DIR`), a `url`.
+    """The weights `timm.create_model(variant, pretrained=True, ...)` loads, found in timm's order.
 
     Returns:
-        The state dict and a description of where it came from, for error messages.
+        The state dict and a description of its source, for error messages.
 
     Raises:
         ValueError: If the cfg points at no weights, or at shipped weights absent from this build.
@@ -167,15 +147,8 @@ def build_with_weights(
 ) -> Any:
     """timm's `build_model_with_cfg`, with the architecture read from the weights when `pretrained`.
 
-    Shared by the ViT and MLP builders. With `pretrained`, the weights are read once;
-    `infer(state_dict, source, variant, defaults, kwargs)` returns the architecture arguments
-    they fix (`source` names where they came from, for errors), and timm loads the same state
-    dict. Those arguments are recorded as the model's reconstruction arguments
-    (`pretrained_model_args`, and `_model_args`, which `timm.models.save_for_hf` exports).
-    The model's `pretrained_cfg` describes the images it takes: with `in_chans` or `img_size`
-    other than the cfg's, its `input_size` (and a one-channel `mean` / `std`) follow
-    (`bnvit.models.features.input_cfg`), so timm's `resolve_data_config` feeds what the model takes.
-    `num_blocks(model_args)` is the number of feature levels for `features_only`.
+    `infer(state_dict, source, variant, defaults, kwargs)` returns the arguments the weights fix,
+    recorded as reconstruction arguments for `save_for_hf`; `num_blocks(model_args)` counts feature levels.
 
     Examples:
         >>> from bnvit import ViT

@@ -1,40 +1,7 @@
-"""timm entry points and pretrained configs of bnvit's ViT and the article's MLPs.
+"""timm entry points and pretrained configs of bnvit's ViT and the article's MLPs (docs/timm.md lists them).
 
-Importing `bnvit` registers these names in timm's model registry (`<family>_<size>`, `bnvit.weights.names`):
-
-| name                             | input     | patch | norm     |
-|----------------------------------|-----------|-------|----------|
-| `vitln_mnist`                    | 1x28x28   | 7     | `ln`     |
-| `vitbnffn_mnist`                 | 1x28x28   | 7     | `bn_ffn` |
-| `vitbn_mnist`                    | 1x28x28   | 7     | `bn`     |
-| `vitln_cifar`, `vitbnffn_cifar`, `vitbn_cifar` | 3x32x32 | 4 | as named |
-| `vitln_{ti,s,b}16_224`, `vitbnffn_...`, `vitbn_...` | 3x224x224 | 16 | as named |
-
-The MNIST and CIFAR builders use the article's configuration (dim 64, 8 heads of width 64,
-MLP width 128, depth 6 unless `depth=` is given) and its initialization. The ImageNet-size
-twins use the usual ViT-Ti/S/B widths, qkv bias and timm-style initialization, in bnvit's
-layout (its patch embedding, 64-wide heads): their sizes are written `ti16_224`, `s16_224`,
-`b16_224` so that no name reads as timm's layout (`*_patch16_*` names are timm's
-`VisionTransformer`, `bnvit.timm.vision_transformer_bnffn`). Their earlier names
-(`vitbnffn_tiny_patch16_224`, ...) and `vit_mnist`, `vit_cifar` still build them, with timm's
-warning for a renamed model.
-
-The article's reference checkpoints load with
-`timm.create_model("vitbnffn_mnist", pretrained=True, pretrained_cfg_overlay=dict(file=PATH))`
-or with `load_model(PATH)`. With `pretrained=True` a builder reads the weights first (a file,
-a `local-dir:` folder written by `timm.models.save_for_hf`, an `hf-hub:` repository or the
-weights shipped in the package) and builds the depth, qkv bias and positional embedding they
-hold; it records them in `model.pretrained_model_args`, so `save_for_hf` writes them out.
-The weights are read once (`bnvit.timm.builder`), and timm loads what was read.
-
-`vitln_mnist.bnvit_mnist` and `vitbnffn_mnist.bnvit_mnist` (the default tags of those names)
-point at `bnvit/weights/<name>.safetensors` inside the installed package: trained weights drop
-in there, and `timm.create_model(name, pretrained=True)` loads them offline.
-
-Beside this module: `bnvit.weights.loading` reads and verifies weight files (`read_state_dict`,
-`load_model`, the shipped weights), `bnvit.weights.convert` maps foreign state dicts to bnvit's layout
-(`checkpoint_filter_fn`, `adapt_in_chans`, `describe_state_dict`), and `bnvit.timm.builder` is the
-one builder every entry point calls. `dnn_mnist` and `dnnbn_mnist` build `bnvit.models.dnn.MLP`.
+`import bnvit` registers them; with `pretrained=True` a builder reads the weights first and builds
+what they hold. `vitln_mnist` and `vitbnffn_mnist` default to weights shipped in the package.
 """
 
 from __future__ import annotations

@@ -1,17 +1,6 @@
 """Run one of timm's scripts with bnvit's models registered: `python -m bnvit.timm.script SCRIPT [ARGS...]`.
 
-timm's `train.py`, `validate.py`, `benchmark.py`, `onnx_export.py` and `inference.py` find models
-by name in timm's registry; bnvit's names are there once `bnvit` is imported. This runs `SCRIPT`
-as `python SCRIPT ARGS...` would (as `__main__`, with `sys.argv` and `sys.path[0]` set as Python
-sets them), after that import:
-
-    python -m bnvit.timm.script ../timm/validate.py --model vitbnffn_mnist --pretrained \\
-        --dataset torch/mnist --data-dir $BNVIT_DATA
-
-The timm package the script uses is the one bnvit registered its models in (the installed one),
-even when the script sits in a timm checkout with its own `timm/` folder beside it. A model named
-by an old name (`--model vit_mnist`, see `bnvit.weights.names`) is passed on by its current name, so
-that timm's scripts find its pretrained cfg (timm looks a cfg up under the name it is given).
+Old model names after `--model` are passed on as current ones, as timm looks cfgs up by name.
 """
 
 from __future__ import annotations
@@ -30,12 +19,8 @@ USAGE = "usage: python -m bnvit.timm.script SCRIPT [ARGS...]  (SCRIPT: timm's tr
 def main(argv: list[str] | None = None) -> int:
     """Run the timm script `argv[0]` with the arguments `argv[1:]`, bnvit's models registered.
 
-    Args:
-        argv: The script's path and its arguments (default: `sys.argv[1:]`).
-
     Returns:
-        0 when the script returns; its `SystemExit` passes through, as from `python SCRIPT`.
-        2 (with a one-line message) when no script is given or it is not a file.
+        0 when the script returns (its `SystemExit` passes through); 2 when no script file is given.
 
     Examples:
         >>> main([])

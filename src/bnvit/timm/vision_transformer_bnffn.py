@@ -1,26 +1,4 @@
-"""timm's own `VisionTransformer` at the article's MNIST scale, with and without the BatchNorm FFN.
-
-Importing `bnvit` registers two timm names, the models of the transfer study
-(`examples/transfer.py`, docs/timm-blocks.md), which asks whether the article's effect holds in
-timm's standard layout:
-
-| name | blocks |
-|---|---|
-| `timmvitln_mnist` | timm's `Block` (LayerNorm before attention and before the MLP) |
-| `timmvitbnffn_mnist` | `bnvit.BNFFNBlock` (LayerNorm before attention, BatchNorm inside the FFN) |
-
-Their names before the `<family>_<size>` scheme (`bnvit.weights.names`), `timmvit_mnist` and
-`timmvit_bnffn_mnist`, still build them, with timm's warning for a renamed model.
-
-Both are timm's `VisionTransformer` with the article's sizes where timm's layout allows them:
-28x28x1 input, patch 7 (16 patches and a class token), width 64, 4 heads, MLP ratio 2 (hidden
-width 128), 10 classes, class-token pooling, a learned position embedding, no qkv bias, depth 6
-unless `depth=` is given, timm's initialization. What differs from bnvit's `ViT` (`vitln_mnist`,
-`vitbnffn_mnist`): each head is `64 / 4 = 16` wide (bnvit: 8 heads of 64, an attention 8x wider
-than the tokens), the patches are embedded by timm's strided convolution without bnvit's
-LayerNorms before and after it, and the weights start from timm's truncated-normal
-initialization instead of PyTorch's defaults. Every timm argument can be given to override these.
-"""
+"""`timmvitln_mnist`, `timmvitbnffn_mnist`: timm's `VisionTransformer` at the article's MNIST scale (docs/timm.md)."""
 
 from __future__ import annotations
 
@@ -164,15 +142,10 @@ default_cfgs.update(
 def bn_ffn_filter_fn(
     state_dict: dict[str, Any], model: VisionTransformer, *, fold_norm: bool = True, **timm_filter: Any
 ) -> dict[str, Any]:
-    """timm's `pretrained_filter_fn` for a ViT with `BNFFNBlock`s: LayerNorm weights converted, all keys checked.
-
-    timm's own ViT filter runs first (position-embedding resampling, patch-size adaptation, ...),
-    then `bnvit.weights.convert.ln_ffn_to_bn_ffn` (kept / dropped / new: documented there).
-    Everything but the classifier must then match the model key for key and shape for shape:
-    timm loads non-strictly when `num_classes` differs, and a partial load would pass silently.
+    """timm's `pretrained_filter_fn` for a ViT of `BNFFNBlock`s: LayerNorm weights converted, every key checked.
 
     Raises:
-        ValueError: Keys missing, unexpected or of another shape (the first few are named).
+        ValueError: Keys missing, unexpected or of another shape (the first few named).
     """
     from timm.models.vision_transformer import checkpoint_filter_fn as timm_filter_fn
 
