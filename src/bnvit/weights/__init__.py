@@ -1,7 +1,6 @@
-"""Weight files in and out: reading and verifying them, converting foreign layouts, the Hub, calibration.
+"""Weight files in and out: reading and verifying, converting foreign layouts, the Hub, calibration.
 
-The weights shipped with bnvit (`vitbnffn_mnist`, `vitln_mnist`: `*.safetensors` with a `*.json`
-record each) live in this folder.
+The weights shipped with bnvit (`*.safetensors` with a `*.json` record each) live in this folder.
 """
 
 from .convert import checkpoint_filter_fn

@@ -1,27 +1,7 @@
-"""Calibrated probabilities: temperature scaling, its fit, and how to measure calibration.
+"""Calibrated probabilities: temperature scaling, its fit, and the expected calibration error (docs/weights.md).
 
-A classifier's softmax is *calibrated* when, among the images it gives probability p, a share p
-is right. Training with label smoothing (bnvit's shipped weights use 0.1) makes a model state
-about 91% for a digit it is nearly always right about. Temperature scaling divides the logits by
-one number T before the softmax: the ranking, hence the prediction and the accuracy, is
-unchanged; T < 1 sharpens, T > 1 softens. T is fitted by minimizing the negative log-likelihood
-on labelled images the model was not fitted to, never on the test set that then measures it.
-
-The negative log-likelihood of `softmax(beta * logits)` is convex in `beta = 1 / T`, and its
-derivative, the mean of `E_p[z] - z_label`, increases with `beta`; `fit_temperature` finds its
-zero by bisection in float64, so the fit is exact and needs no learning rate.
-
-Calibration is measured by the expected calibration error (ECE): the images are put in equal-width
-bins of confidence (the top probability), and ECE is the average, weighted by the bins' sizes, of
-|accuracy - mean confidence| in each bin. `reliability` gives the bins for a reliability diagram.
-
-A user's checkpoint is calibrated with `calibrate` (or `bnvit calibrate CHECKPOINT`): T is fitted
-on every other image and checked on the others, and a fit that cannot be trusted is refused
-rather than returned (too few wrong answers to fit on, a temperature at a bound of the search, or
-a calibration error that rises on the held-out images). The command can write the temperature
-beside the checkpoint (`CHECKPOINT.calibration.json`, tied to its tensors by
-their sha256); `bnvit predict` and `bnvit demo` apply it. The weights shipped with bnvit carry
-theirs in their record and in their file's metadata (`shipped_temperature`).
+Dividing the logits by T keeps every prediction; T is fitted on held-out labelled images, never
+the test set. `calibrate` refuses a fit it cannot trust; `bnvit predict` and `bnvit demo` apply it.
 
 Examples:
     >>> logits = torch.tensor([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0], [0.0, 4.0]])
@@ -91,15 +71,13 @@ def _nll_slope(beta: float, logits: torch.Tensor, labels: torch.Tensor) -> float
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature T minimizing the mean negative log-likelihood of `softmax(logits / T)`.
+    """The temperature T minimizing the mean NLL of `softmax(logits / T)`, found exactly by bisection.
 
     Args:
         logits: `(N, classes)` logits of held-out images (never the test set's).
-        labels: `(N,)` their labels.
 
     Returns:
-        T, between 0.001 and 1000 (the bounds are reached only by degenerate data: every image
-        right at any sharpness, or the logits no better than chance).
+        T in [0.001, 1000]; the bounds only for degenerate data.
 
     Raises:
         TypeError, ValueError: For anything but finite `(N, C)` logits and `(N,)` labels in range.
@@ -133,13 +111,11 @@ def reliability(
     """The bins of a reliability diagram: images grouped by confidence (their top probability).
 
     Args:
-        probabilities: `(N, classes)` probabilities (rows summing to 1).
-        labels: `(N,)` labels.
-        bins: Equal-width confidence bins over [0, 1] (bin i holds confidences in (i/bins, (i+1)/bins]).
+        probabilities: `(N, classes)`, rows summing to 1.
+        bins: Number of equal-width confidence bins over [0, 1].
 
     Returns:
-        One dict per non-empty bin: `lower`, `upper`, `count`, `confidence` (mean top probability)
-        and `accuracy` (the share right).
+        Per non-empty bin a dict of `lower`, `upper`, `count`, `confidence` and `accuracy`.
 
     Examples:
         >>> p = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6]])
@@ -185,17 +161,11 @@ def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor
 def model_logits(
     model: nn.Module, images: torch.Tensor, *, batch_size: int = 1000, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
-    """A model's float32 logits for MNIST-like images, in eval mode and without gradients.
+    """A model's float32 logits `(N, classes)` on the CPU, in eval mode without gradients.
 
     Args:
         model: A classifier of `(B, 1, 28, 28)` images in [0, 1].
-        images: uint8 images `(N, 28, 28)` (0-255, as `bnvit.data.load_mnist` returns them) or float
-            images `(N, 1, 28, 28)` in [0, 1].
-        batch_size: Images per forward pass.
-        device: Where to run the model.
-
-    Returns:
-        `(N, classes)` logits on the CPU.
+        images: uint8 `(N, 28, 28)` (as `bnvit.data.load_mnist` returns) or float `(N, 1, 28, 28)` in [0, 1].
     """
     if images.dtype == torch.uint8:
         images = images.float().div(255).unsqueeze(1) if images.ndim == 3 else images.float().div(255)
@@ -213,18 +183,18 @@ def model_logits(
 
 @dataclass(frozen=True)
 class Calibration:
-    """A fitted temperature and what it does on images held out of its fit.
+    """A fitted temperature and its effect on the images held out of its fit.
 
     Attributes:
         temperature: Divide the logits by it before the softmax.
-        images: How many images were given: `images - held_out` to fit T, `held_out` to check it.
-        source: Which images (a sentence, e.g. "MNIST training images 50000-59999").
-        nll_before: Mean negative log-likelihood on the held-out images at T = 1.
+        images: Images given: `images - held_out` fitted T, `held_out` checked it.
+        source: Which images (a sentence).
+        nll_before: Held-out mean negative log-likelihood at T = 1.
         nll_after: The same at the fitted T.
-        ece_before: Expected calibration error on the held-out images at T = 1.
+        ece_before: Held-out expected calibration error at T = 1.
         ece_after: The same at the fitted T.
-        held_out: How many of the images checked the fit (every other one).
-        errors: How many of the images it was fitted on the model gets wrong.
+        held_out: Images that checked the fit (every other one).
+        errors: Fitting images the model gets wrong.
     """
 
     temperature: float
@@ -251,28 +221,18 @@ def calibrate(
     batch_size: int = 1000,
     device: str | torch.device = "cpu",
 ) -> Calibration:
-    """Fit a model's temperature on labelled images it was not trained on (never the test set), and check it.
-
-    T is fitted on the images at even positions and checked on those at odd positions; a fit
-    that could make the probabilities worse is refused instead of returned.
+    """Fit a model's temperature on even-position images and check it on the odd ones (never the test set).
 
     Args:
-        model: The classifier (put in eval mode for the fit, then restored).
-        images: The held-out images (see `model_logits` for the accepted forms).
-        labels: Their labels.
+        model: The classifier (eval mode for the fit, then restored).
+        images: Held-out images (forms as for `model_logits`).
         source: Which images these are, recorded with the result.
-        batch_size: Images per forward pass.
-        device: Where to run the model.
 
     Returns:
-        The `Calibration`: the temperature, and the negative log-likelihood and expected
-        calibration error on the checking images before and after.
+        The `Calibration`, with NLL and ECE on the checking images before and after.
 
     Raises:
-        ValueError: One line with the numbers, if the model is wrong on fewer than `MIN_ERRORS` of
-            the fitting images (too few errors to fit a temperature), if the fit ends at a bound
-            of the search (T = 0.001 or 1000), or if the fitted T raises the expected calibration
-            error on the checking images.
+        ValueError: Fewer than `MIN_ERRORS` errors to fit on, T at a search bound, or ECE rising.
 
     Examples:
         >>> import bnvit
@@ -341,9 +301,7 @@ def _measured(
 
 
 def shipped_temperature(name: str) -> float | None:
-    """The calibrated temperature of the weights of `name` shipped with bnvit, or None if none ship.
-
-    An old name (`bnvit.weights.names.RENAMED`) reads the temperature of its current name.
+    """The calibrated temperature of `name`'s shipped weights (old names accepted), or None.
 
     Examples:
         >>> 0.1 < shipped_temperature("vitbnffn_mnist") < 1.0  # label smoothing made the logits timid
@@ -362,10 +320,7 @@ def calibration_path(checkpoint: str | os.PathLike) -> Path:
 
 
 def write_calibration(checkpoint: str | os.PathLike, calibration: Calibration) -> Path:
-    """Write `calibration` beside `checkpoint`, tied to its tensors by their sha256; returns the file.
-
-    The file is written atomically; the checkpoint itself is not touched.
-    """
+    """Write `calibration` atomically beside `checkpoint`, tied to its tensors by sha256; returns the file."""
     sha256 = tensors_sha256(read_state_dict(checkpoint))
     path = calibration_path(checkpoint)
     atomic_write_text(path, json.dumps(dict(calibration.to_dict(), sha256=sha256), indent=2) + "\n")
@@ -376,12 +331,10 @@ def read_calibration(checkpoint: str | os.PathLike, state_dict: dict[str, torch.
     """The temperature `write_calibration` stored beside `checkpoint`, or None if there is none.
 
     Args:
-        checkpoint: The checkpoint file.
-        state_dict: Its tensors, if already read (`bnvit.weights.loading.read_state_dict`); else read here.
+        state_dict: Its tensors if already read; else read here.
 
     Raises:
-        ValueError: If the file is unreadable, or was written for other weights (the checkpoint
-            changed since `bnvit calibrate`): a stale temperature is refused, not applied.
+        ValueError: If the file is unreadable or was written for other weights (stale: refused).
     """
     path = calibration_path(checkpoint)
     if not path.is_file():

@@ -83,15 +83,12 @@ def _strip_wrappers(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ViT | None = None) -> dict[str, Any]:
-    """Convert a state dict to bnvit's layout (timm's `pretrained_filter_fn` protocol).
+    """Convert a state dict (the article's layout or bnvit's, DDP or compiled) to bnvit's (timm's filter protocol).
 
-    Accepts the article's reference layout and bnvit's own, either wrapped by DDP or
-    `torch.compile`. With a `model`, the input channels and a learnable positional embedding are
-    adapted to it, and the result is checked: a mismatch raises `ValueError` listing every
-    difference (a different number of classes is left for timm to adapt).
+    With a `model`, input channels and a learnable positional embedding are adapted to it and the
+    result is checked; a mismatch raises `ValueError` listing every difference but the classes.
 
     Args:
-        state_dict: The loaded state dict.
         model: The model it is for (optional).
 
     Returns:
@@ -123,11 +120,9 @@ _PATCH_KEYS = (
 
 
 def adapt_in_chans(state_dict: dict[str, torch.Tensor], patch_size: int, in_chans: int) -> dict[str, torch.Tensor]:
-    """Adapt the input layer of a ViT state dict to `in_chans` channels, as timm does for its stems.
+    """Adapt a ViT state dict's input layer to `in_chans` channels, as timm does for its stems.
 
-    The patch projection goes through timm's `adapt_input_conv`; the pre-norm's per-value
-    statistics are repeated (1 to `C`) or averaged (`C` to 1). 1 to `C` is exact for gray images
-    copied into every channel. A state dict with other patches is returned unchanged.
+    1 to `C` is exact for gray images copied into every channel; other patch sizes are left unchanged.
 
     Examples:
         >>> from bnvit import ViT
@@ -155,7 +150,7 @@ def adapt_in_chans(state_dict: dict[str, torch.Tensor], patch_size: int, in_chan
 
 
 def resample_to_grid(state_dict: dict[str, torch.Tensor], grid: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """`state_dict` with its learnable positional embedding resampled to a `grid` of patches (non-square left as is).
+    """`state_dict` with its learnable positional embedding resampled to `grid` (non-square left as is).
 
     Examples:
         >>> from bnvit import ViT
@@ -173,9 +168,7 @@ def resample_to_grid(state_dict: dict[str, torch.Tensor], grid: tuple[int, int])
 
 
 def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Infer a `ViT` configuration (`norm`, `depth`, widths, `attn_width`, ...) from a state dict in bnvit's layout.
-
-    The split of `attn_width` into heads is not stored in a state dict.
+    """Infer a `ViT` configuration from a bnvit state dict (its split of `attn_width` into heads is not stored).
 
     Examples:
         >>> from bnvit import ViTBNFFN
@@ -310,26 +303,20 @@ _NORM2 = re.compile(r"^(?P<block>(?:.*\.)?blocks\.\d+)\.norm2\.weight$")
 
 
 def ln_ffn_to_bn_ffn(state_dict: Mapping[str, torch.Tensor], *, fold_norm: bool = True) -> dict[str, torch.Tensor]:
-    """A timm ViT state dict with LayerNorm `Block`s as the same model with `bnvit.BNFFNBlock`s.
+    """A timm ViT state dict of LayerNorm `Block`s converted to `bnvit.BNFFNBlock`s (docs/timm.md lists the keys).
 
-    Per block `blocks.{i}`: kept are the attention with its pre-norm (`norm1`), `mlp.fc1`,
-    `mlp.fc2`, LayerScale and everything outside the blocks; dropped is `norm2`, the LayerNorm
-    before the MLP, whose affine map (`x * weight + bias`) is folded into `mlp.fc1` when
-    `fold_norm` (its normalization cannot be kept); new is `mlp.norm.bn`, the BatchNorm after
-    `fc1`, with weight 1, bias 0, running mean 0 and running variance 1 (the identity in eval
-    mode until `bnvit.recalibrate_bn` or training gives it statistics). A state dict with no
-    `norm2` (already in the BatchNorm-FFN form) is returned as a copy, unchanged.
+    Per block `norm2` is dropped (its affine map folded into `mlp.fc1` if `fold_norm`) and
+    `mlp.norm.bn` added as the identity; an already converted state dict is copied unchanged.
 
     Args:
-        state_dict: timm's `VisionTransformer` keys (`blocks.0.norm2.weight`, `blocks.0.mlp.fc1.weight`, ...).
-        fold_norm: Fold `norm2`'s weight and bias into `fc1` (True) or drop them (False).
+        state_dict: timm `VisionTransformer` keys.
+        fold_norm: Fold `norm2`'s weight and bias into `fc1` (else drop them).
 
     Returns:
-        A new state dict; the tensors not changed are the same objects.
+        A new state dict; unchanged tensors are the same objects.
 
     Raises:
-        ValueError: A block whose MLP is not timm's `Mlp` (a gated MLP, or a norm inside it),
-            or a state dict with `norm2` in some blocks only.
+        ValueError: A block whose MLP is not timm's `Mlp`, or `norm2` in some blocks only.
 
     Examples:
         >>> import timm

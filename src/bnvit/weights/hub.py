@@ -1,8 +1,4 @@
-"""Model cards and Hub folders for bnvit's models, in timm's format (docs/timm.md, "Sharing weights").
-
-`model_card(name)` is timm's `model_card` dict for a registered bnvit model; `save_for_hf` is
-timm's, plus that card as `README.md`.
-"""
+"""Model cards and Hub folders for bnvit's models, in timm's format (docs/timm.md, "Sharing weights")."""
 
 from __future__ import annotations
 
@@ -28,9 +24,7 @@ ARTICLE = '"Vision Transformer with BatchNorm" (November 2024)'
 
 
 def model_stats(name: str) -> dict[str, Any]:
-    """Parameters (millions), GMACs of one image and the input size of a registered bnvit model.
-
-    Counted on the meta device as `torch.utils.flop_counter` counts (FLOPs / 2); old names accepted.
+    """Parameters (M), GMACs of one image and the input size of a registered bnvit model, counted on meta.
 
     Examples:
         >>> model_stats("vitbnffn_mnist")
@@ -55,10 +49,7 @@ def model_stats(name: str) -> dict[str, Any]:
 
 
 def model_card(name: str) -> dict[str, Any]:
-    """timm's `model_card` dict for a registered bnvit model (`"vitbnffn_mnist"` or with its tag).
-
-    For shipped weights (tag `bnvit_mnist`) it adds the dataset, recipe, command, machine, wall
-    time, test accuracies and calibration temperature. Old names give the current name's card.
+    """timm's `model_card` dict for a registered bnvit model; shipped weights add their recipe and results.
 
     Examples:
         >>> card = model_card("vitbnffn_mnist")
@@ -124,17 +115,15 @@ def save_for_hf(
 
     Args:
         model: A model built by `timm.create_model` from a bnvit name.
-        save_directory: The folder to write (created if needed).
-        model_card: The card; by default `model_card()` of the model's name and tag.
-        model_name: The card's title; by default `<architecture>.<tag>` from the model's cfg.
-        safe_serialization: As for timm: True (safetensors), False (pickle) or "both".
+        model_card: Default: `model_card()` of the model's name and tag.
+        model_name: The card's title; default `<architecture>.<tag>`.
+        safe_serialization: True (safetensors), False (pickle) or "both".
 
     Returns:
         The folder.
 
     Raises:
-        ValueError: If the model has no timm name and no `model_card` / `model_name` gives one,
-            or it holds impossible BatchNorm statistics (nothing is written then).
+        ValueError: No timm name to use, or impossible BatchNorm statistics (nothing written).
     """
     check_bn_statistics(model, "save_for_hf: the model")
     cfg = getattr(model, "pretrained_cfg", None) or {}

@@ -41,7 +41,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "
 
 
 def shipped_record(name: str) -> dict[str, Any] | None:
-    """The training run behind the shipped weights of `name` (`WEIGHTS_DIR/<name>.json`), or None.
+    """The training run behind `name`'s shipped weights (`WEIGHTS_DIR/<name>.json`), or None.
 
     Examples:
         >>> f"{shipped_record('vitbnffn_mnist')['clean_test_acc']:.2%}"
@@ -105,12 +105,9 @@ def locate_shipped(variant: str, cfg: PretrainedCfg) -> str:
 
 
 def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read a state dict safely from a checkpoint file or a `timm.models.save_for_hf` folder.
+    """Read a state dict from a checkpoint file or a `save_for_hf` folder, never executing code from it.
 
-    Never executes code from the file (safetensors, or `torch.load(weights_only=True)`); accepts a
-    bare state dict or one under `"model"`, `"state_dict"` or `"model_state_dict"`. Damage is
-    refused: bad zip CRCs, a safetensors `sha256` mismatch, NaN/inf weights, impossible BatchNorm
-    statistics.
+    Damage is refused: bad zip CRCs, a safetensors `sha256` mismatch, NaN/inf, impossible BatchNorm statistics.
 
     Raises:
         FileNotFoundError: If `path` does not exist, or is a folder without a weight file.
@@ -166,16 +163,10 @@ def _read_safetensors(path: str, map_location: str | torch.device) -> dict[str, 
 
 
 def load_model(path: str | os.PathLike, *, map_location: str | torch.device = "cpu", **kwargs: Any) -> ViT:
-    """Build the right `ViT` for a checkpoint (the article's or bnvit's) and load it, in one call.
+    """Build the right `ViT` for a checkpoint (the article's or bnvit's) and load it, in eval mode.
 
     Args:
-        path: Checkpoint file.
-        map_location: Where to load the tensors.
-        **kwargs: `ViT` arguments a state dict does not record (`heads`, default 8; `in_chans`,
-            default 1; `pool`); they must not contradict the file.
-
-    Returns:
-        The model, in eval mode.
+        **kwargs: `ViT` arguments a state dict does not record (`heads`, `in_chans`, `pool`).
 
     Examples:
         >>> model = load_model(os.path.join(os.environ["BNVIT_REFERENCE"], "VITBNFFN_d5_15.pth"))  # doctest: +SKIP

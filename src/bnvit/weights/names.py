@@ -1,10 +1,6 @@
-"""The names of bnvit's registered models, `<family>_<size>`, and the old names kept as aliases.
+"""The names of bnvit's registered models, `<family>_<size>` (docs/timm.md, "Names"), and old names as aliases.
 
-The families and sizes are listed in docs/timm.md ("Names"). A `patch16` in a name means timm's
-layout (`{vit,deit}_{tiny,small,base}_patch16_bnffn_224`: timm's `VisionTransformer` with
-`bnvit.BNFFNBlock`); bnvit's own layout never uses it (`vit{ln,bnffn,bn}_{ti,s,b}16_224`). Old
-names (`RENAMED`) stay registered with `timm.models.register_model_deprecations`; bnvit's
-functions read them as `current_name`.
+`patch16` in a name means timm's layout, never bnvit's own.
 """
 
 from __future__ import annotations
@@ -31,7 +27,7 @@ RENAMED: dict[str, str] = {
 
 
 def current_name(name: str) -> str:
-    """The current name of a model named `name`, tag kept: an old name mapped, any other as given.
+    """The current name of `name`, tag kept: an old name mapped, any other as given.
 
     Examples:
         >>> current_name("vit_mnist"), current_name("vit_mnist.bnvit_mnist"), current_name("vitbnffn_mnist")
