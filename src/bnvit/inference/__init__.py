@@ -1,7 +1,4 @@
-"""Inference: fold the BatchNorms away, compile or script for serving, export to ONNX.
-
-Imports models, never training: a deployed model needs none of the training code.
-"""
+"""Inference: fold BatchNorms away, compile or script for serving, export to ONNX; imports no training code."""
 
 from ..models.fold import fold_batchnorm
 from .deploy import export_onnx, for_inference

@@ -35,27 +35,20 @@ def for_inference(
     script: bool = False,
     device: str | torch.device | None = None,
 ) -> nn.Module:
-    """An inference-ready copy of `model`: eval mode, BatchNorm folded, no gradients.
-
-    `model` is not modified (not even its mode). Folding follows `bnvit.fold_batchnorm`: a folded
-    `ViTBN` has no normalization left, `ViTBNFFN` keeps its LayerNorms. The outputs equal `model`'s
-    in eval mode up to float rounding.
+    """An inference-ready copy of `model`: eval mode, BatchNorm folded, no gradients; `model` is untouched.
 
     Args:
-        model: A `ViT`, an `MLP` or any module.
-        fold: Fold every BatchNorm next to a Linear layer into it.
+        fold: Fold every BatchNorm next to a Linear into it (`bnvit.fold_batchnorm`).
         compile: Wrap the copy in `torch.compile`.
-        script: Return a `torch.jit.script` module (deprecated in PyTorch; bnvit's `ViT` and `MLP`
-            cannot be scripted, plain modules can).
-        device: Move the copy there (`"cpu"`, `"cuda"`, `"auto"`, ...); default: where `model` is.
+        script: Return a `torch.jit.script` module (plain modules only; deprecated in PyTorch).
+        device: Move the copy there (`"auto"` too); default: where `model` is.
 
     Returns:
-        The inference copy (a `torch.compile` wrapper or TorchScript module when asked for).
+        The copy (a `torch.compile` wrapper or TorchScript module when asked for).
 
     Raises:
         TypeError: If `model` is not an `nn.Module` or a flag is not a bool.
-        ValueError: If both `compile` and `script` are asked for, `device` is invalid, or a
-            BatchNorm holds impossible statistics (negative or non-finite variance, non-finite mean).
+        ValueError: Both `compile` and `script`, an invalid `device`, or impossible BatchNorm statistics.
         NotImplementedError: If `script=True` and TorchScript cannot compile the model.
 
     Examples:
@@ -150,28 +143,24 @@ def export_onnx(
     batch_size_dynamic: bool = True,
     example_input: torch.Tensor | None = None,
 ) -> Path:
-    """Export `model` for inference to an ONNX file, with a dynamic batch axis.
+    """Export `for_inference(model)` to an ONNX file (input `"images"`, output `"logits"`), written atomically.
 
-    `for_inference` (on the CPU) then `torch.onnx.export`. One input `"images"` (float32
-    `(batch, C, H, W)`), one output `"logits"`, weights inside the file; written atomically.
     Needs `pip install "bnvit[onnx]"`.
 
     Args:
-        model: A `ViT` (any norm), or another module together with `example_input`.
-        path: The `.onnx` file to write; its folder is created if needed.
+        model: A `ViT`, or another module with `example_input`.
+        path: The `.onnx` file; its folder is created if needed.
         fold: Fold BatchNorm into the neighbouring Linear layers first.
-        opset: ONNX opset version (at least 18); default: the exporter's.
-        batch_size_dynamic: Make the batch axis dynamic; else only the example's batch size works.
-        example_input: An input `(batch, ...)` to trace with; needed for modules other than `ViT`.
-            With a dynamic batch its batch must be at least 2.
+        opset: ONNX opset (>= 18); default: the exporter's.
+        batch_size_dynamic: Make the batch axis dynamic.
+        example_input: An input to trace with (batch >= 2 if dynamic); needed for non-`ViT` modules.
 
     Returns:
         The path written.
 
     Raises:
         ImportError: If onnx or onnxscript is not installed.
-        ValueError: If `opset` is not an int >= 18, the input shape cannot be inferred, or a
-            BatchNorm holds impossible statistics.
+        ValueError: Bad `opset`, an input shape that cannot be inferred, impossible BatchNorm statistics.
         OSError: If `path` cannot be written (checked before exporting).
 
     Examples:
