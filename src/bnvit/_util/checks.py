@@ -60,9 +60,7 @@ def pair(name: str, value: Any) -> tuple[int, int]:
 def state_dict_mismatch(
     expected: Mapping[str, Any], given: Mapping[str, Any], *, ignore: str | None = None
 ) -> str | None:
-    """One line naming how `given` (a checkpoint's state dict) differs from `expected` (a model's), or None.
-
-    Keys starting with `ignore` are not compared.
+    """One line on how state dict `given` differs from `expected`, or None; keys starting with `ignore` skipped.
 
     Examples:
         >>> import torch
@@ -132,17 +130,14 @@ def non_negative_float(name: str, value: Any) -> float:
 
 
 def check_bn_statistics(weights: Mapping[str, Any] | nn.Module, source: str) -> None:
-    """Refuse BatchNorm running statistics no BatchNorm can hold: the one check for weights in and out.
-
-    A running variance must be finite and >= 0, a running mean finite; anything else means
-    damaged or edited weights.
+    """Refuse BatchNorm running statistics no BatchNorm can hold (non-finite, or a negative variance).
 
     Args:
-        weights: A state dict (keys ending in `running_var` / `running_mean`) or a module.
+        weights: A state dict or a module.
         source: What the weights are, for the message.
 
     Raises:
-        ValueError: One line naming `source`, the first offending tensors and what is wrong.
+        ValueError: One line naming `source` and the offending tensors.
 
     Examples:
         >>> check_bn_statistics({"bn.running_var": torch.ones(3)}, "model.pt")

@@ -46,11 +46,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`"auto"` -> the fastest precision that does not change what training reaches on `device`.
-
-    That is bf16 autocast (matrix products in bf16; BatchNorm statistics, softmax and the loss
-    in fp32) on CUDA and on CPUs with native bf16 instructions (AVX512-BF16 or AMX); fp32 on
-    other CPUs, where bf16 is emulated and slower (docs/benchmarks.md).
+    """`"auto"` -> bf16 autocast where it is native (CUDA, CPUs with AVX512-BF16 or AMX), else fp32.
 
     Examples:
         >>> resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
@@ -103,20 +99,10 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 
 class FreeCoreThreads:
-    """Keeps torch's CPU threads at the cores that other programs leave free, as the load changes.
+    """Keeps torch's CPU threads at the cores other programs leave free (docs/training.md); `poll()` between steps.
 
-    PyTorch's CPU threads spin while they wait for each other at every operation (OpenMP's
-    default, the fastest on free cores); when another program holds one of the cores, the
-    thread that has lost its core holds up all the others, and training crawls (5 to 22 times
-    slower on a 2-core machine, docs/benchmarks.md). Inside this context, `poll()` (cheap;
-    call it between steps) measures at most every `every` seconds how many cores the machine's
-    *other* processes used since the last look (`/proc/stat` less this process's own CPU time;
-    niced processes count as free: they give way) and sets `torch.set_num_threads` to the cores
-    left, between 1 and `most`. On leaving, the count before is restored. Where `/proc/stat` is
-    missing (not Linux), it changes nothing.
-
-    The count can change mid-run, and with it the float rounding of a few operations, so a
-    seeded run repeats exactly only where the load does; pin the threads for that.
+    Spinning threads crawl when another program takes a core. A seeded run repeats exactly only
+    where the load does; pin the threads for that. Changes nothing without `/proc/stat`.
 
     Example:
         >>> with FreeCoreThreads(every=0.0) as threads:

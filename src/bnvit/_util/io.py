@@ -1,6 +1,4 @@
-"""Crash-safe file writes (a file is either the old one or the complete new one, never half), folder
-locks (one writer per folder: an OS lock the kernel releases when its holder dies), and checkpoint
-integrity: checksums over tensors, CRC verification of torch's zip files."""
+"""Crash-safe file writes, folder locks the kernel releases when their holder dies, and checkpoint integrity."""
 
 from __future__ import annotations
 
@@ -25,11 +23,9 @@ import torch
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path next to `path` to write to; on success it is fsynced and renamed over `path`.
+    """A temporary path next to `path`, fsynced and renamed over it on success: the one atomic-write core.
 
-    If the block raises, or the process dies, `path` keeps its previous content. The file gets
-    the permissions of any new file of this process (0o666 less the umask: 0o644 typically),
-    not the 0o600 of `tempfile.mkstemp`. This is the one atomic-write core: every writer uses it.
+    If the block raises or the process dies, `path` is unchanged. Permissions are a new file's (not 0o600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,11 +109,7 @@ _guard = threading.Lock()  # makes "is it held here? take it" one step for the t
 
 
 def _forget_in_child() -> None:
-    """In a forked child: drop the parent's lock descriptors without unlocking them.
-
-    The child shares the parent's lock (one open file description); closing its copy keeps the
-    parent's lock and lets the kernel release it when the parent dies, even if the child lives on.
-    """
+    """In a forked child: drop the parent's lock descriptors without unlocking them."""
     global _guard
     _guard = threading.Lock()
     for lock in _held.values():
@@ -143,19 +135,14 @@ def _same_file(fd: int, path: Path) -> bool:
 class FolderLock:
     """`with FolderLock(folder, "x.lock", "what runs there"):` one holder at a time writes `folder`.
 
-    An exclusive OS lock on the lock file (`flock` on POSIX, `LockFileEx` on Windows, through
-    `filelock`), which the kernel releases when the holding process ends, however it ends: a
-    SIGKILL, a crash, a reboot or a container restarted with the same pid leaves nothing to
-    clean up, and no pid or host is ever guessed at. A second holder, another process or another
-    thread (or `FolderLock`) of this process, is refused at once with a `FolderLockedError` naming
-    the folder and the holder recorded in the lock file (pid, host, thread, start time, command).
-    Not re-entrant. Releasing removes the lock file.
+    An OS lock the kernel releases however the holder ends; a second holder (process or thread) gets
+    a `FolderLockedError` naming the first. Not re-entrant (docs/checkpoints.md).
 
     Args:
         folder: The folder to lock (created if needed).
         name: The lock file's name inside `folder`.
-        activity: What the holder does there, for the message (`"a sweep runs there"`).
-        what: What the folder is, for the message if it cannot be written (`"output folder"`).
+        activity: What the holder does there, for the message.
+        what: What the folder is, for the message if it cannot be written.
     """
 
     def __init__(self, folder: str | os.PathLike, name: str, activity: str, what: str = "folder") -> None:
@@ -242,11 +229,7 @@ class FolderLock:
 
 
 def append_line_atomic(path: str | os.PathLike, line: str, *, keep: Callable[[str], bool] | None = None) -> None:
-    """Append one line to a text file by rewriting it atomically.
-
-    Every reader sees either the old file or the old file plus the complete new line. With
-    `keep`, existing lines for which it returns False are dropped in the same write.
-    """
+    """Append one line to a text file by rewriting it atomically; `keep` may drop existing lines in the same write."""
     path = Path(path)
     old = path.read_text().splitlines() if path.exists() else []
     if keep is not None:
@@ -258,10 +241,7 @@ def append_line_atomic(path: str | os.PathLike, line: str, *, keep: Callable[[st
 
 
 def tensors_sha256(state: dict[str, Any]) -> str:
-    """SHA-256 over the tensors of a (nested) state dict, in sorted key order: names, dtypes, shapes, bytes.
-
-    Tensors are hashed as they are in memory (moved to the CPU, made contiguous), so the
-    value does not depend on the file format; non-tensor values are not covered.
+    """SHA-256 over a state dict's tensors (names, dtypes, shapes, bytes) in key order, independent of the file format.
 
     Examples:
         >>> tensors_sha256({"w": torch.zeros(2)}) == tensors_sha256({"w": torch.zeros(2)})
@@ -289,12 +269,7 @@ def _tensors(value: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def verify_checkpoint_file(path: str | os.PathLike) -> None:
-    """Raise `ValueError` naming `path` if the file is visibly damaged, before anything unpickles it.
-
-    A file in torch's zip format (what `torch.save` writes) has a CRC-32 per member: every
-    member is read and checked. An empty file is refused. Other formats (legacy pickles) pass:
-    they have no checksum to verify. The checksum bnvit stores inside its training checkpoints
-    is verified after loading, by `bnvit.training.checkpoint`.
+    """Raise `ValueError` naming `path` if the file is visibly damaged (empty, bad zip CRCs), before unpickling.
 
     Raises:
         FileNotFoundError: If `path` does not exist.
