@@ -1,8 +1,4 @@
-"""MNIST for the article's experiments: the faithful torchvision pipeline and a fast batched one.
-
-Files (`load_mnist`), the reference (`article_transform`, `MNISTDataset`), the fast path on the
-device (`augment_batch`, `DeviceLoader`), the frozen test set and loaders (`augmented_test_set`,
-`mnist_loaders`), and `prepare_digit` for pictures of handwritten digits.
+"""MNIST for the article's experiments: the faithful torchvision pipeline, a fast batched one, digit pictures.
 
 Examples:
     >>> from bnvit.data import DeviceLoader, augment_batch

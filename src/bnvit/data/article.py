@@ -18,11 +18,7 @@ __all__ = ["MNISTDataset", "article_transform"]
 
 
 def article_transform() -> transforms.Compose:
-    """The article's training augmentation, exactly as its code builds it.
-
-    `RandomRotation(20) -> RandomAffine(degrees=0, translate=(0.2, 0.2)) ->
-    v2.RandomZoomOut(fill=0, side_range=(2.0, 3.0), p=0.2) -> Resize(28) -> ToTensor()`: a PIL
-    image in, a `(1, 28, 28)` float tensor in [0, 1] out, drawing from torch's global generator.
+    """The article's training augmentation exactly as its code builds it: a PIL image in, `(1, 28, 28)` in [0, 1] out.
 
     Examples:
         >>> transform = article_transform()
@@ -45,7 +41,7 @@ class MNISTDataset(Dataset):
 
     Args:
         root: Folder holding `MNIST/raw/` (see `find_mnist_root`).
-        train: The 60,000 training images (`True`) or the 10,000 test images (`False`).
+        train: The 60,000 training images, else the 10,000 test images.
         transform: Called on each PIL image, e.g. `article_transform()`.
         download: Fetch MNIST with torchvision if it is missing.
 

@@ -1,11 +1,6 @@
-"""The article's augmentation for a whole batch at once, on the batch's device.
+"""The article's augmentation for a whole batch at once on its device, in a few tensor operations.
 
-torchvision's `RandomRotation(20) -> RandomAffine(translate=(0.2, 0.2)) -> RandomZoomOut(
-side_range=(2, 3), p=0.2) -> Resize(28)`, done for a `(B, H, W)` uint8 tensor in a handful of
-tensor operations (as in airbench): one `torch.rand` draws every image's parameters, no
-per-image Python. Rotation and translation are one nearest-neighbour `grid_sample`; zoom-out
-is resized with PIL's own antialiased filter weights as batched matrix products. How each step
-matches torchvision is in docs/data.md.
+Equal in distribution to torchvision's pipeline; docs/data.md shows how each step matches.
 """
 
 from __future__ import annotations
@@ -38,16 +33,14 @@ _CPU_BLOCK = 512
 
 
 class AugmentParams(NamedTuple):
-    """Per-image random parameters of the article's augmentation, for a batch of `B` images.
-
-    Coordinates are `(x, y)` = (column, row), as in torchvision and PIL.
+    """Per-image random parameters of the article's augmentation; coordinates `(x, y)` = (column, row).
 
     Attributes:
-        angle: `(B,)` float32 rotation in degrees, counter-clockwise on screen.
-        translate: `(B, 2)` float32 whole pixels `(tx, ty)`; positive moves right and down.
+        angle: `(B,)` rotation in degrees, counter-clockwise on screen.
+        translate: `(B, 2)` whole pixels `(tx, ty)`; positive moves right and down.
         zoom: `(B,)` bool, whether the image is zoomed out.
-        canvas: `(B, 2)` int64 zoom-out canvas `(width, height)` (used only where `zoom`).
-        offset: `(B, 2)` int64 `(left, top)` position of the image on its canvas.
+        canvas: `(B, 2)` zoom-out canvas `(width, height)`.
+        offset: `(B, 2)` `(left, top)` of the image on its canvas.
     """
 
     angle: torch.Tensor
@@ -89,10 +82,7 @@ def sample_augment_params(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> AugmentParams:
-    """Draw the article's augmentation parameters for `batch_size` `(height, width)` images with one `torch.rand`.
-
-    Drawn on `device` (default: the generator's, else CPU) from `generator` (`None`: the device's
-    global one); `batch_size` may be 0.
+    """Draw the augmentation parameters of `batch_size` `(height, width)` images with one `torch.rand`.
 
     Examples:
         >>> params = sample_augment_params(4, generator=torch.Generator().manual_seed(0))
@@ -148,11 +138,7 @@ def _phase(device: torch.device) -> torch.Tensor:
 
 
 def _feature_map(height: int, width: int, device: torch.device) -> torch.Tensor:
-    """`(6, 6)` linear map from the rotation features to `affine_grid`'s theta (flattened).
-
-    An output pixel `(x, y)` shows the source pixel `R(-angle) ((x, y) - t)` about PIL's centre
-    `(W / 2, H / 2)`: torchvision rotates, then translates. See `augment_matrices` for theta.
-    """
+    """`(6, 6)` linear map from the rotation features to `affine_grid`'s flattened theta."""
     key = ("theta", height, width, device)
     if key not in _CONSTANTS:
         sx, sy = 2.0 / width, 2.0 / height
@@ -164,11 +150,9 @@ def _feature_map(height: int, width: int, device: torch.device) -> torch.Tensor:
 
 
 def augment_matrices(params: AugmentParams, height: int = 28, width: int = 28) -> torch.Tensor:
-    """The per-image `(B, 2, 3)` `affine_grid` matrices of the rotation followed by the translation.
+    """The per-image `(B, 2, 3)` `affine_grid` matrices of the rotation then the translation (no zoom-out).
 
-    With `c, s` the cosine and sine of the angle and `(tx, ty)` the translation in pixels, each is
-    `[[c, -s H / W, (s ty - c tx) 2 / W], [s W / H, c, -(s tx + c ty) 2 / H]]`
-    (`align_corners=False`). The zoom-out is not part of it.
+    Each is `[[c, -s H / W, (s ty - c tx) 2 / W], [s W / H, c, -(s tx + c ty) 2 / H]]` (`align_corners=False`).
 
     Examples:
         >>> ids = AugmentParams(
@@ -208,12 +192,7 @@ def _pil_bilinear_weights(n_out: int, n_in: int) -> np.ndarray:
 
 
 def _zoom_table(side: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Resize weights of one axis for every (canvas, offset) a zoom-out can draw.
-
-    For `k = starts[canvas - int(2 * side)] + offset`, `table[k]` is the `(K, side)` band (from
-    output pixel `first[k]`) of the matrix weighing source pixel `j` in output pixel `o`; outside
-    the band it is zero (`K` is 16 for 28 px).
-    """
+    """Resize weights of one axis for every (canvas, offset) a zoom-out can draw, as `(K, side)` bands."""
     key = ("zoom", side, device)
     if key not in _CONSTANTS:
         low, high = int(side * SIDE_RANGE[0]), int(side * SIDE_RANGE[1])
@@ -273,11 +252,7 @@ def _band_positions(rows: int, cols: int, width: int, device: torch.device) -> t
 
 
 def _zoom_out(out: torch.Tensor, params: AugmentParams, quantized: bool, *, subset: bool) -> None:
-    """Replace the zoomed-out images of `out`, in place, by their resized canvases.
-
-    With `subset` only the zoomed images are resized (one host sync, cheapest on CPU); otherwise
-    all are and `torch.where` selects (no sync, for GPUs). Both give the same result.
-    """
+    """Replace the zoomed-out images of `out` in place; `subset` resizes only those (one host sync), else all."""
     batch, _, height, width = out.shape
     flat = out.view(batch, height * width)
     if not subset:
@@ -304,9 +279,7 @@ def _as_batch(images: torch.Tensor) -> torch.Tensor:
 
 
 def apply_augment(images: torch.Tensor, params: AugmentParams) -> torch.Tensor:
-    """Augment `(B, H, W)` or `(B, 1, H, W)` images with given parameters: `augment_batch` without the draw.
-
-    Images are uint8 in 0-255 or float in [0, 1]; the result is `(B, 1, H, W)` float32 in [0, 1].
+    """`augment_batch` with given parameters: uint8 or float images in, `(B, 1, H, W)` float32 in [0, 1] out.
 
     Examples:
         >>> images = torch.zeros(2, 28, 28, dtype=torch.uint8)
@@ -350,16 +323,14 @@ def _sample(x: torch.Tensor, theta: torch.Tensor, base: torch.Tensor, quantized:
 
 
 def augment_batch(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Apply the article's random augmentation to every image of a batch, on the batch's device.
-
-    Equal in distribution to `article_transform()` applied image by image (docs/data.md).
+    """Apply the article's random augmentation to every image of a batch, on its device (docs/data.md).
 
     Args:
-        images: `(B, H, W)` or `(B, 1, H, W)`; uint8 in 0-255 or float in [0, 1]; sides up to `MAX_SIDE`.
-        generator: A `torch.Generator` on the images' device; `None` uses the device's global one.
+        images: `(B, H, W)` or `(B, 1, H, W)`; uint8 or float in [0, 1]; sides up to `MAX_SIDE`.
+        generator: On the images' device; `None` uses the device's global one.
 
     Returns:
-        `(B, 1, H, W)` float32 in [0, 1] on the images' device.
+        `(B, 1, H, W)` float32 in [0, 1].
 
     Examples:
         >>> images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)

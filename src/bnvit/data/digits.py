@@ -1,10 +1,4 @@
-"""Turn a picture of a handwritten digit into an MNIST-style 28x28 image.
-
-MNIST digits are light on a dark background, size-normalized so that the longer side of
-their bounding box is 20 pixels (with anti-aliasing, keeping the aspect ratio), and placed in
-a 28x28 field so that their centre of mass is at its centre. `prepare_digit` applies the same
-steps to a photo or scan of a digit, so that a model trained on MNIST sees what it knows.
-"""
+"""Turn a picture of a handwritten digit into an MNIST-style 28x28 image (docs/deployment.md)."""
 
 from __future__ import annotations
 
@@ -53,16 +47,11 @@ ImageLike = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
 
 
 def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
-    """Open an image file with PIL and decode it fully, with EXIF orientation applied.
-
-    Only a regular file is opened, without blocking (a FIFO or a device is refused, never read),
-    and its size is read from its header and checked against `max_pixels` before any pixel is
-    decoded: a small file can describe a huge picture (a 13000x13000 PNG of 222 KB decodes to
-    2.5 GB).
+    """Open an image file with PIL and decode it fully, EXIF orientation applied, checking its size first.
 
     Args:
-        path: The image file, in one of `RASTER_FORMATS` (PNG, JPEG, GIF, BMP, TIFF, WebP, ...).
-        max_pixels: The most pixels (width x height) accepted; default `MAX_IMAGE_PIXELS`.
+        path: The image file, in one of `RASTER_FORMATS`.
+        max_pixels: The most pixels accepted; default `MAX_IMAGE_PIXELS`.
 
     Returns:
         The decoded image, in its own mode.
@@ -70,9 +59,7 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     Raises:
         FileNotFoundError: If `path` does not exist.
         IsADirectoryError: If `path` is a folder.
-        ValueError: If `path` is not a regular file, not a raster image of `RASTER_FORMATS`
-            (EPS, PostScript and PDF are refused unread), truncated or corrupt, or larger than
-            `max_pixels`.
+        ValueError: Not a regular file, not a raster image, truncated, corrupt, or over `max_pixels`.
 
     Examples:
         >>> import tempfile, pathlib
@@ -108,21 +95,17 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
 
 
 def open_raster(source: BinaryIO, name: str) -> Image.Image:
-    """Open an image (its header only, nothing decoded) if it is in one of `RASTER_FORMATS`.
-
-    Only PIL's raster decoders are tried: a PostScript, EPS or PDF file is refused before PIL
-    could hand it to Ghostscript, whose input is a program.
+    """Open an image's header if it is in `RASTER_FORMATS`; PostScript, EPS and PDF (Ghostscript input) are refused.
 
     Args:
-        source: The image's bytes, as a binary file object positioned at its start.
-        name: What to call the image in an error message (its path, say).
+        source: A binary file object at the image's start.
+        name: What to call the image in an error message.
 
     Returns:
-        The opened, not yet decoded image (call `load()`).
+        The opened, not yet decoded image.
 
     Raises:
-        ValueError: One line naming `name`, what it is if known, and the accepted formats:
-            for another format, no image at all, or a header PIL cannot parse.
+        ValueError: Another format, no image, or a header PIL cannot parse (one line naming `name`).
         PIL.Image.DecompressionBombError: From PIL, for a header announcing far too many pixels.
 
     Examples:
@@ -150,8 +133,6 @@ def open_raster(source: BinaryIO, name: str) -> Image.Image:
 
 def printable(text: str) -> str:
     """`text` with each character that would break a line or a terminal escaped (`\\n`, `\\x1b`, ...).
-
-    A file name can hold a newline; printed through this, one result stays one line.
 
     Examples:
         >>> printable("two\\nlines.png")
@@ -190,35 +171,20 @@ def _file_kind(mode: int) -> str:
 
 
 def prepare_digit(image: ImageLike) -> torch.Tensor:
-    """Prepare a picture of one handwritten digit the way MNIST digits were prepared.
+    """Prepare a picture of one handwritten digit the way MNIST digits were prepared (docs/deployment.md).
 
-    Steps: to grayscale (transparent pixels are laid on the background that contrasts with
-    the ink); stretch the contrast to [0, 1]; take uneven light (a shadow across the page) out:
-    fit a smooth surface to the background, the ink left out, and divide the picture by it if
-    the background is light (the median of the border, after a 3x3 median filter against
-    noise, is above mid-grey: paper, the result inverted so the digit is light on dark), or
-    subtract it if dark; separate ink from background (Otsu's threshold, and standing out
-    from the noise, which the division amplifies in the shadow), set the background to 0
-    (cutting its noise at 3 standard deviations) and the ink to 1; crop
-    to the digit's bounding box; scale its longer side to 20 pixels with anti-aliasing,
-    keeping the aspect ratio (and the brightest stroke at 1); paste it into a 28x28 canvas so
-    that its centre of mass is at the centre (pixel 14, 14, as in MNIST; shifted only as far
-    as the whole digit stays inside the canvas).
-
-    A digit that already looks like MNIST (light on black, 28x28) comes out nearly unchanged.
+    Grayscale, uneven light taken out, light ink on black, cropped, longer side scaled to 20 pixels
+    and centred by centre of mass in 28x28. An MNIST-like digit comes out nearly unchanged.
 
     Args:
-        image: A PIL image (any mode), an image file path, or a 2-D array or tensor (uint8
-            in 0-255, or float; a singleton channel axis first or last is allowed).
+        image: A PIL image, a file path, or a 2-D array or tensor (a singleton channel axis allowed).
 
     Returns:
-        A float32 tensor of shape `(1, 28, 28)` with values in [0, 1], the input of the
-        MNIST models (`model(prepare_digit(img)[None])`).
+        A float32 `(1, 28, 28)` tensor in [0, 1]: `model(prepare_digit(img)[None])`.
 
     Raises:
         TypeError: If `image` is none of the accepted types.
-        ValueError: If the array has the wrong shape or non-finite values, the file cannot
-            be read, or the image is blank (no contrast, no digit to find).
+        ValueError: A bad shape, non-finite values, an unreadable file, or a blank image.
 
     Examples:
         >>> from PIL import Image, ImageDraw
@@ -273,12 +239,7 @@ def _pil_to_gray(image: Image.Image) -> torch.Tensor:
 
 
 def _within_float32(gray: torch.Tensor) -> torch.Tensor:
-    """A float32 image whose differences cannot overflow: divided by its peak if that is over `_FLOAT_PEAK`.
-
-    A float TIFF can hold values near float32's limit (3.4e38); the contrast stretch subtracts
-    them, which would overflow to infinity. Dividing by a positive number changes nothing else:
-    the preparation only looks at values relative to the image's range.
-    """
+    """A float32 image divided by its peak if over `_FLOAT_PEAK`, so that its differences cannot overflow."""
     if not torch.isfinite(gray).all():
         raise ValueError("the image has NaN or infinite values")
     peak = float(gray.abs().max().double()) if gray.numel() else 0.0
@@ -344,17 +305,7 @@ def _robust_background(values: torch.Tensor) -> float:
 
 
 def _background(x: torch.Tensor, ink_dark: bool, rounds: int = 10) -> tuple[torch.Tensor, float]:
-    """The light falling on `x` (`(H, W)` in [0, 1]) at `x`'s size, and the noise around it.
-
-    A quadratic surface in the pixel coordinates, fitted by least squares to the pixels that are
-    not ink, on a copy at most `_BACKGROUND_SIDE` pixels across. Fitted first to the half of the
-    pixels on the background's side of the median, then to all but the ink: the pixels more than
-    2.5 robust standard deviations (1.4826 MAD) on its side of the surface (darker for dark ink),
-    refitting until that no longer changes (at most `rounds` times). A quadratic follows
-    a shadow or a gradient across the picture, even at its edges, but cannot bend around a
-    stroke. The noise is the robust standard deviation of the picture about the surface, from
-    the pixels on the side away from the ink.
-    """
+    """The light falling on `x` (a quadratic fitted robustly to the non-ink pixels), and the noise around it."""
     h, w = x.shape
     scale = min(1.0, _BACKGROUND_SIDE / max(h, w))
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
@@ -393,14 +344,7 @@ def _quadratic_basis(rows: int, cols: int) -> torch.Tensor:
 
 
 def _flatten(norm: torch.Tensor, paper: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`norm` (in [0, 1]) with its uneven light taken out, as light ink on a background near 0, and its noise.
-
-    On paper (a light background, `paper`), light multiplies what the paper reflects, so the
-    picture is divided by its background: the ink's darkness relative to the paper around it,
-    the same in the shadow as in the light. On a dark background (MNIST, a screen, a board) the
-    background is subtracted. The noise returned is, per pixel, the standard deviation of the
-    background's noise after that step, which the division amplifies where the light is low.
-    """
+    """`norm` with its uneven light taken out (divided on paper, subtracted on dark), and its per-pixel noise."""
     background, noise = _background(norm, ink_dark=paper)
     if paper:
         background = background.clamp_min(1e-3)

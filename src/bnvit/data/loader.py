@@ -33,24 +33,19 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
 class DeviceLoader:
     """Iterate `(images, labels)` batches of tensors that live on the training device (docs/data.md).
 
-    The airbench way: the dataset sits on `device`, each epoch is one `torch.randperm`, batches
-    are index gathers, augmentation is batched on the same device. An epoch's order and
-    augmentation are a function of `(seed, epoch)`: `set_epoch` chooses it (as with
-    `DistributedSampler`), and each `iter()` advances it by one. With `world_size > 1` rank `r`
-    takes positions `r, r + world_size, ...` of each permutation (the last `N % world_size` left out).
+    An epoch's order and augmentation are a function of `(seed, epoch)`: `set_epoch` chooses it,
+    each `iter()` advances it. Rank `r` takes positions `r, r + world_size, ...` of each permutation.
 
     Args:
-        images: `(N, H, W)` or `(N, 1, H, W)`; uint8 in 0-255 or float in [0, 1].
+        images: `(N, H, W)` or `(N, 1, H, W)`; uint8 or float in [0, 1].
         labels: `(N,)` integer class labels.
-        batch_size: Samples per batch.
         shuffle: Shuffle every epoch; otherwise the stored order.
-        augment: `True` for `augment_batch`, or a callable `(images, generator) -> (B, 1, H, W)`
-            float images; draws differ per epoch and per rank.
-        device: Where the data is held and the batches are produced.
-        seed: Seed of the shuffling and augmentation streams (an int >= 0).
+        augment: `True` for `augment_batch`, or a callable `(images, generator) -> (B, 1, H, W)`.
+        device: Where the data is held and batches are made.
+        seed: Seed of the shuffling and augmentation (an int >= 0).
         drop_last: Drop the last incomplete batch.
         rank: This process's rank in `[0, world_size)`.
-        world_size: Number of processes that share the data.
+        world_size: Processes sharing the data.
 
     Examples:
         >>> images = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)

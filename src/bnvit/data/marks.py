@@ -1,11 +1,4 @@
-"""Whether a prepared picture holds one handwritten digit: separate marks, and ink unlike a digit's.
-
-A classifier of digits answers for any picture, noise included, and its calibrated probability
-is near 100% for noise as for a clean digit: calibration holds for MNIST-like digits only. The
-measures here look at the ink of `bnvit.data.prepare_digit`'s output instead, and say when a
-picture is a number of several digits or not a digit at all, so that the answer can be marked
-as a guess.
-"""
+"""Whether a prepared picture holds one handwritten digit, so that an answer on anything else is marked a guess."""
 
 from __future__ import annotations
 
@@ -26,13 +19,11 @@ class InkMarks:
     Attributes:
         marks: Separate marks (8-connected groups of pixels over 0.5).
         second_share: The second-largest mark's share of the ink (0 for one mark).
-        side_by_side: Whether the two largest marks share no more than a fifth of their columns
-            (two digits of a number sit side by side; the pieces of a broken digit overlap).
+        side_by_side: Whether the two largest marks share at most a fifth of their columns.
         cover: The share of the 28x28 field that is ink.
         gaps: Enclosed background regions (an 8 has two, noise dozens).
-        faint: The share of lit pixels (over 0.1) that are faint (under 0.6): strokes have sharp edges.
-        edge: The ink's total variation (summed differences between neighbours) per unit of ink:
-            low for solid areas, which pen strokes are not.
+        faint: The share of lit pixels (over 0.1) that are faint (under 0.6).
+        edge: The ink's total variation per unit of ink: low for solid areas.
     """
 
     marks: int
@@ -79,19 +70,13 @@ def ink_marks(x: torch.Tensor) -> InkMarks:
 
 
 def one_digit_problem(x: torch.Tensor) -> str | None:
-    """Why a prepared picture does not hold one handwritten digit, or None if it looks like one.
-
-    Two reasons: several separate marks side by side (a number such as "42"), or ink unlike
-    a handwritten digit's (noise, a texture, a photo of something else): too much of the field,
-    too many enclosed gaps, too much of it faint, or solid areas instead of strokes. A model
-    answers for any picture, with a probability near 100% even for noise; this says when that
-    answer is only a guess.
+    """Why a prepared picture does not hold one handwritten digit (several marks, or ink unlike a digit's), or None.
 
     Args:
         x: `prepare_digit`'s output.
 
     Returns:
-        A short reason (`"2 separate marks side by side, like a number"`), or None.
+        A short reason, or None.
 
     Examples:
         >>> two = torch.zeros(28, 28); two[6:22, 5:8] = 1; two[6:22, 18:21] = 1  # "11"

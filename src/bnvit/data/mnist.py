@@ -1,8 +1,4 @@
-"""Where MNIST lives and how it is read: a small IDX reader, no torchvision dataset object.
-
-The root holds `MNIST/raw/` with the four original files (as torchvision downloads them): the
-`root` argument, else `$BNVIT_DATA`, else `cache_dir()`.
-"""
+"""Where MNIST lives (`MNIST/raw/` under `root`, `$BNVIT_DATA` or `cache_dir()`) and a small IDX reader."""
 
 from __future__ import annotations
 
@@ -101,9 +97,7 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def read_idx(path: str | os.PathLike, *, ndim: int | None = None) -> np.ndarray:
-    """Read a uint8 IDX file (the MNIST format, optionally `.gz`) as a read-only `uint8` array of its shape.
-
-    `ndim`: the number of dimensions it must have (`None`: any).
+    """Read a uint8 IDX file (optionally `.gz`) as a read-only array; `ndim`: the dimensions it must have.
 
     Raises:
         FileNotFoundError: `path` does not exist.
@@ -187,15 +181,15 @@ def _download(root: Path, train: bool) -> None:
 def load_mnist(
     root: str | os.PathLike | None = None, *, train: bool, download: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load one MNIST split as tensors, cached in memory (shared with the cache: clone before editing in place).
+    """Load one MNIST split as tensors, cached in memory (shared: clone before editing in place).
 
     Args:
         root: Folder holding `MNIST/raw/`; `None` looks it up (`find_mnist_root`).
-        train: `True` for the 60,000 training images, `False` for the 10,000 test images.
-        download: Fetch missing files with torchvision into the root.
+        train: The 60,000 training images, else the 10,000 test images.
+        download: Fetch missing files with torchvision.
 
     Returns:
-        `(images, labels)`: uint8 `(N, 28, 28)` and int64 `(N,)` in 0-9.
+        `(images, labels)`: uint8 `(N, 28, 28)` and int64 `(N,)`.
 
     Raises:
         FileNotFoundError: The files are missing; the message says where and how to fix it.

@@ -86,15 +86,14 @@ def augmented_test_set(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The MNIST test set augmented once with a fixed seed, so every model is scored on the same images.
 
-    `method="torchvision"` (the reference) runs `article_transform()` under torch's CPU generator
-    seeded by `seed` (its state restored after) and caches the result in the user cache folder;
-    `method="fast"` uses `augment_batch` on the CPU, so the images do not depend on `device`.
+    `"torchvision"` results are cached in the user cache folder; `"fast"` draws on the CPU, so the
+    images do not depend on `device`.
 
     Args:
         root: Folder holding `MNIST/raw/` (see `find_mnist_root`).
         seed: The draw (an int >= 0).
         device: Where to return the tensors.
-        method: `"torchvision"` or `"fast"`.
+        method: `"torchvision"` (the reference) or `"fast"`.
         download: Fetch MNIST with torchvision if it is missing.
 
     Returns:
@@ -152,19 +151,17 @@ def mnist_loaders(
         root: Folder holding `MNIST/raw/` (see `find_mnist_root`).
         batch_size: Training batch size (the article: 100).
         eval_batch_size: Test batch size.
-        device: Where the data lives and batches are made (the torchvision loader yields CPU batches).
-        augment: `"fast"` (`DeviceLoader` with `augment_batch`), `"torchvision"` (a `DataLoader`
-            with `article_transform`, drawing from torch's global generator, which `fit(seed=...)`
-            seeds per epoch) or `None` (no augmentation).
-        test: `"augmented"` (the frozen set of `augmented_test_set`, what the article scores) or `"clean"`.
-        seed: Seed of the training order and augmentation, and of `train_subset`.
-        test_seed: Seed of the frozen test set, apart from `seed` so all runs score the same images.
-        train_subset: Train on a fixed random subset of this many images, drawn from `seed`.
+        device: Where data lives and batches are made (torchvision batches are on the CPU).
+        augment: `"fast"` (`DeviceLoader`), `"torchvision"` (a `DataLoader`) or `None`.
+        test: `"augmented"` (`augmented_test_set`, what the article scores) or `"clean"`.
+        seed: Seed of the training order, augmentation and `train_subset`.
+        test_seed: Seed of the frozen test set.
+        train_subset: Train on a fixed random subset of this many images.
         test_subset: Score on the first this many test images.
         download: Fetch MNIST with torchvision if it is missing.
 
     Returns:
-        `(train_loader, test_loader)`; the test loader is a `DeviceLoader` without shuffling or augmentation.
+        `(train_loader, test_loader)`; the test loader neither shuffles nor augments.
 
     Examples:
         >>> train, test = mnist_loaders(batch_size=100, train_subset=1000)  # doctest: +SKIP
