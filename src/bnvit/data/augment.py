@@ -1,7 +1,4 @@
-"""The article's augmentation for a whole batch at once on its device, in a few tensor operations.
-
-Equal in distribution to torchvision's pipeline; docs/data.md shows how each step matches.
-"""
+"""The article's augmentation for a whole batch on its device, equal in distribution to torchvision's (docs/data.md)."""
 
 from __future__ import annotations
 

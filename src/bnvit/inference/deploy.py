@@ -145,8 +145,6 @@ def export_onnx(
 ) -> Path:
     """Export `for_inference(model)` to an ONNX file (input `"images"`, output `"logits"`), written atomically.
 
-    Needs `pip install "bnvit[onnx]"`.
-
     Args:
         model: A `ViT`, or another module with `example_input`.
         path: The `.onnx` file; its folder is created if needed.
@@ -159,7 +157,7 @@ def export_onnx(
         The path written.
 
     Raises:
-        ImportError: If onnx or onnxscript is not installed.
+        ImportError: If onnx or onnxscript is not installed (`pip install "bnvit[onnx]"`).
         ValueError: Bad `opset`, an input shape that cannot be inferred, impossible BatchNorm statistics.
         OSError: If `path` cannot be written (checked before exporting).
 

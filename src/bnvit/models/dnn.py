@@ -1,7 +1,4 @@
-"""The article's opening experiment: a sigmoid MLP with (DNNBN) and without (DNN) BatchNorm.
-
-Registered in timm as `dnn_mnist` and `dnnbn_mnist`; the hidden layers are the feature levels.
-"""
+"""The article's opening experiment: a sigmoid MLP with (DNNBN) and without (DNN) BatchNorm, in timm's API."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""Fold BatchNorm into neighbouring Linear layers for inference (docs/folding.md has the arithmetic).
-
-Each foldable module's `fuse()` folds its own norms (the hook timm's `reparameterize_model` calls);
-`fold_batchnorm` calls them. Imports no model code.
-"""
+"""Fold BatchNorm into neighbouring Linears for inference via each module's `fuse()` (docs/folding.md)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,4 @@
-"""Weight files in and out: reading and verifying, converting foreign layouts, the Hub, calibration.
-
-The weights shipped with bnvit (`*.safetensors` with a `*.json` record each) live in this folder.
-"""
+"""Weight files in and out: reading, converting, the Hub, calibration; the shipped weights live in this folder."""
 
 from .convert import checkpoint_filter_fn
 from .loading import load_model, read_state_dict

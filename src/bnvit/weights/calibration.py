@@ -1,7 +1,6 @@
 """Calibrated probabilities: temperature scaling, its fit, and the expected calibration error (docs/weights.md).
 
-Dividing the logits by T keeps every prediction; T is fitted on held-out labelled images, never
-the test set. `calibrate` refuses a fit it cannot trust; `bnvit predict` and `bnvit demo` apply it.
+T is fitted on held-out labelled images, never the test set; dividing the logits by it keeps every prediction.
 
 Examples:
     >>> logits = torch.tensor([[4.0, 0.0], [0.0, 4.0], [4.0, 0.0], [0.0, 4.0]])

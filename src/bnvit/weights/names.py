@@ -1,7 +1,4 @@
-"""The names of bnvit's registered models, `<family>_<size>` (docs/timm.md, "Names"), and old names as aliases.
-
-`patch16` in a name means timm's layout, never bnvit's own.
-"""
+"""bnvit's model names, `<family>_<size>` (docs/timm.md, "Names"; `patch16` means timm's layout), old ones aliased."""
 
 from __future__ import annotations
 
