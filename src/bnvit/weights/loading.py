@@ -107,7 +107,8 @@ def locate_shipped(variant: str, cfg: PretrainedCfg) -> str:
 def read_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read a state dict from a checkpoint file or a `save_for_hf` folder, never executing code from it.
 
-    Damage is refused: bad zip CRCs, a safetensors `sha256` mismatch, NaN/inf, impossible BatchNorm statistics.
+    A bare state dict or one under `"model"`, `"state_dict"` or `"model_state_dict"`. Damage is refused:
+    bad zip CRCs, a safetensors `sha256` mismatch, NaN/inf, impossible BatchNorm statistics.
 
     Raises:
         FileNotFoundError: If `path` does not exist, or is a folder without a weight file.
