@@ -61,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         args.data_dir,
         batch_size=args.batch_size,
         device=device,
-        threads="auto",  # on the CPU: follow the cores other programs leave free
         test=args.test,
         seed=args.seed,
         train_subset=args.train_subset,
@@ -77,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         lr=args.lr,
         batch_size=args.batch_size,
         device=device,
+        threads="auto",  # on the CPU: follow the cores other programs leave free
         seed=args.seed,
         sync_bn=not args.no_sync_bn,
         checkpoint_dir=out / "checkpoint",

@@ -85,6 +85,8 @@ def test_a_real_spinning_program_takes_a_thread_and_gives_it_back():
         return seen
 
     with FreeCoreThreads(most=2, every=0.3) as threads:
+        if 2 not in work(1.5, threads):
+            pytest.skip("other programs hold a core already: the scenario needs a quiet machine")
         spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
         try:
             assert 1 in work(3.0, threads)
