@@ -104,6 +104,10 @@ class FreeCoreThreads:
     Spinning threads crawl when another program takes a core. A seeded run repeats exactly only
     where the load does; pin the threads for that. Changes nothing without `/proc/stat`.
 
+    Args:
+        most: The most threads it sets (default: torch's count when it is made).
+        every: Seconds between two looks at the load.
+
     Example:
         >>> with FreeCoreThreads(every=0.0) as threads:
         ...     threads.poll()
