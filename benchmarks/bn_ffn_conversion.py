@@ -13,19 +13,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 
 import timm
 import torch
 
 import bnvit
-from bnvit.data.mnist import load_mnist
-
-
-def _images(split: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = split
-    return images.float().div(255).unsqueeze(1), labels
+from common import mnist_float, report_json
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,8 +28,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    test = _images(load_mnist(train=False))
-    train_images, train_labels = _images(load_mnist(train=True))
+    test = mnist_float(train=False)
+    train_images, train_labels = mnist_float(train=True)
     calibration = (train_images[: args.calibration], train_labels[: args.calibration])
     original = timm.create_model("vitln_mnist", pretrained=True).eval()
     out = {"original": bnvit.evaluate(original, test, device="cpu")["acc"], "calibration": args.calibration}
@@ -47,10 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
             "converted": after,
             "recalibrated": bnvit.evaluate(model, test, device="cpu")["acc"],
         }
-    print(json.dumps(out, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
+    report_json(out, args.out)
     return out
 
 

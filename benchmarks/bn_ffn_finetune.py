@@ -14,7 +14,6 @@ timm's `train.py --model vitbnffn_mnist --initial-checkpoint FILE`, as docs/timm
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -24,12 +23,7 @@ from safetensors.torch import save_file
 
 import bnvit
 from bnvit._util.io import atomic_path
-from bnvit.data.mnist import load_mnist
-
-
-def _images(split: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = split
-    return images.float().div(255).unsqueeze(1), labels
+from common import mnist_float, report_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,8 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--save writes safetensors: give a .safetensors path, got {args.save}")
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    test = _images(load_mnist(train=False))
-    images, labels = _images(load_mnist(train=True))
+    test = mnist_float(train=False)
+    images, labels = mnist_float(train=True)
     model = bnvit.to_bn_ffn(timm.create_model("vitln_mnist", pretrained=True))
     bnvit.recalibrate_bn(model, (images[:10_000], labels[:10_000]), device="cpu")
     out = dict(vars(args), out=None, save=None, recalibrated=bnvit.evaluate(model, test, device="cpu")["acc"])
@@ -66,10 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         with atomic_path(args.save) as tmp:  # never a half-written file under the name asked for
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
         out["save"] = str(args.save)
-    print(json.dumps(out, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
+    report_json(out, args.out)
     return out
 
 

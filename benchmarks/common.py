@@ -7,16 +7,34 @@ is reported, and ratios are taken between medians measured in the same process.
 
 from __future__ import annotations
 
+import json
 import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 import torchvision
 
 from bnvit._util.device import describe_machine
+
+
+def mnist_float(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST (`BNVIT_DATA`) as `(images in [0, 1], shape (N, 1, 28, 28); labels)`."""
+    from bnvit.data.mnist import load_mnist
+
+    images, labels = load_mnist(train=train)
+    return images.float().div(255).unsqueeze(1), labels
+
+
+def report_json(out: dict, path: Path | None) -> None:
+    """Print `out` as JSON, and write it to `path` too if one is given."""
+    print(json.dumps(out, indent=2))
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 def machine(device: torch.device) -> dict:
