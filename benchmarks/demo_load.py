@@ -40,6 +40,16 @@ import bnvit
 from bnvit.app.demo import DemoModel, DemoServer, make_server
 
 
+def _all_at_once(threads: list[threading.Thread]) -> float:
+    """Start every thread, wait for all; the seconds it took."""
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - began
+
+
 def _drawing() -> bytes:
     """A '1' drawn on a white 280x280 canvas, as the page sends it."""
     image = Image.new("L", (280, 280), 255)
@@ -82,13 +92,7 @@ def measure(requests: int, kind: str = "mixed", backlog: int | None = None, time
         with lock:
             outcomes[outcome] += 1
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(requests)]
-    began = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - began
+    seconds = _all_at_once([threading.Thread(target=one, args=(i,)) for i in range(requests)])
     server.shutdown()
     server.server_close()
     return dict(
@@ -166,13 +170,7 @@ def measure_memory(requests: int, side: int, timeout: float = 120.0) -> dict:
             with lock:
                 outcomes[outcome] += 1
 
-        threads = [threading.Thread(target=one) for _ in range(requests)]
-        began = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        seconds = time.perf_counter() - began
+        seconds = _all_at_once([threading.Thread(target=one) for _ in range(requests)])
         peak = _memory_kb(child.pid)["VmHWM"]
     finally:
         child.terminate()
