@@ -27,14 +27,14 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
-from bnvit._util.device import torch_threads
+from bnvit._util.device import CpuThreads
 from bnvit.data import DeviceLoader, MNISTDataset, article_transform, augment_batch, load_mnist
 from common import machine
 
 
 def _rate(work: Callable[[], int], threads: int) -> float:
     """Images per second of one call of ``work`` (which returns how many images it processed)."""
-    with torch_threads(threads):
+    with CpuThreads(threads):
         start = time.perf_counter()
         images = work()
         return images / (time.perf_counter() - start)

@@ -33,7 +33,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from bnvit import BNFFNBlock, fold_batchnorm
-from bnvit._util.device import torch_threads
+from bnvit._util.device import CpuThreads
 from common import interleaved, machine, table
 
 PRESETS = {
@@ -98,7 +98,7 @@ def time_batch(stacks: dict[str, nn.Module], batch: int, tokens: int, dim: int, 
 def run(preset: str, batches: list[int], repeats: int, threads: int | None) -> dict:
     """Time both stacks of `preset` at every batch size; see the module docstring."""
     size = PRESETS[preset]
-    with torch_threads(threads):
+    with CpuThreads(threads):
         stacks = dict(zip(("timm Block", "BNFFNBlock folded"), build_stacks(**size), strict=True))
         by_batch = {f"batch {b}": time_batch(stacks, b, size["tokens"], size["dim"], repeats) for b in batches}
         used = torch.get_num_threads()

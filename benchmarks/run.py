@@ -53,7 +53,7 @@ import augment_throughput
 import deploy_speed
 import epoch
 import model_speed
-from bnvit._util.device import torch_threads
+from bnvit._util.device import CpuThreads
 from bnvit.training import resolve_device
 from common import machine, table
 
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"speedup {r['speedup']:.2f}x\n")
     if "deploy" in sections:
         batches = (1, 8) if args.smoke else (1, 64, 256, 5000)
-        with torch_threads(deploy_threads):
+        with CpuThreads(deploy_threads):
             results["deploy"] = deploy_speed.run(device, repeats, depth=depth, batches=batches)
             results["deploy"]["threads"] = torch.get_num_threads()
         _print_deploy(results["deploy"])
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "small" in sections:
         runtimes, batches = (("eager",), (1, 2)) if args.smoke else (("eager", "onnxruntime"), (1, 16))
         small = dict(batches=batches, runtimes=runtimes, depth=1 if args.smoke else None)
-        with torch_threads(deploy_threads):
+        with CpuThreads(deploy_threads):
             results["small"] = deploy_speed.run_small(device, repeats, **small)
             results["small"]["threads"] = torch.get_num_threads()
         _print_deploy(results["small"], "ViT-S/16 at 224, folded ViTBN vs LayerNorm ViT")

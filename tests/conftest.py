@@ -4,7 +4,7 @@ Tests that need the real MNIST files read them from `BNVIT_DATA` (`../shared/dat
 project root in CI); without it they are skipped with a message saying so.
 
 Between tests, the suite's CPU threads follow the cores other programs leave free
-(`bnvit._util.device.FreeCoreThreads`): with a core taken by another program, PyTorch's spinning
+(`bnvit._util.device.CpuThreads`): with a core taken by another program, PyTorch's spinning
 threads made tests many times slower (docs/training.md).
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bnvit._util.device import FreeCoreThreads
+from bnvit._util.device import CpuThreads
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_CHECKPOINTS = Path(
@@ -28,7 +28,7 @@ REFERENCE_CHECKPOINTS = Path(
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-_THREADS = FreeCoreThreads(every=0.5)
+_THREADS = CpuThreads("auto", every=0.5)
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

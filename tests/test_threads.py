@@ -1,6 +1,6 @@
 """CPU threads that follow the free cores, so training survives a core taken by another program.
 
-`FreeCoreThreads` is checked here on scripted `/proc/stat` samples (the arithmetic) and once with
+`CpuThreads` is checked here on scripted `/proc/stat` samples (the arithmetic) and once with
 real spinning processes; the speed itself is measured in `benchmarks/busy_core.py`, never asserted.
 """
 
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from bnvit import ViTBNFFN, fit
-from bnvit._util.device import FreeCoreThreads
+from bnvit._util.device import CpuThreads
 
 
-def _scripted(monkeypatch, threads: FreeCoreThreads, samples: list[tuple[float, float, float]]) -> None:
+def _scripted(monkeypatch, threads: CpuThreads, samples: list[tuple[float, float, float]]) -> None:
     """Feed `threads` these (wall s, busy CPU s of its cores, own CPU s) samples, one per look."""
     queue = list(samples)
     monkeypatch.setattr(threads, "_sample", lambda: queue.pop(0))
@@ -29,7 +29,7 @@ def _scripted(monkeypatch, threads: FreeCoreThreads, samples: list[tuple[float, 
     [(0.0, 2), (0.3, 2), (0.7, 1), (1.0, 1), (2.0, 1)],
 )
 def test_threads_are_the_cores_others_leave(monkeypatch, others, expected):
-    threads = FreeCoreThreads(most=2, every=0.0)
+    threads = CpuThreads("auto", most=2, every=0.0)
     threads._cpus = [0, 1]
     own = 1.0
     _scripted(monkeypatch, threads, [(0.0, 0.0, 0.0), (1.0, own + others, own)])
@@ -40,7 +40,7 @@ def test_threads_are_the_cores_others_leave(monkeypatch, others, expected):
 
 def test_threads_come_back_when_the_other_program_ends_and_are_restored_after(monkeypatch):
     before = torch.get_num_threads()
-    threads = FreeCoreThreads(most=2, every=0.0)
+    threads = CpuThreads("auto", most=2, every=0.0)
     threads._cpus = [0, 1]
     # second 1: another program takes a core; second 2: it has ended, this process uses both
     _scripted(monkeypatch, threads, [(0.0, 0.0, 0.0), (1.0, 2.0, 1.0), (2.0, 4.0, 3.0)])
@@ -54,7 +54,7 @@ def test_threads_come_back_when_the_other_program_ends_and_are_restored_after(mo
 
 
 def test_no_more_threads_than_most_and_no_look_before_every_seconds(monkeypatch):
-    threads = FreeCoreThreads(most=1, every=3600.0)
+    threads = CpuThreads("auto", most=1, every=3600.0)
     threads._cpus = [0, 1, 2, 3]
     _scripted(monkeypatch, threads, [(time.monotonic(), 0.0, 0.0)])  # a second look would fail: the queue is empty
     with threads:
@@ -63,7 +63,7 @@ def test_no_more_threads_than_most_and_no_look_before_every_seconds(monkeypatch)
 
 
 def test_without_proc_stat_nothing_changes(monkeypatch):
-    threads = FreeCoreThreads(every=0.0)
+    threads = CpuThreads("auto", every=0.0)
     monkeypatch.setattr(threads, "_sample", lambda: None)
     with threads:
         count = torch.get_num_threads()
@@ -76,7 +76,7 @@ def test_without_proc_stat_nothing_changes(monkeypatch):
 def test_a_real_spinning_program_takes_a_thread_and_gives_it_back():
     x = torch.randn(256, 256)
 
-    def work(seconds: float, threads: FreeCoreThreads) -> set[int]:
+    def work(seconds: float, threads: CpuThreads) -> set[int]:
         seen, end = set(), time.monotonic() + seconds
         while time.monotonic() < end:
             x @ x
@@ -84,7 +84,7 @@ def test_a_real_spinning_program_takes_a_thread_and_gives_it_back():
             seen.add(torch.get_num_threads())
         return seen
 
-    with FreeCoreThreads(most=2, every=0.3) as threads:
+    with CpuThreads("auto", most=2, every=0.3) as threads:
         if 2 not in work(1.5, threads):
             pytest.skip("other programs hold a core already: the scenario needs a quiet machine")
         spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]

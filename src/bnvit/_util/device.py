@@ -6,7 +6,6 @@ import contextlib
 import os
 import platform
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -15,13 +14,12 @@ from . import checks as _checks
 
 __all__ = [
     "PRECISIONS",
-    "FreeCoreThreads",
+    "CpuThreads",
     "autocast",
     "cpu_has_fast_bf16",
     "describe_machine",
     "resolve_device",
     "resolve_precision",
-    "torch_threads",
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -77,45 +75,35 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run a block with `threads` PyTorch CPU threads (None: as they are), then restore the count.
+class CpuThreads:
+    """PyTorch's CPU threads for a block, restored after it: pinned, left alone, or following the free cores.
+
+    `threads` as an int pins that many; None leaves them as they are; `"auto"` keeps them at the
+    cores other programs leave free (docs/training.md), re-measured by `poll()` between steps at
+    most every `every` seconds. Spinning threads crawl when another program takes a core; with
+    `"auto"`, a seeded run repeats exactly only where the load does (pin the threads for that).
+    Without `/proc/stat`, `"auto"` changes nothing.
+
+    Args:
+        threads: An int, None or `"auto"`.
+        most: With `"auto"`, the most threads it sets (default: torch's count when it is made).
+        every: With `"auto"`, seconds between two looks at the load.
 
     Example:
         >>> before = torch.get_num_threads()
-        >>> with torch_threads(1):
+        >>> with CpuThreads(1):
         ...     torch.get_num_threads()
         1
         >>> torch.get_num_threads() == before
         True
-    """
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-class FreeCoreThreads:
-    """Keeps torch's CPU threads at the cores other programs leave free (docs/training.md); `poll()` between steps.
-
-    Spinning threads crawl when another program takes a core. A seeded run repeats exactly only
-    where the load does; pin the threads for that. Changes nothing without `/proc/stat`.
-
-    Args:
-        most: The most threads it sets (default: torch's count when it is made).
-        every: Seconds between two looks at the load.
-
-    Example:
-        >>> with FreeCoreThreads(every=0.0) as threads:
+        >>> with CpuThreads("auto", every=0.0) as threads:
         ...     threads.poll()
         ...     1 <= torch.get_num_threads() <= threads.most
         True
     """
 
-    def __init__(self, most: int | None = None, every: float = 1.0) -> None:
+    def __init__(self, threads: int | str | None = "auto", most: int | None = None, every: float = 1.0) -> None:
+        self.threads = threads
         self.most = most or torch.get_num_threads()
         self.every = every
         self.used: set[int] = set()
@@ -123,19 +111,23 @@ class FreeCoreThreads:
         self._cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         self._tick = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
         self._niced_free = hasattr(os, "nice") and os.nice(0) == 0  # niced processes give way to this one
+        self._last: tuple[float, float, float] | None = None
 
-    def __enter__(self) -> FreeCoreThreads:
+    def __enter__(self) -> CpuThreads:
         self._before = torch.get_num_threads()
-        torch.set_num_threads(min(self.most, self._before) if self._before else self.most)
+        if self.threads == "auto":
+            torch.set_num_threads(min(self.most, self._before) if self._before else self.most)
+            self._last = self._sample()
+        elif self.threads is not None:
+            torch.set_num_threads(self.threads)  # type: ignore[arg-type]  # an int: the callers check
         self.used = {torch.get_num_threads()}
-        self._last = self._sample()
         return self
 
     def __exit__(self, *exc: object) -> None:
         torch.set_num_threads(self._before)
 
     def poll(self) -> None:
-        """Follow the free cores: re-measure if `every` seconds have passed since the last look."""
+        """With `"auto"`, follow the free cores: re-measure if `every` seconds have passed since the last look."""
         if self._last is None or time.monotonic() - self._last[0] < self.every:
             return
         now = self._sample()

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .._util.device import resolve_device, resolve_precision, torch_threads
+from .._util.device import CpuThreads, resolve_device, resolve_precision
 from ..data import DeviceLoader
 from ..training import fit
 from .grid import Cell, Settings
@@ -83,7 +83,7 @@ def estimate_seconds(
     depths: dict[str, set[int]] = {}
     for cell in cells:
         depths.setdefault(cell.model, set()).add(cell.depth)
-    with torch_threads(threads or None):
+    with CpuThreads(threads or None):
         measured = {
             (model, depth): _timed_epochs(Cell(model, depth, 1e-3, 0), settings, device, batches)
             for model, chosen in sorted(depths.items())

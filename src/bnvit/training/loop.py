@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._util.device import FreeCoreThreads, autocast, resolve_precision
+from .._util.device import CpuThreads, autocast, resolve_precision
 from . import checkpoint, fingerprint, inputs
 from .callbacks import Callback, CallbackList, TrainState
 from .evaluation import evaluate
@@ -141,7 +141,7 @@ def fit(
         compile: Train through `torch.compile(model)`.
         threads: PyTorch's CPU threads while training on the CPU: None leaves them as they are;
             an int sets them for the run; `"auto"` follows the cores that other programs leave
-            free, re-checked every second (`bnvit._util.device.FreeCoreThreads`), at most as
+            free, re-checked every second (`bnvit._util.device.CpuThreads`), at most as
             many as before: the choice on a machine that is also doing something else, where
             a core taken away makes spinning threads crawl (docs/training.md). With `"auto"`
             a seeded run repeats exactly only under the same load. The counts used are in
@@ -224,7 +224,7 @@ def fit(
     with (
         (claim := checkpoint.FolderClaim()),  # a lock on checkpoint_dir
         world.synced_batchnorm(model.to(device), sync_bn),
-        (cpu_threads := _cpu_threads(threads, device)),
+        (cpu_threads := CpuThreads(None if threads == "auto" and device.type != "cpu" else threads)),
     ):
         # -- data, model, optimizer, resume: anything that can fail, before any collective
         with world.fail_together():
@@ -299,32 +299,6 @@ def _record_divergence(history: History, epoch: int, step: int, folder: Path | N
     history.diverged_at, history.diverged_step = epoch, step
     if folder is not None:  # the last finite state stays: no checkpoint holds NaN
         checkpoint.save_divergence(folder, history, world)
-
-
-class _PinnedThreads:
-    """`threads` CPU threads for the run (None: as they are), restored after; `poll` does nothing."""
-
-    def __init__(self, threads: int | None) -> None:
-        self.threads = threads
-
-    def __enter__(self) -> _PinnedThreads:
-        self.before = torch.get_num_threads()
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
-        self.used = {torch.get_num_threads()}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.before)
-
-    def poll(self) -> None:
-        pass
-
-
-def _cpu_threads(threads: int | str | None, device: torch.device) -> FreeCoreThreads | _PinnedThreads:
-    if threads == "auto":
-        return FreeCoreThreads() if device.type == "cpu" else _PinnedThreads(None)
-    return _PinnedThreads(threads)  # type: ignore[arg-type]  # checked: None or an int
 
 
 def _resume(
