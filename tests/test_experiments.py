@@ -20,6 +20,7 @@ from bnvit.experiments.claims import judge
 from bnvit.experiments.report import report_source, summary_table
 from bnvit.experiments.results import RESULTS, results_sha256
 from bnvit.experiments.study import reference_folder
+from bnvit.experiments.transfer import transfer_table
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = ["--train-subset", "200", "--test-subset", "100", "--no-progress", "--no-download", "--device", "cpu"]
@@ -449,6 +450,15 @@ def test_readme_study_table_is_computed_from_the_published_results():
     shown = readme.split("<!-- study table:", 1)[1].split("\n", 1)[1].split("<!-- end of study table -->")[0]
     vit, mlp = (load_results(RESULTS_DIR / name, complete=True) for name in ("article", "article-mlp"))
     assert shown.strip().splitlines() == summary_table(vit, mlp), "README's study table: regenerate it"
+
+
+def test_timm_blocks_transfer_table_is_computed_from_the_published_results():
+    """docs/timm-blocks.md's table of the transfer study is what `transfer_table` makes of its results."""
+    page = (RESULTS_DIR.parent / "timm-blocks.md").read_text()
+    shown = page.split("<!-- transfer table:", 1)[1].split("\n", 1)[1].split("<!-- end of transfer table -->")[0]
+    transfer = EXPERIMENTS["transfer"]
+    expected = transfer_table(load_results(RESULTS_DIR / "transfer"), transfer.models, transfer.seeds)
+    assert shown.strip().splitlines() == expected, "docs/timm-blocks.md's transfer table: regenerate it"
 
 
 def test_an_edited_verdict_in_a_published_report_is_caught(tmp_path):

@@ -28,6 +28,7 @@ from .parallel import SweepError, check_ray, check_workers
 from .report import report_folder
 from .results import describe_machines, load_results, machine
 from .sweep import run_sweep, todo
+from .transfer import transfer_table
 
 __all__ = ["CELLS_FAILED", "INTERRUPTED", "USAGE_ERROR", "build_parser", "run_cli"]
 
@@ -316,6 +317,9 @@ def write_outputs(experiment: Experiment, out: Path, args, device: torch.device,
     if not reduced:  # a quick run judges nothing: its report shows the numbers beside the claims, marked as such
         for v in verdicts(results, experiment.claims):
             print(f"claim {v.claim}: {v.verdict} — {v.measured}")
+        if "transfer" in experiment.sections:
+            print("docs/timm-blocks.md transfer table:")
+            print("\n".join(transfer_table(results, experiment.models, experiment.seeds)))
     for line in closing_lines(out, report, reduced):
         print(line)
     return 0

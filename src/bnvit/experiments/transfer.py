@@ -17,7 +17,7 @@ from .claims import final, mean_over_epochs, paired
 from .protocol import ALPHA, CLEARLY, COMPARABLE, LEVEL, interval_text, p_text, points_text, signed
 from .stats import holm, mean_std, power, seeds_needed, summarize, t_interval, t_test
 
-__all__ = ["EXPECTED", "CellVerdict", "transfer_section", "transfer_verdicts"]
+__all__ = ["EXPECTED", "CellVerdict", "transfer_section", "transfer_table", "transfer_verdicts"]
 
 EXPECTED: dict[tuple[float, int], str] = {
     (0.003, 6): "clearly ahead",
@@ -135,17 +135,49 @@ def _secondary(cell: CellVerdict) -> str:
     return f"above +{CLEARLY}" if interval[0] > CLEARLY else f"not above +{CLEARLY}"
 
 
+def _study_line(cells: Sequence[CellVerdict], verdict: str, undecided: Sequence[str], planned: int | None) -> str:
+    complete = planned is not None and all(len(c.seeds) >= planned for c in cells)
+    status = "" if complete else " (provisional: not every cell has its ten seeds yet)"
+    return f"**The study: {verdict}**{status}" + (f"; undecided: {', '.join(undecided)}" if undecided else "")
+
+
+def transfer_table(results: Sequence[Mapping[str, Any]], models: Sequence[str], planned: int | None) -> list[str]:
+    """The study's verdict and a short table of its cells, for docs/timm-blocks.md (Markdown lines).
+
+    The numbers are the report's (`transfer_section`), fewer of them: the docs' test compares the
+    two, so that the prose around them cannot drift from the data.
+    """
+    cells, verdict, undecided = transfer_verdicts(results, models)
+    lines = [
+        _study_line(cells, verdict, undecided, planned) + ".",
+        "",
+        "| cell | the article | seeds | gap over epochs | 90% t-interval | p ahead (Holm) | verdict "
+        "| gap at epoch 10 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in cells:
+        row = [
+            f"lr {c.lr:g}, depth {c.depth}",
+            c.expected,
+            str(len(c.seeds)),
+            points_text(c.gaps),
+            interval_text(t_interval(c.gaps, level=LEVEL)),
+            f"{p_text(c.p_ahead)} ({p_text(c.p_ahead_holm)})",
+            f"**{c.carries}**",
+            points_text(c.last_gaps),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def transfer_section(results: Sequence[Mapping[str, Any]], models: Sequence[str], planned: int | None) -> list[str]:
     """The report's section of verdicts under the transfer protocol (Markdown lines)."""
     cells, verdict, undecided = transfer_verdicts(results, models)
-    complete = planned is not None and all(len(c.seeds) >= planned for c in cells)
-    status = "" if complete else " (provisional: not every cell has its ten seeds yet)"
     lines = [
         "",
         "## The protocol's verdicts",
         "",
-        f"**The study: {verdict}**{status}"
-        + (f"; undecided: {', '.join(undecided)}" if undecided else "")
+        _study_line(cells, verdict, undecided, planned)
         + ". Per cell, the BN-FFN model minus the LayerNorm one, validation accuracy averaged over the "
         "epochs, paired by seed; one-sided t-tests at 5% with Holm's correction over the four cells "
         "(docs/timm-blocks.md).",
