@@ -9,7 +9,7 @@ correction over the four cells, the power each test had, and the study's verdict
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,33 +141,45 @@ def _study_line(cells: Sequence[CellVerdict], verdict: str, undecided: Sequence[
     return f"**The study: {verdict}**{status}" + (f"; undecided: {', '.join(undecided)}" if undecided else "")
 
 
+_COLUMNS: dict[str, Callable[[CellVerdict], str]] = {
+    "cell": lambda c: f"lr {c.lr:g}, depth {c.depth}",
+    "the article": lambda c: c.expected,
+    "seeds": lambda c: str(len(c.seeds)),
+    "mean ± std": lambda c: points_text(c.gaps),
+    "90% t-interval": lambda c: interval_text(t_interval(c.gaps, level=LEVEL)),
+    "p ahead / behind": lambda c: f"{p_text(c.p_ahead)} / {p_text(c.p_behind)}",
+    "Holm": lambda c: f"{p_text(c.p_ahead_holm)} / {p_text(c.p_behind_holm)}",
+    "p ahead (Holm)": lambda c: f"{p_text(c.p_ahead)} ({p_text(c.p_ahead_holm)})",
+    "shown": lambda c: c.shown,
+    "verdict": lambda c: f"**{c.carries}**",
+    "the article's bound": _secondary,
+    "power at +5 / +10": lambda c: " / ".join("–" if math.isnan(p) else f"{p:.0%}" for p in c.power),
+    "seeds for 80% power": lambda c: (
+        "–" if c.shown == "ahead" or c.expected == "comparable" else str(c.needed or "none would")
+    ),
+    "gap at the last epoch": lambda c: points_text(c.last_gaps),
+}
+"""Each column a verdicts' table can show: its header and how a cell's entry is written."""
+
+
+def _table(cells: Sequence[CellVerdict], columns: Sequence[str], headers: Mapping[str, str] | None = None) -> list[str]:
+    """A Markdown table of `cells` with these `_COLUMNS` (`headers` renames some)."""
+    shown = [(headers or {}).get(name, name) for name in columns]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(_COLUMNS[name](c) for name in columns) + " |" for c in cells]
+
+
 def transfer_table(results: Sequence[Mapping[str, Any]], models: Sequence[str], planned: int | None) -> list[str]:
     """The study's verdict and a short table of its cells, for docs/timm-blocks.md (Markdown lines).
 
-    The numbers are the report's (`transfer_section`), fewer of them: the docs' test compares the
-    two, so that the prose around them cannot drift from the data.
+    The report's numbers (`transfer_section`), fewer of them; the tests compare the page with this,
+    so that the prose around the table cannot drift from the data.
     """
     cells, verdict, undecided = transfer_verdicts(results, models)
-    lines = [
-        _study_line(cells, verdict, undecided, planned) + ".",
-        "",
-        "| cell | the article | seeds | gap over epochs | 90% t-interval | p ahead (Holm) | verdict "
-        "| gap at epoch 10 |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for c in cells:
-        row = [
-            f"lr {c.lr:g}, depth {c.depth}",
-            c.expected,
-            str(len(c.seeds)),
-            points_text(c.gaps),
-            interval_text(t_interval(c.gaps, level=LEVEL)),
-            f"{p_text(c.p_ahead)} ({p_text(c.p_ahead_holm)})",
-            f"**{c.carries}**",
-            points_text(c.last_gaps),
-        ]
-        lines.append("| " + " | ".join(row) + " |")
-    return lines
+    columns = ["cell", "the article", "seeds", "mean ± std", "90% t-interval", "p ahead (Holm)", "verdict"]
+    headers = {"mean ± std": "gap over epochs", "gap at the last epoch": "gap at epoch 10"}
+    table = _table(cells, [*columns, "gap at the last epoch"], headers)
+    return [_study_line(cells, verdict, undecided, planned) + ".", "", *table]
 
 
 def transfer_section(results: Sequence[Mapping[str, Any]], models: Sequence[str], planned: int | None) -> list[str]:
@@ -182,27 +194,8 @@ def transfer_section(results: Sequence[Mapping[str, Any]], models: Sequence[str]
         "epochs, paired by seed; one-sided t-tests at 5% with Holm's correction over the four cells "
         "(docs/timm-blocks.md).",
         "",
-        "| cell | the article | seeds | mean ± std | 90% t-interval | p ahead / behind | Holm | shown | verdict "
-        "| the article's bound | power at +5 / +10 | seeds for 80% power | gap at the last epoch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *_table(cells, [name for name in _COLUMNS if name != "p ahead (Holm)"]),
     ]
-    for c in cells:
-        row = [
-            f"lr {c.lr:g}, depth {c.depth}",
-            c.expected,
-            str(len(c.seeds)),
-            points_text(c.gaps),
-            interval_text(t_interval(c.gaps, level=LEVEL)),
-            f"{p_text(c.p_ahead)} / {p_text(c.p_behind)}",
-            f"{p_text(c.p_ahead_holm)} / {p_text(c.p_behind_holm)}",
-            c.shown,
-            f"**{c.carries}**",
-            _secondary(c),
-            " / ".join("–" if math.isnan(p) else f"{p:.0%}" for p in c.power),
-            "–" if c.shown == "ahead" or c.expected == "comparable" else str(c.needed or "none would"),
-            points_text(c.last_gaps),
-        ]
-        lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
         "Per seed (gap over epochs): "
