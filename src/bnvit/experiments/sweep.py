@@ -224,11 +224,9 @@ def _append(out: Path, line: str) -> None:
 
 
 def _run_here(jobs: Sequence[Job], threads: int | None, progress: bool, log: Callable[[str], object]) -> None:
-    if threads:
-        torch.set_num_threads(threads)
     for index, job in enumerate(jobs, start=1):
         log(f"[{index}/{len(jobs)}] {job.cell.key}")
-        line = train_cell(dataclasses.replace(job, progress=progress))
+        line = train_cell(dataclasses.replace(job, threads=threads or job.threads, progress=progress))
         _append(Path(job.out), line)
         log(f"    done in {_summary(line)}")
 
